@@ -1,0 +1,301 @@
+"""The ``xpcat`` command line: one entry point for every stage.
+
+Each command parses its options, loads the run configuration and calls one
+stage function; the stage modules do the work. User errors (bad config, bad
+input, a missing stage) print one line and exit 1; ``--debug`` shows the
+traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from .config import ConfigError, RunConfig, config_to_dict, load_config, read_run_config
+from .errors import XpcatError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["main", "cli"]
+
+
+def _setup_logging(debug: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("distributed", "jax", "matplotlib", "urllib3", "astroquery", "numba", "fsspec", "hats", "lsdb"):
+        logging.getLogger(noisy).setLevel(logging.WARNING if not debug else logging.INFO)
+
+
+def user_errors(fn):
+    """Turn :class:`XpcatError` (and OSError on user paths) into one line and exit 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        ctx = click.get_current_context()
+        debug = bool(ctx.find_root().params.get("debug"))
+        try:
+            return fn(*args, **kwargs)
+        except (XpcatError, PermissionError, FileExistsError, NotADirectoryError, IsADirectoryError) as err:
+            if debug:
+                raise
+            click.echo(f"xpcat {ctx.info_name}: error: {err}", err=True)
+            sys.exit(1)
+
+    return wrapper
+
+
+def _config_for(run_dir: Path | None, config_path: str | None) -> RunConfig:
+    """The config of a command: ``--config`` if given, else the run directory's frozen one."""
+    if config_path:
+        return load_config(config_path)
+    if run_dir is not None:
+        return read_run_config(run_dir)
+    return RunConfig()
+
+
+def _writable_dir(path: Path) -> Path:
+    """Create ``path`` if needed; refuse a file or an unwritable folder with a clear message."""
+    if path.exists() and not path.is_dir():
+        raise XpcatError(f"{path} exists and is not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise XpcatError(f"cannot create directory {path}: {err.strerror}") from err
+    probe = path / ".xpcat-write-test"
+    try:
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise XpcatError(f"directory {path} is not writable: {err.strerror}") from err
+    return path
+
+
+def _emit(summary: dict | None) -> None:
+    if summary:
+        click.echo(json.dumps(summary, indent=2, default=str))
+
+
+config_option = click.option(
+    "--config", "config_path", type=click.Path(dir_okay=False), default=None, help="Run configuration (TOML)."
+)
+run_dir_arg = click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Verbose logs and full tracebacks.")
+@click.version_option(package_name="xpcat")
+def cli(debug: bool) -> None:
+    """xpcat: stellar parameters from Gaia DR3 XP spectra (Zhang, Green & Rix 2023)."""
+    _setup_logging(debug)
+
+
+@cli.command()
+@click.option("--workdir", type=click.Path(path_type=Path), default=Path("xpcat-demo"), show_default=True,
+              help="Folder for everything the demo makes.")
+@click.option("--stars", type=click.IntRange(min=1), default=None, help="Stars in the synthetic universe.")
+@click.option("--seed", type=click.IntRange(min=0), default=None, help="Seed of the synthetic universe.")
+@config_option
+@user_errors
+def demo(workdir: Path, stars: int | None, seed: int | None, config_path: str | None) -> None:
+    """Run the whole chain on a built-in synthetic Gaia universe (the embedded default)."""
+    from .production.demo import run_demo
+
+    _writable_dir(workdir)
+    run_demo(workdir, load_config(config_path), n_stars=stars, seed=seed)
+
+
+@cli.command()
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--stars", type=click.IntRange(min=1), default=None, help="Number of stars.")
+@click.option("--seed", type=click.IntRange(min=0), default=None, help="Seed (same seed and size: same universe).")
+@config_option
+@user_errors
+def simulate(out_dir: Path, stars: int | None, seed: int | None, config_path: str | None) -> None:
+    """Write a synthetic Gaia universe: raw tables as the archive serves them, plus truth."""
+    from .production.synthetic import simulate_universe
+
+    cfg = load_config(config_path).simulate
+    overrides = {k: v for k, v in {"n_stars": stars, "seed": seed}.items() if v is not None}
+    cfg = type(cfg)(**{**config_to_dict(RunConfig(simulate=cfg))["simulate"], **overrides})
+    _writable_dir(out_dir)
+    _emit(simulate_universe(out_dir, cfg))
+
+
+@cli.command()
+@run_dir_arg
+@config_option
+@user_errors
+def condition(run_dir: Path, config_path: str | None) -> None:
+    """Raw tables -> conditioned flux partitions (SPEC §1)."""
+    from .production.conditioning import condition_run
+
+    _emit(condition_run(_writable_dir(run_dir), _config_for(run_dir, config_path)))
+
+
+@cli.command()
+@run_dir_arg
+@config_option
+@user_errors
+def train(run_dir: Path, config_path: str | None) -> None:
+    """Train the forward model (Table 1) and the GMM prior into RUN_DIR/model."""
+    from .production.training_set import train_run
+
+    _emit(train_run(_writable_dir(run_dir), _config_for(run_dir, config_path)))
+
+
+@cli.command()
+@run_dir_arg
+@config_option
+@click.option("--model", "model_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Model artifact (default RUN_DIR/model).")
+@user_errors
+def infer(run_dir: Path, config_path: str | None, model_dir: Path | None) -> None:
+    """Fit every star of the conditioned partitions (Sec. 4) into catalog partitions."""
+    from .production.fitting import infer_run
+
+    _emit(infer_run(_writable_dir(run_dir), _config_for(run_dir, config_path), model_dir=model_dir))
+
+
+@cli.command("train-confidence")
+@run_dir_arg
+@config_option
+@user_errors
+def train_confidence(run_dir: Path, config_path: str | None) -> None:
+    """Train the three confidence classifiers (Appendix B) into the model artifact."""
+    from .production.confidence_stage import train_confidence_run
+
+    _emit(train_confidence_run(_writable_dir(run_dir), _config_for(run_dir, config_path)))
+
+
+@cli.command()
+@run_dir_arg
+@user_errors
+def report(run_dir: Path) -> None:
+    """Write RUN_DIR/report/index.html, its figures and validation.json."""
+    from .production.report import write_report
+
+    click.echo(str(write_report(run_dir)))
+
+
+@cli.command()
+@run_dir_arg
+@click.option("--archive", "archive_url", default="https://gea.esac.esa.int/", show_default=True,
+              help="Gaia archive base URL (TAP and data server).")
+@config_option
+@click.option("--login", is_flag=True, help="Log in (credentials from GAIA_USER / GAIA_PASSWORD) for larger quotas.")
+@user_errors
+def fetch(run_dir: Path, archive_url: str, config_path: str | None, login: bool) -> None:
+    """Fetch raw tables from a Gaia archive by HEALPix-aligned source_id range."""
+    from .production.archive import fetch_run
+
+    _emit(fetch_run(_writable_dir(run_dir), _config_for(run_dir, config_path), archive_url=archive_url, login=login))
+
+
+@cli.command()
+@run_dir_arg
+@click.argument("files", nargs=-1, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@user_errors
+def ingest(run_dir: Path, files: tuple[Path, ...]) -> None:
+    """Read Gaia DR3 bulk files (XpContinuousMeanSpectrum_*, GaiaSource_*) into raw partitions."""
+    from .production.bulk import ingest_files
+
+    _emit(ingest_files(_writable_dir(run_dir), list(files)))
+
+
+@cli.group()
+def archive() -> None:
+    """The local Gaia archive (astroquery's endpoints over a synthetic universe)."""
+
+
+@archive.command("serve")
+@click.argument("universe_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True)
+@click.option("--error-rate", type=click.FloatRange(0, 1), default=0.0, help="Fraction of requests answered HTTP 500.")
+@click.option("--short-rate", type=click.FloatRange(0, 1), default=0.0, help="Fraction of DataLink answers cut short.")
+@click.option("--stall-rate", type=click.FloatRange(0, 1), default=0.0, help="Fraction of requests stalled past the client's timeout.")
+@click.option("--seed", type=click.IntRange(min=0), default=0)
+@user_errors
+def archive_serve(universe_dir: Path, port: int, error_rate: float, short_rate: float, stall_rate: float, seed: int) -> None:
+    """Serve UNIVERSE_DIR on 127.0.0.1:PORT until stopped."""
+    from .production.archive_server import serve_forever
+
+    serve_forever(universe_dir, port=port, error_rate=error_rate, short_rate=short_rate, stall_rate=stall_rate, seed=seed)
+
+
+@cli.command()
+@click.argument("config_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Run directory (default: the folder of CONFIG_FILE).")
+@user_errors
+def run(config_file: Path, run_dir: Path | None) -> None:
+    """A production run: condition -> infer -> catalog over partitions on a Dask cluster."""
+    from .production.run import run_pipeline
+
+    cfg = load_config(config_file)
+    _emit(run_pipeline(_writable_dir(run_dir or config_file.parent), cfg))
+
+
+@cli.command()
+@run_dir_arg
+@user_errors
+def status(run_dir: Path) -> None:
+    """Done / pending / failed partitions of a run, and why."""
+    from .production.run import run_status
+
+    click.echo(run_status(run_dir))
+
+
+@cli.command()
+@run_dir_arg
+@user_errors
+def validate(run_dir: Path) -> None:
+    """Check that every input source_id appears exactly once in the catalog."""
+    from .production.catalog import validate_catalog
+
+    click.echo(validate_catalog(run_dir))
+
+
+@cli.command()
+@run_dir_arg
+@click.argument("sql")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
+@user_errors
+def query(run_dir: Path, sql: str, fmt: str) -> None:
+    """Run DuckDB SQL over the catalog (the view is called ``catalog``)."""
+    from .production.catalog import query_catalog
+
+    click.echo(query_catalog(run_dir, sql, fmt=fmt))
+
+
+@cli.command()
+@click.option("--stars", type=click.IntRange(min=1), default=219_197_643, show_default=True)
+@click.option("--profile", default="local", show_default=True, help="Cluster profile.")
+@click.option("--benchmark", "benchmark_json", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="JSON from benchmarks/pipeline.py with the measured rates.")
+@user_errors
+def plan(stars: int, profile: str, benchmark_json: Path | None) -> None:
+    """Turn measured rates into partitions, storage and node-hours."""
+    from .production.run import plan_run
+
+    click.echo(plan_run(stars, profile, benchmark_json))
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        cli(standalone_mode=True)
+    except ConfigError as err:  # pragma: no cover - raised before a command's own handler
+        click.echo(f"xpcat: error: {err}", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
