@@ -106,10 +106,11 @@ def cli(debug: bool) -> None:
 @user_errors
 def demo(workdir: Path, stars: int | None, seed: int | None, config_path: str | None) -> None:
     """Run the whole chain on a built-in synthetic Gaia universe (the embedded default)."""
+    cfg = load_config(config_path)
+    _writable_dir(workdir)
     from .production.demo import run_demo
 
-    _writable_dir(workdir)
-    run_demo(workdir, load_config(config_path), n_stars=stars, seed=seed)
+    run_demo(workdir, cfg, n_stars=stars, seed=seed)
 
 
 @cli.command()
@@ -120,12 +121,12 @@ def demo(workdir: Path, stars: int | None, seed: int | None, config_path: str | 
 @user_errors
 def simulate(out_dir: Path, stars: int | None, seed: int | None, config_path: str | None) -> None:
     """Write a synthetic Gaia universe: raw tables as the archive serves them, plus truth."""
-    from .production.synthetic import simulate_universe
-
     cfg = load_config(config_path).simulate
     overrides = {k: v for k, v in {"n_stars": stars, "seed": seed}.items() if v is not None}
     cfg = type(cfg)(**{**config_to_dict(RunConfig(simulate=cfg))["simulate"], **overrides})
     _writable_dir(out_dir)
+    from .production.synthetic import simulate_universe
+
     _emit(simulate_universe(out_dir, cfg))
 
 
@@ -135,9 +136,10 @@ def simulate(out_dir: Path, stars: int | None, seed: int | None, config_path: st
 @user_errors
 def condition(run_dir: Path, config_path: str | None) -> None:
     """Raw tables -> conditioned flux partitions (SPEC §1)."""
+    cfg = _config_for(run_dir, config_path)
     from .production.conditioning import condition_run
 
-    _emit(condition_run(_writable_dir(run_dir), _config_for(run_dir, config_path)))
+    _emit(condition_run(_writable_dir(run_dir), cfg))
 
 
 @cli.command()
@@ -146,9 +148,10 @@ def condition(run_dir: Path, config_path: str | None) -> None:
 @user_errors
 def train(run_dir: Path, config_path: str | None) -> None:
     """Train the forward model (Table 1) and the GMM prior into RUN_DIR/model."""
+    cfg = _config_for(run_dir, config_path)
     from .production.training_set import train_run
 
-    _emit(train_run(_writable_dir(run_dir), _config_for(run_dir, config_path)))
+    _emit(train_run(_writable_dir(run_dir), cfg))
 
 
 @cli.command()
@@ -159,9 +162,10 @@ def train(run_dir: Path, config_path: str | None) -> None:
 @user_errors
 def infer(run_dir: Path, config_path: str | None, model_dir: Path | None) -> None:
     """Fit every star of the conditioned partitions (Sec. 4) into catalog partitions."""
+    cfg = _config_for(run_dir, config_path)
     from .production.fitting import infer_run
 
-    _emit(infer_run(_writable_dir(run_dir), _config_for(run_dir, config_path), model_dir=model_dir))
+    _emit(infer_run(_writable_dir(run_dir), cfg, model_dir=model_dir))
 
 
 @cli.command("train-confidence")
@@ -170,9 +174,10 @@ def infer(run_dir: Path, config_path: str | None, model_dir: Path | None) -> Non
 @user_errors
 def train_confidence(run_dir: Path, config_path: str | None) -> None:
     """Train the three confidence classifiers (Appendix B) into the model artifact."""
+    cfg = _config_for(run_dir, config_path)
     from .production.confidence_stage import train_confidence_run
 
-    _emit(train_confidence_run(_writable_dir(run_dir), _config_for(run_dir, config_path)))
+    _emit(train_confidence_run(_writable_dir(run_dir), cfg))
 
 
 @cli.command()
@@ -194,9 +199,10 @@ def report(run_dir: Path) -> None:
 @user_errors
 def fetch(run_dir: Path, archive_url: str, config_path: str | None, login: bool) -> None:
     """Fetch raw tables from a Gaia archive by HEALPix-aligned source_id range."""
+    cfg = _config_for(run_dir, config_path)
     from .production.archive import fetch_run
 
-    _emit(fetch_run(_writable_dir(run_dir), _config_for(run_dir, config_path), archive_url=archive_url, login=login))
+    _emit(fetch_run(_writable_dir(run_dir), cfg, archive_url=archive_url, login=login))
 
 
 @cli.command()
@@ -237,9 +243,9 @@ def archive_serve(universe_dir: Path, port: int, error_rate: float, short_rate: 
 @user_errors
 def run(config_file: Path, run_dir: Path | None) -> None:
     """A production run: condition -> infer -> catalog over partitions on a Dask cluster."""
+    cfg = load_config(config_file)
     from .production.run import run_pipeline
 
-    cfg = load_config(config_file)
     _emit(run_pipeline(_writable_dir(run_dir or config_file.parent), cfg))
 
 

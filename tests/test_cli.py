@@ -1,0 +1,63 @@
+"""The command line: --help everywhere, user errors as one line with a non-zero exit."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+
+from xpcat.cli import cli
+
+
+def _commands(group, prefix=()):
+    for name, cmd in group.commands.items():
+        yield prefix + (name,)
+        if hasattr(cmd, "commands"):
+            yield from _commands(cmd, prefix + (name,))
+
+
+@pytest.mark.parametrize("path", list(_commands(cli)))
+def test_help_on_every_command(path):
+    res = CliRunner().invoke(cli, list(path) + ["--help"])
+    assert res.exit_code == 0, res.output
+    assert "Usage:" in res.output
+
+
+def test_bad_config_is_one_line(tmp_path):
+    cfg = tmp_path / "x.toml"
+    cfg.write_text("[model]\nhidden_width = -1\n")
+    res = CliRunner().invoke(cli, ["condition", str(tmp_path / "run"), "--config", str(cfg)])
+    assert res.exit_code == 1
+    assert "hidden_width = -1: must be >= 1" in res.output
+    assert "Traceback" not in res.output
+
+
+def test_output_dir_that_is_a_file(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("")
+    res = CliRunner().invoke(cli, ["simulate", str(f), "--stars", "10"])
+    assert res.exit_code == 1
+    assert "exists and is not a directory" in res.output
+
+
+def test_unwritable_output_dir(tmp_path):
+    # /proc refuses new folders even for root; a read-only folder does for other users.
+    target = "/proc/xpcat-not-writable/sub"
+    res = CliRunner().invoke(cli, ["simulate", target, "--stars", "10"])
+    assert res.exit_code == 1
+    assert "cannot create directory /proc/xpcat-not-writable/sub" in res.output
+    assert "Traceback" not in res.output
+
+
+@pytest.mark.parametrize("args", [["--stars", "-5"], ["--stars", "0"], ["--seed", "abc"], ["--seed", "1.5"]])
+def test_bad_numbers_rejected(tmp_path, args):
+    res = CliRunner().invoke(cli, ["simulate", str(tmp_path / "u")] + args)
+    assert res.exit_code == 2
+    assert "Invalid value" in res.output
+
+
+def test_debug_shows_traceback(tmp_path):
+    cfg = tmp_path / "x.toml"
+    cfg.write_text("[model]\nhidden_width = -1\n")
+    res = CliRunner().invoke(cli, ["--debug", "condition", str(tmp_path / "run"), "--config", str(cfg)])
+    assert res.exit_code != 0
+    assert res.exception is not None
