@@ -27,3 +27,17 @@ def shared_dir() -> Path:
     if not SHARED.is_dir():
         pytest.skip(f"reference data folder {SHARED} not found")
     return SHARED
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """With ``XPCAT_REQUIRE_SLURM=1`` (set by ``.ci/run``), a skipped ``slurm`` test is a failure."""
+    outcome = yield
+    report = outcome.get_result()
+    if (
+        report.skipped
+        and os.environ.get("XPCAT_REQUIRE_SLURM") == "1"
+        and item.get_closest_marker("slurm") is not None
+    ):
+        report.outcome = "failed"
+        report.longrepr = f"slurm test skipped although XPCAT_REQUIRE_SLURM=1: {report.longrepr}"
