@@ -163,6 +163,12 @@ class DataConfig(_Section):
         min=0,
         max=12,
     )
+    pixels: tuple[int, ...] = _f(
+        (),
+        "HEALPix pixels (nested, at partition_level) to fetch from the archive; empty = every "
+        "non-empty pixel of the level (found by one census query).",
+        min=0,
+    )
     raw_dir: str = _f("raw", "Folder of the raw tables, relative to the run directory unless absolute.")
     unwise: str = _f("", "Optional unWISE partner table (Parquet, CSV or FITS) keyed by source_id.")
     labels: str = _f("", "Optional training-label table (LAMOST / Hot Payne) keyed by source_id.")
