@@ -1,0 +1,155 @@
+"""The Gaussian-mixture type prior p_gmm(Theta) (Sec. 4.1, Eq. 20).
+
+Fitted with scikit-learn (full covariances) on the training labels, evaluated
+differentiably in JAX. ``theta`` is (Teff [K], [Fe/H] [dex], logg [dex]).
+
+The log density uses the same parametrisation as scikit-learn
+(``precisions_cholesky_``), so it matches ``GaussianMixture.score_samples``
+to rounding in float64.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.scipy.special import logsumexp
+
+from ..errors import InputError
+
+__all__ = ["GMMParams", "GMMError", "fit_gmm", "gmm_log_density", "gmm_log_density_batch", "sample_gmm",
+           "gmm_to_arrays", "gmm_from_arrays"]
+
+logger = logging.getLogger(__name__)
+
+JAXArray = jax.Array
+
+
+class GMMError(InputError):
+    """Training labels unusable for the GMM (too few, non-finite), named in the message."""
+
+
+class GMMParams(NamedTuple):
+    """A fitted Gaussian mixture over Theta.
+
+    Attributes
+    ----------
+    weights : (K,) mixture weights (sum 1).
+    means : (K, 3) component means [K, dex, dex].
+    covariances : (K, 3, 3) component covariances.
+    precision_cholesky : (K, 3, 3) scikit-learn's ``precisions_cholesky_``
+        (upper triangular U with precision = U U^T).
+    """
+
+    weights: np.ndarray
+    means: np.ndarray
+    covariances: np.ndarray
+    precision_cholesky: np.ndarray
+
+
+def fit_gmm(labels: np.ndarray, n_components: int = 16, seed: int = 0) -> GMMParams:
+    """Fit a full-covariance Gaussian mixture to training labels with scikit-learn.
+
+    Parameters
+    ----------
+    labels : (n, 3) array
+        Teff [K], [Fe/H], logg of the training stars.
+    n_components : int
+        Number of components (paper: 16).
+    seed : int
+        Random state of the k-means initialisation.
+
+    Returns
+    -------
+    GMMParams (float64 numpy arrays).
+
+    Raises
+    ------
+    GMMError
+        If labels are not (n, 3), contain non-finite values, or n < n_components.
+    """
+    from sklearn.mixture import GaussianMixture
+
+    x = np.asarray(labels, dtype=np.float64)
+    if x.ndim != 2 or x.shape[1] != 3:
+        raise GMMError(f"GMM labels must have shape (n, 3), got {x.shape}")
+    bad = ~np.isfinite(x).all(axis=1)
+    if bad.any():
+        raise GMMError(f"GMM labels have {int(bad.sum())} rows with non-finite values; drop them first")
+    if x.shape[0] < n_components:
+        raise GMMError(f"cannot fit {n_components} GMM components to {x.shape[0]} training stars; "
+                       f"need at least {n_components} (or lower [training] gmm_components)")
+    gm = GaussianMixture(n_components=n_components, covariance_type="full", random_state=seed, reg_covar=1e-6)
+    gm.fit(x)
+    if not gm.converged_:
+        logger.warning("GMM fit did not converge in %d iterations (n=%d, K=%d)", gm.max_iter, x.shape[0], n_components)
+    logger.info("GMM: %d components fitted to %d stars, mean log-likelihood %.4f", n_components, x.shape[0],
+                gm.score(x))
+    return GMMParams(
+        weights=np.asarray(gm.weights_, dtype=np.float64),
+        means=np.asarray(gm.means_, dtype=np.float64),
+        covariances=np.asarray(gm.covariances_, dtype=np.float64),
+        precision_cholesky=np.asarray(gm.precisions_cholesky_, dtype=np.float64),
+    )
+
+
+def gmm_log_density(gmm: GMMParams, theta: JAXArray) -> JAXArray:
+    """ln p_gmm(theta) for one star (differentiable).
+
+    Parameters
+    ----------
+    gmm : GMMParams (numpy or JAX arrays; the dtype of the result follows them and theta).
+    theta : (3,) Teff [K], [Fe/H], logg.
+
+    Returns
+    -------
+    scalar log density (per K * dex^2).
+    """
+    pc = jnp.asarray(gmm.precision_cholesky)
+    mu = jnp.asarray(gmm.means)
+    d = theta.shape[-1]
+    # y_k = (theta - mu_k) @ U_k, as scikit-learn's _estimate_log_gaussian_prob
+    y = jnp.einsum("kd,kde->ke", theta[None, :] - mu, pc)
+    log_det = jnp.sum(jnp.log(jnp.diagonal(pc, axis1=1, axis2=2)), axis=1)
+    log_prob = -0.5 * (d * jnp.log(2.0 * jnp.pi) + jnp.sum(y * y, axis=1)) + log_det
+    return logsumexp(log_prob + jnp.log(jnp.asarray(gmm.weights)))
+
+
+def gmm_log_density_batch(gmm: GMMParams, theta: JAXArray) -> JAXArray:
+    """:func:`gmm_log_density` over stars: theta (n, 3) -> (n,)."""
+    return jax.vmap(lambda t: gmm_log_density(gmm, t))(theta)
+
+
+def sample_gmm(gmm: GMMParams, key: JAXArray, n: int) -> JAXArray:
+    """Draw ``n`` samples of Theta from the mixture.
+
+    Parameters
+    ----------
+    gmm : GMMParams
+    key : PRNG key
+    n : int, number of samples
+
+    Returns
+    -------
+    (n, 3) samples (dtype of ``gmm.means``).
+    """
+    kc, kz = jax.random.split(key)
+    w = jnp.asarray(gmm.weights)
+    comp = jax.random.choice(kc, w.shape[0], shape=(n,), p=w / w.sum())
+    cov = jnp.asarray(gmm.covariances)
+    chol = jnp.linalg.cholesky(cov)  # (K, 3, 3) lower
+    z = jax.random.normal(kz, (n, cov.shape[-1]), dtype=cov.dtype)
+    return jnp.asarray(gmm.means)[comp] + jnp.einsum("nij,nj->ni", chol[comp], z)
+
+
+def gmm_to_arrays(gmm: GMMParams, prefix: str = "gmm/") -> dict[str, np.ndarray]:
+    """Flatten to named numpy arrays (for the artifact)."""
+    return {prefix + k: np.asarray(v) for k, v in gmm._asdict().items()}
+
+
+def gmm_from_arrays(arrays: dict[str, np.ndarray], prefix: str = "gmm/") -> GMMParams:
+    """Inverse of :func:`gmm_to_arrays`."""
+    return GMMParams(**{k: np.asarray(arrays[prefix + k]) for k in GMMParams._fields})
