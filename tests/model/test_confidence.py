@@ -1,0 +1,157 @@
+"""Tests of xpcat.model.confidence: features, labels, training, prediction."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from xpcat.model import confidence as C
+
+
+def _fake_batch(rng: np.random.Generator, n: int) -> tuple[dict, dict]:
+    params5 = np.column_stack(
+        [rng.uniform(4.0, 7.0, n), rng.normal(-0.2, 0.4, n), rng.uniform(1.0, 5.0, n), rng.uniform(0, 1, n),
+         rng.uniform(0.2, 3.0, n)]
+    )
+    err5 = np.abs(rng.normal(0.05, 0.01, (n, 5)))
+    cov5 = np.zeros((n, 5, 5))
+    cov5[:, np.arange(5), np.arange(5)] = err5**2
+    flux = rng.uniform(10, 100, (n, 66))
+    flux_error = 0.02 * flux
+    f_pred = flux + flux_error * rng.normal(size=(n, 66))
+    fit = {"params5": params5, "cov5": cov5, "chi2": rng.chisquare(61, n), "ln_prior": rng.normal(-2, 1, n),
+           "f_pred": f_pred}
+    cond = {
+        "flux": flux,
+        "flux_error": flux_error,
+        "parallax": params5[:, 4] + 0.05 * rng.normal(size=n),
+        "parallax_error": np.full(n, 0.05),
+        "phot_g_mean_mag": rng.uniform(10, 17, n),
+        "phot_g_mean_flux_over_error": rng.uniform(100, 3000, n),
+        "phot_bp_mean_flux_over_error": rng.uniform(50, 1000, n),
+        "phot_rp_mean_flux_over_error": rng.uniform(50, 1000, n),
+        "phot_bp_rp_excess_factor": rng.uniform(1.15, 1.3, n),
+        "ruwe": rng.uniform(0.8, 1.4, n),
+        "fidelity_v2": rng.uniform(0.5, 1, n),
+        "norm_dg": rng.uniform(-30, -5, n),
+        "bp_chi_squared": rng.uniform(50, 500, n),
+        "rp_chi_squared": rng.uniform(50, 500, n),
+        "n_valid_flux": np.full(n, 66),
+    }
+    return fit, cond
+
+
+def test_features_follow_appendix_b(rng):
+    fit, cond = _fake_batch(rng, 50)
+    cond["flux"][3, 10] = np.nan  # a missing sample
+    cond["flux_error"][3, 10] = np.inf
+    cond["ruwe"][4] = 0.0  # ln floor
+    X = C.confidence_features(fit, cond)
+    assert X.shape == (50, C.N_FEATURES) == (50, 20 + 66)
+    col = {n: X[:, i] for i, n in enumerate(C.FEATURE_NAMES)}
+    np.testing.assert_allclose(col["ln_rchi2_opt"], np.log(fit["chi2"] / 61.0))
+    np.testing.assert_allclose(
+        col["ln_dplx2"], np.log(((cond["parallax"] - fit["params5"][:, 4]) / cond["parallax_error"]) ** 2)
+    )
+    np.testing.assert_allclose(col["teff_est"], fit["params5"][:, 0])
+    np.testing.assert_allclose(col["feh_est_err"], np.sqrt(fit["cov5"][:, 1, 1]))
+    np.testing.assert_allclose(col["asinh_g_snr"], np.arcsinh(cond["phot_g_mean_flux_over_error"]))
+    assert col["ln_ruwe"][4] == pytest.approx(np.log(1e-7))
+    np.testing.assert_allclose(
+        X[:, 20 + 5], np.arcsinh((fit["f_pred"][:, 5] - cond["flux"][:, 5]) / cond["flux_error"][:, 5])
+    )
+    assert X[3, 20 + 10] == 0.0  # missing sample: no information, not NaN
+    assert np.all(np.isfinite(X))
+
+
+def test_features_reject_bad_shapes(rng):
+    fit, cond = _fake_batch(rng, 5)
+    with pytest.raises(ValueError, match="params5"):
+        C.confidence_features({**fit, "params5": fit["params5"][:, :4]}, cond)
+    bad = dict(cond)
+    del bad["ruwe"]
+    with pytest.raises(KeyError, match="ruwe"):
+        C.confidence_features(fit, bad)
+
+
+def test_chi2_eps_labels():
+    est = np.array([5000.0, 5000.0, 5000.0, np.nan])
+    ref = np.array([5050.0, 5400.0, 5250.0, 5000.0])
+    chi2 = C.chi2_eps(est, np.full(4, 50.0), ref, np.zeros(4), C.EPSILON["teff"])
+    np.testing.assert_allclose(chi2[:3], np.array([50.0, 400.0, 250.0]) ** 2 / (50**2 + 100**2))
+    y = C.chi2_eps_labels(chi2)
+    assert y[0] == 1.0 and y[1] == 0.0
+    assert np.isnan(y[2]) and np.isnan(y[3])  # 5 (between 4 and 9) and NaN are unused
+
+
+def _separable(rng, n):
+    """Fake features where the fit residual features decide good vs bad, plus noise."""
+    fit, cond = _fake_batch(rng, n)
+    bad = rng.random(n) < 0.35
+    # bad stars: large chi2, flux residual shape, offset parallax
+    fit["chi2"] = np.where(bad, fit["chi2"] * rng.uniform(1.5, 6, n), fit["chi2"])
+    fit["f_pred"][bad, 20:40] += 3 * cond["flux_error"][bad, 20:40] * rng.uniform(0.5, 2, (bad.sum(), 1))
+    X = C.confidence_features(fit, cond)
+    labels = {p: np.where(bad, 0.0, 1.0) for p in C.PARAMETERS}
+    labels["feh"][rng.random(n) < 0.1] = np.nan  # some stars between the thresholds
+    return X, labels, bad
+
+
+@pytest.fixture(scope="module")
+def trained():
+    X, labels, bad = _separable(np.random.default_rng(7), 1500)
+    settings = C.ClassifierSettings(epochs=150, patience=30, batch_size=512)
+    clf, report = C.train_confidence_classifiers(X, labels, settings, seed=1)
+    return X, labels, bad, clf, report
+
+
+def test_classifiers_separate_good_from_bad(trained):
+    X, labels, bad, clf, report = trained
+    for p in C.PARAMETERS:
+        assert report[p]["auc"] >= 0.85, report
+        assert report[p]["n_holdout_good"] > 0 and report[p]["n_holdout_bad"] > 0
+    conf = C.predict_confidence(clf, X)
+    assert conf.shape == (1500, 3) and conf.dtype == np.float32
+    assert np.all((conf >= 0) & (conf <= 1))
+    assert np.mean(conf[~bad, 0]) > np.mean(conf[bad, 0]) + 0.3
+
+    # the artifact round trip gives the same confidences
+    arrays = C.classifiers_to_arrays(clf)
+    assert all(isinstance(v, np.ndarray) for v in arrays.values())
+    np.testing.assert_allclose(C.predict_confidence(arrays, X), conf, rtol=1e-6)
+
+    # NaN in the fit -> NaN confidence and all three low-confidence bits; NaN Gaia column -> imputed
+    X2 = X[:4].copy()
+    X2[0, :] = np.nan
+    X2[1, C.FEATURE_NAMES.index("teff_est")] = np.nan
+    X2[2, C.FEATURE_NAMES.index("fidelity_v2")] = np.nan
+    c2 = C.predict_confidence(clf, X2)
+    assert np.all(np.isnan(c2[:2])) and np.all(np.isfinite(c2[2:]))
+    bits = C.confidence_quality_bits(c2)
+    assert bits[0] == bits[1] == 7
+    expected = sum(int(c2[3, j] < 0.5) << j for j in range(3))
+    assert bits[3] == expected
+
+
+def test_lr_drops_and_early_stop(rng):
+    x = rng.normal(size=(200, 4)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.float32)
+    settings = C.ClassifierSettings(epochs=400, patience=5, batch_size=64, hidden_width=8)
+    layers, info = C.train_classifier(x, y, x[:50], y[:50], settings, seed=0)
+    assert info["final_learning_rate"] < settings.learning_rate
+    assert info["epochs_run"] < 400  # stopped after 4 x patience epochs without improvement
+    assert len(layers) == 4 and layers[0]["W"].shape == (4, 8)
+
+
+def test_too_few_labels_names_class_and_count(rng):
+    X, labels, bad = _separable(rng, 200)
+    labels["logg"] = np.where(bad, np.nan, 1.0)  # no bad logg stars at all
+    with pytest.raises(C.TooFewLabelsError, match=r"'logg'.*only 0 bad"):
+        C.train_confidence_classifiers(X, labels, C.ClassifierSettings(epochs=2), seed=0)
+
+
+def test_from_arrays_rejects_missing_classifier(trained):
+    X, _, _, clf, _ = trained
+    arrays = {k: v for k, v in C.classifiers_to_arrays(clf).items() if not k.startswith("feh/")}
+    with pytest.raises(ValueError, match="feh"):
+        C.predict_confidence(arrays, X)
