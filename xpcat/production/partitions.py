@@ -163,7 +163,13 @@ def parse_partition_name(name: str) -> tuple[int, int]:
     return level, pix
 
 
-def read_table(path: str | os.PathLike, *, what: str | None = None, columns: list[str] | None = None) -> pa.Table:
+def read_table(
+    path: str | os.PathLike,
+    *,
+    what: str | None = None,
+    columns: list[str] | None = None,
+    filters: list | None = None,
+) -> pa.Table:
     """Read a Parquet file (or folder of Parquet files).
 
     Parameters
@@ -173,6 +179,9 @@ def read_table(path: str | os.PathLike, *, what: str | None = None, columns: lis
         What the table is (e.g. ``"raw gaia_source"``), used in messages.
     columns : list of str, optional
         Read only these columns.
+    filters : list, optional
+        pyarrow row filters, e.g. ``[("source_id", ">=", lo), ("source_id", "<", hi)]``
+        (row groups are skipped by their statistics).
 
     Raises
     ------
@@ -185,7 +194,7 @@ def read_table(path: str | os.PathLike, *, what: str | None = None, columns: lis
     if not p.exists():
         raise InputError(f"{label}file not found: {p}")
     try:
-        return pq.read_table(p, columns=columns)
+        return pq.read_table(p, columns=columns, filters=filters)
     except (pa.ArrowInvalid, pa.ArrowIOError, OSError, KeyError, ValueError) as err:
         raise InputError(f"cannot read {label}Parquet file {p} (corrupt, truncated or wrong columns): {err}") from err
 

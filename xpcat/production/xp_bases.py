@@ -20,7 +20,16 @@ from os.path import join
 
 import numpy as np
 
-__all__ = ["INSTRUMENT_MODELS", "XpBases", "xp_bases", "merge_weights", "DEFAULT_WAVELENGTHS_NM"]
+__all__ = [
+    "INSTRUMENT_MODELS",
+    "XpBases",
+    "XpSample",
+    "xp_bases",
+    "band_design",
+    "merge_weights",
+    "sample_xp",
+    "DEFAULT_WAVELENGTHS_NM",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -113,3 +122,390 @@ def xp_bases(
     A_bp = _design("bp", models["bp"], key, tuple(float(v) for v in w_bp))
     A_rp = _design("rp", models["rp"], key, tuple(float(v) for v in w_rp))
     return XpBases(wl, A_bp, A_rp, w_bp, w_rp)
+
+
+# ---------------------------------------------------------------------------
+# Batched conversion of XP continuous rows (the public ``xpcat.sample_xp``).
+# ---------------------------------------------------------------------------
+
+#: The two XP bands, in flux-vector order.
+BANDS = ("bp", "rp")
+
+
+@dataclass(frozen=True)
+class XpSample:
+    """XP spectra sampled on a wavelength grid, as GaiaXPy's ``calibrate`` gives them.
+
+    Attributes
+    ----------
+    source_id : (n,) int64
+    wavelengths : (m,) float64, nm
+    flux : (n, m) float64, W m^-2 nm^-1
+        NaN where no band covers a sample (a missing band's samples).
+    flux_error : (n, m) float64, W m^-2 nm^-1
+        ``sqrt(diag(covariance))``; equals GaiaXPy's ``flux_error``.
+    covariance : (n, m, m) float64 or None, (W m^-2 nm^-1)^2
+        Linear propagation ``W A^T Sigma A W`` per band, summed (NaN rows and
+        columns where ``flux`` is NaN). None when not requested.
+    flux_bp, flux_rp : (n, m) float64, W m^-2 nm^-1
+        The weighted BP and RP parts (0 where a band does not contribute), so
+        that ``flux = flux_bp + flux_rp`` where finite.
+    has_bp, has_rp : (n,) bool
+        The band was present and usable.
+    bad_bp, bad_rp : (n,) bool
+        The band was present but unusable (NaN values, arrays of the wrong
+        length, a non-positive error); its samples are missing.
+    """
+
+    source_id: np.ndarray
+    wavelengths: np.ndarray
+    flux: np.ndarray
+    flux_error: np.ndarray
+    covariance: np.ndarray | None
+    flux_bp: np.ndarray
+    flux_rp: np.ndarray
+    has_bp: np.ndarray
+    has_rp: np.ndarray
+    bad_bp: np.ndarray
+    bad_rp: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.source_id.shape[0])
+
+
+def band_design(band: str, basis_function_id: int, wavelengths_nm: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """One band's sampled design matrix and merge weights.
+
+    Parameters
+    ----------
+    band : {"bp", "rp"}
+    basis_function_id : int
+        Gaia ``{bp,rp}_basis_function_id``.
+    wavelengths_nm : (m,) array, optional
+
+    Returns
+    -------
+    design : (n_bases, m) float64
+    weight : (m,) float64
+
+    Raises
+    ------
+    KeyError
+        For an unknown basis function id.
+    """
+    wl = DEFAULT_WAVELENGTHS_NM if wavelengths_nm is None else np.asarray(wavelengths_nm, dtype=float)
+    try:
+        model = INSTRUMENT_MODELS[band][int(basis_function_id)]
+    except KeyError:
+        raise KeyError(
+            f"no GaiaXPy instrument model known for {band}_basis_function_id={basis_function_id}; "
+            f"known: {INSTRUMENT_MODELS[band]}"
+        ) from None
+    w_bp, w_rp = merge_weights(wl)
+    w = w_bp if band == "bp" else w_rp
+    key = tuple(float(v) for v in wl)
+    return _design(band, model, key, tuple(float(v) for v in w)), w
+
+
+def _parse_array_cell(value) -> np.ndarray | None:
+    """One array cell: list, ndarray, archive CSV string '(1, 2, ...)', or missing."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        body = value.strip().strip("()[]").strip()
+        if not body:
+            return None
+        parts = body.split(",")
+        try:
+            return np.array(parts, dtype=np.float64)
+        except ValueError:  # malformed number: keep the length, mark the values bad
+            return np.full(len(parts), np.nan)
+    if isinstance(value, float) and np.isnan(value):
+        return None
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        return None
+    if arr.ndim == 0:
+        return None if np.isnan(arr) else arr.reshape(1)
+    return arr.ravel()
+
+
+def _ragged_to_matrix(values: np.ndarray, lengths: np.ndarray, rows: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Scatter concatenated row arrays into an (n, max_len) NaN-padded matrix."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    width = int(lengths.max()) if lengths.size else 0
+    out = np.full((n, width), np.nan)
+    out_len = np.zeros(n, dtype=np.int64)
+    out_len[rows] = lengths
+    if width and lengths.size and np.all(lengths == width):
+        out[rows] = np.asarray(values, dtype=np.float64).reshape(-1, width)
+    elif values.size:
+        r = np.repeat(rows, lengths)
+        starts = np.cumsum(lengths) - lengths
+        c = np.arange(values.size) - np.repeat(starts, lengths)
+        out[r, c] = values
+    return out, out_len
+
+
+def _array_column(col, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """An array column (Arrow list / pandas objects / CSV strings) as a NaN-padded (n, m) matrix and lengths."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
+    if isinstance(col, pa.Array) and (pa.types.is_list(col.type) or pa.types.is_large_list(col.type) or pa.types.is_fixed_size_list(col.type)):
+        valid = ~np.asarray(col.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+        rows = np.flatnonzero(valid)
+        lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)[rows] if rows.size else np.zeros(0)
+        values = pc.list_flatten(col).cast(pa.float64()).to_numpy(zero_copy_only=False)
+        return _ragged_to_matrix(values, lengths, rows, n)
+    if isinstance(col, pa.Array):
+        col = col.to_pylist()
+    col = list(col)
+    if col and all(isinstance(v, str) or v is None or (isinstance(v, float) and np.isnan(v)) for v in col):
+        # Archive CSV strings: parse a whole column in one call.
+        bodies = [(i, v.strip().strip("()[]").strip()) for i, v in enumerate(col) if isinstance(v, str)]
+        bodies = [(i, b) for i, b in bodies if b]
+        if not bodies:
+            return np.full((n, 0), np.nan), np.zeros(n, dtype=np.int64)
+        rows = np.array([i for i, _ in bodies], dtype=np.int64)
+        lengths = np.array([b.count(",") + 1 for _, b in bodies], dtype=np.int64)
+        values = np.fromstring(",".join(b for _, b in bodies), sep=",")
+        if values.size == lengths.sum():
+            return _ragged_to_matrix(values, lengths, rows, n)
+    cells = [_parse_array_cell(v) for v in col]
+    rows = np.array([i for i, c in enumerate(cells) if c is not None and c.size], dtype=np.int64)
+    if rows.size == 0:
+        return np.full((n, 0), np.nan), np.zeros(n, dtype=np.int64)
+    lengths = np.array([cells[i].size for i in rows], dtype=np.int64)
+    return _ragged_to_matrix(np.concatenate([cells[i] for i in rows]), lengths, rows, n)
+
+
+def _scalar_column(col, n: int) -> np.ndarray:
+    """A numeric column as float64 with NaN for nulls."""
+    import pyarrow as pa
+
+    if isinstance(col, (pa.ChunkedArray, pa.Array)):
+        return np.asarray(col.cast(pa.float64()).to_numpy(zero_copy_only=False), dtype=np.float64)
+    import pandas as pd
+
+    return pd.to_numeric(pd.Series(col), errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+
+
+def _columns(table) -> tuple[int, object]:
+    """(n_rows, getter) for a pyarrow Table or pandas DataFrame."""
+    import pyarrow as pa
+
+    if isinstance(table, pa.Table):
+        names = set(table.column_names)
+        return table.num_rows, (lambda name: table.column(name) if name in names else None)
+    import pandas as pd
+
+    if isinstance(table, pd.DataFrame):
+        names = set(table.columns)
+        return len(table), (lambda name: table[name].to_numpy(dtype=object) if name in names else None)
+    raise TypeError(f"expected a pandas DataFrame or a pyarrow Table of XP continuous rows, got {type(table).__name__}")
+
+
+def _tril_pairs(m: int) -> tuple[np.ndarray, np.ndarray]:
+    # The archive packs the strict lower triangle row-major (= upper triangle column-major);
+    # gaiaxpy.core.generic_functions.array_to_symmetric_matrix is the inverse.
+    return np.tril_indices(m, k=-1)
+
+
+def _correlation_matrices(packed: np.ndarray, m: int) -> np.ndarray:
+    """(n, m(m-1)/2) packed correlations -> (n, m, m) symmetric with unit diagonal."""
+    n = packed.shape[0]
+    out = np.empty((n, m, m))
+    i, j = _tril_pairs(m)
+    out[:, i, j] = packed
+    out[:, j, i] = packed
+    d = np.arange(m)
+    out[:, d, d] = 1.0
+    return out
+
+
+def sample_xp(
+    table,
+    *,
+    wavelengths_nm: np.ndarray | None = None,
+    covariance: str = "correct",
+    with_covariance: bool = True,
+) -> XpSample:
+    """Convert XP continuous rows to sampled fluxes, errors and covariances, as GaiaXPy does.
+
+    The design matrices are GaiaXPy's own (:func:`band_design`), built once per
+    basis-function id and grid; all rows are then converted with batched matrix
+    products. Flux and flux_error equal ``gaiaxpy.calibrate(..., sampling=grid)``;
+    the covariance is the proper linear propagation ``sum_band W A^T Sigma A W``
+    with ``Sigma = diag(e) R diag(e)`` from the coefficient errors and
+    correlations. A source with one band only gets that band unweighted over its
+    range and NaN elsewhere, as GaiaXPy does.
+
+    Parameters
+    ----------
+    table : pandas.DataFrame or pyarrow.Table
+        Rows with the archive's column names (``source_id``,
+        ``{bp,rp}_coefficients``, ``_coefficient_errors``,
+        ``_coefficient_correlations``, ``_n_parameters``,
+        ``_standard_deviation``, ``_basis_function_id``). Array columns may be
+        lists, arrays or the archive's CSV strings ``"(c0, c1, ...)"``; a missing
+        band is null / NaN / empty.
+    wavelengths_nm : (m,) array, optional
+        Sampling grid in nm; default 392..992 nm in steps of 10.
+    covariance : {"correct", "paper"}
+        ``"correct"``: Sigma = diag(e) R diag(e) (GaiaXPy's flux_error);
+        ``"paper"``: the paper's unscaled Sigma / s_band^2.
+    with_covariance : bool
+        Compute the (n, m, m) covariance (flux_error is always computed).
+
+    Returns
+    -------
+    XpSample
+        ``flux`` (n, m), ``flux_error`` (n, m), ``covariance`` (n, m, m) in
+        W m^-2 nm^-1, NaN where a band is missing; see :class:`XpSample`.
+
+    Raises
+    ------
+    TypeError
+        For a table that is neither a DataFrame nor an Arrow table.
+    KeyError
+        For a required column that is absent, or a basis function id GaiaXPy
+        has no instrument model for.
+    ValueError
+        For an unknown ``covariance`` option.
+    """
+    if covariance not in ("correct", "paper"):
+        raise ValueError(f"covariance must be 'correct' or 'paper'; got {covariance!r}")
+    wl = DEFAULT_WAVELENGTHS_NM if wavelengths_nm is None else np.asarray(wavelengths_nm, dtype=float)
+    n, get = _columns(table)
+    m = wl.size
+    sid_col = get("source_id")
+    if sid_col is None:
+        raise KeyError("XP table has no 'source_id' column")
+    if hasattr(sid_col, "to_numpy") and not isinstance(sid_col, np.ndarray):
+        source_id = np.asarray(sid_col.to_numpy(zero_copy_only=False), dtype=np.int64)
+    else:
+        source_id = np.asarray(sid_col).astype(np.int64)  # object ints: exact (no float round trip)
+
+    parsed: dict[str, dict] = {}
+    for band in BANDS:
+        cols = {}
+        for key in ("coefficients", "coefficient_errors", "coefficient_correlations"):
+            c = get(f"{band}_{key}")
+            if c is None:
+                raise KeyError(f"XP table has no {band}_{key!r} column")
+            cols[key] = _array_column(c, n)
+        n_par_col = get(f"{band}_n_parameters")
+        coef_mat, coef_len = cols["coefficients"]
+        n_par = _scalar_column(n_par_col, n) if n_par_col is not None else coef_len.astype(float)
+        s_col = get(f"{band}_standard_deviation")
+        s = _scalar_column(s_col, n) if s_col is not None else np.full(n, np.nan)
+        bid_col = get(f"{band}_basis_function_id")
+        default_id = next(iter(INSTRUMENT_MODELS[band]))
+        bid = _scalar_column(bid_col, n) if bid_col is not None else np.full(n, float(default_id))
+        present = coef_len > 0
+        bid = np.where(present & ~np.isfinite(bid), default_id, bid)
+        parsed[band] = dict(cols=cols, n_par=n_par, s=s, bid=bid, present=present)
+
+    # Validate each band row by row: a present band that fails a check is "bad" (its samples missing).
+    ok: dict[str, np.ndarray] = {}
+    bad: dict[str, np.ndarray] = {}
+    designs: dict[str, dict[int, tuple[np.ndarray, np.ndarray]]] = {}
+    for band in BANDS:
+        p = parsed[band]
+        coef, coef_len = p["cols"]["coefficients"]
+        err, err_len = p["cols"]["coefficient_errors"]
+        corr, corr_len = p["cols"]["coefficient_correlations"]
+        good = p["present"].copy()
+        designs[band] = {}
+        for b in np.unique(p["bid"][good]).astype(int):
+            designs[band][b] = band_design(band, b, wl)  # raises KeyError for unknown ids
+        n_bases = np.zeros(n, dtype=np.int64)
+        for b, (A, _) in designs[band].items():
+            n_bases[good & (p["bid"] == b)] = A.shape[0]
+        good &= (coef_len == n_bases) & (err_len == n_bases) & (p["n_par"] == n_bases)
+        good &= corr_len == n_bases * (n_bases - 1) // 2
+        for mat, length in ((coef, coef_len), (err, err_len), (corr, corr_len)):
+            w = mat.shape[1]
+            inside = np.arange(w)[None, :] < length[:, None]
+            good &= ~np.any(inside & ~np.isfinite(mat), axis=1)
+        if err.shape[1]:
+            inside = np.arange(err.shape[1])[None, :] < err_len[:, None]
+            good &= ~np.any(inside & (np.nan_to_num(err, nan=1.0) <= 0), axis=1)
+        if corr.shape[1]:
+            inside = np.arange(corr.shape[1])[None, :] < corr_len[:, None]
+            good &= ~np.any(inside & (np.abs(np.nan_to_num(corr)) > 1.0), axis=1)
+        if covariance == "paper":
+            good &= np.isfinite(p["s"]) & (p["s"] > 0)
+        ok[band] = good
+        bad[band] = p["present"] & ~good
+        if bad[band].any():
+            ids = ", ".join(str(x) for x in source_id[bad[band]][:5])
+            logger.warning("%d source(s) have unusable %s coefficients (e.g. %s); their %s samples are missing",
+                           int(bad[band].sum()), band.upper(), ids, band.upper())
+
+    flux = np.zeros((n, m))
+    flux_parts = {band: np.zeros((n, m)) for band in BANDS}
+    cov = np.zeros((n, m, m)) if with_covariance else None
+    var = np.zeros((n, m))
+    covered = np.zeros((n, m), dtype=bool)
+    for band in BANDS:
+        other = "rp" if band == "bp" else "bp"
+        p = parsed[band]
+        coef, _ = p["cols"]["coefficients"]
+        err, _ = p["cols"]["coefficient_errors"]
+        corr, _ = p["cols"]["coefficient_correlations"]
+        for b, (A, w) in designs[band].items():
+            rows = np.flatnonzero(ok[band] & (p["bid"] == b))
+            if rows.size == 0:
+                continue
+            support = np.flatnonzero(w > 0)
+            lo, hi = int(support[0]), int(support[-1]) + 1
+            if hi - lo != support.size:
+                raise ValueError(f"{band.upper()} merge weights are not contiguous on this grid")
+            sl = slice(lo, hi)
+            nb = A.shape[0]
+            A_s = A[:, sl]  # (nb, k)
+            # GaiaXPy: with the other band missing, this band is used unweighted over its range.
+            w_eff = np.where(ok[other][rows, None], w[None, sl], 1.0)  # (r, k)
+            f_band = (coef[rows, :nb] @ A_s) * w_eff
+            flux[rows, sl] += f_band
+            flux_parts[band][rows, sl] = f_band
+            covered[rows, sl] = True
+            e = err[rows, :nb]
+            if covariance == "paper":
+                e = e / p["s"][rows, None]
+            G = e[:, :, None] * A_s[None, :, :] * w_eff[:, None, :]  # (r, nb, k)
+            Rm = _correlation_matrices(corr[rows, : nb * (nb - 1) // 2], nb)
+            RG = Rm @ G
+            if with_covariance:
+                cb = np.swapaxes(G, 1, 2) @ RG
+                cov[rows, sl, sl] += cb
+                var[rows, sl] += np.einsum("rii->ri", cb)
+            else:
+                var[rows, sl] += np.einsum("rbk,rbk->rk", G, RG)
+    flux[~covered] = np.nan
+    for band in BANDS:
+        flux_parts[band][~covered] = 0.0
+    with np.errstate(invalid="ignore"):
+        flux_error = np.sqrt(var)
+    flux_error[~covered] = np.nan
+    if with_covariance:
+        miss = ~covered
+        cov[miss[:, :, None] | miss[:, None, :]] = np.nan
+    return XpSample(
+        source_id=source_id,
+        wavelengths=wl,
+        flux=flux,
+        flux_error=flux_error,
+        covariance=cov,
+        flux_bp=flux_parts["bp"],
+        flux_rp=flux_parts["rp"],
+        has_bp=ok["bp"],
+        has_rp=ok["rp"],
+        bad_bp=bad["bp"],
+        bad_rp=bad["rp"],
+    )

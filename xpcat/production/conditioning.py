@@ -1,0 +1,817 @@
+"""Raw tables -> conditioned flux partitions (SPEC §1, Eqs. 2-5).
+
+Per star: the 61 XP samples (GaiaXPy's own bases, :func:`xpcat.sample_xp`) and
+the 5 NIR fluxes (:mod:`.photometry`) form a 66-vector in the internal flux
+unit :data:`FLUX_UNIT_W_M2_NM` (1e-18 W m^-2 nm^-1, where typical fluxes are
+1-1000). Its covariance is the propagated XP covariance inflated by Eq. 2
+plus the diagonal NIR variances. Eqs. 3-4 (C = U D U^T, D clamped at
+``eigenvalue_floor`` in the internal unit squared, L = D^-1/2 U^T) define the
+conditioned precision P = L^T L = U D^-1 U^T; a partition stores its
+upper-triangular Cholesky factor R (P = R^T R, so chi^2 = |R df|^2 = |L df|^2)
+packed row-major in float32, with zero rows and columns for missing samples.
+
+Computation of R. Where no eigenvalue of C is below the floor the clamp does
+nothing and P = C^-1 exactly; then R = K^-1 with C = K K^T, K upper triangular
+(a Cholesky factorisation in reversed order), which is fast and numerically
+stable. ``trace(P) = |R|_F^2 <= 1 / floor`` proves that lambda_min(C) >= floor,
+so the shortcut is taken only where it is exact. Every other star (clamp
+active, or C not positive definite) goes through the eigen-decomposition of
+Eqs. 3-4 and a QR factorisation of L, and is flagged COVARIANCE_REPAIRED when
+an eigenvalue was clamped.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from .. import catalog_schema as cs
+from ..catalog_schema.conditioned import CONDITIONED, FLUX_UNIT_W_M2_NM, N_FACTOR, N_FLUX, N_XP, NIR_BANDS, NIR_WAVELENGTHS_UM
+from ..catalog_schema.flags import ConditionFlag
+from ..catalog_schema.raw import GAIA_SOURCE, REQUIRED_RAW_TABLES, TMASS, UNWISE, XP_CONTINUOUS
+from ..config import RunConfig
+from ..errors import InputError, StageError
+from . import partitions as parts
+from .photometry import AB_MINUS_VEGA, nir_photometry
+from .xp_bases import DEFAULT_WAVELENGTHS_NM, INSTRUMENT_MODELS, XpSample, sample_xp
+
+__all__ = [
+    "SIGMA_FRAC_DIAG",
+    "SIGMA_FRAC_TOTAL",
+    "SIGMA_FRAC_BAND",
+    "inflate_covariance",
+    "precision_factor",
+    "condition_arrays",
+    "condition_tables",
+    "PartitionTask",
+    "plan_partitions",
+    "condition_partition",
+    "condition_run",
+    "conditioning_metadata",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Eq. 2: relative per-sample error added in quadrature, diag(0.005 f)^2.
+SIGMA_FRAC_DIAG = 0.005
+#: Eq. 2: fully correlated relative error of the whole spectrum, 0.005^2 f f^T.
+SIGMA_FRAC_TOTAL = 0.005
+#: Eq. 2: fully correlated relative error of each band, 0.001^2 f_band f_band^T.
+SIGMA_FRAC_BAND = 0.001
+
+#: Raw tables read by this stage.
+_STAGE_TABLES = ("gaia_source", "xp_continuous_mean_spectrum", "tmass", "unwise")
+_RAW_SCHEMAS = {
+    "gaia_source": GAIA_SOURCE,
+    "xp_continuous_mean_spectrum": XP_CONTINUOUS,
+    "tmass": TMASS,
+    "unwise": UNWISE,
+}
+#: Columns read from the optional tables.
+_TMASS_COLS = ["source_id", "j_m", "j_msigcom", "h_m", "h_msigcom", "ks_m", "ks_msigcom", "ph_qual", "ext_key"]
+_UNWISE_COLS = ["source_id", "w1_mag", "w1_mag_error", "w2_mag", "w2_mag_error"]
+_GAIA_COLS = [
+    "source_id", "ra", "dec", "parallax", "parallax_error", "phot_g_mean_mag", "phot_g_mean_flux",
+    "phot_g_mean_flux_error", "phot_bp_mean_flux", "phot_bp_mean_flux_error", "phot_rp_mean_flux",
+    "phot_rp_mean_flux_error", "phot_bp_rp_excess_factor", "ruwe", "fidelity_v2", "norm_dg",
+]  # fmt: skip
+
+
+# ---------------------------------------------------------------------------
+# Array maths
+# ---------------------------------------------------------------------------
+
+
+def inflate_covariance(cov: np.ndarray, flux: np.ndarray, flux_bp: np.ndarray, flux_rp: np.ndarray) -> np.ndarray:
+    """Eq. 2: C_obs = C_gaia + diag(0.005 f)^2 + 0.005^2 f f^T + 0.001^2 (f_BP f_BP^T + f_RP f_RP^T).
+
+    Parameters
+    ----------
+    cov : (n, m, m) array
+        C_gaia (any consistent flux unit squared); NaN rows/columns for missing samples.
+    flux, flux_bp, flux_rp : (n, m) arrays
+        The sampled flux and its weighted BP / RP parts, same unit; NaN (missing) counts as 0.
+
+    Returns
+    -------
+    (n, m, m) array
+        A new array; missing rows/columns stay NaN.
+    """
+    f = np.nan_to_num(flux)
+    fb = np.nan_to_num(flux_bp)
+    fr = np.nan_to_num(flux_rp)
+    out = cov + SIGMA_FRAC_TOTAL**2 * (f[:, :, None] * f[:, None, :])
+    out += SIGMA_FRAC_BAND**2 * (fb[:, :, None] * fb[:, None, :])
+    out += SIGMA_FRAC_BAND**2 * (fr[:, :, None] * fr[:, None, :])
+    d = np.arange(f.shape[1])
+    out[:, d, d] += (SIGMA_FRAC_DIAG * f) ** 2
+    return out
+
+
+def _inv_upper(K: np.ndarray, leaf: int = 16) -> np.ndarray:
+    """Inverse of a stack of upper-triangular matrices by 2x2 block recursion (batched matmuls)."""
+    n = K.shape[-1]
+    if n <= leaf:
+        return np.triu(np.linalg.inv(K))
+    h = n // 2
+    a_inv = _inv_upper(K[:, :h, :h], leaf)
+    d_inv = _inv_upper(K[:, h:, h:], leaf)
+    out = np.zeros_like(K)
+    out[:, :h, :h] = a_inv
+    out[:, h:, h:] = d_inv
+    out[:, :h, h:] = -(a_inv @ K[:, :h, h:]) @ d_inv
+    return out
+
+
+def _reverse_cholesky_factor(C: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Upper-triangular K with C = K K^T per matrix; (K, ok) with ok False where C is not PD."""
+    n = C.shape[0]
+    Cr = np.ascontiguousarray(C[:, ::-1, ::-1])
+    ok = np.ones(n, dtype=bool)
+    try:
+        M = np.linalg.cholesky(Cr)
+    except np.linalg.LinAlgError:
+        M = np.zeros_like(Cr)
+        for i in range(n):
+            try:
+                M[i] = np.linalg.cholesky(Cr[i])
+            except np.linalg.LinAlgError:
+                ok[i] = False
+                M[i] = np.eye(C.shape[1])
+    return np.ascontiguousarray(M[:, ::-1, ::-1]), ok
+
+
+def precision_factor(cov: np.ndarray, valid: np.ndarray, floor: float) -> tuple[np.ndarray, np.ndarray]:
+    """Eqs. 3-4: the upper-triangular factor R of the conditioned precision.
+
+    Parameters
+    ----------
+    cov : (n, N, N) float64
+        Covariances; entries in rows/columns of invalid samples are ignored.
+    valid : (n, N) bool
+        Samples with finite weight.
+    floor : float
+        Eigenvalue clamp of D (same unit as ``cov``).
+
+    Returns
+    -------
+    R : (n, N, N) float64
+        Upper triangular, ``R^T R = U max(D, floor)^-1 U^T`` over the valid
+        samples, zero rows and columns for invalid samples.
+    repaired : (n,) bool
+        An eigenvalue was below the floor and was clamped.
+    """
+    n, N, _ = cov.shape
+    valid = np.asarray(valid, dtype=bool)
+    inv = ~valid
+    C = np.where(inv[:, :, None] | inv[:, None, :], 0.0, cov)
+    d = np.arange(N)
+    C[:, d, d] = np.where(inv, 1.0, C[:, d, d])
+    R = np.zeros_like(C)
+    repaired = np.zeros(n, dtype=bool)
+    if n == 0:
+        return R, repaired
+    K, ok = _reverse_cholesky_factor(C)
+    with np.errstate(all="ignore"):
+        Rf = _inv_upper(K)
+        trace_p = np.einsum("nij,nij->n", Rf, Rf) - inv.sum(axis=1)
+    fast = ok & np.isfinite(trace_p) & (trace_p <= 1.0 / floor if floor > 0 else ok)
+    R[fast] = Rf[fast]
+    slow = np.flatnonzero(~fast)
+    if slow.size:
+        D, U = np.linalg.eigh(C[slow])
+        repaired[slow] = D.min(axis=1) < floor
+        Dc = np.maximum(D, floor) if floor > 0 else np.where(D > 0, D, np.inf)
+        L = np.swapaxes(U, 1, 2) / np.sqrt(Dc)[:, :, None]  # D^-1/2 U^T
+        Rq = np.linalg.qr(L, mode="r")
+        sign = np.where(np.einsum("nii->ni", Rq) < 0, -1.0, 1.0)
+        R[slow] = Rq * sign[:, :, None]
+        logger.debug("%d of %d covariances took the eigen-decomposition path", slow.size, n)
+    R[inv[:, :, None] | inv[:, None, :]] = 0.0
+    return R, repaired
+
+
+@dataclass
+class ConditionedArrays:
+    """The per-star arrays of a conditioned partition (internal flux unit).
+
+    Attributes
+    ----------
+    flux : (n, 66) float32, NaN where missing
+    flux_error : (n, 66) float32, inf where missing
+    factor : (n, 2211) float32, packed upper-triangular R
+    n_valid : (n,) int16
+    flags : (n,) uint16
+    """
+
+    flux: np.ndarray
+    flux_error: np.ndarray
+    factor: np.ndarray
+    n_valid: np.ndarray
+    flags: np.ndarray
+
+
+def condition_arrays(
+    xp: XpSample,
+    nir_flux: np.ndarray,
+    nir_variance: np.ndarray,
+    *,
+    floor: float = 1e-9,
+    unit: float = FLUX_UNIT_W_M2_NM,
+) -> ConditionedArrays:
+    """Eq. 2 inflation and Eqs. 3-4 conditioning of sampled XP + NIR data.
+
+    Parameters
+    ----------
+    xp : XpSample
+        With ``covariance`` (n, 61, 61) in W m^-2 nm^-1 squared.
+    nir_flux, nir_variance : (n, 5) arrays, W m^-2 nm^-1 and its square
+        NaN / inf where unused.
+    floor : float
+        Eigenvalue clamp in the internal unit squared.
+    unit : float
+        The internal flux unit in W m^-2 nm^-1.
+
+    Returns
+    -------
+    ConditionedArrays
+        Flags set here: COVARIANCE_REPAIRED, NONPOSITIVE_FLUX.
+    """
+    if xp.covariance is None:
+        raise ValueError("condition_arrays needs an XpSample with its covariance")
+    n, m = xp.flux.shape
+    f_xp = xp.flux / unit
+    cov_xp = inflate_covariance(xp.covariance / unit**2, f_xp, xp.flux_bp / unit, xp.flux_rp / unit)
+    flux = np.concatenate([f_xp, np.asarray(nir_flux, dtype=np.float64) / unit], axis=1)
+    var_nir = np.asarray(nir_variance, dtype=np.float64) / unit**2
+    N = flux.shape[1]
+    cov = np.zeros((n, N, N))
+    cov[:, :m, :m] = cov_xp
+    d = np.arange(N)
+    var = np.concatenate([np.einsum("nii->ni", cov_xp), var_nir], axis=1)
+    cov[:, d[m:], d[m:]] = var_nir
+    with np.errstate(invalid="ignore"):
+        valid = np.isfinite(flux) & np.isfinite(var) & (var > 0)
+    R, repaired = precision_factor(cov, valid, floor)
+    flags = np.zeros(n, dtype=np.uint16)
+    flags[repaired] |= np.uint16(ConditionFlag.COVARIANCE_REPAIRED)
+    with np.errstate(invalid="ignore"):
+        nonpos = np.any(valid[:, :m] & (f_xp <= 0), axis=1)
+    flags[nonpos] |= np.uint16(ConditionFlag.NONPOSITIVE_FLUX)
+    flux_out = np.where(valid, flux, np.nan).astype(np.float32)
+    with np.errstate(invalid="ignore"):
+        err_out = np.where(valid, np.sqrt(np.where(valid, var, 1.0)), np.inf).astype(np.float32)
+    packed = cs.pack_triu(R).astype(np.float32)
+    return ConditionedArrays(flux_out, err_out, packed, valid.sum(axis=1).astype(np.int16), flags)
+
+
+# ---------------------------------------------------------------------------
+# Tables
+# ---------------------------------------------------------------------------
+
+
+def _f64(table: pa.Table, name: str) -> np.ndarray:
+    if name not in table.column_names:
+        return np.full(table.num_rows, np.nan)
+    return np.asarray(table.column(name).cast(pa.float64()).to_numpy(zero_copy_only=False), dtype=np.float64)
+
+
+def _ids(table: pa.Table) -> np.ndarray:
+    return np.asarray(table.column("source_id").to_numpy(zero_copy_only=False), dtype=np.int64)
+
+
+def _check_unique(ids: np.ndarray, what: str, origin: np.ndarray | None = None, files: Sequence[str] = ()) -> None:
+    if ids.size < 2:
+        return
+    s = np.sort(ids)
+    dup = np.unique(s[1:][s[1:] == s[:-1]])
+    if dup.size:
+        where = ""
+        if origin is not None and len(files):
+            in_files = sorted({files[k] for k in np.unique(origin[np.isin(ids, dup[:5])])})
+            where = f" (in {', '.join(in_files)})"
+        shown = ", ".join(str(x) for x in dup[:10])
+        raise InputError(f"{what}: {dup.size} duplicated source_id(s): {shown}{where}")
+
+
+def _align(ids: np.ndarray, table: pa.Table | None) -> tuple[np.ndarray, np.ndarray]:
+    """Row index into ``table`` for each id and a matched mask (table need not be sorted)."""
+    if table is None or table.num_rows == 0:
+        return np.zeros(ids.size, dtype=np.int64), np.zeros(ids.size, dtype=bool)
+    t_ids = _ids(table)
+    order = np.argsort(t_ids, kind="stable")
+    pos = np.searchsorted(t_ids[order], ids)
+    pos = np.clip(pos, 0, t_ids.size - 1)
+    idx = order[pos]
+    return idx, t_ids[idx] == ids
+
+
+def condition_tables(
+    gaia: pa.Table,
+    xp: pa.Table,
+    tmass: pa.Table | None,
+    unwise: pa.Table | None,
+    config: RunConfig,
+    *,
+    what: str = "partition",
+) -> pa.Table:
+    """Join raw rows on source_id and condition them into a :data:`CONDITIONED` table.
+
+    Every gaia_source row gives exactly one output row, sorted by source_id: a
+    star with no XP row is flagged NO_XP (zero-weight XP samples), a missing or
+    unusable band is flagged and zero-weighted, missing photometry has zero
+    weight.
+
+    Parameters
+    ----------
+    gaia, xp : pyarrow.Table
+        gaia_source and xp_continuous_mean_spectrum rows (archive column names).
+    tmass, unwise : pyarrow.Table or None
+        Optional partner tables.
+    config : RunConfig
+    what : str
+        Name used in error messages.
+
+    Raises
+    ------
+    InputError
+        Duplicated source_ids in any table, or XP rows with no gaia_source row (named).
+    """
+    cc = config.conditioning
+    gaia = gaia.sort_by("source_id")
+    ids = _ids(gaia)
+    n = ids.size
+    for name, t in (("gaia_source", gaia), ("xp_continuous_mean_spectrum", xp), ("tmass", tmass), ("unwise", unwise)):
+        if t is not None:
+            _check_unique(_ids(t), f"{what}: raw {name}")
+    xp_idx, has_xp = _align(ids, xp)
+    if xp.num_rows and has_xp.sum() != xp.num_rows:
+        orphans = np.setdiff1d(_ids(xp), ids)
+        shown = ", ".join(str(x) for x in orphans[:10])
+        raise InputError(f"{what}: {orphans.size} XP row(s) have no gaia_source row: source_id {shown}")
+
+    rows = np.flatnonzero(has_xp)
+    sub = xp.take(pa.array(xp_idx[rows]))
+    wl = DEFAULT_WAVELENGTHS_NM
+    flux_w = np.full((n, N_XP), np.nan)
+    full = XpSample(
+        source_id=ids,
+        wavelengths=wl,
+        flux=flux_w,
+        flux_error=np.full((n, N_XP), np.nan),
+        covariance=np.full((n, N_XP, N_XP), np.nan),
+        flux_bp=np.zeros((n, N_XP)),
+        flux_rp=np.zeros((n, N_XP)),
+        has_bp=np.zeros(n, dtype=bool),
+        has_rp=np.zeros(n, dtype=bool),
+        bad_bp=np.zeros(n, dtype=bool),
+        bad_rp=np.zeros(n, dtype=bool),
+    )
+    if rows.size:
+        try:
+            s = sample_xp(sub, wavelengths_nm=wl, covariance=cc.covariance)
+        except KeyError as err:
+            raise InputError(f"{what}: {err.args[0]}") from err
+        for name in ("flux", "flux_error", "covariance", "flux_bp", "flux_rp", "has_bp", "has_rp", "bad_bp", "bad_rp"):
+            getattr(full, name)[rows] = getattr(s, name)
+
+    def partner(table: pa.Table | None, cols: list[str]) -> dict | None:
+        if table is None:
+            return None
+        idx, matched = _align(ids, table)
+        out: dict[str, np.ndarray] = {"matched": matched}
+        taken = table.take(pa.array(idx)) if table.num_rows else None
+        for c in cols[1:]:
+            if taken is None or c not in taken.column_names:
+                out[c] = np.full(n, np.nan) if c != "ph_qual" else np.full(n, None, dtype=object)
+            elif c == "ph_qual":
+                out[c] = np.array(taken.column(c).to_pylist(), dtype=object)
+            else:
+                out[c] = np.where(matched, _f64(taken, c), np.nan)
+        return out
+
+    norm_dg = _f64(gaia, "norm_dg")
+    nir = nir_photometry(
+        n,
+        norm_dg,
+        partner(tmass, _TMASS_COLS),
+        partner(unwise, _UNWISE_COLS),
+        tmass_norm_dg_max=cc.tmass_norm_dg_max,
+        unwise_norm_dg_max=cc.unwise_norm_dg_max,
+    )
+
+    flags = nir.flags.copy()
+    flags[~has_xp] |= np.uint16(ConditionFlag.NO_XP)
+    flags[~full.has_bp] |= np.uint16(ConditionFlag.NO_BP)
+    flags[~full.has_rp] |= np.uint16(ConditionFlag.NO_RP)
+    flags[full.bad_bp | full.bad_rp] |= np.uint16(ConditionFlag.BAD_XP_INPUT)
+    plx = _f64(gaia, "parallax")
+    flags[~np.isfinite(plx)] |= np.uint16(ConditionFlag.NO_PARALLAX)
+
+    out_flux = np.empty((n, N_FLUX), np.float32)
+    out_err = np.empty((n, N_FLUX), np.float32)
+    out_fac = np.empty((n, N_FACTOR), np.float32)
+    out_nv = np.empty(n, np.int16)
+    step = max(1, int(cc.batch_size))
+    for lo in range(0, n, step):
+        sl = slice(lo, min(n, lo + step))
+        chunk = XpSample(
+            ids[sl], wl, full.flux[sl], full.flux_error[sl], full.covariance[sl], full.flux_bp[sl],
+            full.flux_rp[sl], full.has_bp[sl], full.has_rp[sl], full.bad_bp[sl], full.bad_rp[sl],
+        )  # fmt: skip
+        ca = condition_arrays(chunk, nir.flux[sl], nir.variance[sl], floor=cc.eigenvalue_floor)
+        out_flux[sl], out_err[sl], out_fac[sl], out_nv[sl] = ca.flux, ca.flux_error, ca.factor, ca.n_valid
+        flags[sl] |= ca.flags
+    del full
+
+    def fsl(arr: np.ndarray, size: int) -> pa.Array:
+        return pa.FixedSizeListArray.from_arrays(pa.array(arr.reshape(-1)), size)
+
+    def f32(x: np.ndarray) -> pa.Array:
+        return pa.array(x.astype(np.float32), mask=~np.isfinite(x))
+
+    def ratio(a: str, b: str) -> np.ndarray:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return _f64(gaia, a) / _f64(gaia, b)
+
+    xp_cols = {}
+    for band in ("bp", "rp"):
+        chi2 = np.full(n, np.nan)
+        dof = np.full(n, np.nan)
+        if rows.size:
+            chi2[rows] = _f64(sub, f"{band}_chi_squared")
+            dof[rows] = _f64(sub, f"{band}_degrees_of_freedom")
+        xp_cols[f"{band}_chi_squared"] = f32(chi2)
+        xp_cols[f"{band}_degrees_of_freedom"] = pa.array(np.nan_to_num(dof).astype(np.int16), mask=~np.isfinite(dof))
+
+    columns = {
+        "source_id": pa.array(ids, pa.int64()),
+        "ra": pa.array(_f64(gaia, "ra")),
+        "dec": pa.array(_f64(gaia, "dec")),
+        "parallax": f32(plx),
+        "parallax_error": f32(_f64(gaia, "parallax_error")),
+        "flux": fsl(out_flux, N_FLUX),
+        "flux_error": fsl(out_err, N_FLUX),
+        "flux_factor_triu": fsl(out_fac, N_FACTOR),
+        "n_valid_flux": pa.array(out_nv, pa.int16()),
+        "condition_flags": pa.array(flags, pa.uint16()),
+        "phot_g_mean_mag": f32(_f64(gaia, "phot_g_mean_mag")),
+        "phot_g_mean_flux_over_error": f32(ratio("phot_g_mean_flux", "phot_g_mean_flux_error")),
+        "phot_bp_mean_flux_over_error": f32(ratio("phot_bp_mean_flux", "phot_bp_mean_flux_error")),
+        "phot_rp_mean_flux_over_error": f32(ratio("phot_rp_mean_flux", "phot_rp_mean_flux_error")),
+        "phot_bp_rp_excess_factor": f32(_f64(gaia, "phot_bp_rp_excess_factor")),
+        "ruwe": f32(_f64(gaia, "ruwe")),
+        "fidelity_v2": f32(_f64(gaia, "fidelity_v2")),
+        "norm_dg": f32(norm_dg),
+        **xp_cols,
+    }
+    return pa.Table.from_arrays([columns[f.name] for f in CONDITIONED], schema=CONDITIONED)
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def conditioning_metadata(config: RunConfig) -> dict:
+    """The metadata document every conditioned partition carries (units, options, versions)."""
+    cc = config.conditioning
+    return {
+        "stage": "conditioned",
+        "flux_unit": "1e-18 W m-2 nm-1",
+        "flux_unit_w_m2_nm": FLUX_UNIT_W_M2_NM,
+        "wavelengths_nm": [float(w) for w in DEFAULT_WAVELENGTHS_NM],
+        "nir_bands": list(NIR_BANDS),
+        "nir_wavelengths_um": list(NIR_WAVELENGTHS_UM),
+        "nir_ab_minus_vega": dict(AB_MINUS_VEGA),
+        "factor": "upper-triangular R, R^T R = U max(D, floor)^-1 U^T, row-major packed; zero rows/cols for missing",
+        "options": {
+            "covariance": cc.covariance,
+            "eigenvalue_floor": cc.eigenvalue_floor,
+            "eigenvalue_floor_unit": "(1e-18 W m-2 nm-1)^2",
+            "tmass_norm_dg_max": cc.tmass_norm_dg_max,
+            "unwise_norm_dg_max": cc.unwise_norm_dg_max,
+            "inflation": {"diag": SIGMA_FRAC_DIAG, "total": SIGMA_FRAC_TOTAL, "band": SIGMA_FRAC_BAND},
+        },
+        "instrument_models": {b: {str(k): v for k, v in m.items()} for b, m in INSTRUMENT_MODELS.items()},
+        "gaiaxpy_version": _version("gaiaxpy"),
+        "xpcat_version": _version("xpcat"),
+    }
+
+
+def _options_key(config: RunConfig) -> str:
+    import hashlib
+    import json
+
+    doc = conditioning_metadata(config)
+    key = {k: doc[k] for k in ("options", "flux_unit", "instrument_models", "gaiaxpy_version")}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------
+# Partitions
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PartitionTask:
+    """One conditioned partition to produce.
+
+    Attributes
+    ----------
+    name : str
+        ``partition_name(pix, level)``.
+    pix, level : int
+    out_path : Path
+    raw_files : dict of str -> list of Path
+        Raw Parquet files per table (optional tables may be absent).
+    n_stars : int
+        gaia_source rows in the partition's source_id range.
+    """
+
+    name: str
+    pix: int
+    level: int
+    out_path: Path
+    raw_files: dict[str, list[Path]] = field(default_factory=dict)
+    n_stars: int = 0
+
+
+def _raw_dir(run_dir: Path, config: RunConfig) -> Path:
+    p = Path(config.data.raw_dir)
+    return p if p.is_absolute() else Path(run_dir) / p
+
+
+def _raw_files(run_dir: Path, config: RunConfig) -> dict[str, list[Path]]:
+    raw = _raw_dir(run_dir, config)
+    files: dict[str, list[Path]] = {}
+    for table in _STAGE_TABLES:
+        found = sorted((raw / table).glob("*.parquet"))
+        if found:
+            files[table] = found
+        elif table in REQUIRED_RAW_TABLES:
+            raise StageError(f"raw table {table!r} not found: no Parquet files in {raw / table} (run `xpcat fetch` or `xpcat simulate` first)")
+    return files
+
+
+def _read_ids(files: Sequence[Path], what: str) -> tuple[np.ndarray, np.ndarray]:
+    ids, origin = [], []
+    for k, f in enumerate(files):
+        t = parts.read_table(f, what=what, columns=["source_id"])
+        ids.append(_ids(t))
+        origin.append(np.full(t.num_rows, k, dtype=np.int32))
+    if not ids:
+        return np.zeros(0, np.int64), np.zeros(0, np.int32)
+    return np.concatenate(ids), np.concatenate(origin)
+
+
+def plan_partitions(run_dir: str | Path, config: RunConfig) -> list[PartitionTask]:
+    """The partitions of a run: one per HEALPix pixel (``config.data.partition_level``) holding stars.
+
+    Reads only the source_id column of the raw gaia_source and XP files, and
+    refuses duplicated source_ids within or across files.
+
+    Raises
+    ------
+    StageError
+        A required raw table is missing.
+    InputError
+        A raw file is unreadable, or source_ids are duplicated (named, with their files).
+    """
+    run_dir = Path(run_dir)
+    level = config.data.partition_level
+    files = _raw_files(run_dir, config)
+    for table in ("gaia_source", "xp_continuous_mean_spectrum"):
+        ids, origin = _read_ids(files[table], f"raw {table}")
+        _check_unique(ids, f"raw {table}", origin, [str(p) for p in files[table]])
+        if table == "gaia_source":
+            gaia_ids = ids
+    pix = parts.partition_of(gaia_ids, level)
+    uniq, counts = np.unique(pix, return_counts=True)
+    out_dir = run_dir / "conditioned"
+    return [
+        PartitionTask(
+            name=parts.partition_name(int(p), level),
+            pix=int(p),
+            level=level,
+            out_path=out_dir / f"{parts.partition_name(int(p), level)}.parquet",
+            raw_files=files,
+            n_stars=int(c),
+        )
+        for p, c in zip(uniq, counts)
+    ]
+
+
+def _read_range(files: Sequence[Path], table: str, lo: int | None, hi: int | None, columns: list[str] | None) -> pa.Table:
+    """Rows with lo <= source_id < hi from all files (all rows when lo is None); duplicates refused."""
+    pieces, origin = [], []
+    for k, f in enumerate(files):
+        cols = columns
+        if cols is not None:
+            import pyarrow.parquet as pq
+
+            try:
+                names = set(pq.read_schema(f).names)
+            except (pa.ArrowInvalid, OSError) as err:
+                raise InputError(f"cannot read raw {table} Parquet file {f} (corrupt or truncated): {err}") from err
+            if "source_id" not in names:
+                raise InputError(f"raw {table} file {f} has no source_id column")
+            cols = [c for c in cols if c in names]
+        filters = None if lo is None else [("source_id", ">=", lo), ("source_id", "<", hi)]
+        t = parts.read_table(f, what=f"raw {table}", columns=cols, filters=filters)
+        pieces.append(t)
+        origin.append(np.full(t.num_rows, k, dtype=np.int32))
+    if not pieces:
+        return pa.table({"source_id": pa.array([], pa.int64())})
+    out = pa.concat_tables(pieces, promote_options="permissive")
+    _check_unique(_ids(out), f"raw {table}", np.concatenate(origin), [str(f) for f in files])
+    return out
+
+
+def _write_partition(
+    tables: Mapping[str, pa.Table | None], pix: int, level: int, out_path: Path, config: RunConfig, n_expected: int
+) -> dict:
+    t0 = time.perf_counter()
+    name = parts.partition_name(pix, level)
+    lo, hi = parts.source_id_range(pix, level)
+    gaia = tables["gaia_source"]
+    ids = _ids(gaia)
+    if ids.size and (ids.min() < lo or ids.max() >= hi):
+        raise InputError(f"partition {name}: gaia_source rows outside its source_id range [{lo}, {hi})")
+    table = condition_tables(gaia, tables["xp_continuous_mean_spectrum"], tables.get("tmass"), tables.get("unwise"), config, what=f"partition {name}")
+    meta = conditioning_metadata(config)
+    meta["partition"] = {"name": name, "level": level, "pix": pix, "source_id_lo": lo, "source_id_hi": hi}
+    table = cs.with_metadata(table, meta)
+    flags = table.column("condition_flags").to_numpy()
+    counts = {f.name: int(np.count_nonzero(flags & int(f))) for f in ConditionFlag}
+    parts.atomic_write_parquet(
+        table, out_path, schema=CONDITIONED, expected_rows=n_expected, info={"options_key": _options_key(config), "flags": counts}
+    )
+    return {
+        "partition": name,
+        "stars": int(table.num_rows),
+        "flags": counts,
+        "bytes": int(out_path.stat().st_size),
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def _is_current(out_path: Path, n_expected: int, config: RunConfig) -> bool:
+    if not parts.is_done(out_path, expected_rows=n_expected):
+        return False
+    marker = parts.read_marker(out_path) or {}
+    return (marker.get("info") or {}).get("options_key") == _options_key(config)
+
+
+def condition_partition(
+    raw_files: Mapping[str, Sequence[Path]],
+    pix: int,
+    out_path: str | Path,
+    config: RunConfig,
+    *,
+    level: int | None = None,
+    n_expected: int | None = None,
+    force: bool = False,
+) -> dict:
+    """Condition one partition, reading its source_id range from the raw files.
+
+    For Dask tasks: inputs are read from disk (row groups filtered on the
+    source_id range), the output is written atomically with its done marker,
+    and only a small summary dict is returned.
+
+    Parameters
+    ----------
+    raw_files : mapping of table name -> list of Parquet paths
+        At least gaia_source and xp_continuous_mean_spectrum.
+    pix : int
+        Pixel index at ``level``.
+    out_path : path-like
+        The partition file (``conditioned/<name>.parquet``).
+    config : RunConfig
+    level : int, optional
+        Default ``config.data.partition_level``.
+    n_expected : int, optional
+        Expected star count (from :func:`plan_partitions`); checked on write.
+    force : bool
+        Redo even a valid, current partition.
+
+    Returns
+    -------
+    dict
+        ``partition``, ``status`` ("written", "redone" or "skipped"), ``stars``,
+        ``flags`` (counts per ConditionFlag name), ``bytes``, ``seconds``.
+    """
+    out_path = Path(out_path)
+    level = config.data.partition_level if level is None else int(level)
+    name = parts.partition_name(pix, level)
+    if not force and n_expected is not None and _is_current(out_path, n_expected, config):
+        return {"partition": name, "status": "skipped", "stars": int(n_expected), "flags": {}, "bytes": out_path.stat().st_size, "seconds": 0.0}
+    existed = out_path.exists() or parts.marker_path(out_path).exists()
+    lo, hi = parts.source_id_range(pix, level)
+    for t in REQUIRED_RAW_TABLES:
+        if not raw_files.get(t):
+            raise StageError(f"partition {name}: no raw {t} files given")
+    tables: dict[str, pa.Table | None] = {
+        "gaia_source": _read_range(raw_files["gaia_source"], "gaia_source", lo, hi, _GAIA_COLS),
+        "xp_continuous_mean_spectrum": _read_range(raw_files["xp_continuous_mean_spectrum"], "xp_continuous_mean_spectrum", lo, hi, None),
+        "tmass": _read_range(raw_files["tmass"], "tmass", lo, hi, _TMASS_COLS) if raw_files.get("tmass") else None,
+        "unwise": _read_range(raw_files["unwise"], "unwise", lo, hi, _UNWISE_COLS) if raw_files.get("unwise") else None,
+    }
+    n = tables["gaia_source"].num_rows if n_expected is None else n_expected
+    summary = _write_partition(tables, pix, level, out_path, config, n)
+    summary["status"] = "redone" if existed else "written"
+    return summary
+
+
+#: Raw inputs up to this size are read once and sliced in memory by condition_run.
+_IN_MEMORY_BYTES = 1 << 30
+
+
+def _load_sorted(raw_files: Mapping[str, Sequence[Path]]) -> dict[str, tuple[pa.Table, np.ndarray] | None]:
+    """Every raw table read whole, sorted by source_id, with its sorted ids (duplicates refused)."""
+    cols = {"gaia_source": _GAIA_COLS, "xp_continuous_mean_spectrum": None, "tmass": _TMASS_COLS, "unwise": _UNWISE_COLS}
+    out: dict[str, tuple[pa.Table, np.ndarray] | None] = {}
+    for table, columns in cols.items():
+        if not raw_files.get(table):
+            out[table] = None
+            continue
+        t = _read_range(raw_files[table], table, None, None, columns).sort_by("source_id")
+        out[table] = (t, _ids(t))
+    return out
+
+
+def _slice_tables(loaded: Mapping[str, tuple[pa.Table, np.ndarray] | None], lo: int, hi: int) -> dict[str, pa.Table | None]:
+    out: dict[str, pa.Table | None] = {}
+    for table, item in loaded.items():
+        if item is None:
+            out[table] = None
+            continue
+        t, ids = item
+        a, b = np.searchsorted(ids, [lo, hi])
+        out[table] = t.slice(int(a), int(b - a))
+    return out
+
+
+def condition_run(run_dir: str | Path, config: RunConfig) -> dict:
+    """The ``xpcat condition`` stage: every partition of ``RUN_DIR/raw`` -> ``RUN_DIR/conditioned``.
+
+    Valid partitions written with the same options are skipped; corrupt,
+    partial or outdated ones are redone.
+
+    Returns
+    -------
+    dict
+        ``partitions_written``, ``partitions_skipped``, ``partitions_redone``,
+        ``stars``, ``flags`` (ConditionFlag name -> count over the written
+        partitions), ``bytes_per_star``, ``seconds``, ``output_dir``.
+    """
+    from ..progress import progress
+
+    t0 = time.perf_counter()
+    run_dir = Path(run_dir)
+    tasks = plan_partitions(run_dir, config)
+    totals = {"written": 0, "skipped": 0, "redone": 0}
+    flag_counts = {f.name: 0 for f in ConditionFlag}
+    stars = 0
+    n_bytes = 0
+    in_memory = None
+    if tasks:
+        raw_bytes = sum(f.stat().st_size for fs in tasks[0].raw_files.values() for f in fs)
+        if raw_bytes <= _IN_MEMORY_BYTES and len(tasks) > 1:
+            in_memory = _load_sorted(tasks[0].raw_files)
+    for task in progress(tasks, "condition", total=len(tasks)):
+        if in_memory is None:
+            res = condition_partition(task.raw_files, task.pix, task.out_path, config, level=task.level, n_expected=task.n_stars)
+        elif _is_current(task.out_path, task.n_stars, config):
+            res = {"status": "skipped", "stars": task.n_stars, "flags": {}, "bytes": task.out_path.stat().st_size}
+        else:
+            existed = task.out_path.exists() or parts.marker_path(task.out_path).exists()
+            lo, hi = parts.source_id_range(task.pix, task.level)
+            res = _write_partition(_slice_tables(in_memory, lo, hi), task.pix, task.level, task.out_path, config, task.n_stars)
+            res["status"] = "redone" if existed else "written"
+        totals[res["status"]] += 1
+        stars += res["stars"]
+        n_bytes += res["bytes"]
+        for k, v in res["flags"].items():
+            flag_counts[k] += v
+    summary = {
+        "partitions_written": totals["written"] + totals["redone"],
+        "partitions_skipped": totals["skipped"],
+        "partitions_redone": totals["redone"],
+        "stars": stars,
+        "flags": flag_counts,
+        "bytes_per_star": n_bytes / stars if stars else 0.0,
+        "seconds": round(time.perf_counter() - t0, 3),
+        "output_dir": str(run_dir / "conditioned"),
+    }
+    logger.info("conditioned %d stars in %d partitions (%d skipped)", stars, len(tasks), totals["skipped"])
+    return summary
