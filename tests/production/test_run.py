@@ -1,0 +1,215 @@
+"""The run machinery: planning, done markers, retries, failures, resume, refusal on change.
+
+Stage functions here are simple stand-ins (``_fake_stages``) so that these
+tests exercise only the machinery of ``xpcat.production.run`` on a real
+``LocalCluster`` (worker processes, so SIGKILL kills a real worker).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import dask
+import distributed  # noqa: F401 - loads distributed.* config defaults before dask.config.set
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from _fake_stages import FAKE_STAGES, write_raw
+
+from xpcat.config import RunConfig
+from xpcat.errors import InputError, StageError
+from xpcat.production import partitions as P
+from xpcat.production import run_state as S
+from xpcat.production.catalog import query_catalog, validate_catalog
+from xpcat.production.run import run_pipeline, run_stages, run_status
+
+LEVEL = 2
+PIXELS = [3, 17, 100, 150]
+
+
+def _config(**cluster) -> RunConfig:
+    return RunConfig().replace(
+        data={"partition_level": LEVEL},
+        cluster={"n_workers": 1, "memory_limit": "1GiB", "retries": 1, **cluster},
+        catalog={"highest_order": 3, "max_rows_per_partition": 60},
+    )
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> tuple[Path, np.ndarray]:
+    sid = write_raw(tmp_path, 300, LEVEL, PIXELS)
+    return tmp_path, sid
+
+
+def _catalog_ids(run_dir: Path) -> np.ndarray:
+    return pq.read_table(run_dir / "catalog" / "dataset", columns=["gdr3_source_id"]).column(0).to_numpy()
+
+
+def test_run_completes_every_source_exactly_once(run_dir):
+    rd, sid = run_dir
+    out = run_stages(rd, _config(), FAKE_STAGES)
+    assert out["partitions"] == len(PIXELS) and out["stars"] == sid.size
+    assert out["stages"]["condition"]["completed"] == len(PIXELS)
+    assert out["stages"]["infer"]["completed"] == len(PIXELS)
+    assert out["stages"]["catalog"]["rows"] == sid.size
+    ids = _catalog_ids(rd)
+    assert ids.size == sid.size and np.array_equal(np.sort(ids), np.sort(sid))
+    assert "exactly once" in validate_catalog(rd)
+    # log file in RUN_DIR/logs with the dashboard link; config frozen in the run directory
+    log = Path(out["log"])
+    assert log.parent == rd.resolve() / "logs" and "Dask dashboard: http" in log.read_text()
+    assert (rd / "config.toml").is_file()
+    for p in S.read_plan(rd):
+        assert P.is_done(rd / "fitted" / f"{p.name}.parquet", expected_rows=p.rows)
+    status = run_status(rd)
+    assert "condition  done 4  pending 0  failed 0" in status and "catalog    done" in status
+    n_basic = int(np.sum((sid % 16) < 8))
+    assert query_catalog(rd, "SELECT count(*) AS n FROM catalog WHERE quality_flags < 8", fmt="csv") == f"n\n{n_basic}"
+
+
+def test_rerun_redoes_only_truncated_file_and_deleted_marker(run_dir):
+    rd, sid = run_dir
+    cfg = _config()
+    run_stages(rd, cfg, FAKE_STAGES)
+    plan = S.read_plan(rd)
+    fitted = rd / "fitted" / f"{plan[0].name}.parquet"
+    data = fitted.read_bytes()
+    fitted.write_bytes(data[: len(data) // 3])  # truncated output
+    P.marker_path(rd / "conditioned" / f"{plan[1].name}.parquet").unlink()  # deleted marker
+    again = run_stages(rd, cfg, FAKE_STAGES)
+    assert again["resumed"] is True
+    assert again["stages"]["condition"]["submitted"] == 1
+    assert again["stages"]["infer"]["submitted"] == 1
+    # the redone fitted partition is byte-identical, so the catalog is up to date
+    assert again["stages"]["catalog"]["skipped"] is True
+    assert "exactly once" in validate_catalog(rd)
+    third = run_stages(rd, cfg, FAKE_STAGES)
+    assert third["stages"]["condition"]["submitted"] == 0 and third["stages"]["infer"]["submitted"] == 0
+    assert third["stages"]["catalog"]["skipped"] is True
+
+
+def test_worker_sigkill_mid_partition_is_recorded_then_recovered(run_dir):
+    rd, sid = run_dir
+    cfg = _config()
+    name = S.plan_partitions(rd, cfg)[2].name
+    (rd / "faults").mkdir()
+    (rd / "faults" / f"infer-{name}").write_text("kill")
+    with dask.config.set({"distributed.scheduler.allowed-failures": 1}):
+        with pytest.raises(StageError, match=name):
+            run_stages(rd, cfg, FAKE_STAGES)
+    assert not P.is_done(rd / "fitted" / f"{name}.parquet")
+    assert (rd / "fitted" / f"{name}.parquet").exists()  # the half-written file is there
+    status = run_status(rd)
+    assert f"FAILED {name}" in status and "KilledWorker" in status
+    assert not (rd / "catalog").exists()  # no catalog while a partition is missing
+    # tasks queued on the dying worker may fail with it (allowed-failures=1): all are recorded
+    failed_first = set(S.read_failures(rd)["infer"])
+    assert name in failed_first
+    (rd / "faults" / f"infer-{name}").unlink()
+    again = run_stages(rd, cfg, FAKE_STAGES)
+    assert again["stages"]["condition"]["submitted"] == 0
+    assert again["stages"]["infer"]["submitted"] == len(failed_first)
+    assert "failed 0" in run_status(rd).splitlines()[2]
+    assert "exactly once" in validate_catalog(rd)
+
+
+def test_task_exception_retried_then_recorded_with_traceback(run_dir):
+    rd, _ = run_dir
+    cfg = _config(retries=2)
+    name = S.plan_partitions(rd, cfg)[0].name
+    (rd / "faults").mkdir()
+    (rd / "faults" / f"condition-{name}").write_text("raise")
+    with pytest.raises(StageError, match=f"injected failure in condition {name}"):
+        run_stages(rd, cfg, FAKE_STAGES)
+    doc = S.read_failures(rd)["condition"][name]
+    assert doc["attempts"] == 3 and "ValueError" in doc["error"]
+    assert "_fake_stages.py" in doc["traceback"] and "raise ValueError" in doc["traceback"]
+    # the other partitions went through both stages; the failed one blocks only itself
+    others = [p for p in S.read_plan(rd) if p.name != name]
+    assert all(P.is_done(rd / "fitted" / f"{p.name}.parquet") for p in others)
+    assert not (rd / "fitted" / f"{name}.parquet").exists()
+    assert "injected failure" in run_status(rd)
+    (rd / "faults" / f"condition-{name}").unlink()
+    again = run_stages(rd, cfg, FAKE_STAGES)
+    assert again["stages"]["condition"]["submitted"] == 1 and again["stages"]["infer"]["submitted"] == 1
+    assert S.read_failures(rd) == {}
+
+
+def test_wrong_output_schema_is_one_clear_failure(run_dir):
+    rd, _ = run_dir
+    cfg = _config(retries=0)
+    name = S.plan_partitions(rd, cfg)[1].name
+    (rd / "faults").mkdir()
+    (rd / "faults" / f"infer-{name}").write_text("badschema")
+    with pytest.raises(StageError, match=name):
+        run_stages(rd, cfg, FAKE_STAGES)
+    err = S.read_failures(rd)["infer"][name]["error"]
+    assert "SchemaError" in err and "chi2_opt" in err and "double" in err
+
+
+def test_refuses_to_resume_on_changed_config_or_inputs(run_dir):
+    rd, _ = run_dir
+    cfg = _config()
+    run_stages(rd, cfg, FAKE_STAGES)
+    with pytest.raises(StageError, match=r"\[inference\] max_iterations: 50 -> 7"):
+        run_stages(rd, cfg.replace(inference={"max_iterations": 7}), FAKE_STAGES)
+    # the cluster section may change between attempts
+    out = run_stages(rd, cfg.replace(cluster={"retries": 0}), FAKE_STAGES)
+    assert out["stages"]["infer"]["submitted"] == 0
+    write_raw(rd, 10, LEVEL, PIXELS, seed=9, name="part-001")
+    with pytest.raises(StageError, match=r"input added: raw/gaia_source/part-001.parquet"):
+        run_stages(rd, cfg, FAKE_STAGES)
+
+
+def test_duplicate_input_source_ids_rejected(tmp_path):
+    sid = write_raw(tmp_path, 50, LEVEL, PIXELS)
+    import pyarrow as pa
+
+    pq.write_table(pa.table({"source_id": sid[:2], "ra": [1.0, 2.0], "dec": [3.0, 4.0]}),
+                   tmp_path / "raw" / "gaia_source" / "dup.parquet")
+    with pytest.raises(InputError, match=f"duplicated source_id.*{min(sid[:2])}"):
+        run_stages(tmp_path, _config(), FAKE_STAGES)
+    assert not (tmp_path / "conditioned").exists()
+
+
+def test_missing_model_artifact_is_one_message_before_any_work(run_dir):
+    rd, _ = run_dir
+    with pytest.raises(StageError, match="model artifact .*model not found"):
+        run_pipeline(rd, _config())
+    assert not (rd / "conditioned").exists() and not (rd / "state" / "run.json").exists()
+
+
+def test_unknown_profile_is_one_message(run_dir):
+    rd, _ = run_dir
+    with pytest.raises(Exception, match="unknown cluster profile 'nosuch'.*local"):
+        run_pipeline(rd, _config(profile="nosuch"))
+
+
+def test_status_without_run_says_so(tmp_path):
+    with pytest.raises(StageError, match="no planned run"):
+        run_status(tmp_path)
+
+
+def test_plan_turns_rates_into_node_hours(tmp_path):
+    from xpcat.production.run import plan_run
+
+    bench = {
+        "stars": 1000, "threads_per_worker": 1,
+        "stages": {"condition": {"stars_per_s_per_worker": 500.0}, "infer": {"stars_per_s_per_worker": 20.0},
+                   "catalog": {"stars_per_s_per_worker": 5000.0}},
+        "bytes_per_star": {"conditioned": 9000.0, "fitted": 250.0, "catalog": 260.0},
+        "peak_memory_mib_per_worker": 1500.0,
+        "machine": {"cores": 2, "cpu_model": "test cpu", "gpu": None},
+    }
+    bj = tmp_path / "bench.json"
+    bj.write_text("some log line\n" + json.dumps(bench))
+    text = plan_run(219_197_643, "slurm", bj)
+    doc = json.loads(text.splitlines()[-1])
+    node_cores = 64  # slurm.yaml node.cores
+    expect = sum(219_197_643 / r / 3600 / node_cores for r in (500.0, 20.0, 5000.0))
+    assert doc["node_hours"] == pytest.approx(expect)
+    assert doc["storage_bytes"]["conditioned"] == pytest.approx(219_197_643 * 9000.0)
+    assert doc["partitions_max"] == 12 * 4**5
+    with pytest.raises(Exception, match="GPU"):
+        plan_run(1000, "slurm-gpu", bj)

@@ -1,0 +1,296 @@
+"""Run bookkeeping on disk: the plan, the resume check and per-partition failures.
+
+The files are the state (``recipes/hats-catalog.md``, STYLE §4):
+
+- ``state/run.json``: what the run was started with (the config sections that
+  change results, the input file set, the model hash). A re-run compares
+  itself with it and refuses to resume when something changed, listing what.
+- ``state/plan.json``: the partitions owed and their expected row counts
+  (rows of ``raw/gaia_source`` in each source_id range).
+- ``state/failed/<stage>/<partition>.json``: the error and traceback of a
+  partition whose task failed after its retries; removed when it succeeds.
+- ``state/<stage>.done``: written only after a rescan finds nothing left.
+
+Done-ness of one partition output is the done marker of
+:func:`xpcat.production.partitions.atomic_write_parquet`.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from ..config import RunConfig, config_to_dict
+from ..errors import InputError, StageError
+from . import partitions as P
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "STATE_DIR",
+    "RESULT_SECTIONS",
+    "PartitionPlan",
+    "write_json_atomic",
+    "input_fingerprint",
+    "check_resume",
+    "plan_partitions",
+    "read_plan",
+    "output_path",
+    "quick_done",
+    "record_failure",
+    "clear_failure",
+    "read_failures",
+    "mark_stage_done",
+    "stage_done",
+]
+
+STATE_DIR = "state"
+#: Config sections whose change alters results: a run refuses to resume across them.
+#: ``[cluster]`` (where it runs) may change between attempts.
+RESULT_SECTIONS = ("run", "data", "conditioning", "inference", "catalog")
+
+
+@dataclass(frozen=True)
+class PartitionPlan:
+    """One working partition: a HEALPix-aligned source_id range.
+
+    Attributes
+    ----------
+    name : str
+        ``partition_name(pix, level)``, e.g. ``"L05-001234"``.
+    level, pix : int
+    lo, hi : int
+        source_id range ``[lo, hi)``.
+    rows : int
+        Number of input source_ids in the range (rows every stage's output must have).
+    """
+
+    name: str
+    level: int
+    pix: int
+    lo: int
+    hi: int
+    rows: int
+
+
+def write_json_atomic(path: Path, doc: Any) -> None:
+    """Write JSON to ``path`` through a temporary file and ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(doc, fh, indent=1, sort_keys=True, default=str)
+    os.replace(tmp, path)
+
+
+def _raw_dir(run_dir: Path, config: RunConfig) -> Path:
+    p = Path(config.data.raw_dir)
+    return p if p.is_absolute() else run_dir / p
+
+
+def input_fingerprint(run_dir: Path, config: RunConfig) -> dict[str, int]:
+    """The input file set: every raw Parquet file and side table, with its size in bytes.
+
+    Returns
+    -------
+    dict
+        ``{path relative to the run directory (or absolute): size}``.
+    """
+    run_dir = Path(run_dir)
+    out: dict[str, int] = {}
+    raw = _raw_dir(run_dir, config)
+    files = sorted(raw.glob("*/*.parquet")) if raw.is_dir() else []
+    extra = [config.data.unwise, config.data.labels, config.data.reddening]
+    files += [Path(x) if Path(x).is_absolute() else run_dir / x for x in extra if x]
+    for f in files:
+        try:
+            key = str(f.relative_to(run_dir))
+        except ValueError:
+            key = str(f)
+        out[key] = f.stat().st_size if f.exists() else -1
+    return out
+
+
+def _result_config(config: RunConfig) -> dict:
+    d = config_to_dict(config)
+    return {k: d[k] for k in RESULT_SECTIONS}
+
+
+def check_resume(run_dir: Path, config: RunConfig, inputs: dict[str, int], model_hash: str | None) -> bool:
+    """Record a new run, or check that a re-run matches the recorded one.
+
+    Parameters
+    ----------
+    run_dir : Path
+    config : RunConfig
+    inputs : dict
+        From :func:`input_fingerprint`.
+    model_hash : str or None
+        Content hash of the model artifact.
+
+    Returns
+    -------
+    bool
+        True when resuming an earlier run, False for a new run.
+
+    Raises
+    ------
+    StageError
+        When the config's result sections, the input set or the model changed;
+        the message lists every difference.
+    """
+    path = Path(run_dir) / STATE_DIR / "run.json"
+    now = {"config": _result_config(config), "inputs": inputs, "model_hash": model_hash}
+    if not path.exists():
+        write_json_atomic(path, {**now, "started": _dt.datetime.now(_dt.timezone.utc).isoformat()})
+        return False
+    old = json.loads(path.read_text())
+    changes: list[str] = []
+    for sec, values in now["config"].items():
+        for key, value in values.items():
+            before = old["config"].get(sec, {}).get(key)
+            if before != value:
+                changes.append(f"config [{sec}] {key}: {before!r} -> {value!r}")
+    for f in sorted(set(old["inputs"]) | set(inputs)):
+        a, b = old["inputs"].get(f), inputs.get(f)
+        if a is None:
+            changes.append(f"input added: {f}")
+        elif b is None:
+            changes.append(f"input removed: {f}")
+        elif a != b:
+            changes.append(f"input changed: {f} ({a} -> {b} bytes)")
+    if old.get("model_hash") != model_hash:
+        changes.append(f"model artifact: {old.get('model_hash')!r} -> {model_hash!r}")
+    if changes:
+        shown = "; ".join(changes[:10]) + (f"; ... {len(changes) - 10} more" if len(changes) > 10 else "")
+        raise StageError(
+            f"{run_dir} holds a run started with different settings; refusing to resume. Changed: {shown}. "
+            "Use a new run directory (or restore the original config and inputs)."
+        )
+    return True
+
+
+def plan_partitions(run_dir: Path, config: RunConfig) -> list[PartitionPlan]:
+    """The partitions owed: one per source_id range of ``raw/gaia_source`` holding stars.
+
+    Writes ``state/plan.json``.
+
+    Raises
+    ------
+    InputError
+        No raw gaia_source files, or duplicated source_ids (the first few named).
+    """
+    import duckdb
+
+    run_dir = Path(run_dir)
+    src = _raw_dir(run_dir, config) / "gaia_source"
+    files = sorted(src.glob("*.parquet"))
+    if not files:
+        raise InputError(f"no raw gaia_source Parquet files in {src}; fetch, ingest or simulate inputs first")
+    level = config.data.partition_level
+    shift = P.partition_shift(level)
+    con = duckdb.connect()
+    rel = f"read_parquet({[str(f) for f in files]!r})"
+    try:
+        dups = con.execute(
+            f"SELECT source_id, count(*) AS n FROM {rel} GROUP BY source_id HAVING n > 1 ORDER BY source_id LIMIT 5"
+        ).fetchall()
+        if dups:
+            shown = ", ".join(f"{s} ({n}x)" for s, n in dups)
+            raise InputError(f"input {src} has duplicated source_id(s): {shown}; each star must appear once")
+        rows = con.execute(
+            f"SELECT source_id >> {shift} AS pix, count(*) FROM {rel} GROUP BY pix ORDER BY pix"
+        ).fetchall()
+    except duckdb.Error as err:
+        raise InputError(f"cannot read source_ids from {src}: {err}") from err
+    finally:
+        con.close()
+    plan = []
+    for pix, n in rows:
+        lo, hi = P.source_id_range(int(pix), level)
+        plan.append(PartitionPlan(P.partition_name(int(pix), level), level, int(pix), lo, hi, int(n)))
+    write_json_atomic(run_dir / STATE_DIR / "plan.json", {"level": level, "partitions": [asdict(p) for p in plan]})
+    return plan
+
+
+def read_plan(run_dir: Path) -> list[PartitionPlan]:
+    """The plan written by :func:`plan_partitions` ([] when none)."""
+    p = Path(run_dir) / STATE_DIR / "plan.json"
+    if not p.exists():
+        return []
+    return [PartitionPlan(**d) for d in json.loads(p.read_text())["partitions"]]
+
+
+def output_path(run_dir: Path, out_dir: str, name: str) -> Path:
+    """``RUN_DIR/<out_dir>/<name>.parquet``."""
+    return Path(run_dir) / out_dir / f"{name}.parquet"
+
+
+def quick_done(path: Path, rows: int) -> bool:
+    """Cheap done check used by the client's plan: marker present, size and row count agree.
+
+    The task itself re-checks with the full sha256 (:func:`partitions.is_done`).
+    """
+    m = P.read_marker(path)
+    if m is None or not path.is_file():
+        return False
+    try:
+        return path.stat().st_size == int(m["bytes"]) and int(m["rows"]) == int(rows)
+    except (KeyError, TypeError, ValueError, OSError):
+        return False
+
+
+def _failure_path(run_dir: Path, stage: str, name: str) -> Path:
+    return Path(run_dir) / STATE_DIR / "failed" / stage / f"{name}.json"
+
+
+def record_failure(run_dir: Path, stage: str, name: str, error: str, traceback_text: str, attempts: int) -> None:
+    """Write ``state/failed/<stage>/<name>.json`` with the error and its traceback."""
+    write_json_atomic(
+        _failure_path(run_dir, stage, name),
+        {
+            "stage": stage,
+            "partition": name,
+            "error": error,
+            "traceback": traceback_text,
+            "attempts": attempts,
+            "time": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+        },
+    )
+
+
+def clear_failure(run_dir: Path, stage: str, name: str) -> None:
+    """Forget an earlier failure of a partition (it succeeded now)."""
+    _failure_path(run_dir, stage, name).unlink(missing_ok=True)
+
+
+def read_failures(run_dir: Path) -> dict[str, dict[str, dict]]:
+    """``{stage: {partition: failure document}}``."""
+    out: dict[str, dict[str, dict]] = {}
+    root = Path(run_dir) / STATE_DIR / "failed"
+    for f in sorted(root.glob("*/*.json")) if root.is_dir() else []:
+        try:
+            doc = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        out.setdefault(f.parent.name, {})[f.stem] = doc
+    return out
+
+
+def mark_stage_done(run_dir: Path, stage: str, info: dict) -> None:
+    """Write ``state/<stage>.done`` (after a rescan found nothing left)."""
+    write_json_atomic(Path(run_dir) / STATE_DIR / f"{stage}.done", info)
+
+
+def stage_done(run_dir: Path, stage: str) -> dict | None:
+    """The ``state/<stage>.done`` document, or None."""
+    p = Path(run_dir) / STATE_DIR / f"{stage}.done"
+    try:
+        return json.loads(p.read_text())
+    except (OSError, ValueError):
+        return None
