@@ -83,8 +83,10 @@ def _condition_func(run_dir: Path, part: S.PartitionPlan, config: RunConfig, ctx
     """Condition one source_id range (``xpcat.production.conditioning``)."""
     from . import conditioning
 
+    raw_files = {k: [Path(f) for f in v] for k, v in ctx["raw_files"].items()}
     return conditioning.condition_partition(
-        Path(run_dir), part.pix, part.level, config, out_path=S.output_path(run_dir, "conditioned", part.name)
+        raw_files, part.pix, S.output_path(run_dir, "conditioned", part.name), config,
+        level=part.level, n_expected=part.rows,
     )
 
 
@@ -253,7 +255,7 @@ def _model_hash(model_dir: Path) -> str:
 
 
 def run_stages(run_dir: Path, config: RunConfig, stages: Sequence[Stage], *, model_dir: Path | None = None,
-               catalog: bool = True) -> dict:
+               catalog: bool = True, context: Callable[[Path, RunConfig], dict] | None = None) -> dict:
     """Run ``stages`` (then the catalog) over the planned partitions; the engine of :func:`run_pipeline`.
 
     Parameters
@@ -266,6 +268,9 @@ def run_stages(run_dir: Path, config: RunConfig, stages: Sequence[Stage], *, mod
         Model artifact: loaded on every worker by :class:`xpcat.jobs.plugins.ModelPlugin`.
     catalog : bool
         Build the HATS catalog from the last stage's output when every partition is done.
+    context : callable, optional
+        ``context(run_dir, config) -> dict`` of extras for the stage functions' ``ctx``,
+        called after planning (e.g. the raw file lists).
 
     Returns
     -------
@@ -289,10 +294,11 @@ def run_stages(run_dir: Path, config: RunConfig, stages: Sequence[Stage], *, mod
         resumed = S.check_resume(run_dir, config, inputs, model_hash)
         write_config(config, run_dir)
         plan = S.plan_partitions(run_dir, config)
+        extra_ctx = context(run_dir, config) if context is not None else None
         n_stars = sum(p.rows for p in plan)
         logger.info("%s run: %d stars in %d partitions at level %d", "resuming" if resumed else "new",
                     n_stars, len(plan), config.data.partition_level)
-        ctx = {"model_dir": str(model_dir) if model_dir else None, "model_hash": model_hash}
+        ctx = {"model_dir": str(model_dir) if model_dir else None, "model_hash": model_hash, **(extra_ctx or {})}
         summary: dict[str, Any] = {"run_dir": str(run_dir), "log": str(log_path), "stars": n_stars,
                                    "partitions": len(plan), "resumed": resumed, "stages": {}}
         with open_cluster(config.cluster, log_dir=run_dir / "logs" / "jobs") as (cluster, client, profile):
@@ -347,7 +353,17 @@ def run_pipeline(run_dir: Path, config: RunConfig) -> dict:
     from ..jobs.clusters import load_profile
 
     profile = load_profile(config.cluster.profile)
-    return run_stages(Path(run_dir), config, default_stages(gpu=profile.gpu), model_dir=Path(run_dir) / "model")
+    return run_stages(Path(run_dir), config, default_stages(gpu=profile.gpu), model_dir=Path(run_dir) / "model",
+                      context=_pipeline_context)
+
+
+def _pipeline_context(run_dir: Path, config: RunConfig) -> dict:
+    """The raw file lists for conditioning (``conditioning.plan_partitions`` also checks the XP table's ids)."""
+    from . import conditioning
+
+    tasks = conditioning.plan_partitions(run_dir, config)
+    files = tasks[0].raw_files if tasks else {}
+    return {"raw_files": {k: [str(f) for f in v] for k, v in files.items()}}
 
 
 def run_status(run_dir: Path) -> str:

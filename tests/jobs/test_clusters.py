@@ -1,0 +1,75 @@
+"""Cluster profiles: shipped YAML files, keyword arguments, job scripts, bad options."""
+
+from __future__ import annotations
+
+import pytest
+
+from xpcat.config import ClusterConfig
+from xpcat.jobs.clusters import ClusterProfileError, available_profiles, cluster_kwargs, load_profile, open_cluster
+
+
+def test_shipped_profiles_parse():
+    assert {"local", "slurm", "pbs", "slurm-gpu", "pbs-gpu"} <= set(available_profiles())
+    for name in available_profiles():
+        p = load_profile(name)
+        assert p.kind in ("local", "slurm", "pbs")
+        assert p.gpu == name.endswith("-gpu")
+
+
+def test_unknown_profile_lists_the_shipped_ones(tmp_path):
+    with pytest.raises(ClusterProfileError, match="unknown cluster profile 'lsf'.*slurm-gpu"):
+        load_profile("lsf")
+    bad = tmp_path / "x.yaml"
+    bad.write_text("kind: lsf\n")
+    with pytest.raises(ClusterProfileError, match="kind = 'lsf'"):
+        load_profile(bad)
+    bad.write_text("kind: slurm\nqueue: x\n")
+    with pytest.raises(ClusterProfileError, match="unknown key.*queue"):
+        load_profile(bad)
+
+
+def test_slurm_gpu_job_script_has_gres_resources_prologue_and_lifetime(tmp_path):
+    from dask_jobqueue import SLURMCluster
+
+    cfg = ClusterConfig(profile="slurm-gpu", threads_per_worker=2, memory_limit="6GiB", lifetime="20m",
+                        lifetime_stagger="2m", options={"queue": "gpu", "scheduler_options": {"host": "127.0.0.1"}})
+    kw = cluster_kwargs(load_profile("slurm-gpu"), cfg, log_dir=tmp_path)
+    assert kw["processes"] == 1 and kw["cores"] == 2 and kw["queue"] == "gpu"
+    with SLURMCluster(**kw) as cluster:
+        script = cluster.job_script()
+    assert "#SBATCH --gres=gpu:1" in script and "#SBATCH -p gpu" in script
+    assert "export XLA_PYTHON_CLIENT_PREALLOCATE=false" in script
+    assert "--resources GPU=1" in script and "--lifetime 20m --lifetime-stagger 2m" in script
+    assert "--nthreads 2" in script and "--mem=" in script
+
+
+def test_pbs_gpu_resource_spec_filled_in():
+    from dask_jobqueue import PBSCluster
+
+    kw = cluster_kwargs(load_profile("pbs-gpu"), ClusterConfig(profile="pbs-gpu", memory_limit="4GiB"))
+    assert kw["resource_spec"] == "select=1:ncpus=1:ngpus=1:mem=4096MB"
+    with PBSCluster(**kw) as cluster:
+        script = cluster.job_script()
+    assert "#PBS -l select=1:ncpus=1:ngpus=1:mem=4096MB" in script and "--resources GPU=1" in script
+
+
+def test_option_rejected_by_dask_jobqueue_is_named(monkeypatch):
+    import shutil
+
+    real = shutil.which
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/sbatch" if name == "sbatch" else real(name))
+    cfg = ClusterConfig(profile="slurm", options={"qeueu": "debug"})
+    with pytest.raises(ClusterProfileError, match="qeueu"):
+        with open_cluster(cfg):
+            pass
+
+
+def test_local_profile_cluster_and_more_processes_refused():
+    cfg = ClusterConfig(profile="local", n_workers=1, memory_limit="1GiB", options={"processes": False})
+    with open_cluster(cfg) as (cluster, client, profile):
+        assert profile.kind == "local"
+        assert client.submit(sum, [1, 2]).result() == 3
+    with pytest.raises(ClusterProfileError, match="one worker process per job"):
+        cluster_kwargs(load_profile("slurm"), ClusterConfig(profile="slurm", options={"processes": 4}))
+    with pytest.raises(ClusterProfileError, match="memory_limit = 'lots'"):
+        cluster_kwargs(load_profile("slurm"), ClusterConfig(profile="slurm", memory_limit="lots"))
