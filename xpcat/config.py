@@ -189,6 +189,13 @@ class SimulationConfig(_Section):
     missing_tmass_fraction: float = _f(0.05, "Fraction of stars without a 2MASS match.", min=0.0, max=1.0)
     missing_unwise_fraction: float = _f(0.05, "Fraction of stars without an unWISE match.", min=0.0, max=1.0)
     label_fraction: float = _f(0.5, "Fraction of stars with LAMOST-like labels.", min=0.0, max=1.0)
+    crowded_fraction: float = _f(0.05, "Fraction of crowded sources (norm_dg > -5, contaminated light).", min=0.0, max=1.0)
+    r_v_mean: float = _f(3.1, "Mean R_V of the sight lines (G23 law).", min=2.3, max=5.6)
+    r_v_scatter: float = _f(0.2, "Scatter of R_V between sight lines (0: every star at r_v_mean).", min=0.0, max=1.0)
+    g_limit: float = _f(17.65, "G magnitude limit of the drawn stars (before extinction).", min=5.0, max=21.0)
+    n_fields: int = _f(8, "Number of sky fields (discs) the stars fall in.", min=1)
+    field_radius_deg: float = _f(1.5, "Radius of each sky field, degrees.", min=0.01, max=90.0)
+    hotpayne_teff_min: float = _f(7000.0, "True Teff [K] above which labels come from Hot Payne (match training.teff_switch).", min=0.0)
 
 
 @dataclass(frozen=True)
