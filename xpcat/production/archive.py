@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import io
 import json
 import logging
 import os
@@ -253,6 +254,32 @@ def _working_directory(path: Path) -> Iterator[None]:
         os.chdir(old)
 
 
+def _gaia_class() -> type:
+    """astroquery's ``GaiaClass``, imported without letting the import reach the network.
+
+    ``astroquery/gaia/core.py`` ends with ``Gaia = GaiaClass()``, which asks
+    the ESA archive for status messages as the module is imported. During that
+    first import, connections are refused (and the resulting "could not be
+    retrieved" line is swallowed), so nothing leaves the machine.
+    """
+    import sys
+
+    if "astroquery.gaia.core" not in sys.modules:
+        def refuse(self, *args, **kwargs):
+            raise OSError("xpcat: no network while importing astroquery.gaia")
+
+        original = http.client.HTTPConnection.connect
+        http.client.HTTPConnection.connect = refuse  # type: ignore[method-assign]
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                import astroquery.gaia.core  # noqa: F401
+        finally:
+            http.client.HTTPConnection.connect = original  # type: ignore[method-assign]
+    from astroquery.gaia.core import GaiaClass
+
+    return GaiaClass
+
+
 def build_client(archive_url: str, *, login: bool = False):
     """An astroquery ``GaiaClass`` for one archive, built without touching the network.
 
@@ -274,8 +301,7 @@ def build_client(archive_url: str, *, login: bool = False):
     InputError
         When ``login`` is set and the credentials are missing or refused.
     """
-    from astroquery.gaia.core import GaiaClass  # never astroquery.gaia.Gaia: it calls the archive at import
-
+    GaiaClass = _gaia_class()  # never astroquery.gaia.Gaia: it calls the archive at import
     url = archive_url if archive_url.endswith("/") else archive_url + "/"
     client = GaiaClass(gaia_tap_server=url, gaia_data_server=url, show_server_messages=False)
     if login:
