@@ -493,3 +493,41 @@ def test_cli_condition(tmp_path, ref_df):
     res = CliRunner().invoke(cli, ["condition", str(tmp_path)])
     assert res.exit_code == 0, res.output
     assert json.loads(res.output[res.output.index("{") :])["stars"] == len(ref_df) + 2
+
+
+def test_simulate_then_condition_end_to_end(tmp_path):
+    """`xpcat simulate` -> `xpcat condition`: every simulated star is conditioned, flags match the raw data."""
+    from click.testing import CliRunner
+
+    from xpcat.cli import cli
+
+    run = tmp_path / "run"
+    runner = CliRunner()
+    res = runner.invoke(cli, ["simulate", str(run), "--stars", "300", "--seed", "7"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(cli, ["condition", str(run)])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.output[res.output.index("{") :])
+    gaia = pa.concat_tables([pq.read_table(f) for f in sorted((run / "raw" / "gaia_source").glob("*.parquet"))])
+    xp = pa.concat_tables([pq.read_table(f) for f in sorted((run / "raw" / "xp_continuous_mean_spectrum").glob("*.parquet"))])
+    assert summary["stars"] == gaia.num_rows
+    out = _read_all(run)
+    cs.validate(out, cs.CONDITIONED)
+    sid = out.column("source_id").to_numpy()
+    np.testing.assert_array_equal(sid, np.sort(gaia.column("source_id").to_numpy()))
+    flags = out.column("condition_flags").to_numpy()
+    x = xp.to_pandas().set_index("source_id").reindex(sid)
+    no_bp = x["bp_coefficients"].isna().to_numpy()
+    flagged = (flags & ConditionFlag.NO_BP) > 0
+    assert np.all(flagged[no_bp])
+    assert np.all((flags[flagged & ~no_bp] & ConditionFlag.BAD_XP_INPUT) > 0)  # present but unusable
+    flux = np.stack(out.column("flux").to_numpy(zero_copy_only=False))
+    nv = out.column("n_valid_flux").to_numpy()
+    np.testing.assert_array_equal(nv, np.isfinite(flux).sum(axis=1))
+    good = (flags & (ConditionFlag.NO_BP | ConditionFlag.NO_RP | ConditionFlag.NO_XP)) == 0
+    assert good.mean() > 0.9
+    # typical XP fluxes are O(1-1000) in the internal unit
+    med = np.nanmedian(flux[good, :61])
+    assert 1e-2 < med < 1e4
+    again = runner.invoke(cli, ["condition", str(run)])
+    assert json.loads(again.output[again.output.index("{") :])["partitions_skipped"] == summary["partitions_written"]

@@ -66,6 +66,10 @@ SIGMA_FRAC_TOTAL = 0.005
 #: Eq. 2: fully correlated relative error of each band, 0.001^2 f_band f_band^T.
 SIGMA_FRAC_BAND = 0.001
 
+#: Largest block of stars whose 66 x 66 matrices are held at once (~35 kB each, about 8 arrays):
+#: ``[conditioning] batch_size`` is capped by it so that memory stays bounded.
+MAX_BLOCK = 2048
+
 #: Raw tables read by this stage.
 _STAGE_TABLES = ("gaia_source", "xp_continuous_mean_spectrum", "tmass", "unwise")
 _RAW_SCHEMAS = {
@@ -358,29 +362,27 @@ def condition_tables(
         raise InputError(f"{what}: {orphans.size} XP row(s) have no gaia_source row: source_id {shown}")
 
     rows = np.flatnonzero(has_xp)
-    sub = xp.take(pa.array(xp_idx[rows]))
     wl = DEFAULT_WAVELENGTHS_NM
-    flux_w = np.full((n, N_XP), np.nan)
-    full = XpSample(
-        source_id=ids,
-        wavelengths=wl,
-        flux=flux_w,
-        flux_error=np.full((n, N_XP), np.nan),
-        covariance=np.full((n, N_XP, N_XP), np.nan),
-        flux_bp=np.zeros((n, N_XP)),
-        flux_rp=np.zeros((n, N_XP)),
-        has_bp=np.zeros(n, dtype=bool),
-        has_rp=np.zeros(n, dtype=bool),
-        bad_bp=np.zeros(n, dtype=bool),
-        bad_rp=np.zeros(n, dtype=bool),
-    )
-    if rows.size:
-        try:
-            s = sample_xp(sub, wavelengths_nm=wl, covariance=cc.covariance)
-        except KeyError as err:
-            raise InputError(f"{what}: {err.args[0]}") from err
-        for name in ("flux", "flux_error", "covariance", "flux_bp", "flux_rp", "has_bp", "has_rp", "bad_bp", "bad_rp"):
-            getattr(full, name)[rows] = getattr(s, name)
+    step = max(1, min(int(cc.batch_size), MAX_BLOCK))
+
+    def sample_chunk(sl: slice) -> XpSample:
+        """XP samples of gaia rows ``sl`` (NaN / zero weight for stars without an XP row)."""
+        k = sl.stop - sl.start
+        out = XpSample(
+            source_id=ids[sl], wavelengths=wl, flux=np.full((k, N_XP), np.nan), flux_error=np.full((k, N_XP), np.nan),
+            covariance=np.full((k, N_XP, N_XP), np.nan), flux_bp=np.zeros((k, N_XP)), flux_rp=np.zeros((k, N_XP)),
+            has_bp=np.zeros(k, dtype=bool), has_rp=np.zeros(k, dtype=bool), bad_bp=np.zeros(k, dtype=bool),
+            bad_rp=np.zeros(k, dtype=bool),
+        )  # fmt: skip
+        local = np.flatnonzero(has_xp[sl])
+        if local.size:
+            try:
+                smp = sample_xp(xp.take(pa.array(xp_idx[sl][local])), wavelengths_nm=wl, covariance=cc.covariance)
+            except KeyError as err:
+                raise InputError(f"{what}: {err.args[0]}") from err
+            for name in ("flux", "flux_error", "covariance", "flux_bp", "flux_rp", "has_bp", "has_rp", "bad_bp", "bad_rp"):
+                getattr(out, name)[local] = getattr(smp, name)
+        return out
 
     def partner(table: pa.Table | None, cols: list[str]) -> dict | None:
         if table is None:
@@ -409,9 +411,6 @@ def condition_tables(
 
     flags = nir.flags.copy()
     flags[~has_xp] |= np.uint16(ConditionFlag.NO_XP)
-    flags[~full.has_bp] |= np.uint16(ConditionFlag.NO_BP)
-    flags[~full.has_rp] |= np.uint16(ConditionFlag.NO_RP)
-    flags[full.bad_bp | full.bad_rp] |= np.uint16(ConditionFlag.BAD_XP_INPUT)
     plx = _f64(gaia, "parallax")
     flags[~np.isfinite(plx)] |= np.uint16(ConditionFlag.NO_PARALLAX)
 
@@ -419,17 +418,17 @@ def condition_tables(
     out_err = np.empty((n, N_FLUX), np.float32)
     out_fac = np.empty((n, N_FACTOR), np.float32)
     out_nv = np.empty(n, np.int16)
-    step = max(1, int(cc.batch_size))
     for lo in range(0, n, step):
         sl = slice(lo, min(n, lo + step))
-        chunk = XpSample(
-            ids[sl], wl, full.flux[sl], full.flux_error[sl], full.covariance[sl], full.flux_bp[sl],
-            full.flux_rp[sl], full.has_bp[sl], full.has_rp[sl], full.bad_bp[sl], full.bad_rp[sl],
-        )  # fmt: skip
+        chunk = sample_chunk(sl)
         ca = condition_arrays(chunk, nir.flux[sl], nir.variance[sl], floor=cc.eigenvalue_floor)
         out_flux[sl], out_err[sl], out_fac[sl], out_nv[sl] = ca.flux, ca.flux_error, ca.factor, ca.n_valid
-        flags[sl] |= ca.flags
-    del full
+        f = ca.flags
+        f[~chunk.has_bp] |= np.uint16(ConditionFlag.NO_BP)
+        f[~chunk.has_rp] |= np.uint16(ConditionFlag.NO_RP)
+        f[chunk.bad_bp | chunk.bad_rp] |= np.uint16(ConditionFlag.BAD_XP_INPUT)
+        flags[sl] |= f
+        del chunk, ca
 
     def fsl(arr: np.ndarray, size: int) -> pa.Array:
         return pa.FixedSizeListArray.from_arrays(pa.array(arr.reshape(-1)), size)
@@ -446,8 +445,8 @@ def condition_tables(
         chi2 = np.full(n, np.nan)
         dof = np.full(n, np.nan)
         if rows.size:
-            chi2[rows] = _f64(sub, f"{band}_chi_squared")
-            dof[rows] = _f64(sub, f"{band}_degrees_of_freedom")
+            chi2[rows] = _f64(xp, f"{band}_chi_squared")[xp_idx[rows]]
+            dof[rows] = _f64(xp, f"{band}_degrees_of_freedom")[xp_idx[rows]]
         xp_cols[f"{band}_chi_squared"] = f32(chi2)
         xp_cols[f"{band}_degrees_of_freedom"] = pa.array(np.nan_to_num(dof).astype(np.int16), mask=~np.isfinite(dof))
 

@@ -315,16 +315,24 @@ def _tril_pairs(m: int) -> tuple[np.ndarray, np.ndarray]:
     return np.tril_indices(m, k=-1)
 
 
-def _correlation_matrices(packed: np.ndarray, m: int) -> np.ndarray:
-    """(n, m(m-1)/2) packed correlations -> (n, m, m) symmetric with unit diagonal."""
-    n = packed.shape[0]
-    out = np.empty((n, m, m))
+@functools.lru_cache(maxsize=8)
+def _gather_index(m: int) -> np.ndarray:
+    """Index into ``[packed..., 1.0]`` giving the row-major full m x m correlation matrix."""
     i, j = _tril_pairs(m)
-    out[:, i, j] = packed
-    out[:, j, i] = packed
-    d = np.arange(m)
-    out[:, d, d] = 1.0
-    return out
+    n_packed = i.size
+    idx = np.full(m * m, n_packed, dtype=np.intp)  # diagonal -> the appended 1.0
+    idx[i * m + j] = np.arange(n_packed)
+    idx[j * m + i] = np.arange(n_packed)
+    return idx
+
+
+def _correlation_matrices(packed: np.ndarray, m: int) -> np.ndarray:
+    """(n, m(m-1)/2) packed correlations -> (n, m, m) symmetric with unit diagonal (one gather)."""
+    n = packed.shape[0]
+    src = np.empty((n, packed.shape[1] + 1))
+    src[:, :-1] = packed
+    src[:, -1] = 1.0
+    return np.take(src, _gather_index(m), axis=1).reshape(n, m, m)
 
 
 def sample_xp(
@@ -434,10 +442,10 @@ def sample_xp(
             good &= ~np.any(inside & ~np.isfinite(mat), axis=1)
         if err.shape[1]:
             inside = np.arange(err.shape[1])[None, :] < err_len[:, None]
-            good &= ~np.any(inside & (np.nan_to_num(err, nan=1.0) <= 0), axis=1)
+            good &= ~np.any(inside & (err <= 0), axis=1)  # NaN compares False
         if corr.shape[1]:
             inside = np.arange(corr.shape[1])[None, :] < corr_len[:, None]
-            good &= ~np.any(inside & (np.abs(np.nan_to_num(corr)) > 1.0), axis=1)
+            good &= ~np.any(inside & (np.abs(corr) > 1.0), axis=1)
         if covariance == "paper":
             good &= np.isfinite(p["s"]) & (p["s"] > 0)
         ok[band] = good

@@ -1,0 +1,198 @@
+"""Throughput of XP sampling and of the whole conditioning step, against GaiaXPy.
+
+    python benchmarks/conditioning.py [--n 5000] [--n-partition 20000] [--shared ../shared]
+
+Builds N real-data-based sources from the Gaia DR3 spectra in
+``shared/data/gaiaxpy_reference`` (each copy perturbs the coefficients within
+their errors), then in one run:
+
+1. ``gaiaxpy.calibrate(df, sampling=392..992/10, with_correlation=True)`` on a
+   DataFrame with array cells;
+2. ``xpcat.sample_xp`` on the same DataFrame, and on the same rows as an Arrow
+   table (what the raw Parquet gives);
+3. the whole conditioning step (read raw Parquet, sample, NIR, Eq. 2,
+   Eqs. 3-4, write + verify) on one partition of ``--n-partition`` stars, in a
+   child process whose peak RSS is reported.
+
+Prints one JSON object as the last stdout line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import multiprocessing as mp
+import resource
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import machine_info  # noqa: E402
+
+REF_FILES = ["XP_CONTINUOUS_RAW_with_missing_BP.csv", "XP_CONTINUOUS_RAW_colour_eq_dr3int6.csv"]
+ARRAYS = [f"{b}_{k}" for b in ("bp", "rp") for k in ("coefficients", "coefficient_errors", "coefficient_correlations")]
+GRID = np.arange(392, 993, 10)
+
+
+def real_rows(shared: Path) -> pd.DataFrame:
+    d = shared / "data" / "gaiaxpy_reference"
+    df = pd.concat([pd.read_csv(d / f) for f in REF_FILES], ignore_index=True)
+    df = df.drop_duplicates("source_id").reset_index(drop=True)
+    for c in ARRAYS:
+        df[c] = [np.array(v.strip("()").split(","), dtype=float) if isinstance(v, str) else np.nan for v in df[c]]
+    return df
+
+
+def make_sources(real: pd.DataFrame, n: int, seed: int = 0, same_pixel: bool = False) -> pd.DataFrame:
+    """N sources: real rows repeated, coefficients perturbed within their errors, new source_ids."""
+    rng = np.random.default_rng(seed)
+    reps = -(-n // len(real))
+    df = pd.concat([real] * reps, ignore_index=True).iloc[:n].copy()
+    for b in ("bp", "rp"):
+        df[f"{b}_coefficients"] = [
+            c + rng.normal(size=c.size) * e if isinstance(c, np.ndarray) else c
+            for c, e in zip(df[f"{b}_coefficients"], df[f"{b}_coefficient_errors"])
+        ]
+    base = int(real["source_id"].iloc[0]) if same_pixel else 0
+    df["source_id"] = (base + np.arange(n) * 4 if same_pixel else df["source_id"].to_numpy() + np.arange(n) // len(real)).astype(
+        np.int64
+    )
+    return df.reset_index(drop=True)
+
+
+def to_arrow(df: pd.DataFrame) -> pa.Table:
+    from xpcat import catalog_schema as cs
+    from xpcat.catalog_schema.raw import XP_CONTINUOUS
+
+    data = {}
+    for name in XP_CONTINUOUS.names:
+        if name in ARRAYS:
+            data[name] = pa.array([v if isinstance(v, np.ndarray) else None for v in df[name]], pa.list_(pa.float64()))
+        else:
+            data[name] = pa.array(df[name].to_numpy(), from_pandas=True)
+    return cs.conform(pa.table(data), XP_CONTINUOUS)
+
+
+def write_raw_run(run_dir: Path, xp: pa.Table, seed: int = 1) -> None:
+    from xpcat import catalog_schema as cs
+    from xpcat.catalog_schema.raw import GAIA_SOURCE, TMASS, UNWISE
+
+    rng = np.random.default_rng(seed)
+    ids = xp.column("source_id").to_numpy()
+    n = ids.size
+    gaia = cs.conform(
+        pa.table({"source_id": ids, "ra": rng.uniform(0, 360, n), "dec": rng.uniform(-90, 90, n),
+                  "parallax": rng.uniform(0.1, 5, n), "parallax_error": np.full(n, 0.05, np.float32),
+                  "norm_dg": rng.uniform(-30, -3, n).astype(np.float32)}),
+        GAIA_SOURCE,
+    )  # fmt: skip
+    mags = {c: rng.uniform(8, 14, n).astype(np.float32) for c in ("j_m", "h_m", "ks_m", "w1_mag", "w2_mag")}
+    errs = np.full(n, 0.03, np.float32)
+    tmass = cs.conform(
+        pa.table({"source_id": ids, "j_m": mags["j_m"], "j_msigcom": errs, "h_m": mags["h_m"], "h_msigcom": errs,
+                  "ks_m": mags["ks_m"], "ks_msigcom": errs, "ph_qual": pa.array(["AAA"] * n)}),
+        TMASS,
+    )  # fmt: skip
+    unwise = cs.conform(
+        pa.table({"source_id": ids, "w1_mag": mags["w1_mag"], "w1_mag_error": errs, "w2_mag": mags["w2_mag"], "w2_mag_error": errs}),
+        UNWISE,
+    )
+    for name, t in (("gaia_source", gaia), ("xp_continuous_mean_spectrum", xp), ("tmass", tmass), ("unwise", unwise)):
+        (run_dir / "raw" / name).mkdir(parents=True, exist_ok=True)
+        pq.write_table(t, run_dir / "raw" / name / "part-0.parquet", row_group_size=16384)
+
+
+def _condition_child(run_dir: str, queue) -> None:
+    from xpcat.config import config_from_dict
+    from xpcat.production import conditioning
+    from xpcat.production.xp_bases import xp_bases
+
+    xp_bases()  # build (and cache) the GaiaXPy design matrices outside the timing
+    cfg = config_from_dict({"data": {"partition_level": 5}})
+    t0 = time.perf_counter()
+    summary = conditioning.condition_run(Path(run_dir), cfg)
+    dt = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+    queue.put({"seconds": dt, "summary": summary, "peak_rss_gib": peak})
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=5000, help="sources converted by GaiaXPy and xpcat")
+    ap.add_argument("--n-partition", type=int, default=20000, help="stars in the conditioned partition")
+    ap.add_argument("--shared", type=Path, default=Path(__file__).resolve().parents[2] / "shared")
+    args = ap.parse_args(argv)
+
+    warnings.simplefilter("ignore")
+    import gaiaxpy
+
+    import xpcat
+
+    real = real_rows(args.shared)
+    df = make_sources(real, args.n)
+    table = to_arrow(df)
+    xpcat.sample_xp(table.slice(0, 12))  # build the bases once (not timed, as GaiaXPy's import is not)
+
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):
+        gx, _ = gaiaxpy.calibrate(df.copy(), sampling=GRID, with_correlation=True, save_file=False, truncation=False)
+    t_gx = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    s_df = xpcat.sample_xp(df)
+    t_df = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    s_ar = xpcat.sample_xp(table)
+    t_ar = time.perf_counter() - t0
+
+    ok = np.isfinite(s_df.flux)
+    gflux = np.stack(gx["flux"].to_numpy())
+    max_rel = float(np.max(np.abs(s_df.flux[ok] / gflux[ok] - 1)))
+    same = bool(np.array_equal(s_df.flux, s_ar.flux, equal_nan=True))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        part = make_sources(real, args.n_partition, seed=2, same_pixel=True)
+        write_raw_run(Path(tmp), to_arrow(part))
+        del part
+        ctx = mp.get_context("spawn")
+        q = ctx.Queue()
+        proc = ctx.Process(target=_condition_child, args=(tmp, q))
+        proc.start()
+        child = q.get()
+        proc.join()
+    cond = child["summary"]
+    result = {
+        "benchmark": "conditioning",
+        "machine": machine_info(),
+        "n_sources": args.n,
+        "gaiaxpy_version": gaiaxpy.__version__,
+        "gaiaxpy_sources_per_s": round(args.n / t_gx, 1),
+        "xpcat_sample_sources_per_s": round(args.n / t_df, 1),
+        "xpcat_sample_arrow_sources_per_s": round(args.n / t_ar, 1),
+        "ratio_vs_gaiaxpy": round(t_gx / t_df, 2),
+        "ratio_vs_gaiaxpy_arrow": round(t_gx / t_ar, 2),
+        "max_rel_flux_diff_vs_gaiaxpy": max_rel,
+        "arrow_equals_dataframe": same,
+        "n_partition": args.n_partition,
+        "conditioning_sources_per_s": round(cond["stars"] / child["seconds"], 1),
+        "conditioning_seconds": round(child["seconds"], 2),
+        "partitions": cond["partitions_written"],
+        "peak_rss_gib": round(child["peak_rss_gib"], 3),
+        "bytes_per_star": round(cond["bytes_per_star"], 1),
+    }
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
