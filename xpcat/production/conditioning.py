@@ -647,6 +647,9 @@ def _write_partition(
     if ids.size and (ids.min() < lo or ids.max() >= hi):
         raise InputError(f"partition {name}: gaia_source rows outside its source_id range [{lo}, {hi})")
     table = condition_tables(gaia, tables["xp_continuous_mean_spectrum"], tables.get("tmass"), tables.get("unwise"), config, what=f"partition {name}")
+    del gaia
+    if isinstance(tables, dict):
+        tables.clear()  # the raw rows are no longer needed: free them before writing
     meta = conditioning_metadata(config)
     meta["partition"] = {"name": name, "level": level, "pix": pix, "source_id_lo": lo, "source_id_hi": hi}
     table = cs.with_metadata(table, meta)
