@@ -155,28 +155,41 @@ def java_float_strings(values: pa.Array | pa.ChunkedArray) -> pa.StringArray:
     """
     values = _combine(values)
     base = pc.cast(values, pa.string())
-    no_point = pc.invert(pc.match_substring_regex(base, r"[.eEni]"))
-    text = pc.if_else(pc.fill_null(no_point, False), pc.binary_join_element_wise(base, ".0", ""), base)
     arr = values.to_numpy(zero_copy_only=False)
     with np.errstate(invalid="ignore"):
         mag = np.abs(arr)
         special = ~np.isfinite(arr) | (((mag < 1e-3) & (mag > 0)) | (mag >= 1e7))
+        integral = (arr == np.trunc(arr)) & ~special  # Arrow writes these without a point: 1 -> 1.0
     special &= ~values.is_null().to_numpy(zero_copy_only=False)
+    text = base
+    if integral.any():
+        text = pc.if_else(pa.array(integral), pc.binary_join_element_wise(base, ".0", ""), base)
+    if not special.any():
+        return text
     idx = np.flatnonzero(special)
-    if idx.size:
-        out = []
-        for x in arr[idx]:
-            if np.isnan(x):
-                out.append("NaN")
-            elif np.isinf(x):
-                out.append("Infinity" if x > 0 else "-Infinity")
-            else:
-                mant, exp = np.format_float_scientific(x, unique=True).split("e")
-                if mant.endswith("."):
-                    mant += "0"
-                out.append(f"{mant}E{int(exp)}")
-        text = pc.replace_with_mask(text, pa.array(special), pa.array(out, pa.string()))
-    return text
+    sub = base.take(pa.array(idx))
+    # 1e-6 <= |x| < 1e-3: Arrow writes 0.000ddd .. 0.00000ddd
+    for zeros in (3, 4, 5):
+        sub = pc.replace_substring_regex(sub, pattern=rf"^(-?)0\.0{{{zeros}}}([1-9])(\d*)$",
+                                         replacement=rf"\1\2.\3E-{zeros + 1}")
+    # Arrow's own exponent form (|x| < 1e-6 or >= 1e21): 4.47e-7, 1e-7, 1e+22
+    sub = pc.replace_substring_regex(sub, pattern=r"^(-?\d)e", replacement=r"\1.0e")
+    sub = pc.replace_substring_regex(sub, pattern=r"e\+?0*(\d+)$", replacement=r"E\1")
+    sub = pc.replace_substring_regex(sub, pattern=r"e-0*(\d+)$", replacement=r"E-\1")
+    sub = pc.replace_substring_regex(sub, pattern=r"\.E", replacement=".0E")
+    out = sub.to_numpy(zero_copy_only=False).astype(object)
+    # what is left (1e7 <= |x| < 1e21 in fixed form, NaN, infinities) is rare: one by one
+    rest = np.flatnonzero(~pc.match_substring(sub, "E").to_numpy(zero_copy_only=False))
+    for j in rest:
+        x = arr[idx[j]]
+        if np.isnan(x):
+            out[j] = "NaN"
+        elif np.isinf(x):
+            out[j] = "Infinity" if x > 0 else "-Infinity"
+        else:
+            mant, exp = np.format_float_scientific(x, unique=True).split("e")
+            out[j] = f"{mant}0E{int(exp)}" if mant.endswith(".") else f"{mant}E{int(exp)}"
+    return pc.replace_with_mask(text, pa.array(special), pa.array(out.tolist(), pa.string()))
 
 
 def format_array_strings(values: pa.Array | pa.ChunkedArray, brackets: str = "()") -> pa.StringArray:

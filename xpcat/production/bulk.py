@@ -187,10 +187,12 @@ def iter_bulk_file(path: str | os.PathLike, *, block_size: int = 1 << 24):
         for batch in reader:
             text = pa.Table.from_batches([batch])
             rows, bad = conform_rows(text, schema, what=str(path))
-            n_skipped += len(invalid)
-            report = [_bad_dict(b, first_data_line + n_read + n_skipped) for b in bad]
+            start = first_data_line + n_read + n_skipped  # file line of this block's first row
+            skipped_here = sorted(r["line"] for r in invalid if r["line"] is not None)
+            report = [_bad_dict(b, _line_of(start + b.index, skipped_here)) for b in bad]
             if invalid:
-                report = invalid + report
+                report = sorted(invalid + report, key=lambda r: r["line"] or 0)
+                n_skipped += len(invalid)
                 invalid = []
             n_read += text.num_rows
             if table == "gaia_source":
@@ -205,8 +207,16 @@ def iter_bulk_file(path: str | os.PathLike, *, block_size: int = 1 << 24):
         yield table, schema.empty_table(), invalid
 
 
-def _bad_dict(b: BadRow, first_line: int) -> dict:
-    return {"line": first_line + b.index, "column": b.column, "reason": b.reason, "source_id": b.source_id}
+def _line_of(line: int, skipped: list[int]) -> int:
+    """File line of a kept row, given the lines of the rows skipped in its block (sorted)."""
+    for s in skipped:
+        if s <= line:
+            line += 1
+    return line
+
+
+def _bad_dict(b: BadRow, line: int) -> dict:
+    return {"line": line, "column": b.column, "reason": b.reason, "source_id": b.source_id}
 
 
 @dataclass
