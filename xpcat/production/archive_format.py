@@ -408,6 +408,8 @@ def astropy_to_arrow(table: "Table") -> pa.Table:
             raise ValueError(f"column {name!r} has shape {data.shape}; only scalar columns are supported")
         if data.dtype.kind == "S":
             data = np.char.decode(data, "utf-8")
+        if data.dtype.byteorder not in ("=", "|"):  # FITS is big-endian
+            data = data.astype(data.dtype.newbyteorder("="))
         if data.dtype.kind == "O":
             values = [None if m else (v.decode() if isinstance(v, bytes) else v) for v, m in zip(data, mask)]
             arrays.append(pa.array(values))
