@@ -208,6 +208,10 @@ def test_real_spectra_conditioning_chi2(ref_df):
     nir_v = np.full((n, 5), np.inf)
     nir_f[:, 0], nir_v[:, 0] = 1e-16, (1e-18) ** 2
     ca = C.condition_arrays(s, nir_f, nir_v)
+    # faint real sources have blue fluxes <= 0: kept, with the NONPOSITIVE_FLUX flag
+    nonpos = np.any(np.nan_to_num(s.flux, nan=1.0) <= 0, axis=1)
+    assert nonpos.any()
+    np.testing.assert_array_equal((ca.flags & ConditionFlag.NONPOSITIVE_FLUX) > 0, nonpos)
     unit = cs.FLUX_UNIT_W_M2_NM
     cov = C.inflate_covariance(s.covariance / unit**2, s.flux / unit, s.flux_bp / unit, s.flux_rp / unit)
     rng = np.random.default_rng(3)

@@ -35,7 +35,7 @@ import pyarrow as pa
 from .. import catalog_schema as cs
 from ..catalog_schema.conditioned import CONDITIONED, FLUX_UNIT_W_M2_NM, N_FACTOR, N_FLUX, N_XP, NIR_BANDS, NIR_WAVELENGTHS_UM
 from ..catalog_schema.flags import ConditionFlag
-from ..catalog_schema.raw import GAIA_SOURCE, REQUIRED_RAW_TABLES, TMASS, UNWISE, XP_CONTINUOUS
+from ..catalog_schema.raw import REQUIRED_RAW_TABLES
 from ..config import RunConfig
 from ..errors import InputError, StageError
 from . import partitions as parts
@@ -72,12 +72,6 @@ MAX_BLOCK = 2048
 
 #: Raw tables read by this stage.
 _STAGE_TABLES = ("gaia_source", "xp_continuous_mean_spectrum", "tmass", "unwise")
-_RAW_SCHEMAS = {
-    "gaia_source": GAIA_SOURCE,
-    "xp_continuous_mean_spectrum": XP_CONTINUOUS,
-    "tmass": TMASS,
-    "unwise": UNWISE,
-}
 #: Columns read from the optional tables.
 _TMASS_COLS = ["source_id", "j_m", "j_msigcom", "h_m", "h_msigcom", "ks_m", "ks_msigcom", "ph_qual", "ext_key"]
 _UNWISE_COLS = ["source_id", "w1_mag", "w1_mag_error", "w2_mag", "w2_mag_error"]
