@@ -108,9 +108,9 @@ def demo(workdir: Path, stars: int | None, seed: int | None, config_path: str | 
     """Run the whole chain on a built-in synthetic Gaia universe (the embedded default)."""
     cfg = load_config(config_path)
     _writable_dir(workdir)
-    from .production.demo import run_demo
+    from .production.demo import format_summary, run_demo
 
-    run_demo(workdir, cfg, n_stars=stars, seed=seed)
+    click.echo(format_summary(run_demo(workdir, cfg, n_stars=stars, seed=seed)))
 
 
 @cli.command()
