@@ -14,40 +14,14 @@ from _archive_universe import make_universe, read_fetched
 from xpcat.catalog_schema.raw import GAIA_SOURCE, XP_CONTINUOUS
 from xpcat.config import RunConfig, config_from_dict, config_to_dict, write_config
 from xpcat.errors import InputError
-from xpcat.production.archive_format import java_float_strings
-from xpcat.production.bulk import ingest_files, iter_bulk_file, read_ecsv_header
+from xpcat.production.bulk import bulk_lines, ingest_files, iter_bulk_file, read_ecsv_header, write_bulk_file
 from xpcat.production.partitions import is_done, partition_of
 
 LEVEL = 2
-_ECSV_TYPES = {pa.int64(): "int64", pa.int32(): "int32", pa.int16(): "int16", pa.float32(): "float32",
-               pa.float64(): "float64", pa.bool_(): "bool", pa.string(): "string"}
-
-
-def bulk_lines(table: pa.Table) -> tuple[list[str], list[str]]:
-    """(header lines, data lines) of a Gaia DR3 bulk ECSV file: arrays "[a,b,...]", nulls 'null'."""
-    header = ["# %ECSV 1.0", "# ---", "# delimiter: ','", "# datatype:"]
-    cols = []
-    for f in table.schema:
-        if pa.types.is_list(f.type):
-            header += [f"# - {{name: {f.name}, datatype: string, subtype: 'float64[null]'}}"]
-            arr = table.column(f.name).combine_chunks()
-            txt = pa.ListArray.from_arrays(arr.offsets, java_float_strings(arr.values), mask=arr.is_null())
-            col = pc.binary_join_element_wise('"[', pc.binary_join(txt, ","), ']"', "")
-        else:
-            header += [f"# - {{name: {f.name}, datatype: {_ECSV_TYPES[f.type]}}}"]
-            arr = table.column(f.name).combine_chunks()
-            if pa.types.is_floating(f.type):
-                col = java_float_strings(arr)
-            elif pa.types.is_boolean(f.type):
-                col = pc.if_else(arr, "True", "False")
-            else:
-                col = pc.cast(arr, pa.string())
-        cols.append(pc.fill_null(col, "null"))
-    header.append(",".join(table.column_names))
-    return header, pc.binary_join_element_wise(*cols, ",").to_pylist()
-
-
 def write_bulk(path, table: pa.Table, lines: list[str] | None = None, truncate: bool = False):
+    if lines is None and not truncate:
+        write_bulk_file(table, path)
+        return
     header, data = bulk_lines(table)
     text = "\n".join(header + (data if lines is None else lines)) + "\n"
     raw = gzip.compress(text.encode(), compresslevel=1) if str(path).endswith(".gz") else text.encode()

@@ -45,10 +45,11 @@ from ..catalog_schema.raw import GAIA_SOURCE, XP_CONTINUOUS
 from ..config import read_run_config
 from ..errors import InputError
 from ..progress import progress
-from .archive_format import BadRow, conform_rows
+from .archive_format import BadRow, conform_rows, java_float_strings
 from .partitions import atomic_write_parquet, is_done, partition_name, partition_of, read_table
 
-__all__ = ["BULK_TABLES", "read_ecsv_header", "iter_bulk_file", "ingest_files", "BulkFileResult"]
+__all__ = ["BULK_TABLES", "read_ecsv_header", "iter_bulk_file", "ingest_files", "BulkFileResult", "bulk_lines",
+           "write_bulk_file"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,64 @@ logger = logging.getLogger(__name__)
 BULK_TABLES = {"XpContinuousMeanSpectrum": "xp_continuous_mean_spectrum", "GaiaSource": "gaia_source"}
 _SCHEMAS = {"xp_continuous_mean_spectrum": XP_CONTINUOUS, "gaia_source": GAIA_SOURCE}
 _MAX_REPORTED = 50
+
+
+_ECSV_TYPES = {pa.int64(): "int64", pa.int32(): "int32", pa.int16(): "int16", pa.float32(): "float32",
+               pa.float64(): "float64", pa.bool_(): "bool", pa.string(): "string"}
+
+
+def bulk_lines(table: pa.Table) -> tuple[list[str], list[str]]:
+    """A raw table as the lines of a Gaia DR3 bulk file.
+
+    Parameters
+    ----------
+    table : pyarrow.Table
+        Scalar columns of the raw schemas' types and ``list<double>`` arrays.
+
+    Returns
+    -------
+    (header, data) : (list of str, list of str)
+        The ECSV ``#`` header plus the column-name row, and one line per row:
+        floats as the archive writes them, booleans ``True``/``False``,
+        arrays ``"[a,b,...]"``, missing values ``null``.
+    """
+    header = ["# %ECSV 1.0", "# ---", "# delimiter: ','", "# datatype:"]
+    cols = []
+    for f in table.schema:
+        arr = table.column(f.name).combine_chunks()
+        if pa.types.is_list(f.type):
+            header.append(f"# - {{name: {f.name}, datatype: string, subtype: 'float64[null]'}}")
+            txt = pa.ListArray.from_arrays(arr.offsets, java_float_strings(arr.values), mask=arr.is_null())
+            col = pc.binary_join_element_wise('"[', pc.binary_join(txt, ","), ']"', "")
+        else:
+            header.append(f"# - {{name: {f.name}, datatype: {_ECSV_TYPES.get(f.type, 'string')}}}")
+            if pa.types.is_floating(f.type):
+                col = java_float_strings(arr)
+            elif pa.types.is_boolean(f.type):
+                col = pc.if_else(arr, "True", "False")
+            else:
+                col = pc.cast(arr, pa.string())
+        cols.append(pc.fill_null(col, "null"))
+    header.append(",".join(table.column_names))
+    return header, (pc.binary_join_element_wise(*cols, ",").to_pylist() if table.num_rows else [])
+
+
+def write_bulk_file(table: pa.Table, path: str | os.PathLike, *, compresslevel: int = 6) -> Path:
+    """Write a raw table as a Gaia DR3 bulk file (gzipped ECSV when ``path`` ends in ``.gz``).
+
+    The inverse of :func:`iter_bulk_file`, for exports and tests.
+
+    Returns
+    -------
+    Path
+    """
+    import gzip
+
+    path = Path(path)
+    header, data = bulk_lines(table)
+    text = ("\n".join(header + data) + "\n").encode()
+    path.write_bytes(gzip.compress(text, compresslevel=compresslevel) if path.name.endswith(".gz") else text)
+    return path
 
 
 def _is_gzip(path: Path) -> bool:
