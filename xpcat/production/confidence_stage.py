@@ -45,6 +45,7 @@ __all__ = [
     "read_conditioned",
     "fit_stars",
     "training_set",
+    "holdout_mask",
     "train_confidence_run",
 ]
 
@@ -218,6 +219,27 @@ def training_set(
     return features, labels, basic
 
 
+def holdout_mask(source_id: np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:
+    """Stars held out for the ROC AUC: a stable hash of (source_id, seed) below ``fraction``.
+
+    Parameters
+    ----------
+    source_id : (n,) int64
+    fraction : float in [0, 1)
+    seed : int
+
+    Returns
+    -------
+    (n,) bool; the same star is held out in every run with the same seed.
+    """
+    x = (np.asarray(source_id, dtype=np.int64).view(np.uint64) ^ np.uint64(seed * 0x9E3779B97F4A7C15 % 2**64))
+    with np.errstate(over="ignore"):  # splitmix64 finaliser
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    return (x >> np.uint64(11)).astype(np.float64) / float(2**53) < fraction
+
+
 def _validation_mask(source_id: np.ndarray, config: RunConfig, artifact: Any) -> np.ndarray | None:
     """Which labelled stars the model did not train on, if the training stage says so (else None)."""
     ids = artifact.data_summary.get("validation_source_ids") if isinstance(artifact.data_summary, dict) else None
@@ -294,7 +316,8 @@ def train_confidence_run(run_dir: Path, config: RunConfig, *, model_dir: Path | 
     settings = C.ClassifierSettings.from_config(config.confidence)
     try:
         clf, report = C.train_confidence_classifiers(
-            features[keep], {p: y[keep] for p, y in ylab.items()}, settings, seed=config.run.seed
+            features[keep], {p: y[keep] for p, y in ylab.items()}, settings, seed=config.run.seed,
+            holdout=holdout_mask(cond["source_id"][keep], settings.holdout_fraction, config.run.seed),
         )
     except C.TooFewLabelsError as err:
         raise StageError(f"{err} (of {int(keep.sum())} labelled stars passing the basic cut)") from err
