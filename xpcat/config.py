@@ -246,6 +246,18 @@ class TrainingConfig(_Section):
     validation_fraction: float = _f(0.2, "Fraction of labelled stars held out (stable hash of source_id).", min=0.0, max=0.9)
     teff_switch: float = _f(7000.0, "Teff [K] above which Hot Payne labels replace LAMOST.", min=0.0)
     gmm_components: int = _f(16, "Components of the Gaussian-mixture type prior.", min=1)
+    model_lr: tuple[float, ...] = _f((1e-3, 1e-5, 1e-7), "Initial model learning rates of phases 1, 2 and 5.", min=0.0)
+    star_lr: tuple[float, ...] = _f((1e-4, 1e-4, 1e-5), "Initial star learning rates of phases 2, 3 and 5.", min=0.0)
+    phase6_lr: float = _f(1e-2, "Phase 6: initial Adam learning rate of the star refinement.", min=0.0)
+    model_optimizer: Literal["sgd", "adam"] = _f(
+        "sgd", "Model steps: 'sgd' (momentum model_momentum, the paper) or 'adam'.", choices=("sgd", "adam"))
+    star_optimizer: Literal["sgd", "adam"] = _f(
+        "sgd", "Star steps of phases 2, 3, 5: 'sgd' without momentum (the paper) or per-star 'adam'.",
+        choices=("sgd", "adam"))
+    model_momentum: float = _f(0.5, "SGD momentum of the model steps.", min=0.0, max=1.0)
+    grad_clip: float = _f(0.0, "Clip the model gradient to this global norm (0 = off, the paper).", min=0.0)
+    max_star_step: float = _f(0.5, "Longest star update (kK, dex, ln plx, ln E units) of one SGD step.", min=0.0)
+    init_steps: int = _f(2000, "Full-batch Adam steps of the ln-flux least-squares warm start before phase 1.", min=0)
 
 
 @dataclass(frozen=True)
@@ -341,9 +353,13 @@ class RunConfig:
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "training": {
         "quick": {
-            "epochs": 24,
-            "lr_drop_epochs": (12, 18, 21),
-            "phase3_steps": 64,
+            "epochs": 40,
+            "lr_drop_epochs": (25, 35),
+            "model_optimizer": "adam",
+            "star_optimizer": "adam",
+            "model_lr": (1e-3, 3e-4, 1e-4),
+            "star_lr": (3e-3, 3e-3, 1e-3),
+            "phase3_steps": 128,
             "phase6_steps": 256,
             "phase6_halve_every": 64,
         }

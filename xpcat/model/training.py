@@ -1,0 +1,357 @@
+"""Training losses and jitted steps of Sec. 3.2 (Eqs. 12-14).
+
+The phases, self-cleaning and checkpoints of Table 1 are in
+:mod:`xpcat.model.training_phases`; this module holds the data container,
+the losses and the compiled steps they use.
+
+Star variables
+--------------
+Each training star has variables ``(Theta, ln plx, ln E)``. **[resolved]**
+The star steps act on Theta in the catalog's units (Teff in kK, [Fe/H] and
+logg in dex), so one learning rate is meaningful for all three; the forward
+model is always called with Teff in K. The star objective of a batch is the
+batch *mean* of the per-star losses (Eqs. 13-14), as when one loss tensor is
+reduced and differentiated; so the effective per-star step is lr / batch_size.
+Each star update is also limited to a maximum length (``max_star_step`` in the
+internal units) so that one very bright star cannot diverge; this only acts on
+steps that would otherwise overshoot.
+
+Losses
+------
+- model (Eq. 12): mean over the batch of chi^2_f + ||W||^2 / n_W;
+- star (Eqs. 13-14): chi^2_f + ((plx - plx_obs)/s_plx)^2 + ((E - E_obs)/s_E)^2
+  + sum_i ((Theta_i - Theta_obs,i)/s_i)^2 - 2 ln plx - 2 ln E,
+
+with chi^2_f = |U (f_pred - f_obs)|^2 and U the conditioned upper-triangular
+factor (zero rows and columns for missing fluxes).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass, fields
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ..errors import InputError
+from .forward import N_OUT, predict_flux, weight_l2
+
+__all__ = [
+    "THETA_UNIT",
+    "TrainingData",
+    "StarState",
+    "TrainingDataError",
+    "chi2_flux",
+    "star_loss",
+    "model_loss",
+    "initial_stars",
+    "init_star_opt",
+    "make_epoch_fn",
+    "make_star_fit_fn",
+    "batch_diagnostics",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Scale from the star-variable units (kK, dex, dex) to the model's (K, dex, dex).
+THETA_UNIT = np.array([1000.0, 1.0, 1.0])
+#: Floor on the starting reddening (E = 0 has no logarithm), mag.
+E_FLOOR = 1e-3
+
+_IU = np.triu_indices(N_OUT)
+
+
+class TrainingDataError(InputError):
+    """Training arrays of the wrong shape or with unusable values, named in the message."""
+
+
+@dataclass
+class TrainingData:
+    """Arrays of the training stars (numpy; moved to the device by the phases).
+
+    Attributes
+    ----------
+    source_id : (n,) int64
+    flux : (n, 66) float32, internal flux unit (missing fluxes: any finite value, they carry no weight)
+    flux_error : (n, 66) float32, sqrt of the covariance diagonal (inf where missing)
+    factor_triu : (n, 2211) float32, packed upper-triangular U with U^T U = C^-1
+    theta_obs, theta_err : (n, 3) float32, Teff [K], [Fe/H], logg and their errors
+    plx_obs, plx_err : (n,) float32, Gaia parallax and error [mas]
+    e_obs, e_err : (n,) float32, reddening prior and error [mag]
+    hq : (n,) bool, the HQ cut of Eq. 15
+    """
+
+    source_id: np.ndarray
+    flux: np.ndarray
+    flux_error: np.ndarray
+    factor_triu: np.ndarray
+    theta_obs: np.ndarray
+    theta_err: np.ndarray
+    plx_obs: np.ndarray
+    plx_err: np.ndarray
+    e_obs: np.ndarray
+    e_err: np.ndarray
+    hq: np.ndarray
+
+    def __post_init__(self) -> None:
+        n = np.shape(self.source_id)[0]
+        want = {"flux": (n, N_OUT), "flux_error": (n, N_OUT), "factor_triu": (n, len(_IU[0])),
+                "theta_obs": (n, 3), "theta_err": (n, 3)}
+        for f in fields(self):
+            a = np.asarray(getattr(self, f.name))
+            shape = want.get(f.name, (n,))
+            if a.shape != shape:
+                raise TrainingDataError(f"training array {f.name!r} has shape {a.shape}, expected {shape}")
+        self.flux = np.where(np.isfinite(self.flux), self.flux, 0.0).astype(np.float32)
+        checks = {
+            "theta_err": self.theta_err, "plx_err": self.plx_err, "e_err": self.e_err,
+        }
+        for name, a in checks.items():
+            bad = ~(np.isfinite(a) & (a > 0))
+            if bad.any():
+                i = int(np.flatnonzero(bad.reshape(n, -1).any(axis=1))[0])
+                raise TrainingDataError(f"{int(bad.reshape(n, -1).any(axis=1).sum())} training stars have "
+                                        f"non-positive or non-finite {name} (first: source_id "
+                                        f"{int(self.source_id[i])}); drop them before training")
+        for name in ("theta_obs", "plx_obs", "e_obs", "factor_triu"):
+            a = np.asarray(getattr(self, name))
+            bad = ~np.isfinite(a).reshape(n, -1).all(axis=1)
+            if bad.any():
+                i = int(np.flatnonzero(bad)[0])
+                raise TrainingDataError(f"{int(bad.sum())} training stars have non-finite {name} "
+                                        f"(first: source_id {int(self.source_id[i])})")
+        if np.any(self.plx_obs <= 0):
+            i = int(np.flatnonzero(self.plx_obs <= 0)[0])
+            raise TrainingDataError(f"{int((self.plx_obs <= 0).sum())} training stars have parallax <= 0 "
+                                    f"(first: source_id {int(self.source_id[i])}); the Sec. 2.5 cut "
+                                    "parallax_over_error > 3 removes them")
+
+    @property
+    def n(self) -> int:
+        """Number of stars."""
+        return int(np.shape(self.source_id)[0])
+
+    def subset(self, idx: np.ndarray) -> TrainingData:
+        """The stars at integer or boolean index ``idx``."""
+        return TrainingData(**{f.name: np.asarray(getattr(self, f.name))[idx] for f in fields(self)})
+
+    def device_arrays(self, dtype: Any = jnp.float32) -> dict[str, jax.Array]:
+        """The per-star observables as device arrays (Theta in star units: kK, dex, dex).
+
+        ``factor`` is the dense (n, 66, 66) upper-triangular U (4 n 66^2 bytes in float32).
+        """
+        unit = THETA_UNIT.astype(np.float64)
+        factor = np.zeros((self.n, N_OUT, N_OUT), dtype=np.dtype(dtype))
+        factor[:, _IU[0], _IU[1]] = self.factor_triu  # dense U: a batched mat-vec beats unpacking per step
+        return {
+            "flux": jnp.asarray(self.flux, dtype),
+            "factor": jnp.asarray(factor),
+            "th_obs": jnp.asarray(self.theta_obs / unit, dtype),
+            "th_err": jnp.asarray(self.theta_err / unit, dtype),
+            "plx_obs": jnp.asarray(self.plx_obs, dtype),
+            "plx_err": jnp.asarray(self.plx_err, dtype),
+            "e_obs": jnp.asarray(self.e_obs, dtype),
+            "e_err": jnp.asarray(self.e_err, dtype),
+        }
+
+
+# the star state is a dict {"theta": (n, 3) kK/dex/dex, "ln_plx": (n,), "ln_e": (n,)}
+StarState = dict[str, jax.Array]
+
+
+def initial_stars(data: TrainingData, dtype: Any = jnp.float32) -> StarState:
+    """Stars at their observed values (E floored at :data:`E_FLOOR`)."""
+    return {
+        "theta": jnp.asarray(data.theta_obs / THETA_UNIT, dtype),
+        "ln_plx": jnp.asarray(np.log(data.plx_obs), dtype),
+        "ln_e": jnp.asarray(np.log(np.maximum(data.e_obs, E_FLOOR)), dtype),
+    }
+
+
+def chi2_flux(params, scaler, activation: str, star: dict, obs: dict) -> jax.Array:
+    """chi^2_f of one star: |U (f_pred - f_obs)|^2 (Theta of ``star`` in kK, dex, dex)."""
+    theta = star["theta"] * jnp.asarray(THETA_UNIT, star["theta"].dtype)
+    f = predict_flux(params, scaler, theta, star["ln_plx"], star["ln_e"], activation)
+    r = obs["factor"] @ (f - obs["flux"])
+    return jnp.sum(r * r)
+
+
+def star_loss(params, scaler, activation: str, star: dict, obs: dict) -> jax.Array:
+    """Per-star loss of Eqs. 13-14 (scalar)."""
+    chi2 = chi2_flux(params, scaler, activation, star, obs)
+    plx = jnp.exp(star["ln_plx"])
+    e = jnp.exp(star["ln_e"])
+    prior = (((plx - obs["plx_obs"]) / obs["plx_err"]) ** 2 + ((e - obs["e_obs"]) / obs["e_err"]) ** 2
+             + jnp.sum(((star["theta"] - obs["th_obs"]) / obs["th_err"]) ** 2))
+    return chi2 + prior - 2.0 * star["ln_plx"] - 2.0 * star["ln_e"]
+
+
+def _batch_chi2(params, scaler, activation, stars, obs):
+    return jax.vmap(lambda s, o: chi2_flux(params, scaler, activation, s, o))(stars, obs)
+
+
+def _batch_star_loss(params, scaler, activation, stars, obs):
+    return jax.vmap(lambda s, o: star_loss(params, scaler, activation, s, o))(stars, obs)
+
+
+def model_loss(params, scaler, activation: str, stars: dict, obs: dict, weight: jax.Array) -> jax.Array:
+    """Eq. 12: weighted mean of chi^2_f over the batch + ||W||^2 / n_W (``weight`` masks padding)."""
+    chi2 = _batch_chi2(params, scaler, activation, stars, obs)
+    return jnp.sum(weight * chi2) / jnp.maximum(jnp.sum(weight), 1.0) + weight_l2(params)
+
+
+def _take(tree: dict, idx: jax.Array) -> dict:
+    return jax.tree_util.tree_map(lambda a: a[idx], tree)
+
+
+def _clip_star_step(step: dict, max_step: float) -> dict:
+    """Limit each star's update to length ``max_step`` (in kK / dex / ln units)."""
+    sq = jnp.sum(step["theta"] ** 2, axis=-1) + step["ln_plx"] ** 2 + step["ln_e"] ** 2
+    scale = jnp.minimum(1.0, max_step / jnp.sqrt(jnp.maximum(sq, 1e-30)))
+    return {"theta": step["theta"] * scale[:, None], "ln_plx": step["ln_plx"] * scale, "ln_e": step["ln_e"] * scale}
+
+
+def init_star_opt(stars: StarState) -> dict:
+    """Per-star Adam moments and step counts (used when ``star_optimizer = "adam"``)."""
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, stars)
+    return {"m": zeros, "v": jax.tree_util.tree_map(jnp.zeros_like, stars),
+            "t": jnp.zeros(stars["ln_plx"].shape, jnp.int32)}
+
+
+def _star_adam(g: dict, opt_b: dict, lr, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8):
+    """One Adam step for a batch of stars with per-star step counts; returns (step, new moments)."""
+    t = opt_b["t"] + 1
+    m = jax.tree_util.tree_map(lambda m_, g_: b1 * m_ + (1 - b1) * g_, opt_b["m"], g)
+    v = jax.tree_util.tree_map(lambda v_, g_: b2 * v_ + (1 - b2) * g_ * g_, opt_b["v"], g)
+    tf = t.astype(g["ln_plx"].dtype)
+    c1, c2 = 1 - b1 ** tf, 1 - b2 ** tf
+
+    def upd(m_, v_):
+        shape = (-1,) + (1,) * (m_.ndim - 1)
+        return -lr * (m_ / c1.reshape(shape)) / (jnp.sqrt(v_ / c2.reshape(shape)) + eps)
+
+    return jax.tree_util.tree_map(upd, m, v), {"m": m, "v": v, "t": t}
+
+
+def make_epoch_fn(activation: str, model_tx: optax.GradientTransformation | None, update_stars: bool,
+                  batch_size: int, max_star_step: float, star_optimizer: str = "sgd"):
+    """A jitted function running one epoch of model and/or star steps.
+
+    ``epoch(params, opt_state, stars, star_opt, obs, scaler, batches, weights, star_lr)``
+    with ``batches`` (n_batches, batch_size) int32 star indices and
+    ``weights`` (n_batches, batch_size) 1 for real entries, 0 for padding.
+    Each step: the model step on the batch (if ``model_tx``), then the
+    batch's star step with the updated model (if ``update_stars``): SGD
+    without momentum (the paper) or per-star Adam (``star_optimizer="adam"``,
+    moments in ``star_opt`` from :func:`init_star_opt`). A step whose loss is
+    not finite is skipped (state unchanged) and reported in the returned
+    ``finite`` flags, so the caller can stop and name it.
+
+    Returns ``(params, opt_state, stars, star_opt, losses (n_batches, 2), finite (n_batches,))``
+    where ``losses[:, 0]`` is the model loss and ``losses[:, 1]`` the mean star loss.
+    """
+
+    def step(carry, inp):
+        params, opt_state, stars, star_opt, scaler, obs, star_lr = carry
+        idx, w = inp
+        s_b, o_b = _take(stars, idx), _take(obs, idx)
+        ok = jnp.array(True)
+        if model_tx is not None:
+            lm, g = jax.value_and_grad(model_loss)(params, scaler, activation, s_b, o_b, w)
+            upd, new_opt = model_tx.update(g, opt_state, params)
+            new_params = optax.apply_updates(params, upd)
+            ok = jnp.isfinite(lm) & _all_finite(g)
+            params = jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new_params, params)
+            opt_state = jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new_opt, opt_state)
+        else:
+            lm = jnp.sum(w * _batch_chi2(params, scaler, activation, s_b, o_b)) / jnp.maximum(jnp.sum(w), 1.0)
+        if update_stars:
+            def obj(sb):
+                return jnp.sum(w * _batch_star_loss(params, scaler, activation, sb, o_b)) / batch_size
+            ls, gs = jax.value_and_grad(obj)(s_b)
+            sok = jnp.isfinite(ls) & _all_finite(gs)
+            ok = ok & sok
+            real = (w > 0) & sok
+            # padding entries point at star 0 with weight 0: their step is masked out of the scatter
+            if star_optimizer == "adam":
+                opt_b = _take(star_opt, idx)
+                stepv, new_b = _star_adam(gs, opt_b, star_lr)
+                star_opt = jax.tree_util.tree_map(
+                    lambda a, new, old: a.at[idx].add(_bmask(real, new - old).astype(a.dtype)), star_opt, new_b, opt_b)
+            else:
+                stepv = jax.tree_util.tree_map(lambda g: -star_lr * g, gs)
+            stepv = _clip_star_step(stepv, max_star_step)
+            stars = jax.tree_util.tree_map(lambda a, d: a.at[idx].add(_bmask(real, d).astype(a.dtype)), stars, stepv)
+            ls = ls * batch_size / jnp.maximum(jnp.sum(w), 1.0)
+        else:
+            ls = jnp.nan
+        return (params, opt_state, stars, star_opt, scaler, obs, star_lr), (jnp.stack([lm, jnp.asarray(ls, lm.dtype)]), ok)
+
+    @jax.jit
+    def epoch(params, opt_state, stars, star_opt, obs, scaler, batches, weights, star_lr):
+        carry = (params, opt_state, stars, star_opt, scaler, obs, star_lr)
+        (params, opt_state, stars, star_opt, _, _, _), (losses, ok) = jax.lax.scan(step, carry, (batches, weights))
+        return params, opt_state, stars, star_opt, losses, ok
+
+    return epoch
+
+
+def _all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]))
+
+
+def _bmask(mask: jax.Array, x: jax.Array) -> jax.Array:
+    return jnp.where(mask.reshape((-1,) + (1,) * (x.ndim - 1)), x, jnp.zeros_like(x))
+
+
+def make_star_fit_fn(activation: str, tx: optax.GradientTransformation, n_steps: int, batch_size: int,
+                     max_star_step: float | None):
+    """A jitted function running ``n_steps`` star-only steps on one batch (model fixed).
+
+    ``fit(params, scaler, stars_b, obs_b, w) -> (stars_b, losses (n_steps,), finite (n_steps,))``.
+    With a fixed model the stars are independent, so running all steps of a
+    batch at once equals interleaving them over epochs (phases 3 and 6).
+    Steps with a non-finite loss or gradient are skipped and flagged.
+    """
+
+    def obj(sb, params, scaler, ob, w):
+        return jnp.sum(w * _batch_star_loss(params, scaler, activation, sb, ob)) / batch_size
+
+    @jax.jit
+    def fit(params, scaler, stars_b, obs_b, w):
+        def body(carry, _):
+            sb, st = carry
+            ls, g = jax.value_and_grad(obj)(sb, params, scaler, obs_b, w)
+            upd, st2 = tx.update(g, st, sb)
+            if max_star_step is not None:
+                upd = _clip_star_step(upd, max_star_step)
+            ok = jnp.isfinite(ls) & _all_finite(g)
+            sb2 = jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), optax.apply_updates(sb, upd), sb)
+            st2 = jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), st2, st)
+            return (sb2, st2), (ls * batch_size / jnp.maximum(jnp.sum(w), 1.0), ok)
+
+        (sb, _), (losses, ok) = jax.lax.scan(body, (stars_b, tx.init(stars_b)), None, length=n_steps)
+        return sb, losses, ok
+
+    return fit
+
+
+@functools.partial(jax.jit, static_argnames="activation")
+def batch_diagnostics(params, scaler, activation: str, stars: dict, obs: dict, flux_error: jax.Array):
+    """Per-star diagnostics for self-cleaning and reports.
+
+    Returns
+    -------
+    dict of arrays: ``chi2`` (n,), ``f_pred`` (n, 66), ``chi`` (n, 66) = (f_pred - f_obs) / flux_error
+    (0 where the error is infinite).
+    """
+    theta = stars["theta"] * jnp.asarray(THETA_UNIT, stars["theta"].dtype)
+    f = jax.vmap(lambda t, p, e: predict_flux(params, scaler, t, p, e, activation))(theta, stars["ln_plx"], stars["ln_e"])
+    chi2 = _batch_chi2(params, scaler, activation, stars, obs)
+    chi = jnp.where(jnp.isfinite(flux_error), (f - obs["flux"]) / flux_error, 0.0)
+    return {"chi2": chi2, "f_pred": f, "chi": chi}
