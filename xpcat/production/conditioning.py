@@ -102,48 +102,52 @@ def inflate_covariance(cov: np.ndarray, flux: np.ndarray, flux_bp: np.ndarray, f
     (n, m, m) array
         A new array; missing rows/columns stay NaN.
     """
+    return _inflate_into(cov + 0.0, flux, flux_bp, flux_rp)
+
+
+def _inflate_into(out: np.ndarray, flux: np.ndarray, flux_bp: np.ndarray, flux_rp: np.ndarray) -> np.ndarray:
+    """Add Eq. 2's terms to ``out`` in place: one rank-3 batched product plus the diagonal."""
     f = np.nan_to_num(flux)
-    fb = np.nan_to_num(flux_bp)
-    fr = np.nan_to_num(flux_rp)
-    out = cov + SIGMA_FRAC_TOTAL**2 * (f[:, :, None] * f[:, None, :])
-    out += SIGMA_FRAC_BAND**2 * (fb[:, :, None] * fb[:, None, :])
-    out += SIGMA_FRAC_BAND**2 * (fr[:, :, None] * fr[:, None, :])
+    F = np.stack([SIGMA_FRAC_TOTAL * f, SIGMA_FRAC_BAND * np.nan_to_num(flux_bp), SIGMA_FRAC_BAND * np.nan_to_num(flux_rp)], axis=2)
+    out += F @ np.swapaxes(F, 1, 2)
     d = np.arange(f.shape[1])
     out[:, d, d] += (SIGMA_FRAC_DIAG * f) ** 2
     return out
 
 
-def _inv_upper(K: np.ndarray, leaf: int = 16) -> np.ndarray:
-    """Inverse of a stack of upper-triangular matrices by 2x2 block recursion (batched matmuls)."""
-    n = K.shape[-1]
+def _inv_lower(L: np.ndarray, leaf: int = 16) -> np.ndarray:
+    """Inverse of a stack of lower-triangular matrices by 2x2 block recursion (batched matmuls).
+
+    ``[[A, 0], [B, D]]^-1 = [[A^-1, 0], [-D^-1 B A^-1, D^-1]]``.
+    """
+    n = L.shape[-1]
     if n <= leaf:
-        return np.triu(np.linalg.inv(K))
+        return np.tril(np.linalg.inv(L))
     h = n // 2
-    a_inv = _inv_upper(K[:, :h, :h], leaf)
-    d_inv = _inv_upper(K[:, h:, h:], leaf)
-    out = np.zeros_like(K)
+    a_inv = _inv_lower(L[:, :h, :h], leaf)
+    d_inv = _inv_lower(L[:, h:, h:], leaf)
+    out = np.zeros_like(L)
     out[:, :h, :h] = a_inv
     out[:, h:, h:] = d_inv
-    out[:, :h, h:] = -(a_inv @ K[:, :h, h:]) @ d_inv
+    out[:, h:, :h] = -(d_inv @ L[:, h:, :h]) @ a_inv
     return out
 
 
-def _reverse_cholesky_factor(C: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Upper-triangular K with C = K K^T per matrix; (K, ok) with ok False where C is not PD."""
+def _cholesky_lower(C: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Lower Cholesky factors of a stack; (M, ok) with ok False (and M = I) where C is not PD."""
     n = C.shape[0]
-    Cr = np.ascontiguousarray(C[:, ::-1, ::-1])
     ok = np.ones(n, dtype=bool)
     try:
-        M = np.linalg.cholesky(Cr)
+        return np.linalg.cholesky(C), ok
     except np.linalg.LinAlgError:
-        M = np.zeros_like(Cr)
+        M = np.empty_like(C)
         for i in range(n):
             try:
-                M[i] = np.linalg.cholesky(Cr[i])
+                M[i] = np.linalg.cholesky(C[i])
             except np.linalg.LinAlgError:
                 ok[i] = False
                 M[i] = np.eye(C.shape[1])
-    return np.ascontiguousarray(M[:, ::-1, ::-1]), ok
+        return M, ok
 
 
 def precision_factor(cov: np.ndarray, valid: np.ndarray, floor: float) -> tuple[np.ndarray, np.ndarray]:
@@ -165,34 +169,43 @@ def precision_factor(cov: np.ndarray, valid: np.ndarray, floor: float) -> tuple[
         samples, zero rows and columns for invalid samples.
     repaired : (n,) bool
         An eigenvalue was below the floor and was clamped.
+
+    Notes
+    -----
+    With J the exchange matrix, ``J C J = M M^T`` (M lower) gives
+    ``C = K K^T`` with ``K = J M J`` upper, and ``R = K^-1 = J M^-1 J``.
     """
     n, N, _ = cov.shape
     valid = np.asarray(valid, dtype=bool)
     inv = ~valid
-    C = np.where(inv[:, :, None] | inv[:, None, :], 0.0, cov)
-    d = np.arange(N)
-    C[:, d, d] = np.where(inv, 1.0, C[:, d, d])
-    R = np.zeros_like(C)
     repaired = np.zeros(n, dtype=bool)
     if n == 0:
-        return R, repaired
-    K, ok = _reverse_cholesky_factor(C)
+        return np.zeros_like(cov), repaired
+    inv_r = inv[:, ::-1]
+    # reversed order, invalid rows/columns replaced by the identity (one pass, contiguous)
+    Cr = np.where(inv_r[:, :, None] | inv_r[:, None, :], 0.0, cov[:, ::-1, ::-1])
+    d = np.arange(N)
+    Cr[:, d, d] += inv_r
+    M, ok = _cholesky_lower(Cr)
     with np.errstate(all="ignore"):
-        Rf = _inv_upper(K)
-        trace_p = np.einsum("nij,nij->n", Rf, Rf) - inv.sum(axis=1)
-    fast = ok & np.isfinite(trace_p) & (trace_p <= 1.0 / floor if floor > 0 else ok)
-    R[fast] = Rf[fast]
+        Minv = _inv_lower(M)
+        trace_p = np.einsum("nij,nij->n", Minv, Minv) - inv.sum(axis=1)
+    fast = ok & np.isfinite(trace_p) & ((trace_p <= 1.0 / floor) if floor > 0 else True)
+    mask = valid[:, :, None] & valid[:, None, :]
+    if fast.all():
+        return np.multiply(Minv[:, ::-1, ::-1], mask), repaired
+    R = np.ascontiguousarray(Minv[:, ::-1, ::-1])
     slow = np.flatnonzero(~fast)
-    if slow.size:
-        D, U = np.linalg.eigh(C[slow])
-        repaired[slow] = D.min(axis=1) < floor
-        Dc = np.maximum(D, floor) if floor > 0 else np.where(D > 0, D, np.inf)
-        L = np.swapaxes(U, 1, 2) / np.sqrt(Dc)[:, :, None]  # D^-1/2 U^T
-        Rq = np.linalg.qr(L, mode="r")
-        sign = np.where(np.einsum("nii->ni", Rq) < 0, -1.0, 1.0)
-        R[slow] = Rq * sign[:, :, None]
-        logger.debug("%d of %d covariances took the eigen-decomposition path", slow.size, n)
-    R[inv[:, :, None] | inv[:, None, :]] = 0.0
+    C = Cr[slow][:, ::-1, ::-1]
+    D, U = np.linalg.eigh(C)
+    repaired[slow] = D.min(axis=1) < floor
+    Dc = np.maximum(D, floor) if floor > 0 else np.where(D > 0, D, np.inf)
+    L = np.swapaxes(U, 1, 2) / np.sqrt(Dc)[:, :, None]  # D^-1/2 U^T
+    Rq = np.linalg.qr(L, mode="r")
+    sign = np.where(np.einsum("nii->ni", Rq) < 0, -1.0, 1.0)
+    R[slow] = Rq * sign[:, :, None]
+    logger.debug("%d of %d covariances took the eigen-decomposition path", slow.size, n)
+    R *= mask
     return R, repaired
 
 
@@ -246,12 +259,13 @@ def condition_arrays(
         raise ValueError("condition_arrays needs an XpSample with its covariance")
     n, m = xp.flux.shape
     f_xp = xp.flux / unit
-    cov_xp = inflate_covariance(xp.covariance / unit**2, f_xp, xp.flux_bp / unit, xp.flux_rp / unit)
     flux = np.concatenate([f_xp, np.asarray(nir_flux, dtype=np.float64) / unit], axis=1)
     var_nir = np.asarray(nir_variance, dtype=np.float64) / unit**2
     N = flux.shape[1]
     cov = np.zeros((n, N, N))
-    cov[:, :m, :m] = cov_xp
+    cov_xp = cov[:, :m, :m]  # view: filled in place (unit change, then Eq. 2)
+    np.multiply(xp.covariance, 1.0 / unit**2, out=cov_xp)
+    _inflate_into(cov_xp, f_xp, xp.flux_bp / unit, xp.flux_rp / unit)
     d = np.arange(N)
     var = np.concatenate([np.einsum("nii->ni", cov_xp), var_nir], axis=1)
     cov[:, d[m:], d[m:]] = var_nir

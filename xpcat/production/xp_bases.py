@@ -335,6 +335,16 @@ def _correlation_matrices(packed: np.ndarray, m: int) -> np.ndarray:
     return np.take(src, _gather_index(m), axis=1).reshape(n, m, m)
 
 
+def _fixed_width(mat: np.ndarray, width: int, rows: np.ndarray) -> np.ndarray:
+    """``mat[:, :width]`` (zero-padded if narrower) with the rows not in ``rows`` set to 0."""
+    out = mat[:, :width]
+    if out.shape[1] < width:
+        out = np.concatenate([out, np.zeros((mat.shape[0], width - out.shape[1]))], axis=1)
+    if not rows.all():
+        out = np.where(rows[:, None], out, 0.0)
+    return out
+
+
 def sample_xp(
     table,
     *,
@@ -467,34 +477,46 @@ def sample_xp(
         err, _ = p["cols"]["coefficient_errors"]
         corr, _ = p["cols"]["coefficient_correlations"]
         for b, (A, w) in designs[band].items():
-            rows = np.flatnonzero(ok[band] & (p["bid"] == b))
-            if rows.size == 0:
-                continue
             support = np.flatnonzero(w > 0)
             lo, hi = int(support[0]), int(support[-1]) + 1
             if hi - lo != support.size:
                 raise ValueError(f"{band.upper()} merge weights are not contiguous on this grid")
             sl = slice(lo, hi)
             nb = A.shape[0]
-            A_s = A[:, sl]  # (nb, k)
-            # GaiaXPy: with the other band missing, this band is used unweighted over its range.
-            w_eff = np.where(ok[other][rows, None], w[None, sl], 1.0)  # (r, k)
-            f_band = (coef[rows, :nb] @ A_s) * w_eff
-            flux[rows, sl] += f_band
-            flux_parts[band][rows, sl] = f_band
-            covered[rows, sl] = True
-            e = err[rows, :nb]
+            mine = ok[band] & (p["bid"] == b)
+            if not mine.any():
+                continue
+            # Every row is computed with slices (no fancy-index copies of the big arrays); rows
+            # without this band get zero inputs and so contribute exactly zero.
+            c = _fixed_width(coef, nb, mine)
+            e = _fixed_width(err, nb, mine)
             if covariance == "paper":
-                e = e / p["s"][rows, None]
-            G = e[:, :, None] * A_s[None, :, :] * w_eff[:, None, :]  # (r, nb, k)
-            Rm = _correlation_matrices(corr[rows, : nb * (nb - 1) // 2], nb)
-            RG = Rm @ G
+                e = e / np.where(mine, p["s"], 1.0)[:, None]
+            rho = _fixed_width(corr, nb * (nb - 1) // 2, mine)
+            A_s = A[:, sl]  # (nb, k)
+            G = e[:, :, None] * A_s[None, :, :]  # (n, nb, k) = diag(e) A
+            f_band = c @ A_s  # (n, k)
+            # Merge weights: GaiaXPy uses a band unweighted when the other band is missing.
+            # Only the ramp columns (w != 1) need them.
+            w_eff = np.where(ok[other][:, None], w[None, sl], 1.0) * mine[:, None]
+            ramp = np.flatnonzero(w[sl] != 1.0)
+            f_band[:, ramp] *= w_eff[:, ramp]
+            f_band[~mine] = 0.0
+            flux[:, sl] += f_band
+            flux_parts[band][:, sl] += f_band
+            covered[:, sl] |= mine[:, None]
+            RG = _correlation_matrices(rho, nb) @ G
             if with_covariance:
                 cb = np.swapaxes(G, 1, 2) @ RG
-                cov[rows, sl, sl] += cb
-                var[rows, sl] += np.einsum("rii->ri", cb)
+                for j in ramp:
+                    cb[:, j, :] *= w_eff[:, j, None]
+                    cb[:, :, j] *= w_eff[:, j, None]
+                cov[:, sl, sl] += cb
+                var[:, sl] += np.einsum("rii->ri", cb)
             else:
-                var[rows, sl] += np.einsum("rbk,rbk->rk", G, RG)
+                v = np.einsum("rbk,rbk->rk", G, RG)
+                v[:, ramp] *= w_eff[:, ramp] ** 2
+                var[:, sl] += v
     flux[~covered] = np.nan
     for band in BANDS:
         flux_parts[band][~covered] = 0.0
