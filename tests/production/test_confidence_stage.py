@@ -1,0 +1,143 @@
+"""Tests of xpcat.production.confidence_stage (train-confidence)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from xpcat.catalog_schema import CONDITIONED, XP_WAVELENGTHS_NM
+from xpcat.catalog_schema.flags import FitStatus
+from xpcat.catalog_schema.raw import LABELS
+from xpcat.config import RunConfig
+from xpcat.errors import StageError
+from xpcat.model import confidence as C
+from xpcat.production import confidence_stage as S
+
+WL = np.concatenate([np.asarray(XP_WAVELENGTHS_NM), [1235.0, 1662.0, 2159.0, 3352.6, 4602.8]])
+N = 900
+
+
+def _write_run(run: Path, rng: np.random.Generator) -> dict:
+    sid = (np.arange(N, dtype=np.int64) * 7919 + 11) << 35
+    teff = rng.uniform(4000, 7000, N)
+    feh = rng.normal(-0.2, 0.3, N)
+    logg = rng.uniform(2.0, 4.8, N)
+    plx = rng.uniform(0.5, 3.0, N)
+    flux = rng.uniform(20, 200, (N, 66))
+    cond = {
+        "source_id": sid, "ra": rng.uniform(0, 360, N), "dec": rng.uniform(-60, 60, N),
+        "parallax": plx + 0.05 * rng.standard_normal(N), "parallax_error": np.full(N, 0.05),
+        "flux": list(flux.astype(np.float32)), "flux_error": list((0.02 * flux).astype(np.float32)),
+        "flux_factor_triu": [np.zeros(2211, np.float32)] * N, "n_valid_flux": np.full(N, 66, np.int16),
+        "condition_flags": np.zeros(N, np.uint16), "phot_g_mean_mag": rng.uniform(10, 17, N),
+        "phot_g_mean_flux_over_error": rng.uniform(200, 3000, N), "phot_bp_mean_flux_over_error": rng.uniform(50, 900, N),
+        "phot_rp_mean_flux_over_error": rng.uniform(50, 900, N), "phot_bp_rp_excess_factor": rng.uniform(1.15, 1.3, N),
+        "ruwe": rng.uniform(0.8, 1.3, N), "fidelity_v2": rng.uniform(0.6, 1, N), "norm_dg": rng.uniform(-30, -6, N),
+        "bp_chi_squared": rng.uniform(50, 400, N), "rp_chi_squared": rng.uniform(50, 400, N),
+        "bp_degrees_of_freedom": np.full(N, 50, np.int16), "rp_degrees_of_freedom": np.full(N, 50, np.int16),
+    }
+    (run / "conditioned").mkdir(parents=True)
+    t = pa.Table.from_pydict(cond, schema=CONDITIONED)
+    pq.write_table(t.slice(0, N // 2), run / "conditioned" / "L01-000001.parquet")
+    pq.write_table(t.slice(N // 2), run / "conditioned" / "L01-000002.parquet")
+    labelled = rng.random(N) < 0.9
+    lab = {"source_id": sid[labelled], "teff": teff[labelled], "teff_error": np.full(labelled.sum(), 50.0),
+           "feh": feh[labelled], "feh_error": np.full(labelled.sum(), 0.05), "logg": logg[labelled],
+           "logg_error": np.full(labelled.sum(), 0.08), "label_source": ["lamost"] * int(labelled.sum()),
+           **{k: np.full(labelled.sum(), 100.0) for k in ("snr_g", "snr_r", "snr_i")}}
+    (run / "raw" / "labels").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pydict(lab, schema=LABELS), run / "raw" / "labels" / "part-0000.parquet")
+
+    from xpcat.model.artifact import save_artifact
+    from xpcat.model.forward import init_params, make_scaler
+    from xpcat.model.prior import fit_gmm
+
+    theta = np.column_stack([teff, feh, logg])
+    params = jax.tree_util.tree_map(np.asarray, init_params(jax.random.PRNGKey(0)))
+    save_artifact(run / "model", params=params, scaler=make_scaler(theta), activation="tanh",
+                  gmm=fit_gmm(theta, n_components=2), wavelengths=WL, flux_unit=1e-18)
+    return {"sid": sid, "theta": theta, "plx": plx, "flux": flux, "labelled": labelled}
+
+
+def _fake_fit_factory(truth: dict, bad_rate: float = 0.3):
+    """A stand-in for the Eq. 19 fit: truth + noise, with some stars badly off and a residual signature."""
+
+    def fake_fit(inference, cond, chunk):
+        rng = np.random.default_rng(1)
+        idx = np.searchsorted(truth["sid"], cond["source_id"])
+        n = idx.size
+        th = truth["theta"][idx]
+        bad = rng.random(n) < bad_rate
+        est = th + np.column_stack([30.0, 0.04, 0.05]) * rng.standard_normal((n, 3))
+        est[bad] += np.column_stack([800.0, 0.6, 0.8]) * rng.choice([-1, 1], (bad.sum(), 3))
+        params5 = np.column_stack([est[:, 0] / 1000, est[:, 1], est[:, 2], np.full(n, 0.1), cond["parallax"]])
+        cov5 = np.zeros((n, 5, 5))
+        cov5[:, np.arange(5), np.arange(5)] = np.array([0.04, 0.05, 0.06, 0.01, 0.05]) ** 2
+        f_obs = cond["flux"]
+        f_pred = f_obs + cond["flux_error"] * rng.standard_normal(f_obs.shape)
+        f_pred[bad, 10:30] += 2.5 * cond["flux_error"][bad, 10:30]
+        chi2 = np.where(bad, rng.uniform(70, 110, n), rng.uniform(40, 80, n))
+        status = np.full(n, FitStatus.CONVERGED, np.uint8)
+        status[:5] = FitStatus.NOT_CONVERGED  # never used for training
+        return {"params5": params5, "cov5": cov5, "chi2": chi2, "ln_prior": np.full(n, -2.0), "f_pred": f_pred,
+                "fit_status": status, "n_iter": np.full(n, 5)}
+
+    return fake_fit
+
+
+def _config() -> RunConfig:
+    return RunConfig().replace(confidence={"preset": "quick", "epochs": 120}, run={"seed": 3})
+
+
+def test_stage_stores_classifiers_in_artifact(tmp_path, rng, monkeypatch):
+    truth = _write_run(tmp_path, rng)
+    monkeypatch.setattr(S, "fit_stars", _fake_fit_factory(truth))
+    out = S.train_confidence_run(tmp_path, _config())
+    for p in ("teff", "feh", "logg"):
+        assert out[f"auc_{p}"] >= 0.85
+    assert out["stars_labelled"] == int(truth["labelled"].sum())
+    assert out["stars_basic_cut"] == out["stars_labelled"] - 5
+
+    from xpcat.model.artifact import load_artifact
+
+    art = load_artifact(tmp_path / "model")
+    assert art.content_hash == out["content_hash"]
+    assert "confidence" in art.components
+    meta = art.component_meta["confidence"]
+    assert meta["auc_teff"] == pytest.approx(out["auc_teff"])
+    assert meta["feature_names"] == list(C.FEATURE_NAMES)
+    state = json.loads((tmp_path / "state" / "confidence.json").read_text())
+    assert state["auc_logg"] == pytest.approx(out["auc_logg"])
+    assert state["classifiers"]["teff"]["n_holdout_bad"] > 5
+    # the stored classifiers apply to new features
+    X = np.random.default_rng(0).normal(size=(4, C.N_FEATURES))
+    conf = C.predict_confidence(art.components["confidence"], X)
+    assert conf.shape == (4, 3) and np.all((conf >= 0) & (conf <= 1))
+
+    # the holdout is a stable function of source_id
+    h1 = S.holdout_mask(truth["sid"], 0.2, 3)
+    assert np.array_equal(h1, S.holdout_mask(truth["sid"][::-1], 0.2, 3)[::-1])
+    assert 0.12 < h1.mean() < 0.28
+
+
+def test_too_few_bad_stars_names_class_and_count(tmp_path, rng, monkeypatch):
+    truth = _write_run(tmp_path, rng)
+    monkeypatch.setattr(S, "fit_stars", _fake_fit_factory(truth, bad_rate=0.0))
+    with pytest.raises(StageError, match=r"confidence classifier 'teff': only \d bad training stars"):
+        S.train_confidence_run(tmp_path, _config())
+
+
+def test_missing_inputs_name_the_stage(tmp_path, rng):
+    with pytest.raises(StageError, match="xpcat train"):
+        S.train_confidence_run(tmp_path, _config())
+    _write_run(tmp_path, rng)
+    for p in (tmp_path / "raw" / "labels").glob("*.parquet"):
+        p.unlink()
+    with pytest.raises(StageError, match="no label table"):
+        S.train_confidence_run(tmp_path, _config())
