@@ -5,7 +5,9 @@ source_id range of ``raw/gaia_source``; ``fake_infer`` turns it into catalog
 rows (Table 2 schema) with values derived from the source_id. Faults are
 injected through files ``RUN_DIR/faults/<stage>-<partition>`` holding one word:
 ``raise`` (an exception), ``kill`` (write half a file, then SIGKILL the worker
-process), ``badschema`` (write an output with a wrong column type).
+process), ``badschema`` (write an output with a wrong column type). A file
+``RUN_DIR/faults/sleep`` holding a number of seconds makes every task take
+at least that long (to kill jobs mid-run).
 """
 
 from __future__ import annotations
@@ -35,6 +37,11 @@ def _fault(run_dir: Path, stage: str, name: str) -> str:
 
 
 def _inject(run_dir: Path, stage: str, name: str, out: Path, table: pa.Table) -> None:
+    sleep = Path(run_dir) / "faults" / "sleep"
+    if sleep.exists():
+        import time
+
+        time.sleep(float(sleep.read_text()))
     fault = _fault(run_dir, stage, name)
     if fault == "raise":
         raise ValueError(f"injected failure in {stage} {name}")
