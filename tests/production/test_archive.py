@@ -279,3 +279,78 @@ def test_astroquery_datalink_fixture_parses_as_gaiaxpy_reads_it(tmp_path):
     assert not bad and rows.num_rows == 1
     assert rows.column("bp_coefficients")[0].as_py().__len__() == 55
     _assert_same_as_gaiaxpy(rows, _gaiaxpy_frame(tmp_path / key))
+
+
+def test_wrong_answers_fail_the_range_with_the_reason(universe, tmp_path, monkeypatch):
+    """Rows outside the range, duplicated rows, an unparsable VOTable: recorded per range."""
+    from xpcat.production import archive_server
+
+    d, tables = universe
+    exp = expected_fetch(tables)["gaia_source"]
+    pixels = sorted({int(s) >> 55 for s in exp.column("source_id").to_pylist()})
+    with LocalArchive(d) as arc:
+        db = arc._state.db
+        real_query = db.query
+        from xpcat.production.archive import GAIA_SOURCE_ADQL
+
+        other = real_query(GAIA_SOURCE_ADQL.format(lo=pixels[1] << 55, hi=(pixels[1] + 1 << 55) - 1)).slice(0, 1)
+
+        def query(adql):
+            out = real_query(adql)
+            if f"BETWEEN {pixels[0] << 55} AND" in adql and "spur" in adql:
+                return pa.concat_tables([out, other])  # a stray row from another range
+            if f"BETWEEN {pixels[1] << 55} AND" in adql and "spur" in adql:
+                return pa.concat_tables([out, out.slice(0, 1)])  # a duplicated row
+            return out
+
+        db.query = query
+        s = fetch_run(tmp_path / "run", _config(), archive_url=arc.url, login=False,
+                      options=FetchOptions(census=False, **FAST), pixels=pixels)
+        reasons = {f["partition"]: f["reason"] for f in s["failed"]}
+        assert "outside the range" in reasons[partition_name(pixels[0], LEVEL)]
+        assert "duplicated source_id" in reasons[partition_name(pixels[1], LEVEL)]
+        assert s["done"] == 1
+        db.query = real_query
+        monkeypatch.setattr(archive_server, "_encode_table", lambda table, fmt: (b"<VOTABLE>not really", "text/xml"))
+        s = fetch_run(tmp_path / "run2", _config(pixels=[pixels[2]]), archive_url=arc.url, login=False,
+                      options=FetchOptions(max_attempts=2, **FAST))
+    assert len(s["failed"]) == 1 and "gave up after 2 attempts" in s["failed"][0]["reason"]
+
+
+def test_cli_serve_and_fetch(universe, tmp_path):
+    """`xpcat archive serve` in a subprocess, `xpcat fetch` against it."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from click.testing import CliRunner
+
+    from xpcat.cli import cli
+    from xpcat.config import write_config
+
+    d, tables = universe
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "xpcat.cli", "archive", "serve", str(d), "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "XPCAT_PROGRESS": "0"})
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "local archive did not start"
+            time.sleep(0.2)
+        run = tmp_path / "run"
+        write_config(_config(), run)
+        res = CliRunner().invoke(cli, ["fetch", str(run), "--archive", f"http://127.0.0.1:{port}/"])
+        assert res.exit_code == 0, res.output
+        summary = json.loads(res.output[res.output.index("{"):])
+        assert summary["done"] == 3 and summary["failed"] == []
+        assert read_fetched(run / "raw", "gaia_source").equals(expected_fetch(tables)["gaia_source"])
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)

@@ -328,42 +328,37 @@ def conform_rows(table: pa.Table, schema: pa.Schema, *, what: str = "table") -> 
     )
     bad: dict[int, BadRow] = {}
     for f in schema:
-        if f.name in table.column_names:
-            continue
-        if not f.nullable:
+        if f.name not in table.column_names and not f.nullable:
             raise SchemaError(f"{what}: missing required column {f.name!r}")
-
-    def convert_all(skip: set[int]) -> list[pa.Array]:
-        keep_mask = None
-        if skip:
-            keep = np.ones(n, dtype=bool)
-            keep[list(skip)] = False
-            keep_mask = pa.array(keep)
-        out = []
-        for f in schema:
-            if f.name not in table.column_names:
-                out.append(pa.nulls(n - len(skip), f.type))
-                continue
-            arr = _combine(table.column(f.name))
-            if keep_mask is not None:
-                arr = arr.filter(keep_mask)
-            out.append(_cast_column(arr, f.type))
-        return out
-
+    converted: dict[str, pa.Array] = {}
     for f in schema:
         if f.name not in table.column_names:
             continue
         arr = _combine(table.column(f.name))
         try:
-            converted = _cast_column(arr, f.type)
+            col = _cast_column(arr, f.type)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
             for i, msg in _locate_bad(arr, lambda a, t=f.type: _cast_column(a, t)):
                 bad.setdefault(i, BadRow(i, f.name, msg, sid_text[i] or ""))
             continue
-        if not f.nullable and converted.null_count:
-            for i in np.flatnonzero(converted.is_null().to_numpy(zero_copy_only=False)):
+        converted[f.name] = col
+        if not f.nullable and col.null_count:
+            for i in np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False)):
                 bad.setdefault(int(i), BadRow(int(i), f.name, "null value where none is allowed", sid_text[i] or ""))
-    arrays = convert_all(set(bad))
+    keep_mask = None
+    if bad:
+        keep = np.ones(n, dtype=bool)
+        keep[list(bad)] = False
+        keep_mask = pa.array(keep)
+    arrays = []
+    for f in schema:
+        if f.name not in table.column_names:
+            arrays.append(pa.nulls(n - len(bad), f.type))
+        elif f.name in converted:
+            col = converted[f.name]
+            arrays.append(col.filter(keep_mask) if keep_mask is not None else col)
+        else:  # the column had unreadable values: convert what is left of it
+            arrays.append(_cast_column(_combine(table.column(f.name)).filter(keep_mask), f.type))
     good = pa.Table.from_arrays(arrays, schema=schema)
     if schema.equals(XP_CONTINUOUS, check_metadata=False) and good.num_rows:
         kept_index = np.setdiff1d(np.arange(n), np.fromiter(bad, dtype=np.int64, count=len(bad)))

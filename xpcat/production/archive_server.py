@@ -458,6 +458,9 @@ def _make_handler(state: _State) -> type[BaseHTTPRequestHandler]:
                     self._send(404, f"no such endpoint: {path}".encode())
             except AdqlError as err:
                 self._send(400, _error_votable(str(err)), "application/x-votable+xml")
+            except Exception as err:  # noqa: BLE001 - a server answers 500 and logs, rather than dropping the connection
+                logger.exception("local archive: internal error on %s", path)
+                self._send(500, _error_votable(f"internal error: {type(err).__name__}: {err}"), "application/x-votable+xml")
 
         def _create_job(self, params: dict[str, str]) -> None:
             query = params.get("QUERY", "")
