@@ -149,15 +149,18 @@ def xp_noise_draw(rng: np.random.Generator, noise: XpNoise) -> np.ndarray:
 def correlation_packed(noise: XpNoise) -> np.ndarray:
     """(n, n_coef (n_coef-1)/2) correlations packed as the archive packs them.
 
-    Strict lower triangle in ``np.tril_indices(n_coef, k=-1)`` order, without
-    building the full matrices.
+    Strict lower triangle in ``np.tril_indices(n_coef, k=-1)`` order.
     """
     k = noise.errors.shape[1]
     i, j = np.tril_indices(k, k=-1)
-    lag = (i - j).astype(float)
-    t = noise.rho[:, None] ** lag[None, :]
-    vv = np.einsum("nir,nir->ni", noise.v[:, i, :], noise.v[:, j, :])
-    return (t + vv) * noise.norm[:, i] * noise.norm[:, j]
+    powers = noise.rho[:, None] ** np.arange(k)[None, :]  # (n, k): rho^lag
+    packed = powers[:, i - j]
+    for r in range(noise.v.shape[2]):
+        vr = np.ascontiguousarray(noise.v[:, :, r])
+        packed += vr[:, i] * vr[:, j]
+    packed *= noise.norm[:, i]
+    packed *= noise.norm[:, j]
+    return packed
 
 
 def pack_correlations(matrix: np.ndarray) -> np.ndarray:
