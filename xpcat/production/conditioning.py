@@ -25,7 +25,7 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -325,9 +325,25 @@ def _align(ids: np.ndarray, table: pa.Table | None) -> tuple[np.ndarray, np.ndar
     return idx, t_ids[idx] == ids
 
 
+def _empty_sample(ids: np.ndarray) -> XpSample:
+    """An XpSample of stars without XP data (NaN flux, zero weight)."""
+    k = ids.size
+    return XpSample(
+        source_id=ids, wavelengths=DEFAULT_WAVELENGTHS_NM, flux=np.full((k, N_XP), np.nan),
+        flux_error=np.full((k, N_XP), np.nan), covariance=np.full((k, N_XP, N_XP), np.nan),
+        flux_bp=np.zeros((k, N_XP)), flux_rp=np.zeros((k, N_XP)), has_bp=np.zeros(k, dtype=bool),
+        has_rp=np.zeros(k, dtype=bool), bad_bp=np.zeros(k, dtype=bool), bad_rp=np.zeros(k, dtype=bool),
+    )  # fmt: skip
+
+
+def _table_batches(table: pa.Table, size: int) -> Iterator[tuple[pa.Table, str]]:
+    for lo in range(0, table.num_rows, size):
+        yield table.slice(lo, size), "xp_continuous_mean_spectrum"
+
+
 def condition_tables(
     gaia: pa.Table,
-    xp: pa.Table,
+    xp: pa.Table | Iterable[tuple[pa.Table, str]],
     tmass: pa.Table | None,
     unwise: pa.Table | None,
     config: RunConfig,
@@ -339,12 +355,16 @@ def condition_tables(
     Every gaia_source row gives exactly one output row, sorted by source_id: a
     star with no XP row is flagged NO_XP (zero-weight XP samples), a missing or
     unusable band is flagged and zero-weighted, missing photometry has zero
-    weight.
+    weight. XP rows are processed in blocks of at most :data:`MAX_BLOCK`, so
+    memory holds the outputs plus one block.
 
     Parameters
     ----------
-    gaia, xp : pyarrow.Table
-        gaia_source and xp_continuous_mean_spectrum rows (archive column names).
+    gaia : pyarrow.Table
+        gaia_source rows (archive column names).
+    xp : pyarrow.Table, or iterable of (pyarrow.Table, origin name)
+        xp_continuous_mean_spectrum rows, whole or as a stream of batches
+        (each tagged with the file it came from, for messages).
     tmass, unwise : pyarrow.Table or None
         Optional partner tables.
     config : RunConfig
@@ -360,37 +380,11 @@ def condition_tables(
     gaia = gaia.sort_by("source_id")
     ids = _ids(gaia)
     n = ids.size
-    for name, t in (("gaia_source", gaia), ("xp_continuous_mean_spectrum", xp), ("tmass", tmass), ("unwise", unwise)):
+    for name, t in (("gaia_source", gaia), ("tmass", tmass), ("unwise", unwise)):
         if t is not None:
             _check_unique(_ids(t), f"{what}: raw {name}")
-    xp_idx, has_xp = _align(ids, xp)
-    if xp.num_rows and has_xp.sum() != xp.num_rows:
-        orphans = np.setdiff1d(_ids(xp), ids)
-        shown = ", ".join(str(x) for x in orphans[:10])
-        raise InputError(f"{what}: {orphans.size} XP row(s) have no gaia_source row: source_id {shown}")
-
-    rows = np.flatnonzero(has_xp)
     wl = DEFAULT_WAVELENGTHS_NM
     step = max(1, min(int(cc.batch_size), MAX_BLOCK))
-
-    def sample_chunk(sl: slice) -> XpSample:
-        """XP samples of gaia rows ``sl`` (NaN / zero weight for stars without an XP row)."""
-        k = sl.stop - sl.start
-        out = XpSample(
-            source_id=ids[sl], wavelengths=wl, flux=np.full((k, N_XP), np.nan), flux_error=np.full((k, N_XP), np.nan),
-            covariance=np.full((k, N_XP, N_XP), np.nan), flux_bp=np.zeros((k, N_XP)), flux_rp=np.zeros((k, N_XP)),
-            has_bp=np.zeros(k, dtype=bool), has_rp=np.zeros(k, dtype=bool), bad_bp=np.zeros(k, dtype=bool),
-            bad_rp=np.zeros(k, dtype=bool),
-        )  # fmt: skip
-        local = np.flatnonzero(has_xp[sl])
-        if local.size:
-            try:
-                smp = sample_xp(xp.take(pa.array(xp_idx[sl][local])), wavelengths_nm=wl, covariance=cc.covariance)
-            except KeyError as err:
-                raise InputError(f"{what}: {err.args[0]}") from err
-            for name in ("flux", "flux_error", "covariance", "flux_bp", "flux_rp", "has_bp", "has_rp", "bad_bp", "bad_rp"):
-                getattr(out, name)[local] = getattr(smp, name)
-        return out
 
     def partner(table: pa.Table | None, cols: list[str]) -> dict | None:
         if table is None:
@@ -418,25 +412,61 @@ def condition_tables(
     )
 
     flags = nir.flags.copy()
-    flags[~has_xp] |= np.uint16(ConditionFlag.NO_XP)
     plx = _f64(gaia, "parallax")
     flags[~np.isfinite(plx)] |= np.uint16(ConditionFlag.NO_PARALLAX)
-
     out_flux = np.empty((n, N_FLUX), np.float32)
     out_err = np.empty((n, N_FLUX), np.float32)
     out_fac = np.empty((n, N_FACTOR), np.float32)
     out_nv = np.empty(n, np.int16)
-    for lo in range(0, n, step):
-        sl = slice(lo, min(n, lo + step))
-        chunk = sample_chunk(sl)
-        ca = condition_arrays(chunk, nir.flux[sl], nir.variance[sl], floor=cc.eigenvalue_floor)
-        out_flux[sl], out_err[sl], out_fac[sl], out_nv[sl] = ca.flux, ca.flux_error, ca.factor, ca.n_valid
+    chi2 = {b: np.full(n, np.nan) for b in ("bp", "rp")}
+    dof = {b: np.full(n, np.nan) for b in ("bp", "rp")}
+    origin = np.full(n, "", dtype=object)  # which XP file each star came from
+    has_xp = np.zeros(n, dtype=bool)
+
+    def condition_block(pos: np.ndarray, smp: XpSample) -> None:
+        ca = condition_arrays(smp, nir.flux[pos], nir.variance[pos], floor=cc.eigenvalue_floor)
+        out_flux[pos], out_err[pos], out_fac[pos], out_nv[pos] = ca.flux, ca.flux_error, ca.factor, ca.n_valid
         f = ca.flags
-        f[~chunk.has_bp] |= np.uint16(ConditionFlag.NO_BP)
-        f[~chunk.has_rp] |= np.uint16(ConditionFlag.NO_RP)
-        f[chunk.bad_bp | chunk.bad_rp] |= np.uint16(ConditionFlag.BAD_XP_INPUT)
-        flags[sl] |= f
-        del chunk, ca
+        f[~smp.has_bp] |= np.uint16(ConditionFlag.NO_BP)
+        f[~smp.has_rp] |= np.uint16(ConditionFlag.NO_RP)
+        f[smp.bad_bp | smp.bad_rp] |= np.uint16(ConditionFlag.BAD_XP_INPUT)
+        flags[pos] |= f
+
+    batches = _table_batches(xp, step) if isinstance(xp, pa.Table) else xp
+    for batch, source in batches:
+        for lo in range(0, batch.num_rows, step):
+            block = batch.slice(lo, step)
+            bid = _ids(block)
+            pos = np.clip(np.searchsorted(ids, bid), 0, max(n - 1, 0))
+            if n == 0 or np.any(ids[pos] != bid):
+                orphans = bid if n == 0 else bid[ids[pos] != bid]
+                shown = ", ".join(str(x) for x in orphans[:10])
+                raise InputError(f"{what}: {orphans.size} XP row(s) in {source} have no gaia_source row: source_id {shown}")
+            seen = has_xp[pos]
+            _check_unique(bid, f"{what}: raw xp_continuous_mean_spectrum ({source})")
+            if seen.any():
+                dup = bid[seen]
+                files = sorted({str(origin[p]) for p in pos[seen]} | {source})
+                shown = ", ".join(str(x) for x in dup[:10])
+                raise InputError(
+                    f"{what}: raw xp_continuous_mean_spectrum: {dup.size} duplicated source_id(s): {shown} (in {', '.join(files)})"
+                )
+            has_xp[pos] = True
+            origin[pos] = source
+            try:
+                smp = sample_xp(block, wavelengths_nm=wl, covariance=cc.covariance)
+            except KeyError as err:
+                raise InputError(f"{what}: {err.args[0]}") from err
+            condition_block(pos, smp)
+            for band in ("bp", "rp"):
+                chi2[band][pos] = _f64(block, f"{band}_chi_squared")
+                dof[band][pos] = _f64(block, f"{band}_degrees_of_freedom")
+            del smp, block
+    missing = np.flatnonzero(~has_xp)
+    flags[missing] |= np.uint16(ConditionFlag.NO_XP)
+    for lo in range(0, missing.size, step):
+        pos = missing[lo : lo + step]
+        condition_block(pos, _empty_sample(ids[pos]))
 
     def fsl(arr: np.ndarray, size: int) -> pa.Array:
         return pa.FixedSizeListArray.from_arrays(pa.array(arr.reshape(-1)), size)
@@ -450,13 +480,9 @@ def condition_tables(
 
     xp_cols = {}
     for band in ("bp", "rp"):
-        chi2 = np.full(n, np.nan)
-        dof = np.full(n, np.nan)
-        if rows.size:
-            chi2[rows] = _f64(xp, f"{band}_chi_squared")[xp_idx[rows]]
-            dof[rows] = _f64(xp, f"{band}_degrees_of_freedom")[xp_idx[rows]]
-        xp_cols[f"{band}_chi_squared"] = f32(chi2)
-        xp_cols[f"{band}_degrees_of_freedom"] = pa.array(np.nan_to_num(dof).astype(np.int16), mask=~np.isfinite(dof))
+        xp_cols[f"{band}_chi_squared"] = f32(chi2[band])
+        d = dof[band]
+        xp_cols[f"{band}_degrees_of_freedom"] = pa.array(np.nan_to_num(d).astype(np.int16), mask=~np.isfinite(d))
 
     columns = {
         "source_id": pa.array(ids, pa.int64()),
@@ -644,6 +670,44 @@ def _read_range(files: Sequence[Path], table: str, lo: int | None, hi: int | Non
     return out
 
 
+def _xp_batches(files: Sequence[Path], lo: int, hi: int, size: int) -> Iterator[tuple[pa.Table, str]]:
+    """Stream the XP rows with lo <= source_id < hi from Parquet files, ``size`` rows at a time.
+
+    Row groups whose source_id statistics lie outside the range are skipped,
+    so memory holds one batch, not the partition's raw XP rows (~25 kB/star).
+
+    Raises
+    ------
+    InputError
+        A file is unreadable (corrupt, truncated) or has no source_id column; names the file.
+    """
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    for f in files:
+        try:
+            pf = pq.ParquetFile(f)
+            if "source_id" not in pf.schema_arrow.names:
+                raise InputError(f"raw xp_continuous_mean_spectrum file {f} has no source_id column")
+            col = pf.schema_arrow.get_field_index("source_id")
+            groups = []
+            for g in range(pf.num_row_groups):
+                st = pf.metadata.row_group(g).column(col).statistics
+                if st is not None and st.has_min_max and (st.max < lo or st.min >= hi):
+                    continue
+                groups.append(g)
+            if not groups:
+                continue
+            for rb in pf.iter_batches(batch_size=size, row_groups=groups):
+                sid = rb.column("source_id")
+                mask = pc.and_(pc.greater_equal(sid, lo), pc.less(sid, hi))
+                t = pa.Table.from_batches([rb]).filter(mask)
+                if t.num_rows:
+                    yield t, str(f)
+        except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as err:
+            raise InputError(f"cannot read raw xp_continuous_mean_spectrum Parquet file {f} (corrupt or truncated): {err}") from err
+
+
 def _write_partition(
     tables: Mapping[str, pa.Table | None], pix: int, level: int, out_path: Path, config: RunConfig, n_expected: int
 ) -> dict:
@@ -732,7 +796,7 @@ def condition_partition(
             raise StageError(f"partition {name}: no raw {t} files given")
     tables: dict[str, pa.Table | None] = {
         "gaia_source": _read_range(raw_files["gaia_source"], "gaia_source", lo, hi, _GAIA_COLS),
-        "xp_continuous_mean_spectrum": _read_range(raw_files["xp_continuous_mean_spectrum"], "xp_continuous_mean_spectrum", lo, hi, None),
+        "xp_continuous_mean_spectrum": _xp_batches(raw_files["xp_continuous_mean_spectrum"], lo, hi, MAX_BLOCK),
         "tmass": _read_range(raw_files["tmass"], "tmass", lo, hi, _TMASS_COLS) if raw_files.get("tmass") else None,
         "unwise": _read_range(raw_files["unwise"], "unwise", lo, hi, _UNWISE_COLS) if raw_files.get("unwise") else None,
     }
