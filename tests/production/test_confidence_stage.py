@@ -65,7 +65,7 @@ def _write_run(run: Path, rng: np.random.Generator) -> dict:
     return {"sid": sid, "theta": theta, "plx": plx, "flux": flux, "labelled": labelled}
 
 
-def _fake_fit_factory(truth: dict, bad_rate: float = 0.3):
+def _fake_fit_factory(truth: dict, bad_rate: float = 0.4):
     """A stand-in for the Eq. 19 fit: truth + noise, with some stars badly off and a residual signature."""
 
     def fake_fit(inference, cond, chunk):
@@ -101,7 +101,11 @@ def test_stage_stores_classifiers_in_artifact(tmp_path, rng, monkeypatch):
     out = S.train_confidence_run(tmp_path, _config())
     for p in ("teff", "feh", "logg"):
         assert out[f"auc_{p}"] >= 0.85
-    assert out["stars_labelled"] == int(truth["labelled"].sum())
+    from xpcat.production.training_set import split_is_validation
+
+    val = split_is_validation(truth["sid"], _config().training.validation_fraction) & truth["labelled"]
+    assert out["label_set"] == "validation"
+    assert out["stars_labelled"] == int(val.sum())
     assert out["stars_basic_cut"] == out["stars_labelled"] - 5
 
     from xpcat.model.artifact import load_artifact
@@ -141,3 +145,12 @@ def test_missing_inputs_name_the_stage(tmp_path, rng):
         p.unlink()
     with pytest.raises(StageError, match="no label table"):
         S.train_confidence_run(tmp_path, _config())
+
+
+def test_small_validation_split_falls_back_to_all_labelled(tmp_path, rng, monkeypatch):
+    truth = _write_run(tmp_path, rng)
+    monkeypatch.setattr(S, "fit_stars", _fake_fit_factory(truth, bad_rate=0.05))
+    out = S.train_confidence_run(tmp_path, _config())
+    assert out["label_set"].startswith("all labelled")
+    assert out["stars_labelled"] == int(truth["labelled"].sum())
+    assert all(0.0 <= out[f"auc_{p}"] <= 1.0 for p in ("teff", "feh", "logg"))

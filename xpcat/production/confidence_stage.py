@@ -3,10 +3,13 @@
 Sec. 4.4 / Appendix B, SPEC §7:
 
 1. The labelled stars (``raw/labels``, or ``[data] labels``) that the model
-   did not train on (the training stage's validation split, when it can be
-   identified; else every labelled star) are fitted with the trained model
-   and type prior **without their labels** (Eq. 19, :mod:`xpcat.model.inference`),
-   from their conditioned partitions.
+   did not train on (the training stage's validation split,
+   :func:`xpcat.production.training_set.split_is_validation`) are fitted with
+   the trained model and type prior **without their labels** (Eq. 19,
+   :mod:`xpcat.model.inference`), from their conditioned partitions. When
+   that split has too few good or bad stars for a classifier (small runs),
+   the labelled training stars are added, also fitted without their labels,
+   and the summary's ``label_set`` says so.
 2. chi^2_eps against the labels gives good (< 4) / bad (> 9) per parameter;
    only stars passing the basic cut (quality_flags bits 3-5 clear) are used.
 3. 20 % (``[confidence] holdout_fraction``) are held out; the ROC AUC of each
@@ -241,16 +244,10 @@ def holdout_mask(source_id: np.ndarray, fraction: float, seed: int = 0) -> np.nd
 
 
 def _validation_mask(source_id: np.ndarray, config: RunConfig, artifact: Any) -> np.ndarray | None:
-    """Which labelled stars the model did not train on, if the training stage says so (else None)."""
-    ids = artifact.data_summary.get("validation_source_ids") if isinstance(artifact.data_summary, dict) else None
-    if ids is not None:
-        return np.isin(source_id, np.asarray(ids, dtype=np.int64))
-    try:
-        from ..production import training as T  # the training stage, when it defines its split
-    except ImportError:
-        return None
-    fn = getattr(T, "validation_mask", None)
-    return None if fn is None else np.asarray(fn(source_id, config), dtype=bool)
+    """Which labelled stars the model did not train on: the training stage's validation split (by source_id)."""
+    from .training_set import split_is_validation
+
+    return np.asarray(split_is_validation(source_id, config.training.validation_fraction), dtype=bool)
 
 
 def train_confidence_run(run_dir: Path, config: RunConfig, *, model_dir: Path | None = None,
@@ -292,28 +289,52 @@ def train_confidence_run(run_dir: Path, config: RunConfig, *, model_dir: Path | 
     artifact = load_artifact(model_dir)
     labels = read_labels(run_dir, config)
     sid_all = labels.column("source_id").to_numpy()
+    model = forward_model if forward_model is not None else artifact.forward_model()
+    inference = Inference(model, artifact.gmm, InferenceSettings.from_config(config))
+    settings = C.ClassifierSettings.from_config(config.confidence)
+
+    def fit_subset(mask: np.ndarray) -> tuple[dict, dict, np.ndarray, dict, np.ndarray]:
+        sub = labels.filter(pa.array(mask))
+        cond = read_conditioned(run_dir, sub.column("source_id").to_numpy())
+        lab = sub.filter(pc.is_in(sub.column("source_id"), value_set=pa.array(cond["source_id"])))
+        ref = {c: np.asarray(lab.column(c).to_numpy(zero_copy_only=False), dtype=np.float64)
+               for c in _LABEL_COLUMNS[1:]}
+        logger.info("confidence: fitting %d labelled stars without their labels", len(cond["source_id"]))
+        if len(cond["source_id"]) == 0:
+            return {}, cond, np.zeros((0, C.N_FEATURES)), {p: np.zeros(0) for p in C.PARAMETERS}, np.zeros(0, bool)
+        fit = fit_stars(inference, cond, config.inference.batch_size)
+        features, ylab, basic = training_set(fit, cond, ref)
+        core = [C.FEATURE_NAMES.index(k) for k in C.CORE_FEATURES]
+        keep = basic & np.all(np.isfinite(features[:, core]), axis=1)
+        return fit, cond, features, ylab, keep
+
+    def enough(ylab: dict, keep: np.ndarray, sid: np.ndarray) -> bool:
+        hold = holdout_mask(sid, settings.holdout_fraction, config.run.seed)
+        return all(min(np.sum(y[keep & ~hold] == 1), np.sum(y[keep & ~hold] == 0)) >= settings.min_per_class
+                   for y in ylab.values())
+
     val = _validation_mask(sid_all, config, artifact)
-    if val is not None and val.sum() > 0:
+    if val is not None and val.any():
         logger.info("confidence: %d of %d labelled stars are in the model's validation split", val.sum(), val.size)
-        labels = labels.filter(pa.array(val))
         which = "validation"
+        _, cond, features, ylab, keep = fit_subset(val)
+        if not enough(ylab, keep, cond["source_id"]) and (~val).any():
+            logger.warning("confidence: too few good or bad validation stars; also using the %d labelled training "
+                           "stars (fitted without their labels)", int((~val).sum()))
+            which = "all labelled (validation split too small)"
+            _, cond2, f2, y2, k2 = fit_subset(~val)
+            order = np.argsort(np.concatenate([cond["source_id"], cond2["source_id"]]), kind="stable")
+            cond = {k: np.concatenate([cond[k], cond2[k]])[order] for k in cond}
+            features = np.concatenate([features, f2])[order]
+            ylab = {p: np.concatenate([ylab[p], y2[p]])[order] for p in ylab}
+            keep = np.concatenate([keep, k2])[order]
     else:
         logger.info("confidence: training split not identifiable; using all %d labelled stars", sid_all.size)
         which = "all labelled"
-    cond = read_conditioned(run_dir, labels.column("source_id").to_numpy())
+        _, cond, features, ylab, keep = fit_subset(np.ones(sid_all.size, bool))
     n = len(cond["source_id"])
     if n == 0:
         raise StageError("none of the labelled stars is in the conditioned partitions; nothing to train on")
-    lab = labels.filter(pc.is_in(labels.column("source_id"), value_set=pa.array(cond["source_id"])))
-    ref = {c: np.asarray(lab.column(c).to_numpy(zero_copy_only=False), dtype=np.float64) for c in _LABEL_COLUMNS[1:]}
-    logger.info("confidence: fitting %d labelled stars without their labels", n)
-
-    model = forward_model if forward_model is not None else artifact.forward_model()
-    inference = Inference(model, artifact.gmm, InferenceSettings.from_config(config))
-    fit = fit_stars(inference, cond, config.inference.batch_size)
-    features, ylab, basic = training_set(fit, cond, ref)
-    keep = basic & np.all(np.isfinite(features[:, [C.FEATURE_NAMES.index(k) for k in C.CORE_FEATURES]]), axis=1)
-    settings = C.ClassifierSettings.from_config(config.confidence)
     try:
         clf, report = C.train_confidence_classifiers(
             features[keep], {p: y[keep] for p, y in ylab.items()}, settings, seed=config.run.seed,
