@@ -1,0 +1,163 @@
+"""Tests of the training phases (Table 1) on arrays from a known model."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from xpcat.errors import StageError
+from xpcat.model import forward as fw
+from xpcat.model import training_phases as tp
+from xpcat.model.training import TrainingData, TrainingDataError
+
+from _training_data import make_training_data  # tests/model is on sys.path (pytest prepend mode)
+
+WL = np.concatenate([np.arange(392.0, 993.0, 10.0), [1235.0, 1662.0, 2159.0, 3352.6, 4602.8]])
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    """A random smooth 'teacher' network with a known extinction curve R."""
+    scaler = {"mean": np.array([5500.0, -0.2, 3.8], np.float32), "scale": np.array([700.0, 0.3, 1.0], np.float32)}
+    params = fw.init_params(jax.random.PRNGKey(11), n_hidden=2, width=8,
+                            out_bias=np.log(60.0) - 1e-3 * (WL - 600.0) ** 2 / 1000.0,
+                            ln_r=np.log(3.1 * (WL / 550.0) ** -1.3))
+    params["layers"] = [{k: v * 0.3 for k, v in layer.items()} for layer in params["layers"]]
+    params["ln_R"] = jnp.log(3.1 * (jnp.asarray(WL) / 550.0) ** -1.3)
+    return fw.ForwardModel(params, scaler, "tanh")
+
+
+QUICK = dict(batch_size=256, epochs=12, lr_drop_epochs=(8,), model_optimizer="adam", star_optimizer="adam",
+             model_lr=(3e-3, 1e-3, 3e-4), star_lr=(3e-3, 3e-3, 1e-3), phase3_steps=48, phase6_steps=64,
+             phase6_halve_every=16, init_steps=800, width=16, n_hidden=2)
+
+
+@pytest.fixture(scope="module")
+def trained(teacher, tmp_path_factory):
+    data, truth = make_training_data(teacher.predict_flux, 3000, seed=2, binary_fraction=0.08)
+    ck = tmp_path_factory.mktemp("ck")
+    res = tp.train_model(data, tp.Schedule(**QUICK), WL, checkpoint_dir=ck)
+    return data, truth, res, ck
+
+
+def test_all_phases_run_and_losses_fall(trained):
+    _, _, res, _ = trained
+    ph = res.history["phases"]
+    assert set(ph) == {"1", "2", "3", "4", "5", "6"}
+    assert ph["2"]["model_loss"][-1] < ph["1"]["model_loss"][0]
+    assert ph["3"]["mean_star_loss"][-1] < ph["3"]["mean_star_loss"][0]
+    assert ph["6"]["mean_star_loss"][-1] <= ph["6"]["mean_star_loss"][0]
+    c = ph["4"]
+    assert c["removed_union"] == c["n"] - c["kept"]
+    assert max(c["removed_param"], c["removed_flux"]) <= c["removed_union"] <= c["removed_param"] + c["removed_flux"]
+
+
+def test_recovers_teacher_extinction_curve(trained, teacher):
+    _, _, res, _ = trained
+    R = np.exp(res.params["ln_R"])
+    Rt = np.asarray(teacher.R)
+    ratio = (R[:61] / R[0]) / (Rt[:61] / Rt[0])
+    # started from a generic lambda^-1.5 curve; the teacher's is lambda^-1.3
+    start = np.exp(tp.generic_ln_r(WL))
+    start_ratio = (start[:61] / start[0]) / (Rt[:61] / Rt[0])
+    assert np.max(np.abs(ratio - 1)) < 0.05 < np.max(np.abs(start_ratio - 1))
+
+
+def test_learns_teacher_fluxes(trained, teacher):
+    data, truth, res, _ = trained
+    m = fw.ForwardModel(res.params, res.scaler, "tanh")
+    single = ~truth["is_binary"]
+    th = jnp.asarray(truth["theta"][single], jnp.float32)
+    f = np.asarray(jax.vmap(m.predict_flux)(th, jnp.log(truth["plx"][single]).astype(jnp.float32),
+                                            jnp.log(truth["e"][single]).astype(jnp.float32)))
+    chi = (f - data.flux[single]) / data.flux_error[single]
+    f0 = np.exp(np.asarray(jax.vmap(fw.ln_flux_abs, in_axes=(None, None, 0))(res.params, res.scaler, th)))
+    # far better than the warm start alone, and close to the noise
+    assert np.median(np.abs(chi)) < 3.0
+    assert np.all(np.isfinite(f0))
+
+
+def test_self_cleaning_catches_binaries(trained):
+    _, truth, res, _ = trained
+    removed = res.removed_param | res.removed_flux
+    assert removed[truth["is_binary"]].mean() > 0.6
+    assert removed[~truth["is_binary"]].mean() < removed[truth["is_binary"]].mean() / 2
+
+
+def test_stars_move_toward_truth(trained):
+    data, truth, res, _ = trained
+    e_obs = np.abs(np.log(data.plx_obs) - np.log(truth["plx"]))
+    e_fit = np.abs(np.log(res.stars["plx"]) - np.log(truth["plx"]))
+    single = ~truth["is_binary"]
+    assert np.median(e_fit[single]) < np.median(e_obs[single])
+
+
+def test_resume_from_checkpoints(trained):
+    data, _, res, ck = trained
+    assert all((ck / f"phase{k}.json").is_file() for k in range(1, 7))
+    # delete the last two phases: a resume runs only 5 and 6 again
+    for k in (5, 6):
+        (ck / f"phase{k}.json").unlink()
+    again = tp.train_model(data, tp.Schedule(**QUICK), WL, checkpoint_dir=ck)
+    assert again.resumed_from == 4
+    np.testing.assert_array_equal(again.removed_param, res.removed_param)
+    # a full set of checkpoints: nothing to do, the same model
+    third = tp.train_model(data, tp.Schedule(**QUICK), WL, checkpoint_dir=ck)
+    assert third.resumed_from == 6
+    np.testing.assert_array_equal(third.params["ln_R"], again.params["ln_R"])
+    # another schedule does not reuse them
+    other = dict(QUICK, epochs=1, phase3_steps=2, phase6_steps=2, init_steps=10)
+    fresh = tp.train_model(data, tp.Schedule(**other), WL, checkpoint_dir=ck / "other")
+    assert fresh.resumed_from == 0
+    marker = json.loads((ck / "phase6.json").read_text())
+    assert marker["phase"] == 6
+
+
+def test_nan_stops_training_naming_the_batch(teacher):
+    data, _ = make_training_data(teacher.predict_flux, 600, seed=5)
+    data.flux[17, 5] = np.float32(1e38)  # overflows chi^2 in float32
+    data.factor_triu[17, :] = np.float32(1e30)
+    with pytest.raises(tp.TrainingDivergedError, match=r"phase 1, epoch 0, batch \d+ .*source_id"):
+        tp.train_model(data, tp.Schedule(**dict(QUICK, epochs=1, init_steps=5, batch_size=128)), WL)
+
+
+def test_too_small_and_bad_inputs(teacher):
+    data, _ = make_training_data(teacher.predict_flux, 300, seed=6)
+    with pytest.raises(StageError, match="fewer than one batch"):
+        tp.train_model(data, tp.Schedule(**dict(QUICK, batch_size=512)), WL)
+    kw = {k: getattr(data, k) for k in TrainingData.__dataclass_fields__}
+    bad = dict(kw, theta_err=kw["theta_err"].copy())
+    bad["theta_err"][4, 1] = np.nan
+    with pytest.raises(TrainingDataError, match="non-finite theta_err .*source_id 4007"):
+        TrainingData(**bad)
+    with pytest.raises(TrainingDataError, match=r"'flux' has shape \(300, 61\)"):
+        TrainingData(**dict(kw, flux=kw["flux"][:, :61]))
+    neg = dict(kw, plx_obs=kw["plx_obs"].copy())
+    neg["plx_obs"][0] = -1.0
+    with pytest.raises(TrainingDataError, match="parallax <= 0"):
+        TrainingData(**neg)
+
+
+def test_schedule_from_config_defaults_are_the_paper():
+    from xpcat.config import RunConfig, config_from_dict
+
+    s = tp.Schedule.from_config(RunConfig())
+    assert (s.batch_size, s.epochs, s.lr_drop_epochs) == (512, 128, (32, 64, 96))
+    assert s.model_lr == (1e-3, 1e-5, 1e-7) and s.star_lr == (1e-4, 1e-4, 1e-5)
+    assert (s.model_optimizer, s.model_momentum, s.star_optimizer) == ("sgd", 0.5, "sgd")
+    assert (s.phase3_steps, s.phase6_steps, s.phase6_lr, s.phase6_halve_every) == (128, 4096, 1e-2, 512)
+    q = tp.Schedule.from_config(config_from_dict({"training": {"preset": "quick"}}))
+    assert q.epochs < s.epochs
+
+
+def test_paper_sgd_step_runs(teacher):
+    """The paper's optimiser settings (SGD momentum 0.5 / 0) run a model+star epoch without diverging."""
+    data, _ = make_training_data(teacher.predict_flux, 700, seed=8)
+    s = tp.Schedule(batch_size=256, epochs=2, lr_drop_epochs=(1,), phase3_steps=2, phase6_steps=2, init_steps=200,
+                    width=8, n_hidden=2)
+    res = tp.train_model(data, s, WL)
+    assert np.isfinite(res.history["phases"]["5"]["model_loss"][-1])
