@@ -8,7 +8,6 @@ and scaled (exactly, by powers of two) so no two stars are alike.
 from __future__ import annotations
 
 import glob
-import io
 import zipfile
 from pathlib import Path
 
@@ -163,8 +162,3 @@ def read_fetched(raw_root: Path, table: str) -> pa.Table:
     files = sorted((raw_root / table).glob("*.parquet"))
     return pa.concat_tables([pq.read_table(f) for f in files]).sort_by("source_id")
 
-
-def io_bytes(table: pa.Table) -> bytes:  # pragma: no cover - debugging helper
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    return buf.getvalue()

@@ -86,8 +86,8 @@ def test_fetch_with_faults_every_star_once_or_missing(universe, tmp_path):
     d, tables = universe
     exp = expected_fetch(tables)
     run = tmp_path / "run"
-    opts = FetchOptions(timeout_s=0.5, max_attempts=12, datalink_batch=5, missing_rounds=4, **FAST)
-    with LocalArchive(d, error_rate=0.15, short_rate=0.5, stall_rate=0.03, stall_seconds=2, seed=5) as arc:
+    opts = FetchOptions(timeout_s=1.5, max_attempts=12, datalink_batch=5, missing_rounds=4, **FAST)
+    with LocalArchive(d, error_rate=0.15, short_rate=0.5, stall_rate=0.03, stall_seconds=4, seed=5) as arc:
         s = fetch_run(run, _config(), archive_url=arc.url, login=False, options=opts)
         stats = arc.stats
     assert stats["errors_injected"] > 0 and stats["short_answers"] > 0
@@ -191,6 +191,10 @@ def test_login_needs_credentials(monkeypatch):
     monkeypatch.delenv("GAIA_PASSWORD", raising=False)
     with pytest.raises(InputError, match="GAIA_USER"):
         build_client("http://127.0.0.1:9/", login=True)
+    monkeypatch.setenv("GAIA_USER", "someone")
+    monkeypatch.setenv("GAIA_PASSWORD", "secret")
+    with socket_timeout(5), pytest.raises(InputError, match="login to http://127.0.0.1:9/ failed"):
+        build_client("http://127.0.0.1:9/", login=True)  # nothing listens there (HTTPS port 443 either)
 
 
 def test_astroquery_import_does_not_reach_the_network(monkeypatch):

@@ -113,10 +113,11 @@ WHERE (g.has_xp_continuous = 'True')
 ORDER BY g.source_id"""
 
 #: Sources with XP spectra per pixel at a level: which ranges exist and how many rows each must have.
-CENSUS_ADQL = """SELECT gaia_healpix_index({level}, source_id) AS pix, COUNT(*) AS n
-FROM gaiadr3.gaia_source
-WHERE has_xp_continuous = 'True'
-GROUP BY gaia_healpix_index({level}, source_id)"""
+CENSUS_ADQL = """SELECT gaia_healpix_index({level}, g.source_id) AS pix, COUNT(*) AS n
+FROM gaiadr3.gaia_source AS g
+  JOIN gaiadr3.astrophysical_parameters AS p ON g.source_id = p.source_id
+WHERE g.has_xp_continuous = 'True'
+GROUP BY gaia_healpix_index({level}, g.source_id)"""
 
 _TABLES = ("gaia_source", "tmass", "xp_continuous_mean_spectrum")
 
@@ -308,7 +309,10 @@ def build_client(archive_url: str, *, login: bool = False):
         user, password = os.environ.get("GAIA_USER"), os.environ.get("GAIA_PASSWORD")
         if not user or not password:
             raise InputError("--login needs the environment variables GAIA_USER and GAIA_PASSWORD")
-        client.login(user=user, password=password)
+        try:
+            client.login(user=user, password=password)
+        except (OSError, http.client.HTTPException) as err:
+            raise InputError(f"login to {url} failed: {err} (login needs the archive's HTTPS endpoint)") from err
         # GaiaClass.login logs and swallows a refused login; check the TapPlus flag it sets.
         if not getattr(client, "_TapPlus__isLoggedIn", True):
             raise InputError(f"login to {url} as {user!r} failed (check GAIA_USER / GAIA_PASSWORD)")
@@ -383,6 +387,8 @@ def load_xp(client: Any, source_ids: np.ndarray, options: FetchOptions, workdir:
             data_structure=options.data_structure, format="csv",
         )
     groups: dict[pa.Schema, list[pa.Table]] = {}
+    if files and not any(k.startswith("XP_CONTINUOUS") for k in files):
+        raise _Permanent(f"DataLink answer holds no XP_CONTINUOUS file; got {', '.join(sorted(files)[:5])}")
     for key in sorted(files):
         if not key.startswith("XP_CONTINUOUS"):
             continue
