@@ -119,6 +119,12 @@ def test_stage_stores_classifiers_in_artifact(tmp_path, rng, monkeypatch):
     state = json.loads((tmp_path / "state" / "confidence.json").read_text())
     assert state["auc_logg"] == pytest.approx(out["auc_logg"])
     assert state["classifiers"]["teff"]["n_holdout_bad"] > 5
+    stars = np.load(tmp_path / S.STARS_FILE)
+    n = out["stars_labelled"]
+    assert stars["features"].shape == (n, C.N_FEATURES) and stars["confidence"].shape == (n, 3)
+    assert stars["used"].sum() == out["stars_basic_cut"]
+    np.testing.assert_allclose(stars["confidence"], C.predict_confidence(art.components["confidence"],
+                                                                         stars["features"]), rtol=1e-5)
     # the stored classifiers apply to new features
     X = np.random.default_rng(0).normal(size=(4, C.N_FEATURES))
     conf = C.predict_confidence(art.components["confidence"], X)

@@ -43,6 +43,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "COMPONENT",
     "STATE_FILE",
+    "STARS_FILE",
     "CONDITIONED_COLUMNS",
     "read_labels",
     "read_conditioned",
@@ -56,6 +57,8 @@ __all__ = [
 COMPONENT = "confidence"
 #: Report of the last training, relative to the run directory.
 STATE_FILE = Path("state") / "confidence.json"
+#: Per-star training set of the last training (features, labels, split, confidences), relative to the run.
+STARS_FILE = Path("state") / "confidence_stars.npz"
 #: Conditioned columns the fit and the features need.
 CONDITIONED_COLUMNS = (
     "source_id", "flux", "flux_error", "flux_factor_triu", "parallax", "parallax_error", "n_valid_flux",
@@ -243,6 +246,22 @@ def holdout_mask(source_id: np.ndarray, fraction: float, seed: int = 0) -> np.nd
     return (x >> np.uint64(11)).astype(np.float64) / float(2**53) < fraction
 
 
+def _write_stars(path: Path, source_id: np.ndarray, features: np.ndarray, est: np.ndarray, ref: np.ndarray,
+                 labels: dict[str, np.ndarray], keep: np.ndarray, holdout: np.ndarray, confidence: np.ndarray) -> None:
+    """Save the per-star training set (for diagnostics and Fig. 10-style checks), atomically.
+
+    Arrays: ``source_id`` (n,), ``features`` (n, F), ``est`` and ``ref`` (n, 3)
+    Teff [K], [Fe/H], logg, ``labels`` (n, 3) 1/0/NaN, ``used`` (n,) basic cut
+    and finite features, ``holdout`` (n,), ``confidence`` (n, 3).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, source_id=source_id, features=features, est=est, ref=ref,
+             labels=np.column_stack([labels[p] for p in C.PARAMETERS]), used=keep, holdout=holdout,
+             confidence=confidence, feature_names=np.asarray(C.FEATURE_NAMES))
+    os.replace(tmp, path)
+
+
 def _validation_mask(source_id: np.ndarray, config: RunConfig, artifact: Any) -> np.ndarray | None:
     """Which labelled stars the model did not train on: the training stage's validation split (by source_id)."""
     from .training_set import split_is_validation
@@ -294,19 +313,24 @@ def train_confidence_run(run_dir: Path, config: RunConfig, *, model_dir: Path | 
     settings = C.ClassifierSettings.from_config(config.confidence)
 
     def fit_subset(mask: np.ndarray) -> tuple[dict, dict, np.ndarray, dict, np.ndarray]:
+        """Fit the labelled stars in ``mask``: (est | ref arrays, cond, features, labels, keep)."""
         sub = labels.filter(pa.array(mask))
         cond = read_conditioned(run_dir, sub.column("source_id").to_numpy())
         lab = sub.filter(pc.is_in(sub.column("source_id"), value_set=pa.array(cond["source_id"])))
         ref = {c: np.asarray(lab.column(c).to_numpy(zero_copy_only=False), dtype=np.float64)
                for c in _LABEL_COLUMNS[1:]}
         logger.info("confidence: fitting %d labelled stars without their labels", len(cond["source_id"]))
-        if len(cond["source_id"]) == 0:
-            return {}, cond, np.zeros((0, C.N_FEATURES)), {p: np.zeros(0) for p in C.PARAMETERS}, np.zeros(0, bool)
+        m = len(cond["source_id"])
+        if m == 0:
+            return ({"est": np.zeros((0, 3)), "ref": np.zeros((0, 3))}, cond, np.zeros((0, C.N_FEATURES)),
+                    {p: np.zeros(0) for p in C.PARAMETERS}, np.zeros(0, bool))
         fit = fit_stars(inference, cond, config.inference.batch_size)
         features, ylab, basic = training_set(fit, cond, ref)
         core = [C.FEATURE_NAMES.index(k) for k in C.CORE_FEATURES]
         keep = basic & np.all(np.isfinite(features[:, core]), axis=1)
-        return fit, cond, features, ylab, keep
+        est = np.asarray(fit["params5"], dtype=np.float64)[:, :3] * np.array([1000.0, 1.0, 1.0])
+        er = {"est": est, "ref": np.column_stack([ref["teff"], ref["feh"], ref["logg"]])}
+        return er, cond, features, ylab, keep
 
     def enough(ylab: dict, keep: np.ndarray, sid: np.ndarray) -> bool:
         hold = holdout_mask(sid, settings.holdout_fraction, config.run.seed)
@@ -317,21 +341,22 @@ def train_confidence_run(run_dir: Path, config: RunConfig, *, model_dir: Path | 
     if val is not None and val.any():
         logger.info("confidence: %d of %d labelled stars are in the model's validation split", val.sum(), val.size)
         which = "validation"
-        _, cond, features, ylab, keep = fit_subset(val)
+        er, cond, features, ylab, keep = fit_subset(val)
         if not enough(ylab, keep, cond["source_id"]) and (~val).any():
             logger.warning("confidence: too few good or bad validation stars; also using the %d labelled training "
                            "stars (fitted without their labels)", int((~val).sum()))
             which = "all labelled (validation split too small)"
-            _, cond2, f2, y2, k2 = fit_subset(~val)
+            er2, cond2, f2, y2, k2 = fit_subset(~val)
             order = np.argsort(np.concatenate([cond["source_id"], cond2["source_id"]]), kind="stable")
             cond = {k: np.concatenate([cond[k], cond2[k]])[order] for k in cond}
+            er = {k: np.concatenate([er[k], er2[k]])[order] for k in er}
             features = np.concatenate([features, f2])[order]
             ylab = {p: np.concatenate([ylab[p], y2[p]])[order] for p in ylab}
             keep = np.concatenate([keep, k2])[order]
     else:
         logger.info("confidence: training split not identifiable; using all %d labelled stars", sid_all.size)
         which = "all labelled"
-        _, cond, features, ylab, keep = fit_subset(np.ones(sid_all.size, bool))
+        er, cond, features, ylab, keep = fit_subset(np.ones(sid_all.size, bool))
     n = len(cond["source_id"])
     if n == 0:
         raise StageError("none of the labelled stars is in the conditioned partitions; nothing to train on")
@@ -342,6 +367,9 @@ def train_confidence_run(run_dir: Path, config: RunConfig, *, model_dir: Path | 
         )
     except C.TooFewLabelsError as err:
         raise StageError(f"{err} (of {int(keep.sum())} labelled stars passing the basic cut)") from err
+    _write_stars(run_dir / STARS_FILE, cond["source_id"], features, er["est"], er["ref"], ylab, keep,
+                 holdout_mask(cond["source_id"], settings.holdout_fraction, config.run.seed),
+                 C.predict_confidence(clf, features))
     summary: dict[str, Any] = {
         "stars_labelled": int(n),
         "stars_basic_cut": int(keep.sum()),
