@@ -23,7 +23,8 @@ from _archive_universe import (
 from xpcat.catalog_schema.raw import XP_CONTINUOUS
 from xpcat.config import RunConfig, config_from_dict, config_to_dict
 from xpcat.errors import InputError
-from xpcat.production.archive import FetchOptions, RangeFailed, _with_retries, build_client, fetch_run, socket_timeout
+from xpcat.production.archive import fetch_run
+from xpcat.production.archive_client import FetchOptions, RangeFailed, _with_retries, build_client, socket_timeout
 from xpcat.production.archive_format import astropy_to_arrow, conform_rows
 from xpcat.production.archive_server import AdqlError, LocalArchive
 from xpcat.production.bulk import iter_bulk_file
@@ -202,13 +203,13 @@ def test_astroquery_import_does_not_reach_the_network(monkeypatch):
     import http.client
     import sys
 
-    from xpcat.production import archive
+    from xpcat.production import archive_client
 
     attempts = []
     monkeypatch.setattr(http.client.HTTPConnection, "connect", lambda self: attempts.append(self.host))
     for mod in [m for m in sys.modules if m.startswith("astroquery.gaia")]:
         monkeypatch.delitem(sys.modules, mod)
-    cls = archive._gaia_class()
+    cls = archive_client._gaia_class()
     assert cls.__name__ == "GaiaClass" and attempts == []
     assert http.client.HTTPConnection.connect is not None
 
