@@ -88,6 +88,10 @@ def _fabricate(run: Path, rng: np.random.Generator) -> dict:
     (run / "state").mkdir()
     (run / "state" / "last_run.json").write_text(json.dumps({"seconds": 12.5, "stages": {"infer": {"seconds": 7.0}}}))
     (run / "state" / "confidence.json").write_text(json.dumps({"auc_teff": 0.91, "auc_feh": 0.88, "auc_logg": 0.87}))
+    ref3 = np.column_stack([truth["teff"], truth["feh"], truth["logg"]])
+    est3 = ref3 + np.array([50.0, 0.1, 0.1]) * rng.standard_normal((N, 3)) * np.where(conf > 0.5, 1.0, 4.0)
+    np.savez(run / "state" / "confidence_stars.npz", est=est3, ref=ref3, used=qf < 8, holdout=rng.random(N) < 0.3,
+             confidence=conf)
     return {"sid": sid, "truth": truth, "est": est, "err": err, "qf": qf, "status": status, "conf": conf,
             "r_true": r_true, "r_learned": r_learned, "gaia_plx": truth["parallax"] + 0.05 * rng.standard_normal(N)}
 
@@ -130,7 +134,7 @@ def test_report_has_every_figure(fabricated):
     text = page.read_text()
     v = json.loads((run / "report" / "validation.json").read_text())
     names = ["kiel.png", "residuals.png", "residuals_normalised.png", "pulls.png", "flux_residuals.png",
-             "extinction_curve.png", "sky_median_e.png"]
+             "extinction_curve.png", "sky_median_e.png", "confidence.png"]
     assert sorted(v["figures"].values()) == sorted(names)
     for name in names:
         png = run / "report" / name
@@ -170,6 +174,14 @@ def test_numbers_equal_those_from_the_catalog(fabricated):
     assert f"<td>Basic cut</td><td>{int(b.sum())}</td>" in text
     assert "12.5 s" in text and "7.0 s" in text  # timings from the run state
     assert v["model_hash"] and v["model_hash"] in text
+    # Fig. 10: held-out confident vs not-confident scatter
+    d = np.load(run / "state" / "confidence_stars.npz")
+    sel = d["used"] & d["holdout"]
+    for j, p in enumerate(("teff", "feh", "logg")):
+        res = d["est"][:, j] - d["ref"][:, j]
+        good = sel & (d["confidence"][:, j] > 0.5)
+        assert v["confidence_scatter"][p]["confident"] == pytest.approx(_rsig(res[good]))
+        assert v["confidence_scatter"][p]["n_not_confident"] == int((sel & ~(d["confidence"][:, j] > 0.5)).sum())
 
 
 def test_hats_catalog_and_labels_reference(fabricated, tmp_path):

@@ -537,6 +537,40 @@ def _fig_sky(data: ReportData, out: Path) -> str:
     return _save(fig, out / "sky_median_e.png")
 
 
+def _fig_confidence(run_dir: Path, out: Path) -> tuple[str, dict[str, Any]]:
+    """Fig. 10: held-out residuals (estimate - label) of stars labelled confident vs not confident.
+
+    Reads ``state/confidence_stars.npz`` written by ``xpcat train-confidence``.
+    Returns the figure name and, per parameter, the robust sigma of each group.
+    """
+    plt = _plt()
+    path = run_dir / "state" / "confidence_stars.npz"
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
+    scatter: dict[str, Any] = {}
+    if path.is_file():
+        d = np.load(path)
+        sel = d["used"] & d["holdout"]
+        for j, (p, ax) in enumerate(zip(("teff", "feh", "logg"), axes)):
+            res = d["est"][:, j] - d["ref"][:, j]
+            conf = d["confidence"][:, j] > CONFIDENCE_THRESHOLD
+            good, bad = sel & conf & np.isfinite(res), sel & ~conf & np.isfinite(res)
+            scatter[p] = {"confident": robust_sigma(res[good]), "not_confident": robust_sigma(res[bad]),
+                          "n_confident": int(good.sum()), "n_not_confident": int(bad.sum())}
+            ax.plot(d["ref"][good, j], res[good], ".", ms=3, color="C0", label=f"confident ({int(good.sum())})")
+            ax.plot(d["ref"][bad, j], res[bad], ".", ms=3, color="C3", label=f"not confident ({int(bad.sum())})")
+            ax.axhline(0, color="k", lw=0.6)
+            ax.set_xlabel(f"label {_LABEL[p]}")
+            ax.set_ylabel("estimate - label")
+            ax.set_title(f"{p}: sigma {_fmt(scatter[p]['confident'])} vs {_fmt(scatter[p]['not_confident'])}",
+                         fontsize=9)
+            ax.legend(fontsize=7)
+        fig.suptitle("held-out classifier stars (basic cut): confident vs not confident (as Fig. 10)")
+    else:
+        axes[1].text(0.5, 0.5, "no confidence training set (run `xpcat train-confidence`)", ha="center",
+                     va="center", transform=axes[1].transAxes)
+    return _save(fig, out / "confidence.png"), scatter
+
+
 # --------------------------------------------------------------------------- page
 
 
@@ -635,6 +669,7 @@ def _page(validation: dict, counts: list, facts: list, figs: dict[str, str]) -> 
         "residuals_normalised": "Normalised residuals (as Fig. 8)", "pulls": "Pull distributions",
         "flux_residuals": "Flux residuals vs wavelength (as Fig. 9)",
         "extinction_curve": "Learned R(lambda) vs CCM89 (R_V = 2.8, 3.1, 3.4)", "sky": "Sky map of median E",
+        "confidence": "Confidence classifiers on held-out stars (as Fig. 10)",
     }
     for key, title in titles.items():
         parts.append(f"<h2>{html.escape(title)}</h2><img src='{html.escape(figs[key])}' alt='{html.escape(title)}'>")
@@ -701,6 +736,7 @@ def write_report(run_dir: Path) -> Path:
         "extinction_curve": _fig_extinction(R, wl, R_truth, out),
         "sky": _fig_sky(data, out),
     }
+    figs["confidence"], validation["confidence_scatter"] = _fig_confidence(run_dir, out)
     validation["figures"] = figs
     facts = _run_facts(run_dir, cat_info, artifact, data)
     clean = _json_clean(validation)
