@@ -332,7 +332,8 @@ def a_over_e(a: np.ndarray, b: np.ndarray, r_v: np.ndarray | float) -> np.ndarra
 class TruthModel:
     """The truth forward model at one R_V (the universe's mean), pure JAX.
 
-    Same interface as the learned forward model (see ``docs/contracts``):
+    Same interface as the learned forward model (:mod:`xpcat.model.forward`) that
+    :mod:`xpcat.model.inference` is generic over:
     ``ln_flux_abs(theta) -> (66,)``, ``R (66,)``, ``predict_flux(theta, ln_plx, ln_e) -> (66,)``.
     All fluxes are in the internal unit 1e-18 W m^-2 nm^-1; plx in mas; E in mag (E(B-V) of the law).
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -58,11 +59,11 @@ _BASIS_ID = {"bp": 56, "rp": 57}
 
 
 def _code_version() -> str:
-    try:
-        from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
+    try:
         return version("xpcat")
-    except Exception:  # noqa: BLE001  # package metadata absent in a bare checkout: report unknown
+    except PackageNotFoundError:  # a bare checkout without package metadata
         return "unknown"
 
 
@@ -151,7 +152,7 @@ def noiseless_fluxes(
     return np.concatenate([obs[:, :nf] @ proj.to_xp, obs[:, nf:]], axis=1)
 
 
-def _abs_g(proj: truth_model.ProjectionArrays):
+def _abs_g(proj: truth_model.ProjectionArrays) -> Callable[[np.ndarray], np.ndarray]:
     def g_at_1kpc(theta: np.ndarray) -> np.ndarray:
         # every 5th fine sample is enough for the magnitude limit (~0.01 mag)
         wl = proj.fine_wavelengths[::5]
