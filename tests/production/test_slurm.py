@@ -114,14 +114,14 @@ def test_machinery_survives_scancel_of_one_job(tmp_path, fake_stages):
 def test_machinery_lifetime_shorter_than_run(tmp_path, fake_stages):
     from xpcat.production.run import run_stages
 
-    sid = fake_stages.write_raw(tmp_path, 400, LEVEL, list(range(0, 768, 80)))
+    sid = fake_stages.write_raw(tmp_path, 400, LEVEL, list(range(0, 768, 64)))
     (tmp_path / "faults").mkdir()
-    (tmp_path / "faults" / "sleep").write_text("1.5")
-    cfg = slurm_config(tmp_path, lifetime="20s", lifetime_stagger="2s")
+    (tmp_path / "faults" / "sleep").write_text("3")  # 12 partitions x 2 stages x 3 s on 2 workers: > lifetime
+    cfg = slurm_config(tmp_path, lifetime="40s", lifetime_stagger="5s")
     t0 = time.time()
     out = run_stages(tmp_path, cfg, fake_stages.FAKE_STAGES)
     elapsed = time.time() - t0
-    assert elapsed > 30, "the run was not longer than the worker lifetime"
+    assert elapsed > 45, "the run was not longer than the worker lifetime"
     assert out["stages"]["infer"]["failed"] == 0
     _exactly_once(tmp_path, sid)
     assert len(list((tmp_path / "logs" / "jobs").glob("*.err"))) > 2  # more jobs than n_workers: workers rotated

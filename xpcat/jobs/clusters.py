@@ -178,6 +178,8 @@ def cluster_kwargs(profile: Profile, cfg: ClusterConfig, *, log_dir: Path | None
     kw = {"cores": cfg.threads_per_worker, "memory": cfg.memory_limit, "processes": 1}
     kw.update({k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in profile.cluster.items()})
     extra = list(kw.get("worker_extra_args") or []) + _lifetime_args(cfg)
+    if "--preload" not in extra:  # heavy imports before the worker registers (see xpcat.jobs.preload)
+        extra += ["--preload", "xpcat.jobs.preload"]
     kw["worker_extra_args"] = extra
     if log_dir is not None:
         kw.setdefault("log_directory", str(log_dir))

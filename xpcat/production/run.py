@@ -182,6 +182,7 @@ def _run_stage(client, stage: Stage, run_dir: Path, plan: Sequence[S.PartitionPl
                 stage.name, len(todo), len(plan) - len(todo) - len(skipped_blocked), len(skipped_blocked))
     if todo:
         (Path(run_dir) / S.STATE_DIR / f"{stage.name}.done").unlink(missing_ok=True)
+    t0 = time.perf_counter()
     futures = {}
     for p in todo:
         fut = client.submit(
@@ -216,7 +217,7 @@ def _run_stage(client, stage: Stage, run_dir: Path, plan: Sequence[S.PartitionPl
     still = [p.name for p in plan if p.name not in blocked and not S.quick_done(S.output_path(run_dir, stage.out_dir, p.name), p.rows)]
     if not still:
         S.mark_stage_done(run_dir, stage.name, {"partitions": len(plan), "time": _now()})
-    return {"submitted": len(todo), "completed": done, "failed": failed, "failed_partitions": failed_names,
+    return {"wall_seconds": time.perf_counter() - t0, "submitted": len(todo), "completed": done, "failed": failed, "failed_partitions": failed_names,
             "pending": still, "rows": rows, "task_seconds": seconds, "bytes": nbytes, "peak_rss_mib": peak}
 
 
@@ -314,7 +315,10 @@ def run_stages(run_dir: Path, config: RunConfig, stages: Sequence[Stage], *, mod
             if catalog and stages and not blocked:
                 from .catalog import build_catalog
 
+                t0 = time.perf_counter()
                 summary["stages"]["catalog"] = build_catalog(run_dir, config, stages[-1].out_dir, client=client)
+                summary["stages"]["catalog"]["wall_seconds"] = time.perf_counter() - t0
+                summary["workers"] = len(client.scheduler_info().get("workers", {}))
         summary["seconds"] = time.perf_counter() - t_start
         S.write_json_atomic(run_dir / S.STATE_DIR / "last_run.json", summary)
         failures = S.read_failures(run_dir)

@@ -1,0 +1,133 @@
+"""The production chain on a synthetic universe: stars/s per stage, peak memory, bytes per star.
+
+Runs, in a work folder: simulate (``xpcat.production.synthetic``) -> train
+(quick preset, unless ``--model`` gives an artifact) -> ``run_pipeline``
+(condition -> infer -> catalog on a LocalCluster). Prints one JSON object as
+the last stdout line:
+
+- ``stages.<stage>.stars_per_s``: stars / wall-clock seconds of the stage on
+  ``workers`` workers;
+- ``stages.<stage>.stars_per_s_per_worker``: stars / summed task seconds (the
+  rate of one worker process, what ``xpcat plan`` scales);
+- ``peak_memory_mib_per_worker``: largest ru_maxrss reported by a task;
+- ``bytes_per_star``: on-disk bytes of raw, conditioned, fitted and catalog
+  products divided by the number of stars.
+
+Usage::
+
+    python benchmarks/pipeline.py                  # 10^5 stars
+    python benchmarks/pipeline.py --million        # 10^6 stars
+    python benchmarks/pipeline.py --stars 2000 --out benchmarks/results/pipeline.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _machine import machine_info  # noqa: E402
+
+logger = logging.getLogger("benchmarks.pipeline")
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--stars", type=int, default=100_000, help="stars in the synthetic universe (default 10^5)")
+    ap.add_argument("--million", action="store_true", help="10^6 stars")
+    ap.add_argument("--workers", type=int, default=2, help="LocalCluster workers")
+    ap.add_argument("--memory-limit", default="4GiB", help="memory per worker")
+    ap.add_argument("--partition-level", type=int, default=None,
+                    help="HEALPix level of the working partitions (default: about 8 partitions per worker)")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--model", type=Path, default=None, help="an existing model artifact (skips training)")
+    ap.add_argument("--workdir", type=Path, default=None, help="work folder (default: a temporary one, removed)")
+    ap.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("distributed", "jax", "hats", "lsdb"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+    from xpcat.config import RunConfig, SimulationConfig
+    from xpcat.production.run import run_pipeline
+    from xpcat.production.synthetic import simulate_universe
+
+    n = 1_000_000 if args.million else args.stars
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="xpcat-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    level = args.partition_level
+    if level is None:  # Gaia-like sky: about 8 partitions per worker, at least level 1
+        level = 1
+        while 12 * 4**level < 8 * args.workers and level < 6:
+            level += 1
+    cfg = RunConfig().replace(
+        data={"partition_level": level},
+        training={"preset": "quick"},
+        cluster={"n_workers": args.workers, "memory_limit": args.memory_limit, "threads_per_worker": 1},
+    )
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    simulate_universe(work, SimulationConfig(n_stars=n, seed=args.seed))
+    timings["simulate"] = time.perf_counter() - t0
+    if args.model is not None:
+        shutil.copytree(args.model, work / "model", dirs_exist_ok=True)
+    elif not (work / "model").exists():
+        from xpcat.production.training_set import train_run
+
+        t0 = time.perf_counter()
+        train_run(work, cfg)
+        timings["train"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    summary = run_pipeline(work, cfg)
+    timings["run"] = time.perf_counter() - t0
+
+    stages = {}
+    for name in ("condition", "infer", "catalog"):
+        st = summary["stages"][name]
+        wall = float(st.get("wall_seconds") or 0.0)
+        task_s = float(st.get("task_seconds") or 0.0)
+        if name == "catalog":  # catalog tasks are short and many; its wall time on all workers is the cost
+            task_s = wall * summary.get("workers", args.workers)
+        stages[name] = {
+            "wall_seconds": wall,
+            "task_seconds": task_s,
+            "stars_per_s": n / wall if wall else None,
+            "stars_per_s_per_worker": n / task_s if task_s else None,
+        }
+    peak = max(float(summary["stages"][s].get("peak_rss_mib") or 0.0) for s in ("condition", "infer"))
+    sizes = {k: _dir_bytes(work / k) for k in ("raw", "conditioned", "fitted", "catalog")}
+    result = {
+        "benchmark": "pipeline",
+        "stars": n,
+        "partitions": summary["partitions"],
+        "partition_level": level,
+        "workers": args.workers,
+        "threads_per_worker": 1,
+        "timings_s": timings,
+        "stages": stages,
+        "peak_memory_mib_per_worker": peak,
+        "bytes_per_star": {k: v / n for k, v in sizes.items()},
+        "machine": machine_info(),
+    }
+    if args.workdir is None:
+        shutil.rmtree(work, ignore_errors=True)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
