@@ -213,3 +213,27 @@ def test_plan_turns_rates_into_node_hours(tmp_path):
     assert doc["partitions_max"] == 12 * 4**5
     with pytest.raises(Exception, match="GPU"):
         plan_run(1000, "slurm-gpu", bj)
+
+
+def test_real_conditioning_stage_on_a_synthetic_universe(tmp_path):
+    """The condition stage through ``conditioning.condition_partition`` on Dask, then a rerun does nothing."""
+    from xpcat.catalog_schema import CONDITIONED
+    from xpcat.config import SimulationConfig
+    from xpcat.production.run import _pipeline_context, default_stages
+    from xpcat.production.synthetic import simulate_universe
+
+    simulate_universe(tmp_path, SimulationConfig(n_stars=150, seed=3))
+    cfg = _config().replace(data={"partition_level": 1})
+    stages = default_stages()[:1]
+    out = run_stages(tmp_path, cfg, stages, catalog=False, context=_pipeline_context)
+    plan = S.read_plan(tmp_path)
+    assert out["stars"] == 150 and out["stages"]["condition"]["completed"] == len(plan) > 1
+    ids = []
+    for p in plan:
+        t = P.read_table(tmp_path / "conditioned" / f"{p.name}.parquet")
+        assert t.schema.names == CONDITIONED.names and t.num_rows == p.rows
+        ids.append(t.column("source_id").to_numpy())
+    raw = pq.read_table(tmp_path / "raw" / "gaia_source", columns=["source_id"]).column(0).to_numpy()
+    assert np.array_equal(np.sort(np.concatenate(ids)), np.sort(raw))
+    again = run_stages(tmp_path, cfg, stages, catalog=False, context=_pipeline_context)
+    assert again["stages"]["condition"]["submitted"] == 0
