@@ -122,3 +122,24 @@ def write_raw(run_dir: Path, n: int, level: int, pixels: list[int], seed: int = 
     d.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table({"source_id": sid, "ra": ra, "dec": dec}), d / f"{name}.parquet")
     return sid
+
+
+def make_artifact(path: Path, seed: int = 0, width: int = 8) -> str:
+    """A small untrained model artifact (random network, GMM of random labels); returns its hash.
+
+    Enough for pipeline mechanics (every star gets a row, flagged when its fit
+    fails); not for science.
+    """
+    import jax
+
+    from xpcat.catalog_schema import FLUX_UNIT_W_M2_NM
+    from xpcat.model.artifact import save_artifact
+    from xpcat.model.forward import init_params, make_scaler
+    from xpcat.model.prior import fit_gmm
+
+    rng = np.random.default_rng(seed)
+    labels = np.column_stack([rng.uniform(4000, 7000, 200), rng.normal(0, 0.3, 200), rng.uniform(1, 5, 200)])
+    params = jax.tree_util.tree_map(np.asarray, init_params(jax.random.PRNGKey(seed), n_hidden=1, width=width))
+    return save_artifact(path, params=params, scaler=make_scaler(labels), activation="tanh",
+                         gmm=fit_gmm(labels, n_components=2, seed=seed),
+                         wavelengths=np.linspace(392, 4602.8, 66), flux_unit=FLUX_UNIT_W_M2_NM)

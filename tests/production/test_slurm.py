@@ -125,3 +125,70 @@ def test_machinery_lifetime_shorter_than_run(tmp_path, fake_stages):
     assert out["stages"]["infer"]["failed"] == 0
     _exactly_once(tmp_path, sid)
     assert len(list((tmp_path / "logs" / "jobs").glob("*.err"))) > 2  # more jobs than n_workers: workers rotated
+
+
+# ---------------------------------------------------------------- the real `xpcat run`
+def _real_run_dir(tmp: Path, n_stars: int, **cluster) -> tuple[Path, Path, np.ndarray]:
+    """A synthetic universe, an untrained artifact and a config file for `xpcat run`."""
+    pytest.importorskip("xpcat.production.fitting", reason="the inference stage (xpcat.production.fitting) is not there yet")
+    from _fake_stages import make_artifact
+
+    from xpcat.config import SimulationConfig, write_config
+    from xpcat.production.synthetic import simulate_universe
+
+    rd = tmp / "run"
+    simulate_universe(rd, SimulationConfig(n_stars=n_stars, seed=11))
+    make_artifact(rd / "model")
+    cfg = slurm_config(tmp, **cluster).replace(
+        data={"partition_level": 1},
+        inference={"n_prior_samples": 16, "e_log10_step": 0.25, "n_refine": 2, "max_iterations": 5, "batch_size": 256},
+    )
+    cfg_path = write_config(cfg, tmp / "cfg")
+    sid = pq.read_table(rd / "raw" / "gaia_source", columns=["source_id"]).column(0).to_numpy()
+    return rd, cfg_path, sid
+
+
+def _xpcat(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    exe = Path(shutil.which("xpcat") or Path(os.sys.executable).with_name("xpcat"))
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "XPCAT_PROGRESS": "0"})
+
+
+def test_xpcat_run_completes_on_slurm(tmp_path):
+    rd, cfg_path, sid = _real_run_dir(tmp_path, 240)
+    res = _xpcat("run", str(cfg_path), "--run-dir", str(rd))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "Dask dashboard" in res.stderr
+    _exactly_once(rd, sid)
+    v = _xpcat("validate", str(rd))
+    assert v.returncode == 0 and "exactly once" in v.stdout
+
+
+def test_xpcat_run_survives_scancel_of_one_job(tmp_path):
+    rd, cfg_path, sid = _real_run_dir(tmp_path, 240, min_workers=2)
+    name = slurm_config(tmp_path).cluster.options["job_name"]
+    exe = shutil.which("xpcat") or str(Path(os.sys.executable).with_name("xpcat"))
+    proc = subprocess.Popen([exe, "run", str(cfg_path), "--run-dir", str(rd)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "XPCAT_PROGRESS": "0"})
+    killed = None
+    deadline = time.time() + 600
+    while proc.poll() is None and time.time() < deadline and killed is None:
+        jobs = _jobs(name)
+        if len(jobs) == 2 and list((rd / "conditioned").glob("*.done")):
+            subprocess.run(["scancel", jobs[0]], check=True)
+            killed = jobs[0]
+        time.sleep(0.5)
+    out, err = proc.communicate(timeout=900)
+    assert killed is not None, "no job was running to scancel"
+    assert proc.returncode == 0, err[-3000:]
+    _exactly_once(rd, sid)
+
+
+def test_xpcat_run_with_lifetime_shorter_than_run(tmp_path):
+    rd, cfg_path, sid = _real_run_dir(tmp_path, 240, lifetime="60s", lifetime_stagger="10s")
+    t0 = time.time()
+    res = _xpcat("run", str(cfg_path), "--run-dir", str(rd), timeout=1200)
+    assert res.returncode == 0, res.stderr[-3000:]
+    if time.time() - t0 > 75:  # the run outlived the workers: they were rotated
+        assert len(list((rd / "logs" / "jobs").glob("*.err"))) > 2
+    _exactly_once(rd, sid)
