@@ -189,6 +189,6 @@ def test_xpcat_run_with_lifetime_shorter_than_run(tmp_path):
     t0 = time.time()
     res = _xpcat("run", str(cfg_path), "--run-dir", str(rd), timeout=1200)
     assert res.returncode == 0, res.stderr[-3000:]
-    if time.time() - t0 > 75:  # the run outlived the workers: they were rotated
-        assert len(list((rd / "logs" / "jobs").glob("*.err"))) > 2
+    assert time.time() - t0 > 60, "the run was not longer than the worker lifetime"
+    assert len(list((rd / "logs" / "jobs").glob("*.err"))) > 2  # more jobs than n_workers: workers rotated
     _exactly_once(rd, sid)

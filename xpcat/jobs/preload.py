@@ -23,6 +23,9 @@ MODULES = (
     "xpcat.production.partitions",
     "xpcat.production.run",
     "xpcat.production.catalog",
+    "xpcat.production.conditioning",
+    "jax",
+    "xpcat.production.fitting",
 )
 
 
