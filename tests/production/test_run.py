@@ -237,3 +237,14 @@ def test_real_conditioning_stage_on_a_synthetic_universe(tmp_path):
     assert np.array_equal(np.sort(np.concatenate(ids)), np.sort(raw))
     again = run_stages(tmp_path, cfg, stages, catalog=False, context=_pipeline_context)
     assert again["stages"]["condition"]["submitted"] == 0
+
+
+def test_model_hash_recorded_when_first_used_then_frozen(tmp_path):
+    write_raw(tmp_path, 20, LEVEL, PIXELS)
+    cfg = _config()
+    assert S.check_resume(tmp_path, cfg, S.input_fingerprint(tmp_path, cfg), None) is False
+    # conditioning ran without a model; the first run with one records its hash
+    assert S.check_resume(tmp_path, cfg, S.input_fingerprint(tmp_path, cfg), "a" * 64) is True
+    assert json.loads((tmp_path / "state" / "run.json").read_text())["model_hash"] == "a" * 64
+    with pytest.raises(StageError, match="model artifact: 'a+' -> 'b+'"):
+        S.check_resume(tmp_path, cfg, S.input_fingerprint(tmp_path, cfg), "b" * 64)

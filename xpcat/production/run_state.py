@@ -164,7 +164,8 @@ def check_resume(run_dir: Path, config: RunConfig, inputs: dict[str, int], model
             changes.append(f"input removed: {f}")
         elif a != b:
             changes.append(f"input changed: {f} ({a} -> {b} bytes)")
-    if old.get("model_hash") != model_hash:
+    # a run may condition before the model exists (no hash yet); once a model was used, it may not change
+    if model_hash is not None and old.get("model_hash") not in (None, model_hash):
         changes.append(f"model artifact: {old.get('model_hash')!r} -> {model_hash!r}")
     if changes:
         shown = "; ".join(changes[:10]) + (f"; ... {len(changes) - 10} more" if len(changes) > 10 else "")
@@ -172,6 +173,8 @@ def check_resume(run_dir: Path, config: RunConfig, inputs: dict[str, int], model
             f"{run_dir} holds a run started with different settings; refusing to resume. Changed: {shown}. "
             "Use a new run directory (or restore the original config and inputs)."
         )
+    if model_hash is not None and old.get("model_hash") is None:
+        write_json_atomic(path, {**old, "model_hash": model_hash})
     return True
 
 
