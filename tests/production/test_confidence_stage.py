@@ -160,3 +160,37 @@ def test_small_validation_split_falls_back_to_all_labelled(tmp_path, rng, monkey
     assert out["label_set"].startswith("all labelled")
     assert out["stars_labelled"] == int(truth["labelled"].sum())
     assert all(0.0 <= out[f"auc_{p}"] <= 1.0 for p in ("teff", "feh", "logg"))
+
+
+@pytest.mark.slow
+def test_classifiers_separate_good_from_bad_on_a_synthetic_universe(tmp_path):
+    """Issue 7 item 2: simulate -> condition -> train (quick) -> train-confidence, with binaries and outliers.
+
+    Each held-out ROC AUC >= 0.85, and (as Fig. 10) the residual scatter of held-out stars labelled confident
+    is at least 2x smaller than that of the stars labelled not confident.
+    """
+    from xpcat.production.conditioning import condition_run
+    from xpcat.production.report import robust_sigma
+    from xpcat.production.synthetic import simulate_universe
+    from xpcat.production.training_set import train_run
+
+    run = tmp_path / "run"
+    cfg = RunConfig().replace(
+        simulate={"n_stars": 6000, "seed": 3, "binary_fraction": 0.2, "outlier_fraction": 0.1, "label_fraction": 1.0},
+        confidence={"preset": "quick"}, training={"preset": "quick"}, data={"partition_level": 1},
+    )
+    simulate_universe(run, cfg.simulate)
+    condition_run(run, cfg)
+    train_run(run, cfg)
+    out = S.train_confidence_run(run, cfg)
+    state = json.loads((run / S.STATE_FILE).read_text())
+    for p in ("teff", "feh", "logg"):
+        assert state["classifiers"][p]["n_holdout_bad"] >= 10, state["classifiers"][p]
+        assert out[f"auc_{p}"] >= 0.85, (p, out[f"auc_{p}"])
+    d = np.load(run / S.STARS_FILE)
+    sel = d["used"] & d["holdout"]
+    for j, p in enumerate(("teff", "feh", "logg")):
+        res = d["est"][:, j] - d["ref"][:, j]
+        conf = d["confidence"][:, j] > 0.5
+        s_good, s_bad = robust_sigma(res[sel & conf]), robust_sigma(res[sel & ~conf])
+        assert s_bad >= 2 * s_good, (p, s_good, s_bad)
