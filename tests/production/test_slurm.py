@@ -192,3 +192,18 @@ def test_xpcat_run_with_lifetime_shorter_than_run(tmp_path):
     assert time.time() - t0 > 60, "the run was not longer than the worker lifetime"
     assert len(list((rd / "logs" / "jobs").glob("*.err"))) > 2  # more jobs than n_workers: workers rotated
     _exactly_once(rd, sid)
+
+
+@pytest.mark.pbs
+@pytest.mark.skipif(shutil.which("qsub") is None, reason="no qsub (Debian slurm-wlm-torque gives one on the CI SLURM)")
+def test_machinery_completes_with_pbs_profile(tmp_path, fake_stages):
+    """Bonus: the pbs profile (PBSCluster) through the torque wrappers of the same SLURM."""
+    from xpcat.production.run import run_stages
+
+    sid = fake_stages.write_raw(tmp_path, 200, LEVEL, [10, 300, 600])
+    cfg = slurm_config(tmp_path)
+    options = {k: v for k, v in cfg.cluster.options.items() if k != "job_name"}
+    cfg = cfg.replace(cluster={"profile": "pbs", "options": {**options, "job_name": f"xpcat-pbs-{os.getpid()}"}})
+    out = run_stages(tmp_path, cfg, fake_stages.FAKE_STAGES)
+    assert out["stages"]["infer"]["completed"] == 3
+    _exactly_once(tmp_path, sid)
