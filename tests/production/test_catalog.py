@@ -176,3 +176,22 @@ def test_unfinished_fitted_partition_refused(tmp_path):
     P.marker_path(tmp_path / "fitted" / f"{name}.parquet").unlink()
     with pytest.raises(StageError, match=f"{name}.parquet is not done"):
         build_catalog(tmp_path, cfg, "fitted")
+
+
+def test_cli_validate_query_and_plan(built, tmp_path):
+    from click.testing import CliRunner
+
+    from xpcat.cli import cli
+
+    rd, sid, _ = built
+    runner = CliRunner()
+    res = runner.invoke(cli, ["validate", str(rd)])
+    assert res.exit_code == 0 and f"every one of the {sid.size} input source_ids exactly once" in res.output
+    res = runner.invoke(cli, ["query", str(rd), "SELECT count(*) AS n FROM catalog", "--format", "json"])
+    assert res.exit_code == 0 and json.loads(res.output) == [{"n": sid.size}]
+    res = runner.invoke(cli, ["query", str(rd), "SELECT * FROM nowhere"])
+    assert res.exit_code == 1 and "query failed" in res.output
+    res = runner.invoke(cli, ["validate", str(tmp_path)])
+    assert res.exit_code == 1 and "no catalog" in res.output
+    res = runner.invoke(cli, ["plan", "--stars", "1000", "--profile", "slurm", "--benchmark", str(tmp_path / "none.json")])
+    assert res.exit_code != 0
