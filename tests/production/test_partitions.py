@@ -130,3 +130,23 @@ def test_read_table_missing_and_columns(tmp_path):
     assert P.read_table(path, columns=["x"]).column_names == ["x"]
     with pytest.raises(InputError, match="t.parquet"):
         P.read_table(path, columns=["nope"])
+
+
+def test_duplicate_ids_and_nulls_refused_on_write(tmp_path):
+    path = tmp_path / "L05-000006.parquet"
+    dup = pa.table({"source_id": pa.array([1, 2, 2], pa.int64()), "x": pa.array([1.0, 2.0, 3.0], pa.float32())})
+    with pytest.raises(SchemaError, match="duplicated"):
+        P.atomic_write_parquet(dup, path, schema=SCHEMA)
+    nulls = pa.table({"source_id": pa.array([1, None], pa.int64()), "x": pa.array([1.0, 2.0], pa.float32())})
+    with pytest.raises(SchemaError, match="null"):
+        P.atomic_write_parquet(nulls, path, schema=SCHEMA)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_many_row_groups_verified(tmp_path):
+    path = tmp_path / "L05-000007.parquet"
+    marker = P.atomic_write_parquet(_table(50), path, schema=SCHEMA, expected_rows=50, row_group_size=7)
+    assert marker["rows"] == 50 and P.is_done(path, expected_rows=50)
+    import pyarrow.parquet as pq
+
+    assert pq.ParquetFile(path).num_row_groups == 8

@@ -68,7 +68,7 @@ SIGMA_FRAC_BAND = 0.001
 
 #: Largest block of stars whose 66 x 66 matrices are held at once (~35 kB each, about 8 arrays):
 #: ``[conditioning] batch_size`` is capped by it so that memory stays bounded.
-MAX_BLOCK = 2048
+MAX_BLOCK = 1024
 
 #: Raw tables read by this stage.
 _STAGE_TABLES = ("gaia_source", "xp_continuous_mean_spectrum", "tmass", "unwise")

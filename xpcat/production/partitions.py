@@ -223,6 +223,27 @@ def read_marker(path: str | os.PathLike) -> dict | None:
         return None
 
 
+def _verify_written(tmp: Path, path: Path, schema: pa.Schema | None, batch_rows: int = 16384) -> int:
+    """Re-read a freshly written file batch by batch (bounded memory) and validate it; returns its row count."""
+    try:
+        pf = pq.ParquetFile(tmp)
+        n_rows = 0
+        if schema is not None:
+            validate(pf.schema_arrow.empty_table(), schema, what=str(path), unique_ids=False)
+        for rb in pf.iter_batches(batch_size=batch_rows):
+            n_rows += rb.num_rows
+            if schema is not None:
+                validate(pa.Table.from_batches([rb]), schema, what=str(path), unique_ids=False)
+        id_cols = [c for c in ("source_id", "gdr3_source_id") if schema is not None and c in schema.names]
+        if id_cols:  # uniqueness needs the whole id column (8 bytes per row)
+            validate(pf.read(columns=id_cols[:1]), pa.schema([schema.field(id_cols[0])]), what=str(path))
+    except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as err:
+        raise InputError(f"cannot re-read freshly written Parquet file for {path}: {err}") from err
+    if n_rows != pf.metadata.num_rows:
+        raise InputError(f"{path}: re-read {n_rows} rows, the footer says {pf.metadata.num_rows}")
+    return n_rows
+
+
 def atomic_write_parquet(
     table: pa.Table,
     path: str | os.PathLike,
@@ -231,6 +252,7 @@ def atomic_write_parquet(
     expected_rows: int | None = None,
     info: dict[str, Any] | None = None,
     compression: str = "zstd",
+    row_group_size: int = 16384,
 ) -> dict:
     """Write a Parquet file atomically, verify it, then write its done marker.
 
@@ -254,6 +276,8 @@ def atomic_write_parquet(
         JSON-serialisable extras stored in the marker.
     compression : str
         Parquet compression codec.
+    row_group_size : int
+        Rows per Parquet row group (bounds writer and reader memory).
 
     Returns
     -------
@@ -275,12 +299,10 @@ def atomic_write_parquet(
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        pq.write_table(table, tmp, compression=compression)
-        back = read_table(tmp, what="freshly written")
-        if schema is not None:
-            validate(back, schema, what=str(path))
-        if expected_rows is not None and back.num_rows != int(expected_rows):
-            raise InputError(f"{path}: wrote {back.num_rows} rows, expected {int(expected_rows)}")
+        pq.write_table(table, tmp, compression=compression, row_group_size=row_group_size)
+        n_rows = _verify_written(tmp, path, schema)
+        if expected_rows is not None and n_rows != int(expected_rows):
+            raise InputError(f"{path}: wrote {n_rows} rows, expected {int(expected_rows)}")
         digest = file_sha256(tmp)
         size = tmp.stat().st_size
         os.replace(tmp, path)
@@ -288,7 +310,7 @@ def atomic_write_parquet(
         tmp.unlink(missing_ok=True)
         raise
     marker = {
-        "rows": int(back.num_rows),
+        "rows": int(n_rows),
         "sha256": digest,
         "bytes": int(size),
         "schema_version": SCHEMA_VERSION,
