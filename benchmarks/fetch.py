@@ -11,8 +11,9 @@
    (DuckDB, formatting the archive's CSV) is included: a lower bound on what
    the client alone sustains.
 3. Writes the universe's XP and gaia_source tables as Gaia DR3 bulk files
-   (gzipped ECSV) and ingests them with ``ingest_files``: rows/s and MB/s
-   (compressed) of bulk ingest.
+   (gzipped ECSV) and ingests them with ``ingest_files`` in a child process:
+   rows/s, MB/s (compressed) and the child's peak RSS next to the files'
+   uncompressed size (streaming keeps it well below).
 
 Prints one JSON object as the last stdout line.
 """
@@ -20,9 +21,12 @@ Prints one JSON object as the last stdout line.
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import logging
+import multiprocessing as mp
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -34,6 +38,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import machine_info  # noqa: E402
 
 os.environ.setdefault("XPCAT_PROGRESS", "0")
+
+
+def _ingest_child(run_dir: str, files: list[str], queue) -> None:
+    """Bulk ingest in a fresh process, so its peak RSS is its own."""
+    from xpcat.production.bulk import ingest_files
+
+    t0 = time.perf_counter()
+    summary = ingest_files(Path(run_dir), [Path(f) for f in files])
+    queue.put({"summary": summary, "seconds": time.perf_counter() - t0, "peak_rss_mb": _vm_hwm_mb()})
+
+
+def _vm_hwm_mb() -> float | None:
+    """Peak RSS of this process image (VmHWM; ru_maxrss would include the forking parent's)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def main() -> None:
@@ -48,7 +73,7 @@ def main() -> None:
     from xpcat.config import RunConfig, SimulationConfig, config_from_dict, config_to_dict, write_config
     from xpcat.production.archive import FetchOptions, fetch_run
     from xpcat.production.archive_server import LocalArchive
-    from xpcat.production.bulk import ingest_files, write_bulk_file
+    from xpcat.production.bulk import write_bulk_file
     from xpcat.production.synthetic import simulate_universe
 
     d = config_to_dict(RunConfig())
@@ -82,16 +107,22 @@ def main() -> None:
                             ("gaia_source", "GaiaSource_000000-786431.csv.gz")):
             rows = pq.read_table(tmp / "universe" / "raw" / table)
             files.append(write_bulk_file(rows, tmp / name, compresslevel=1))
+        raw_bytes = sum(len(gzip.decompress(f.read_bytes())) for f in files)
         write_config(config, tmp / "bulk")
-        t0 = time.perf_counter()
-        b = ingest_files(tmp / "bulk", files)
-        dt = time.perf_counter() - t0
+        ctx = mp.get_context("spawn")
+        queue = ctx.Queue()
+        child = ctx.Process(target=_ingest_child, args=(str(tmp / "bulk"), [str(f) for f in files], queue))
+        child.start()
+        res = queue.get()
+        child.join()
+        b, dt = res["summary"], res["seconds"]
         size = sum(f.stat().st_size for f in files)
         out["bulk"] = {
             "seconds": round(dt, 3), "files": len(files), "failed": len(b["failed"]),
             "rows": b["rows_read"], "rows_per_s": round(b["rows_read"] / dt, 1),
             "xp_rows": b["partition_rows"]["xp_continuous_mean_spectrum"],
             "compressed_mb": round(size / 1e6, 2), "compressed_mb_per_s": round(size / 1e6 / dt, 2),
+            "uncompressed_mb": round(raw_bytes / 1e6, 2), "peak_rss_mb": None if res["peak_rss_mb"] is None else round(res["peak_rss_mb"], 1),
         }
     out["machine"] = machine_info()
     print(json.dumps(out))

@@ -352,8 +352,8 @@ def _merge_partition(table: str, name: str, spools: list[Path], target: Path) ->
     dups = sorted(set(sid[dup_mask].tolist()))
     if dups:
         rows = rows.filter(pa.array(~dup_mask))
-        logger.warning("raw %s %s: %d source_id(s) met more than once (kept the first), e.g. %d",
-                       table, name, len(dups), dups[0])
+        logger.debug("raw %s %s: %d source_id(s) met more than once (kept the first), e.g. %d",
+                     table, name, len(dups), dups[0])
     atomic_write_parquet(rows, target, schema=_SCHEMAS[table], expected_rows=rows.num_rows,
                          info={"source": "bulk", "files": [s.parent.parent.name for s in spools],
                                "duplicated_ids": dups[:100]})
@@ -435,6 +435,9 @@ def ingest_files(run_dir: Path, files: list[Path], *, block_size: int = 1 << 24,
         if dups:
             duplicates.append({"table": table, "partition": name, "count": len(dups), "source_ids": dups[:20]})
     shutil.rmtree(spool_root, ignore_errors=True)
+    if duplicates:
+        logger.warning("%d source_id(s) met more than once in %d partition(s), kept once each (listed in the summary)",
+                       sum(d["count"] for d in duplicates), len(duplicates))
     for r in results:
         if r.status == "read":
             r.status = "done"
