@@ -196,9 +196,11 @@ def test_xpcat_run_with_lifetime_shorter_than_run(tmp_path):
 
 @pytest.mark.pbs
 @pytest.mark.skipif(shutil.which("qsub") is None, reason="no qsub (Debian slurm-wlm-torque gives one on the CI SLURM)")
-def test_machinery_completes_with_pbs_profile(tmp_path, fake_stages):
+def test_machinery_completes_with_pbs_profile(tmp_path, fake_stages, monkeypatch):
     """Bonus: the pbs profile (PBSCluster) through the torque wrappers of the same SLURM."""
     from xpcat.production.run import run_stages
+
+    monkeypatch.chdir(tmp_path)  # the torque qsub wrapper writes the job's .o/.e files into the cwd
 
     sid = fake_stages.write_raw(tmp_path, 200, LEVEL, [10, 300, 600])
     cfg = slurm_config(tmp_path)
