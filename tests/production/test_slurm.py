@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -148,9 +149,14 @@ def _real_run_dir(tmp: Path, n_stars: int, **cluster) -> tuple[Path, Path, np.nd
     return rd, cfg_path, sid
 
 
+def _xpcat_exe() -> str:
+    """The ``xpcat`` script of the interpreter running the tests (not whichever is first on PATH)."""
+    beside = Path(sys.executable).with_name("xpcat")
+    return str(beside) if beside.exists() else (shutil.which("xpcat") or "xpcat")
+
+
 def _xpcat(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    exe = Path(shutil.which("xpcat") or Path(os.sys.executable).with_name("xpcat"))
-    return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=timeout,
+    return subprocess.run([_xpcat_exe(), *args], capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "XPCAT_PROGRESS": "0"})
 
 
@@ -167,8 +173,7 @@ def test_xpcat_run_completes_on_slurm(tmp_path):
 def test_xpcat_run_survives_scancel_of_one_job(tmp_path):
     rd, cfg_path, sid = _real_run_dir(tmp_path, 240, min_workers=2)
     name = slurm_config(tmp_path).cluster.options["job_name"]
-    exe = shutil.which("xpcat") or str(Path(os.sys.executable).with_name("xpcat"))
-    proc = subprocess.Popen([exe, "run", str(cfg_path), "--run-dir", str(rd)], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([_xpcat_exe(), "run", str(cfg_path), "--run-dir", str(rd)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "XPCAT_PROGRESS": "0"})
     killed = None
     deadline = time.time() + 600
