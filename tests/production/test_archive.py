@@ -83,6 +83,17 @@ def test_fetch_reproduces_the_universe(universe, tmp_path, structure):
         assert after["datalink_requests"] == before["datalink_requests"]
 
 
+def test_fetch_in_worker_processes(universe, tmp_path):
+    d, tables = universe
+    exp = expected_fetch(tables)
+    run = tmp_path / "run"
+    with LocalArchive(d) as arc:
+        s = fetch_run(run, _config(), archive_url=arc.url, login=False, options=FetchOptions(workers=2, **FAST))
+    assert s["failed"] == [] and s["done"] == 3
+    for t in ("gaia_source", "tmass", "xp_continuous_mean_spectrum"):
+        assert read_fetched(run / "raw", t).equals(exp[t]), t
+
+
 def test_fetch_with_faults_every_star_once_or_missing(universe, tmp_path):
     d, tables = universe
     exp = expected_fetch(tables)
@@ -219,6 +230,8 @@ def test_fetch_options_are_checked():
         FetchOptions(datalink_batch=6000)
     with pytest.raises(ValueError, match="data_structure"):
         FetchOptions(data_structure="COMBINED")
+    with pytest.raises(ValueError, match="workers"):
+        FetchOptions(workers=0)
 
 
 # -- real formats: the rows GaiaXPy reads --------------------------------------------------

@@ -34,9 +34,13 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import multiprocessing as mp
 import os
+import socket
 import tempfile
 import time
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -296,6 +300,38 @@ def _census(client: Any, level: int, options: FetchOptions) -> dict[int, int]:
     return {int(p): int(c) for p, c in zip(pix, n) if c > 0}
 
 
+_WORKER_CLIENT: dict[tuple[str, bool], Any] = {}
+
+
+def _fetch_worker(pix: int, expected: int | None, level: int, raw_root: Path, state_dir: Path, options: FetchOptions,
+                  archive_url: str, login: bool) -> _RangeResult:
+    """One range in a worker process (its own client, timeout and working directory)."""
+    socket.setdefaulttimeout(options.timeout_s)
+    key = (archive_url, login)
+    if key not in _WORKER_CLIENT:
+        _WORKER_CLIENT[key] = build_client(archive_url, login=login)
+    return fetch_range(_WORKER_CLIENT[key], pix, level, raw_root, state_dir, options, expected_rows=expected,
+                       archive_url=archive_url)
+
+
+def _fetch_in_processes(todo: list[tuple[int, int | None]], level: int, raw_root: Path, state_dir: Path,
+                        options: FetchOptions, archive_url: str, login: bool) -> Iterator[_RangeResult]:
+    """Fetch ranges ``options.workers`` at a time in spawned processes, yielding results as they finish."""
+    ctx = mp.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=options.workers, mp_context=ctx) as pool:
+        futures = {pool.submit(_fetch_worker, pix, expected, level, raw_root, state_dir, options, archive_url, login): pix
+                   for pix, expected in todo}
+        for fut in as_completed(futures):
+            pix = futures[fut]
+            try:
+                yield fut.result()
+            except (OSError, RuntimeError, ValueError, EOFError) as err:  # a worker died: record the range, go on
+                name = partition_name(pix, level)
+                result = _RangeResult(partition=name, status="failed", reason=f"worker failed: {type(err).__name__}: {err}")
+                _write_state(state_dir, name, result)
+                yield result
+
+
 def fetch_run(run_dir: Path, config: RunConfig, archive_url: str = "https://gea.esac.esa.int/", login: bool = False,
               *, options: FetchOptions | None = None, pixels: list[int] | None = None) -> dict:
     """Fetch every range of a run from a Gaia archive (``xpcat fetch``).
@@ -363,16 +399,20 @@ def fetch_run(run_dir: Path, config: RunConfig, archive_url: str = "https://gea.
         if not chosen and census is None:
             chosen = list(range(n_pix))
         summary["ranges"] = len(chosen)
-        for pix in progress(chosen, "fetch", total=len(chosen), unit="range"):
-            name = partition_name(pix, level)
-            if _range_done(raw_root, state_dir, name):
+        todo = []
+        for pix in chosen:
+            if _range_done(raw_root, state_dir, partition_name(pix, level)):
                 summary["skipped"] += 1
-                continue
-            res = fetch_range(client, pix, level, raw_root, state_dir, options,
-                              expected_rows=None if census is None else census.get(int(pix), 0),
-                              archive_url=archive_url)
+            else:
+                todo.append((int(pix), None if census is None else census.get(int(pix), 0)))
+        if options.workers > 1 and len(todo) > 1:
+            results = _fetch_in_processes(todo, level, raw_root, state_dir, options, archive_url, login)
+        else:
+            results = (fetch_range(client, pix, level, raw_root, state_dir, options, expected_rows=expected,
+                                   archive_url=archive_url) for pix, expected in todo)
+        for res in progress(results, "fetch", total=len(todo), unit="range"):
             if res.status == "failed":
-                summary["failed"].append({"partition": name, "reason": res.reason})
+                summary["failed"].append({"partition": res.partition, "reason": res.reason})
                 continue
             summary[res.status] += 1
             for t, n in res.rows.items():

@@ -75,8 +75,12 @@ class FetchOptions:
     output_format : str
         TAP result format.
     census : bool
-        With no pixel list, run :data:`CENSUS_ADQL` first to find the
-        non-empty pixels and their row counts (checked against each range).
+        With no pixel list, run the census query first to find the non-empty
+        pixels and their row counts (checked against each range).
+    workers : int
+        Ranges fetched at once, each in its own process (astroquery's
+        DataLink unpacks under the working directory and the socket timeout
+        is process-wide, so threads would interfere).
     """
 
     timeout_s: float = 300.0
@@ -90,8 +94,11 @@ class FetchOptions:
     data_structure: str = "RAW"
     output_format: str = "votable_gzip"
     census: bool = True
+    workers: int = 1
 
     def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1; got {self.workers}")
         if not 1 <= self.datalink_batch <= 5000:
             raise ValueError(f"datalink_batch must be in 1..5000 (the archive's limit); got {self.datalink_batch}")
         if self.max_attempts < 1:
