@@ -115,39 +115,30 @@ def _inflate_into(out: np.ndarray, flux: np.ndarray, flux_bp: np.ndarray, flux_r
     return out
 
 
-def _inv_lower(L: np.ndarray, leaf: int = 16) -> np.ndarray:
-    """Inverse of a stack of lower-triangular matrices by 2x2 block recursion (batched matmuls).
+def _inverse_cholesky_lower(C: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``M^-1`` for the lower Cholesky factor M of each matrix (``C = M M^T``), with LAPACK.
 
-    ``[[A, 0], [B, D]]^-1 = [[A^-1, 0], [-D^-1 B A^-1, D^-1]]``.
+    ``dpotrf`` then ``dtrtri`` per matrix, on transposed views (a C-ordered lower
+    triangle is a Fortran-ordered upper one), so nothing is copied. Returns
+    ``(Minv, ok)``; ``ok`` is False (and Minv the identity) where C is not
+    positive definite.
     """
-    n = L.shape[-1]
-    if n <= leaf:
-        return np.tril(np.linalg.inv(L))
-    h = n // 2
-    a_inv = _inv_lower(L[:, :h, :h], leaf)
-    d_inv = _inv_lower(L[:, h:, h:], leaf)
-    out = np.zeros_like(L)
-    out[:, :h, :h] = a_inv
-    out[:, h:, h:] = d_inv
-    out[:, h:, :h] = -(d_inv @ L[:, h:, :h]) @ a_inv
-    return out
+    from scipy.linalg import lapack
 
-
-def _cholesky_lower(C: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Lower Cholesky factors of a stack; (M, ok) with ok False (and M = I) where C is not PD."""
-    n = C.shape[0]
+    n, N, _ = C.shape
+    out = np.empty_like(C)
     ok = np.ones(n, dtype=bool)
-    try:
-        return np.linalg.cholesky(C), ok
-    except np.linalg.LinAlgError:
-        M = np.empty_like(C)
-        for i in range(n):
-            try:
-                M[i] = np.linalg.cholesky(C[i])
-            except np.linalg.LinAlgError:
-                ok[i] = False
-                M[i] = np.eye(C.shape[1])
-        return M, ok
+    eye = np.eye(N)
+    for i in range(n):
+        u, info = lapack.dpotrf(C[i].T, lower=0, clean=1)
+        if info == 0:
+            u, info = lapack.dtrtri(u, lower=0)
+        if info != 0:
+            ok[i] = False
+            out[i] = eye
+            continue
+        out[i] = u.T
+    return out, ok
 
 
 def precision_factor(cov: np.ndarray, valid: np.ndarray, floor: float) -> tuple[np.ndarray, np.ndarray]:
@@ -186,9 +177,8 @@ def precision_factor(cov: np.ndarray, valid: np.ndarray, floor: float) -> tuple[
     Cr = np.where(inv_r[:, :, None] | inv_r[:, None, :], 0.0, cov[:, ::-1, ::-1])
     d = np.arange(N)
     Cr[:, d, d] += inv_r
-    M, ok = _cholesky_lower(Cr)
+    Minv, ok = _inverse_cholesky_lower(Cr)
     with np.errstate(all="ignore"):
-        Minv = _inv_lower(M)
         trace_p = np.einsum("nij,nij->n", Minv, Minv) - inv.sum(axis=1)
     fast = ok & np.isfinite(trace_p) & ((trace_p <= 1.0 / floor) if floor > 0 else True)
     mask = valid[:, :, None] & valid[:, None, :]
