@@ -369,7 +369,7 @@ def _chunk_observables(
     lim = np.array([16.5, 16.0, 15.5, 17.5, 16.0])
     nir_err = np.sqrt(np.array([0.02, 0.02, 0.02, 0.01, 0.01]) ** 2 + (0.1 * 10.0 ** (0.4 * (nir_mag - lim))) ** 2)
     nir_obs = nir_mag + nir_err * rng.standard_normal(nir_mag.shape)
-    tm = _tmass_columns(rng, u, sl, nir_obs[:, :3], nir_err[:, :3])
+    tm = _tmass_columns(rng, u, sl, nir_obs[:, :3], nir_err[:, :3], gaia["random_index"])
     uw_keep = ~u["no_unwise"][sl] & (nir_obs[:, 3] < 19.0)
     unwise = {
         "source_id": u["source_id"][sl][uw_keep],
@@ -406,7 +406,8 @@ def _designation(ra: np.ndarray, dec: np.ndarray) -> list[str]:
     return out
 
 
-def _tmass_columns(rng, u, sl, mag, err):
+def _tmass_columns(rng, u, sl, mag, err, random_index):
+    """The 2MASS best-neighbour join rows (the archive returns gaia_source's random_index)."""
     n = mag.shape[0]
     lim = np.array([16.5, 16.0, 15.5])
     detected = mag < lim[None, :] + 0.6
@@ -426,7 +427,7 @@ def _tmass_columns(rng, u, sl, mag, err):
     tm_ra = ra + dra / np.cos(np.radians(dec))
     tm_dec = dec + ddec
     cols = {
-        "random_index": rng.integers(0, 1_811_709_771, n)[keep],
+        "random_index": random_index[keep],
         "source_id": u["source_id"][sl][keep],
         "ra": ra[keep],
         "dec": dec[keep],
