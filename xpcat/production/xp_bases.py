@@ -231,6 +231,17 @@ def _parse_array_cell(value) -> np.ndarray | None:
     return arr.ravel()
 
 
+def _is_missing(value) -> bool:
+    """A missing array cell: None, a float NaN, an empty string or an empty array."""
+    if value is None:
+        return True
+    if isinstance(value, float):
+        return bool(np.isnan(value))
+    if isinstance(value, (str, np.ndarray, list, tuple)):
+        return len(value) == 0 or (isinstance(value, str) and not value.strip("()[] "))
+    return False
+
+
 def _ragged_to_matrix(values: np.ndarray, lengths: np.ndarray, rows: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     """Scatter concatenated row arrays into an (n, max_len) NaN-padded matrix."""
     lengths = np.asarray(lengths, dtype=np.int64)
@@ -275,6 +286,12 @@ def _array_column(col, n: int) -> tuple[np.ndarray, np.ndarray]:
         values = np.fromstring(",".join(b for _, b in bodies), sep=",")
         if values.size == lengths.sum():
             return _ragged_to_matrix(values, lengths, rows, n)
+    arrays = [v for v in col if isinstance(v, np.ndarray) and v.ndim == 1 and v.size]
+    if arrays and len(arrays) == sum(1 for v in col if not _is_missing(v)):
+        # DataFrame cells already holding 1-d arrays (what GaiaXPy's readers make): one concatenate
+        rows = np.array([i for i, v in enumerate(col) if isinstance(v, np.ndarray) and v.ndim == 1 and v.size], dtype=np.int64)
+        lengths = np.array([a.size for a in arrays], dtype=np.int64)
+        return _ragged_to_matrix(np.concatenate(arrays).astype(np.float64, copy=False), lengths, rows, n)
     cells = [_parse_array_cell(v) for v in col]
     rows = np.array([i for i, c in enumerate(cells) if c is not None and c.size], dtype=np.int64)
     if rows.size == 0:
