@@ -27,11 +27,11 @@ def draw_labels(rng: np.random.Generator, n: int) -> np.ndarray:
     n_rg = int(n * 0.3)
     n_hot = n - n_ms - n_rg
     t_ms = rng.uniform(4000, 7000, n_ms)
-    ms = np.column_stack([t_ms, rng.normal(-0.2, 0.3, n_ms), 4.6 - (t_ms - 4000) * 1.7e-4 + rng.normal(0, 0.08, n_ms)])
+    ms = np.column_stack([t_ms, rng.normal(-0.2, 0.5, n_ms), 4.6 - (t_ms - 4000) * 1.7e-4 + rng.normal(0, 0.2, n_ms)])
     t_rg = rng.uniform(4000, 5300, n_rg)
-    rg = np.column_stack([t_rg, rng.normal(-0.3, 0.35, n_rg), 1.2 + (t_rg - 4000) * 1.6e-3 + rng.normal(0, 0.15, n_rg)])
+    rg = np.column_stack([t_rg, rng.normal(-0.3, 0.5, n_rg), 1.2 + (t_rg - 4000) * 1.6e-3 + rng.normal(0, 0.3, n_rg)])
     t_h = rng.uniform(7000, 9500, n_hot)
-    hot = np.column_stack([t_h, rng.normal(-0.1, 0.2, n_hot), rng.uniform(3.6, 4.3, n_hot)])
+    hot = np.column_stack([t_h, rng.normal(-0.1, 0.4, n_hot), rng.uniform(3.5, 4.4, n_hot)])
     out = np.vstack([ms, rg, hot])
     return out[rng.permutation(n)]
 
@@ -68,7 +68,7 @@ def covariance(f: np.ndarray, rel: float, rng: np.random.Generator) -> np.ndarra
     kern = np.exp(-0.5 * ((idx[:, None] - idx[None, :]) / 3.0) ** 2)
     floor = 0.05 * np.median(np.abs(fx)) * rel / 0.01
     c[:N_XP, :N_XP] = np.diag((rel * fx) ** 2 + floor**2) + 0.005**2 * np.outer(fx, fx) \
-        + (0.5 * rel) ** 2 * np.outer(fx, fx) * kern
+        + (0.3 * rel) ** 2 * np.outer(fx, fx) * kern
     nir = f[N_XP:]
     c[N_XP:, N_XP:] = np.diag((0.02 * nir) ** 2 + (0.3 * floor) ** 2)
     return c
@@ -82,7 +82,7 @@ def whitening_factor(c: np.ndarray) -> np.ndarray:
 
 
 def make_problem(model, theta: np.ndarray, rng: np.random.Generator, *, plx_range=(0.3, 3.0),
-                 e_range=(0.03, 1.5), rel_range=(0.005, 0.03), plx_err_range=(0.02, 0.1)) -> Problem:
+                 e_range=(0.03, 1.5), rel_range=(0.004, 0.012), plx_err_range=(0.02, 0.1)) -> Problem:
     """Draw plx, E, noise levels and noisy fluxes for the given truth Theta."""
     n = theta.shape[0]
     plx = np.exp(rng.uniform(*np.log(plx_range), n))

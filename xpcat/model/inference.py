@@ -79,7 +79,7 @@ class InferenceSettings:
     e_min: float = 1e-2
     e_max: float = 10.0
     e_log10_step: float = 0.05
-    n_refine: int = 8
+    n_refine: int = 32
     max_iterations: int = 50
     tolerance: float = 1e-6
     seed: int = 0

@@ -29,13 +29,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from functools import partial
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from .objective import N_VAR, Objective, StarData
+from .objective import Objective, StarData
 
 __all__ = ["LMResult", "PaperSchedule", "lm_fit", "paper_fit", "hessian_is_psd"]
 
@@ -47,6 +48,8 @@ JAXArray = jax.Array
 _MAX_STEP = np.array([1.0, 1.0, 1.0, 1.0, 1.5])
 _LAMBDA0 = 1e-3
 _LAMBDA_MAX = 1e10
+#: Absolute floor of the convergence test on the expected remaining loss decrease.
+_ABS_TOL = 1e-3
 
 
 @dataclass(frozen=True)
@@ -67,69 +70,91 @@ class LMResult:
     n_iter: JAXArray
 
 
-def _lm_one(obj: Objective, max_iter: int, tol: float, x0: JAXArray, star: StarData, active: JAXArray):
-    hess_prior = jax.hessian(obj.prior_term)
-    grad_prior = jax.grad(obj.prior_term)
-    eye = jnp.eye(N_VAR, dtype=x0.dtype)
-    max_step = jnp.asarray(_MAX_STEP, dtype=x0.dtype)
+class _LMState(NamedTuple):
+    x: JAXArray
+    loss: JAXArray
+    lam: JAXArray
+    it: JAXArray
+    done: JAXArray
+    conv: JAXArray
+    g: JAXArray
+    h: JAXArray
 
-    def system(x):
-        r, jac = obj.residuals_and_jacobian(x, star)
-        g = 2.0 * jac.T @ r + grad_prior(x)
-        h = 2.0 * jac.T @ jac + hess_prior(x)
-        return g, h
 
-    def newton_decrement(g, h):
-        c = jnp.linalg.cholesky(h)
-        ok = jnp.all(jnp.isfinite(c))
-        d = jax.scipy.linalg.cho_solve((c, True), g)
-        return jnp.where(ok, g @ d, jnp.inf)
+def _system(obj: Objective, x: JAXArray, star: StarData):
+    """Loss gradient and Gauss-Newton + exact-prior Hessian at x."""
+    r, jac = obj.residuals_and_jacobian(x, star)
+    g = 2.0 * jac.T @ r + jax.grad(obj.prior_term)(x)
+    h = 2.0 * jac.T @ jac + jax.hessian(obj.prior_term)(x)
+    return g, h
 
-    def cond(state):
-        x, loss, lam, it, done, conv, g, h = state
-        return jnp.logical_and(~done, it < max_iter)
 
-    def body(state):
-        x, loss, lam, it, done, conv, g, h = state
-        dscale = jnp.maximum(jnp.diag(h), 1e-6 * jnp.maximum(jnp.max(jnp.diag(h)), 1.0))
-        a = h + lam * jnp.diag(dscale)
-        c = jnp.linalg.cholesky(a)
-        ok = jnp.all(jnp.isfinite(c))
-        step = -jax.scipy.linalg.cho_solve((c, True), g)
-        shrink = jnp.maximum(1.0, jnp.max(jnp.abs(step) / max_step))
-        step = step / shrink
-        x_new = x + step
-        loss_new = obj.loss(x_new, star)
-        accept = ok & jnp.isfinite(loss_new) & (loss_new < loss) & jnp.all(jnp.isfinite(step))
-        x = jnp.where(accept, x_new, x)
-        loss = jnp.where(accept, loss_new, loss)
-        g_new, h_new = system(x_new)
-        g = jnp.where(accept, g_new, g)
-        h = jnp.where(accept, h_new, h)
-        lam = jnp.where(accept, jnp.maximum(lam / 3.0, 1e-9), lam * 4.0)
-        nd = newton_decrement(g, h)
-        conv = 0.5 * nd <= tol * jnp.maximum(1.0, jnp.abs(loss))
-        stuck = lam > _LAMBDA_MAX
-        done = conv | stuck
-        return x, loss, lam, it + 1, done, conv, g, h
+def _converged(g, h, loss, tol):
+    """Newton decrement test: the undamped step would lower the loss by < max(tol * max(1, |L|), _ABS_TOL)."""
+    c = jnp.linalg.cholesky(h)
+    ok = jnp.all(jnp.isfinite(c))
+    nd = jnp.where(ok, g @ jax.scipy.linalg.cho_solve((c, True), g), jnp.inf)
+    return 0.5 * nd <= jnp.maximum(tol * jnp.maximum(1.0, jnp.abs(loss)), _ABS_TOL)
 
+
+def _lm_init_one(obj: Objective, tol: float, x0: JAXArray, star: StarData, active: JAXArray) -> _LMState:
     loss0 = obj.loss(x0, star)
-    g0, h0 = system(x0)
-    conv0 = 0.5 * newton_decrement(g0, h0) <= tol * jnp.maximum(1.0, jnp.abs(loss0))
-    state = (x0, loss0, jnp.asarray(_LAMBDA0, x0.dtype), jnp.asarray(0, jnp.int32), conv0 | ~active, conv0,
-             g0, h0 + 0.0 * eye)
-    x, loss, lam, it, done, conv, g, h = jax.lax.while_loop(cond, body, state)
-    return x, loss, conv & active, it
+    g0, h0 = _system(obj, x0, star)
+    conv0 = _converged(g0, h0, loss0, tol) & active
+    return _LMState(x0, loss0, jnp.asarray(_LAMBDA0, x0.dtype), jnp.asarray(0, jnp.int32),
+                    conv0 | ~active | ~jnp.isfinite(loss0), conv0, g0, h0)
+
+
+def _lm_run_one(obj: Objective, max_iter: int, tol: float, state: _LMState, star: StarData, stop: JAXArray):
+    max_step = jnp.asarray(_MAX_STEP, dtype=state.x.dtype)
+
+    def cond(st):
+        return (~st.done) & (st.it < stop)
+
+    def body(st):
+        dscale = jnp.maximum(jnp.diag(st.h), 1e-6 * jnp.maximum(jnp.max(jnp.diag(st.h)), 1.0))
+        c = jnp.linalg.cholesky(st.h + st.lam * jnp.diag(dscale))
+        ok = jnp.all(jnp.isfinite(c))
+        step = -jax.scipy.linalg.cho_solve((c, True), st.g)
+        step = step / jnp.maximum(1.0, jnp.max(jnp.abs(step) / max_step))
+        x_new = st.x + step
+        loss_new = obj.loss(x_new, star)
+        accept = ok & jnp.isfinite(loss_new) & (loss_new < st.loss) & jnp.all(jnp.isfinite(step))
+        g_new, h_new = _system(obj, x_new, star)
+        x = jnp.where(accept, x_new, st.x)
+        loss = jnp.where(accept, loss_new, st.loss)
+        g = jnp.where(accept, g_new, st.g)
+        h = jnp.where(accept, h_new, st.h)
+        lam = jnp.where(accept, jnp.maximum(st.lam / 3.0, 1e-9), st.lam * 4.0)
+        conv = _converged(g, h, loss, tol)
+        done = conv | (lam > _LAMBDA_MAX) | (st.it + 1 >= max_iter)
+        return _LMState(x, loss, lam, st.it + 1, done, conv, g, h)
+
+    return jax.lax.while_loop(cond, body, state)
+
+
+@partial(jax.jit, static_argnums=(0, 1))
+def _lm_init(obj, tol, x0, stars, active):
+    return jax.vmap(partial(_lm_init_one, obj, tol))(x0, stars, active)
 
 
 @partial(jax.jit, static_argnums=(0, 1, 2))
-def _lm_batch(obj, max_iter, tol, x0, star, active):
-    return jax.vmap(partial(_lm_one, obj, max_iter, tol))(x0, star, active)
+def _lm_run(obj, max_iter, tol, state, stars, stop):
+    return jax.vmap(partial(_lm_run_one, obj, max_iter, tol), in_axes=(0, 0, None))(state, stars, stop)
+
+
+def _take(tree, idx):
+    return jax.tree_util.tree_map(lambda a: a[idx], tree)
 
 
 def lm_fit(obj: Objective, x0: JAXArray, stars: StarData, active: JAXArray, *, max_iterations: int = 50,
-           tolerance: float = 1e-6) -> LMResult:
+           tolerance: float = 1e-6, block: int = 3) -> LMResult:
     """Levenberg-Marquardt fit of m stars from their start points.
+
+    The vectorised loop runs ``block`` iterations on the whole batch; then the
+    stars still running are gathered into a smaller padded batch (halving the
+    size while they fit, down to 64), so a few slow stars do not keep the whole
+    batch iterating.
 
     Parameters
     ----------
@@ -138,14 +163,45 @@ def lm_fit(obj: Objective, x0: JAXArray, stars: StarData, active: JAXArray, *, m
     stars : StarData with a leading batch axis m.
     active : (m,) bool; inactive stars (no usable data, padding) are left at x0.
     max_iterations : iteration cap per star.
-    tolerance : convergence when the expected remaining decrease < tolerance * max(1, |L|).
+    tolerance : convergence when the expected remaining decrease < max(tolerance * max(1, |L|), 1e-3).
+    block : iterations between compactions.
 
     Returns
     -------
     LMResult
     """
-    x, loss, conv, it = _lm_batch(obj, int(max_iterations), float(tolerance), x0, stars, active)
-    return LMResult(x=x, loss=loss, converged=conv, n_iter=it)
+    max_iter, tol = int(max_iterations), float(tolerance)
+    state = _lm_init(obj, tol, x0, stars, active)
+    m = x0.shape[0]
+    state = jax.device_get(state)
+    idx_all = np.arange(m)
+    sub_idx = idx_all
+    sub_state, sub_stars = state, stars
+    stop = block
+    while True:
+        sub_state = jax.device_get(_lm_run(obj, max_iter, tol, sub_state, sub_stars, jnp.asarray(stop, jnp.int32)))
+        # write back the real (non-padding) rows
+        n_real = len(sub_idx)
+        state = jax.tree_util.tree_map(lambda full, part: _scatter(full, sub_idx, part[:n_real]), state, sub_state)
+        running = np.flatnonzero(~np.asarray(state.done))
+        if running.size == 0 or stop >= max_iter:
+            break
+        stop += block
+        size = len(sub_state.x)
+        while size // 2 >= max(64, running.size):
+            size //= 2
+        pad = np.concatenate([running, np.full(size - running.size, running[0])]) if size > running.size else running
+        sub_idx = running
+        sub_state = _take(state, pad)
+        sub_stars = jax.tree_util.tree_map(lambda a: a[jnp.asarray(pad)], stars)
+    return LMResult(x=jnp.asarray(state.x), loss=jnp.asarray(state.loss), converged=jnp.asarray(state.conv & active),
+                    n_iter=jnp.asarray(state.it))
+
+
+def _scatter(full: np.ndarray, idx: np.ndarray, part: np.ndarray) -> np.ndarray:
+    out = np.array(full)
+    out[idx] = part
+    return out
 
 
 # --------------------------------------------------------------------------------- paper
