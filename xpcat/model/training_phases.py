@@ -48,6 +48,7 @@ from .training import (
     initial_stars,
     make_epoch_fn,
     make_star_fit_fn,
+    make_star_gn_fit_fn,
 )
 
 __all__ = ["Schedule", "TrainingResult", "TrainingDivergedError", "train_model", "generic_ln_r", "self_clean"]
@@ -90,8 +91,8 @@ class Schedule:
         activation_fn(self.activation)
         if self.model_optimizer not in ("sgd", "adam"):
             raise ValueError(f"model_optimizer must be 'sgd' or 'adam', got {self.model_optimizer!r}")
-        if self.star_optimizer not in ("sgd", "adam"):
-            raise ValueError(f"star_optimizer must be 'sgd' or 'adam', got {self.star_optimizer!r}")
+        if self.star_optimizer not in ("sgd", "adam", "gn"):
+            raise ValueError(f"star_optimizer must be 'sgd', 'adam' or 'gn', got {self.star_optimizer!r}")
 
     @classmethod
     def from_config(cls, config: Any) -> Schedule:
@@ -396,9 +397,10 @@ def train_model(data: TrainingData, schedule: Schedule, wavelengths: np.ndarray,
                     curves["model_loss"][-1], curves["seconds"][-1])
         return {"n_stars": int(idx.size), "n_batches": nb, "steps": nb * s.epochs, **curves}
 
-    def star_phase(phase: int, tx: optax.GradientTransformation, n_steps: int, max_step: float | None):
+    def star_phase(phase: int, tx: optax.GradientTransformation | None, n_steps: int, max_step: float | None):
         nonlocal stars
-        fit = make_star_fit_fn(s.activation, tx, n_steps, B, max_step)
+        fit = make_star_gn_fit_fn(s.activation, n_steps) if tx is None else make_star_fit_fn(s.activation, tx, n_steps,
+                                                                                              B, max_step)
         batches, weights = _batches(all_idx, B, rng)
         curve = np.zeros(n_steps)
         t0 = time.perf_counter()
@@ -428,7 +430,7 @@ def train_model(data: TrainingData, schedule: Schedule, wavelengths: np.ndarray,
         elif phase == 2:
             history["phases"]["2"] = model_phase(2, hq_idx, s.model_lr[1], s.star_lr[0])
         elif phase == 3:
-            tx3 = optax.adam(s.star_lr[1]) if s.star_optimizer == "adam" else optax.sgd(s.star_lr[1])
+            tx3 = {"adam": optax.adam(s.star_lr[1]), "sgd": optax.sgd(s.star_lr[1]), "gn": None}[s.star_optimizer]
             history["phases"]["3"] = star_phase(3, tx3, s.phase3_steps, s.max_star_step)
         elif phase == 4:
             removed = self_clean(params, scaler, s.activation, stars, obs, flux_error, s.clean_sigma)
@@ -448,7 +450,8 @@ def train_model(data: TrainingData, schedule: Schedule, wavelengths: np.ndarray,
             history["phases"]["5"] = model_phase(5, clean_idx, s.model_lr[2], s.star_lr[2])
         elif phase == 6:
             lr = optax.exponential_decay(s.phase6_lr, s.phase6_halve_every, 0.5, staircase=True)
-            history["phases"]["6"] = star_phase(6, optax.adam(lr), s.phase6_steps, None)
+            tx6 = None if s.star_optimizer == "gn" else optax.adam(lr)
+            history["phases"]["6"] = star_phase(6, tx6, s.phase6_steps, None)
         if ckdir is not None:
             _save_checkpoint(ckdir, phase, fp, params, scaler, stars, removed, history)
     unit = THETA_UNIT
