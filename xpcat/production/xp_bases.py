@@ -15,6 +15,9 @@ import contextlib
 import functools
 import io
 import logging
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from os.path import join
 
@@ -127,6 +130,9 @@ def xp_bases(
 # ---------------------------------------------------------------------------
 # Batched conversion of XP continuous rows (the public ``xpcat.sample_xp``).
 # ---------------------------------------------------------------------------
+
+#: Stars per chunk of the covariance products (work arrays of a few MB stay in cache).
+_CHUNK = 512
 
 #: The two XP bands, in flux-vector order.
 BANDS = ("bp", "rp")
@@ -242,10 +248,27 @@ def _is_missing(value) -> bool:
     return False
 
 
+def _ndarray_cells(col: list) -> tuple[list[np.ndarray], list[int]] | None:
+    """Non-empty 1-d float array cells and their rows, if every other cell is missing; else None."""
+    arrays: list[np.ndarray] = []
+    rows: list[int] = []
+    nd = np.ndarray
+    for i, v in enumerate(col):
+        if type(v) is nd and v.ndim == 1 and v.dtype.kind == "f":
+            if v.size:
+                arrays.append(v)
+                rows.append(i)
+        elif not _is_missing(v):
+            return None
+    return arrays, rows
+
+
 def _ragged_to_matrix(values: np.ndarray, lengths: np.ndarray, rows: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     """Scatter concatenated row arrays into an (n, max_len) NaN-padded matrix."""
     lengths = np.asarray(lengths, dtype=np.int64)
     width = int(lengths.max()) if lengths.size else 0
+    if width and rows.size == n and np.all(lengths == width) and np.array_equal(rows, np.arange(n)):
+        return np.asarray(values, dtype=np.float64).reshape(n, width), lengths
     out = np.full((n, width), np.nan)
     out_len = np.zeros(n, dtype=np.int64)
     out_len[rows] = lengths
@@ -286,12 +309,14 @@ def _array_column(col, n: int) -> tuple[np.ndarray, np.ndarray]:
         values = np.fromstring(",".join(b for _, b in bodies), sep=",")
         if values.size == lengths.sum():
             return _ragged_to_matrix(values, lengths, rows, n)
-    arrays = [v for v in col if isinstance(v, np.ndarray) and v.ndim == 1 and v.size]
-    if arrays and len(arrays) == sum(1 for v in col if not _is_missing(v)):
-        # DataFrame cells already holding 1-d arrays (what GaiaXPy's readers make): one concatenate
-        rows = np.array([i for i, v in enumerate(col) if isinstance(v, np.ndarray) and v.ndim == 1 and v.size], dtype=np.int64)
-        lengths = np.array([a.size for a in arrays], dtype=np.int64)
-        return _ragged_to_matrix(np.concatenate(arrays).astype(np.float64, copy=False), lengths, rows, n)
+    fast = _ndarray_cells(col)
+    if fast is not None:
+        # DataFrame cells already holding 1-d float arrays (what GaiaXPy's readers make): one concatenate
+        arrays, rows = fast
+        if not arrays:
+            return np.full((n, 0), np.nan), np.zeros(n, dtype=np.int64)
+        lengths = np.fromiter((a.size for a in arrays), dtype=np.int64, count=len(arrays))
+        return _ragged_to_matrix(np.concatenate(arrays).astype(np.float64, copy=False), lengths, np.asarray(rows, np.int64), n)
     cells = [_parse_array_cell(v) for v in col]
     rows = np.array([i for i, c in enumerate(cells) if c is not None and c.size], dtype=np.int64)
     if rows.size == 0:
@@ -326,30 +351,167 @@ def _columns(table) -> tuple[int, object]:
     raise TypeError(f"expected a pandas DataFrame or a pyarrow Table of XP continuous rows, got {type(table).__name__}")
 
 
-def _tril_pairs(m: int) -> tuple[np.ndarray, np.ndarray]:
-    # The archive packs the strict lower triangle row-major (= upper triangle column-major);
-    # gaiaxpy.core.generic_functions.array_to_symmetric_matrix is the inverse.
-    return np.tril_indices(m, k=-1)
+def _fill_half_covariance(H: np.ndarray, rho: np.ndarray, e: np.ndarray) -> None:
+    """Write the strict lower triangle and half the diagonal of Sigma = diag(e) R diag(e) into ``H``.
+
+    Parameters
+    ----------
+    H : (n, nb, nb) float64
+        Output; its strict upper triangle is not touched (kept zero by the caller).
+    rho : (n, nb(nb-1)/2) float64
+        Correlations packed as the archive packs them: the strict lower triangle
+        row-major (``gaiaxpy.core.generic_functions.array_to_symmetric_matrix``
+        is the inverse), so row r holds entries (r, 0..r-1) at offset r(r-1)/2.
+    e : (n, nb) float64
+        Coefficient errors.
+    """
+    nb = e.shape[1]
+    s = 0
+    for r in range(1, nb):
+        seg = H[:, r, :r]
+        np.multiply(rho[:, s : s + r], e[:, :r], out=seg)
+        seg *= e[:, r : r + 1]
+        s += r
+    d = np.arange(nb)
+    H[:, d, d] = 0.5 * e * e
 
 
-@functools.lru_cache(maxsize=8)
-def _gather_index(m: int) -> np.ndarray:
-    """Index into ``[packed..., 1.0]`` giving the row-major full m x m correlation matrix."""
-    i, j = _tril_pairs(m)
-    n_packed = i.size
-    idx = np.full(m * m, n_packed, dtype=np.intp)  # diagonal -> the appended 1.0
-    idx[i * m + j] = np.arange(n_packed)
-    idx[j * m + i] = np.arange(n_packed)
-    return idx
+def default_threads() -> int:
+    """Threads :func:`sample_xp` uses by default: the CPUs this process may run on, at most 4."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        n = os.cpu_count() or 1
+    return max(1, min(n, 4))
 
 
-def _correlation_matrices(packed: np.ndarray, m: int) -> np.ndarray:
-    """(n, m(m-1)/2) packed correlations -> (n, m, m) symmetric with unit diagonal (one gather)."""
-    n = packed.shape[0]
-    src = np.empty((n, packed.shape[1] + 1))
-    src[:, :-1] = packed
-    src[:, -1] = 1.0
-    return np.take(src, _gather_index(m), axis=1).reshape(n, m, m)
+@functools.lru_cache(maxsize=1)
+def _blas_controller():
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:  # threadpoolctl comes with scikit-learn; without it BLAS keeps its threads
+        return None
+    return ThreadpoolController()
+
+
+@contextlib.contextmanager
+def single_threaded_blas():
+    """Limit BLAS to one thread inside the block (xpcat parallelises over stars instead).
+
+    The products here are many small ones: BLAS's own threads spin more than
+    they compute, which on a shared machine costs CPU time and gains nothing.
+    """
+    ctl = _blas_controller()
+    if ctl is None:
+        yield
+        return
+    with ctl.limit(limits=1, user_api="blas"):
+        yield
+
+
+_EXECUTOR: ThreadPoolExecutor | None = None
+_EXECUTOR_LOCK = threading.Lock()
+
+
+def _run_chunks(work, chunks: list[tuple[int, int]], threads: int) -> None:
+    """Call ``work(chunk)`` for every chunk, on up to ``threads`` threads (numpy releases the GIL)."""
+    global _EXECUTOR
+    if threads <= 1 or len(chunks) <= 1:
+        for c in chunks:
+            work(c)
+        return
+    with _EXECUTOR_LOCK:
+        if _EXECUTOR is None or _EXECUTOR._max_workers < threads:
+            _EXECUTOR = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="xpcat-sample")
+        ex = _EXECUTOR
+    # consume the iterator so that exceptions propagate
+    list(ex.map(work, chunks))
+
+
+def _band_covariance_chunk(
+    rho: np.ndarray,
+    e: np.ndarray,
+    A: np.ndarray,
+    AT: np.ndarray,
+    ramp: np.ndarray,
+    w_ramp: np.ndarray,
+    cov: np.ndarray | None,
+    var: np.ndarray,
+) -> None:
+    """Add one band's ``W A^T Sigma A W`` for a chunk of stars (Sigma = diag(e) R diag(e)).
+
+    Sigma = Hs + Hs^T with Hs = strict-lower(Sigma) + diag(Sigma) / 2, so
+    ``A^T Sigma A = Q + Q^T`` with ``Q = A^T Y`` and ``Y = Hs A``. Row r of Y is
+    ``e_r (sum_{j<r} rho_rj e_j A_j + e_r A_r / 2)``: for every r one matrix
+    product of all the chunk's stars (their packed correlations, as the archive
+    stores them, need no unpacking) with the shared ``A[:r+1]``, which skips the
+    zero upper triangle. Then ``Q^T = Y^T A`` is one large product.
+
+    Parameters
+    ----------
+    rho : (m, nb(nb-1)/2) float64
+        Packed correlations (strict lower triangle, row-major, as the archive
+        packs them; ``gaiaxpy.core.generic_functions.array_to_symmetric_matrix``
+        is the inverse). Rows of stars without the band are zero.
+    e : (m, nb) float64
+        Coefficient errors (zero for stars without the band).
+    A, AT : (nb, k) and (k, nb) float64
+        The band's design matrix on its support (times any unit scale), and its
+        transpose (contiguous).
+    ramp : (r,) int
+        Columns of the support with a merge weight other than 1.
+    w_ramp : (m, r) float64
+        Each star's merge weight on those columns.
+    cov : (m, k, k) view or None
+        Receives ``+= W A^T Sigma A W`` (any strides); None for the variances only.
+    var : (m, k) view
+        Receives ``+=`` the diagonal.
+    """
+    m, nb = e.shape
+    k = A.shape[1]
+    Y = np.empty((nb, m, k))
+    t = np.empty((m, nb))
+    np.multiply(0.5 * e[:, :1] ** 2, A[0], out=Y[0])
+    s = 0
+    for r in range(1, nb):
+        tt = t[:, : r + 1]
+        np.multiply(rho[:, s : s + r], e[:, :r], out=tt[:, :r])
+        tt[:, r] = 0.5 * e[:, r]
+        if r < k:  # scale the narrower operand by e_r
+            tt *= e[:, r : r + 1]
+            np.matmul(tt, A[: r + 1], out=Y[r])
+        else:
+            np.matmul(tt, A[: r + 1], out=Y[r])
+            Y[r] *= e[:, r : r + 1]
+        s += r
+    if cov is None:
+        v = 2.0 * np.einsum("rna,ra->na", Y, A)
+        v[:, ramp] *= w_ramp**2
+        var += v
+        return
+    # Q[star] = Y[:, star]^T A (= (A^T Hs A)^T; only Q + Q^T matters): one product, output in star order
+    Q = (Y.reshape(nb, m * k).T @ A).reshape(m, k, k)
+    for jj, j in enumerate(ramp):
+        Q[:, j, :] *= w_ramp[:, jj, None]
+        Q[:, :, j] *= w_ramp[:, jj, None]
+    Q += Q.transpose(0, 2, 1).copy()
+    cov += Q
+    var += np.einsum("nii->ni", Q)
+
+
+def _rows_with(mat: np.ndarray, length: np.ndarray, is_bad) -> np.ndarray:
+    """(n,) bool: rows of a NaN-padded matrix with an element ``is_bad`` within the row's length.
+
+    Rows of length 0 (a missing band) may come out either way; callers have
+    already excluded them.
+    """
+    w = mat.shape[1]
+    if w == 0:
+        return np.zeros(mat.shape[0], dtype=bool)
+    if np.all((length == w) | (length == 0)):
+        return np.any(is_bad(mat), axis=1)
+    inside = np.arange(w)[None, :] < length[:, None]
+    return np.any(inside & is_bad(mat), axis=1)
 
 
 def _fixed_width(mat: np.ndarray, width: int, rows: np.ndarray) -> np.ndarray:
@@ -368,6 +530,7 @@ def sample_xp(
     wavelengths_nm: np.ndarray | None = None,
     covariance: str = "correct",
     with_covariance: bool = True,
+    threads: int | None = None,
 ) -> XpSample:
     """Convert XP continuous rows to sampled fluxes, errors and covariances, as GaiaXPy does.
 
@@ -395,6 +558,9 @@ def sample_xp(
         ``"paper"``: the paper's unscaled Sigma / s_band^2.
     with_covariance : bool
         Compute the (n, m, m) covariance (flux_error is always computed).
+    threads : int, optional
+        Threads for the covariance products (chunks of stars); default
+        :func:`default_threads`. BLAS runs single-threaded inside.
 
     Returns
     -------
@@ -412,8 +578,38 @@ def sample_xp(
     ValueError
         For an unknown ``covariance`` option.
     """
+    with single_threaded_blas():
+        return _sample_xp(
+            table, wavelengths_nm=wavelengths_nm, covariance=covariance, with_covariance=with_covariance, threads=threads
+        )
+
+
+def _sample_xp(
+    table,
+    *,
+    wavelengths_nm: np.ndarray | None = None,
+    covariance: str = "correct",
+    with_covariance: bool = True,
+    cov_out: np.ndarray | None = None,
+    cov_scale: float = 1.0,
+    threads: int | None = None,
+) -> XpSample:
+    """:func:`sample_xp`, optionally adding the covariance into a caller's buffer.
+
+    Parameters
+    ----------
+    cov_out : (n, m, m) float64 array or view, optional
+        Zero-filled (or holding terms to add to); the covariance is added into
+        it (any strides, e.g. a reversed view) and it is returned as
+        ``covariance``. Rows and columns of missing samples are left as they
+        are (not set to NaN).
+    cov_scale : float
+        ``covariance`` and ``flux_error`` are for the flux times ``cov_scale``
+        (e.g. ``1 / unit`` for an internal flux unit); ``flux`` is not scaled.
+    """
     if covariance not in ("correct", "paper"):
         raise ValueError(f"covariance must be 'correct' or 'paper'; got {covariance!r}")
+    threads = default_threads() if threads is None else max(1, int(threads))
     wl = DEFAULT_WAVELENGTHS_NM if wavelengths_nm is None else np.asarray(wavelengths_nm, dtype=float)
     n, get = _columns(table)
     m = wl.size
@@ -463,16 +659,10 @@ def sample_xp(
             n_bases[good & (p["bid"] == b)] = A.shape[0]
         good &= (coef_len == n_bases) & (err_len == n_bases) & (p["n_par"] == n_bases)
         good &= corr_len == n_bases * (n_bases - 1) // 2
-        for mat, length in ((coef, coef_len), (err, err_len), (corr, corr_len)):
-            w = mat.shape[1]
-            inside = np.arange(w)[None, :] < length[:, None]
-            good &= ~np.any(inside & ~np.isfinite(mat), axis=1)
-        if err.shape[1]:
-            inside = np.arange(err.shape[1])[None, :] < err_len[:, None]
-            good &= ~np.any(inside & (err <= 0), axis=1)  # NaN compares False
-        if corr.shape[1]:
-            inside = np.arange(corr.shape[1])[None, :] < corr_len[:, None]
-            good &= ~np.any(inside & (np.abs(corr) > 1.0), axis=1)
+        # element checks (NaN fails every comparison): finite coefficients, 0 < error < inf, |rho| <= 1
+        good &= ~_rows_with(coef, coef_len, lambda x: ~np.isfinite(x))
+        good &= ~_rows_with(err, err_len, lambda x: ~((x > 0) & (x < np.inf)))
+        good &= ~_rows_with(corr, corr_len, lambda x: ~(np.abs(x) <= 1.0))
         if covariance == "paper":
             good &= np.isfinite(p["s"]) & (p["s"] > 0)
         ok[band] = good
@@ -484,7 +674,9 @@ def sample_xp(
 
     flux = np.zeros((n, m))
     flux_parts = {band: np.zeros((n, m)) for band in BANDS}
-    cov = np.zeros((n, m, m)) if with_covariance else None
+    cov = None
+    if with_covariance:
+        cov = np.zeros((n, m, m)) if cov_out is None else cov_out
     var = np.zeros((n, m))
     covered = np.zeros((n, m), dtype=bool)
     for band in BANDS:
@@ -511,7 +703,6 @@ def sample_xp(
                 e = e / np.where(mine, p["s"], 1.0)[:, None]
             rho = _fixed_width(corr, nb * (nb - 1) // 2, mine)
             A_s = A[:, sl]  # (nb, k)
-            G = e[:, :, None] * A_s[None, :, :]  # (n, nb, k) = diag(e) A
             f_band = c @ A_s  # (n, k)
             # Merge weights: GaiaXPy uses a band unweighted when the other band is missing.
             # Only the ramp columns (w != 1) need them.
@@ -522,27 +713,30 @@ def sample_xp(
             flux[:, sl] += f_band
             flux_parts[band][:, sl] += f_band
             covered[:, sl] |= mine[:, None]
-            RG = _correlation_matrices(rho, nb) @ G
-            if with_covariance:
-                cb = np.swapaxes(G, 1, 2) @ RG
-                for j in ramp:
-                    cb[:, j, :] *= w_eff[:, j, None]
-                    cb[:, :, j] *= w_eff[:, j, None]
-                cov[:, sl, sl] += cb
-                var[:, sl] += np.einsum("rii->ri", cb)
-            else:
-                v = np.einsum("rbk,rbk->rk", G, RG)
-                v[:, ramp] *= w_eff[:, ramp] ** 2
-                var[:, sl] += v
+            A_c = A_s * cov_scale
+            A_cT = np.ascontiguousarray(A_c.T)
+            w_ramp = w_eff[:, ramp]
+            chunks = [(c0, min(n, c0 + _CHUNK)) for c0 in range(0, n, _CHUNK)]
+
+            def work(c: tuple[int, int], sl=sl, rho=rho, e=e, A_c=A_c, A_cT=A_cT, ramp=ramp, w_ramp=w_ramp) -> None:
+                c0, c1 = c
+                block = cov[c0:c1, sl, sl] if with_covariance else None
+                _band_covariance_chunk(rho[c0:c1], e[c0:c1], A_c, A_cT, ramp, w_ramp[c0:c1], block, var[c0:c1, sl])
+
+            _run_chunks(work, chunks, threads)
     flux[~covered] = np.nan
     for band in BANDS:
         flux_parts[band][~covered] = 0.0
     with np.errstate(invalid="ignore"):
         flux_error = np.sqrt(var)
     flux_error[~covered] = np.nan
-    if with_covariance:
+    if with_covariance and cov_out is None:
         miss = ~covered
-        cov[miss[:, :, None] | miss[:, None, :]] = np.nan
+        rows = np.flatnonzero(miss.any(axis=1))
+        if rows.size:
+            sub = cov[rows]
+            sub[miss[rows][:, :, None] | miss[rows][:, None, :]] = np.nan
+            cov[rows] = sub
     return XpSample(
         source_id=source_id,
         wavelengths=wl,
