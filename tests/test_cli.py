@@ -61,3 +61,17 @@ def test_debug_shows_traceback(tmp_path):
     res = CliRunner().invoke(cli, ["--debug", "condition", str(tmp_path / "run"), "--config", str(cfg)])
     assert res.exit_code != 0
     assert res.exception is not None
+
+
+def test_logging_setup_leaves_astroquery_logger_alone():
+    """astroquery installs its own logger class at import; creating its logger first breaks that import."""
+    import logging
+    import subprocess
+    import sys
+
+    code = (
+        "from xpcat.cli import _setup_logging; _setup_logging(False); "
+        "import logging; assert 'astroquery' not in logging.root.manager.loggerDict"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert logging  # the module is used above

@@ -30,7 +30,8 @@ def _setup_logging(debug: bool) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    for noisy in ("distributed", "jax", "matplotlib", "urllib3", "astroquery", "numba", "fsspec", "hats", "lsdb"):
+    # not "astroquery" or "astropy": they install their own logger class at import
+    for noisy in ("distributed", "jax", "matplotlib", "urllib3", "numba", "fsspec", "hats", "lsdb"):
         logging.getLogger(noisy).setLevel(logging.WARNING if not debug else logging.INFO)
 
 
