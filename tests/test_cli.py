@@ -65,7 +65,6 @@ def test_debug_shows_traceback(tmp_path):
 
 def test_logging_setup_leaves_astroquery_logger_alone():
     """astroquery installs its own logger class at import; creating its logger first breaks that import."""
-    import logging
     import subprocess
     import sys
 
@@ -74,4 +73,3 @@ def test_logging_setup_leaves_astroquery_logger_alone():
         "import logging; assert 'astroquery' not in logging.root.manager.loggerDict"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
-    assert logging  # the module is used above
