@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -25,6 +26,8 @@ __all__ = ["main", "cli"]
 
 
 def _setup_logging(debug: bool) -> None:
+    # distributed configures its own loggers from dask's config when imported
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "info" if debug else "warning")
     logging.basicConfig(
         level=logging.DEBUG if debug else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -209,8 +209,12 @@ def _gaia_class() -> type:
                 import astroquery.gaia.core  # noqa: F401
         finally:
             http.client.HTTPConnection.connect = original  # type: ignore[method-assign]
+    from astroquery import log as astroquery_log
     from astroquery.gaia.core import GaiaClass
 
+    # astroquery reports every removed job at INFO on stdout; stdout is the user's
+    if astroquery_log.getEffectiveLevel() < logging.WARNING:
+        astroquery_log.setLevel(logging.WARNING)
     return GaiaClass
 
 
