@@ -471,3 +471,55 @@ def test_simulate_then_condition_end_to_end(tmp_path):
     assert 1e-2 < med < 1e4
     again = runner.invoke(cli, ["condition", str(run)])
     assert json.loads(again.output[again.output.index("{") :])["partitions_skipped"] == summary["partitions_written"]
+
+
+@pytest.mark.parametrize("floor", [1e-9, 30.0])
+def test_fast_block_conditioning_equals_reference_path(ref_df, floor):
+    """condition_xp_table (in-place reversed LAPACK factor) == condition_arrays (sample_xp + precision_factor).
+
+    The floor of 30 (internal unit squared) clamps eigenvalues of some stars, so
+    both the LAPACK route and the eigen-decomposition route are compared.
+    """
+    df = pd.concat([ref_df] * 3, ignore_index=True)
+    df["source_id"] = np.arange(len(df), dtype=np.int64) + 1
+    corr = df.loc[2, "rp_coefficient_correlations"].strip("()").split(",")
+    df.loc[2, "rp_coefficient_correlations"] = "(" + ",".join(corr[:-3]) + ")"  # bad RP: samples missing
+    n = len(df)
+    rng = np.random.default_rng(5)
+    nir_f = rng.uniform(1e-17, 1e-16, (n, 5))
+    nir_v = (0.03 * nir_f) ** 2
+    nir_f[::3, 1] = np.nan
+    nir_v[::3, 1] = np.inf
+    nir_v[1::4, 4] = (1e-23) ** 2  # below the floor of 30 (1e-18 units)^2: clamped
+    ref = C.condition_arrays(xpcat.sample_xp(df), nir_f, nir_v, floor=floor)
+    buf = np.full((n + 3, 61, 61), np.nan)  # a dirty, larger work buffer
+    fast, smp = C.condition_xp_table(df, nir_f, nir_v, floor=floor, buf=buf, threads=2)
+    np.testing.assert_array_equal(fast.n_valid, ref.n_valid)
+    np.testing.assert_array_equal(fast.flags, ref.flags)
+    np.testing.assert_array_equal(np.isnan(fast.flux), np.isnan(ref.flux))
+    np.testing.assert_allclose(fast.flux, ref.flux, rtol=1e-6)
+    np.testing.assert_allclose(fast.flux_error, ref.flux_error, rtol=1e-6)
+    assert not smp.has_rp[2] and smp.bad_rp[2]
+    if floor > 1:
+        assert (fast.flags & ConditionFlag.COVARIANCE_REPAIRED).any()
+    for i in range(n):
+        Rf = cs.unpack_triu(fast.factor[i].astype(np.float64))
+        Rr = cs.unpack_triu(ref.factor[i].astype(np.float64))
+        v = np.isfinite(fast.flux[i])
+        assert np.all(Rf[~v] == 0) and np.all(Rf[:, ~v] == 0)
+        # the same precision matrix (R itself is unique: upper triangular, positive diagonal)
+        Pf, Pr = Rf.T @ Rf, Rr.T @ Rr
+        np.testing.assert_allclose(Pf, Pr, rtol=0, atol=1e-4 * np.abs(Pr).max())
+
+
+def test_rows_outside_bounds_equal_and_ragged_lengths():
+    from xpcat.production.xp_bases import _rows_outside
+
+    mat = np.array([[0.5, -1.0, 1.0], [0.2, 1.5, 0.0], [0.1, np.nan, 0.3], [0.1, 0.2, np.nan]])
+    full = np.array([3, 3, 3, 3])
+    np.testing.assert_array_equal(_rows_outside(mat, full, -1.0, 1.0), [False, True, True, True])
+    np.testing.assert_array_equal(_rows_outside(mat, full, -1.0, 1.0, lo_open=True), [True, True, True, True])
+    # ragged: row 3's NaN is padding (length 2), row 1's 1.5 is inside its length
+    ragged = np.array([3, 2, 3, 2])
+    np.testing.assert_array_equal(_rows_outside(mat, ragged, -1.0, 1.0), [False, True, True, False])
+    np.testing.assert_array_equal(_rows_outside(mat[:, :2], np.array([2, 1, 1, 2]), 0.0, np.inf, lo_open=True), [True, False, False, False])

@@ -150,3 +150,25 @@ def test_many_row_groups_verified(tmp_path):
     import pyarrow.parquet as pq
 
     assert pq.ParquetFile(path).num_row_groups == 8
+
+
+def test_footer_verify_refuses_the_same_bad_tables(tmp_path):
+    path = tmp_path / "L05-000008.parquet"
+    opts = {"verify": "footer", "schema": SCHEMA}
+    with pytest.raises(SchemaError, match="extra"):
+        P.atomic_write_parquet(_table().append_column("extra", pa.array(np.zeros(10))), path, **opts)
+    dup = pa.table({"source_id": pa.array([1, 2, 2], pa.int64()), "x": pa.array([1.0, 2.0, 3.0], pa.float32())})
+    with pytest.raises(SchemaError, match="duplicated"):
+        P.atomic_write_parquet(dup, path, **opts)
+    nulls = pa.table({"source_id": pa.array([1, None], pa.int64()), "x": pa.array([1.0, 2.0], pa.float32())})
+    with pytest.raises(SchemaError, match="null"):
+        P.atomic_write_parquet(nulls, path, **opts)
+    with pytest.raises(InputError, match="expected 11"):
+        P.atomic_write_parquet(_table(), path, expected_rows=11, **opts)
+    with pytest.raises(ValueError, match="verify"):
+        P.atomic_write_parquet(_table(), path, verify="none")
+    assert list(tmp_path.iterdir()) == []
+    wopts = {"compression_level": 1, "use_dictionary": False, "use_byte_stream_split": ["x"]}
+    marker = P.atomic_write_parquet(_table(50), path, expected_rows=50, write_options=wopts, **opts)
+    assert marker["rows"] == 50 and P.is_done(path, expected_rows=50)
+    assert P.read_table(path).equals(_table(50))

@@ -244,6 +244,28 @@ def _verify_written(tmp: Path, path: Path, schema: pa.Schema | None, batch_rows:
     return n_rows
 
 
+def _verify_footer(tmp: Path, path: Path, table: pa.Table, schema: pa.Schema | None) -> int:
+    """Check a freshly written file without decoding its data pages; returns its row count.
+
+    The in-memory table has been validated against ``schema`` before writing;
+    here the file's footer must give back the same Arrow schema (types) and
+    row count, and the id column is read back for uniqueness.
+    """
+    try:
+        pf = pq.ParquetFile(tmp)
+        written = pf.schema_arrow
+        if schema is not None:
+            validate(written.empty_table(), schema, what=str(path), unique_ids=False)
+        if [(f.name, f.type) for f in written] != [(f.name, f.type) for f in table.schema]:
+            raise InputError(f"{path}: the written file's schema differs from the table's")
+        id_cols = [c for c in ("source_id", "gdr3_source_id") if schema is not None and c in schema.names]
+        if id_cols:
+            validate(pf.read(columns=id_cols[:1]), pa.schema([schema.field(id_cols[0])]), what=str(path))
+    except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as err:
+        raise InputError(f"cannot re-read freshly written Parquet file for {path}: {err}") from err
+    return int(pf.metadata.num_rows)
+
+
 def atomic_write_parquet(
     table: pa.Table,
     path: str | os.PathLike,
@@ -253,6 +275,8 @@ def atomic_write_parquet(
     info: dict[str, Any] | None = None,
     compression: str = "zstd",
     row_group_size: int = 16384,
+    write_options: dict[str, Any] | None = None,
+    verify: str = "full",
 ) -> dict:
     """Write a Parquet file atomically, verify it, then write its done marker.
 
@@ -278,6 +302,15 @@ def atomic_write_parquet(
         Parquet compression codec.
     row_group_size : int
         Rows per Parquet row group (bounds writer and reader memory).
+    write_options : dict, optional
+        Further keyword arguments of :func:`pyarrow.parquet.write_table`
+        (e.g. ``compression_level``, ``use_dictionary``, ``use_byte_stream_split``).
+    verify : {"full", "footer"}
+        ``"full"``: re-read every row (batch by batch) and validate it.
+        ``"footer"``: validate the table in memory before writing, then check
+        the written file's footer (schema, row count) and its id column; no
+        data page is decoded (for large partitions where the full re-read
+        costs as much as the write).
 
     Returns
     -------
@@ -291,6 +324,10 @@ def atomic_write_parquet(
     InputError
         When the row count differs from ``expected_rows``.
     """
+    if verify not in ("full", "footer"):
+        raise ValueError(f"verify must be 'full' or 'footer'; got {verify!r}")
+    if verify == "footer" and schema is not None:
+        validate(table, schema, what=str(path))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     mp = marker_path(path)
@@ -299,8 +336,11 @@ def atomic_write_parquet(
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        pq.write_table(table, tmp, compression=compression, row_group_size=row_group_size)
-        n_rows = _verify_written(tmp, path, schema)
+        pq.write_table(table, tmp, compression=compression, row_group_size=row_group_size, **(write_options or {}))
+        if verify == "footer":
+            n_rows = _verify_footer(tmp, path, table, schema)
+        else:
+            n_rows = _verify_written(tmp, path, schema)
         if expected_rows is not None and n_rows != int(expected_rows):
             raise InputError(f"{path}: wrote {n_rows} rows, expected {int(expected_rows)}")
         digest = file_sha256(tmp)

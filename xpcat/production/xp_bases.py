@@ -499,19 +499,27 @@ def _band_covariance_chunk(
     var += np.einsum("nii->ni", Q)
 
 
-def _rows_with(mat: np.ndarray, length: np.ndarray, is_bad) -> np.ndarray:
-    """(n,) bool: rows of a NaN-padded matrix with an element ``is_bad`` within the row's length.
+def _rows_outside(mat: np.ndarray, length: np.ndarray, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> np.ndarray:
+    """(n,) bool: rows of a NaN-padded matrix with an element outside [lo, hi] (or NaN) within the row's length.
 
-    Rows of length 0 (a missing band) may come out either way; callers have
-    already excluded them.
+    ``lo_open`` / ``hi_open`` exclude the bound itself. With equal row lengths
+    this is two reductions (NaN propagates through min and max) and no
+    temporary arrays. Rows of length 0 (a missing band) may come out either
+    way; callers have already excluded them.
     """
     w = mat.shape[1]
     if w == 0:
         return np.zeros(mat.shape[0], dtype=bool)
     if np.all((length == w) | (length == 0)):
-        return np.any(is_bad(mat), axis=1)
-    inside = np.arange(w)[None, :] < length[:, None]
-    return np.any(inside & is_bad(mat), axis=1)
+        mn, mx = mat.min(axis=1), mat.max(axis=1)
+    else:
+        inside = np.arange(w)[None, :] < length[:, None]
+        mn = np.where(inside, mat, np.inf).min(axis=1)
+        mx = np.where(inside, mat, -np.inf).max(axis=1)
+    with np.errstate(invalid="ignore"):
+        ok_lo = mn > lo if lo_open else mn >= lo
+        ok_hi = mx < hi if hi_open else mx <= hi
+    return ~(ok_lo & ok_hi)
 
 
 def _fixed_width(mat: np.ndarray, width: int, rows: np.ndarray) -> np.ndarray:
@@ -660,9 +668,9 @@ def _sample_xp(
         good &= (coef_len == n_bases) & (err_len == n_bases) & (p["n_par"] == n_bases)
         good &= corr_len == n_bases * (n_bases - 1) // 2
         # element checks (NaN fails every comparison): finite coefficients, 0 < error < inf, |rho| <= 1
-        good &= ~_rows_with(coef, coef_len, lambda x: ~np.isfinite(x))
-        good &= ~_rows_with(err, err_len, lambda x: ~((x > 0) & (x < np.inf)))
-        good &= ~_rows_with(corr, corr_len, lambda x: ~(np.abs(x) <= 1.0))
+        good &= ~_rows_outside(coef, coef_len, -np.inf, np.inf, lo_open=True, hi_open=True)
+        good &= ~_rows_outside(err, err_len, 0.0, np.inf, lo_open=True, hi_open=True)
+        good &= ~_rows_outside(corr, corr_len, -1.0, 1.0)
         if covariance == "paper":
             good &= np.isfinite(p["s"]) & (p["s"] > 0)
         ok[band] = good
