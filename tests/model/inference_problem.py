@@ -1,9 +1,9 @@
 """Synthetic inference problems with known truth, for the inference tests and benchmark.
 
 Stars are drawn from a forward model (the synthetic universe's truth model, or a
-small network emulating it) with a known, correlated noise covariance
-(diagonal relative noise + a 0.5 % common-mode term as Eq. 2 + a smooth
-correlated calibration term over the XP samples), so the whitening factor and
+small network emulating it) with a known, correlated noise covariance shaped
+like Eq. 2 (diagonal noise, 0.5 % diagonal and common-mode terms, 0.1 % BP / RP
+common modes), so the whitening factor and
 the truth are known exactly.
 """
 
@@ -26,12 +26,12 @@ def draw_labels(rng: np.random.Generator, n: int) -> np.ndarray:
     n_ms = int(n * 0.6)
     n_rg = int(n * 0.3)
     n_hot = n - n_ms - n_rg
-    t_ms = rng.uniform(4000, 7000, n_ms)
-    ms = np.column_stack([t_ms, rng.normal(-0.2, 0.5, n_ms), 4.6 - (t_ms - 4000) * 1.7e-4 + rng.normal(0, 0.2, n_ms)])
-    t_rg = rng.uniform(4000, 5300, n_rg)
-    rg = np.column_stack([t_rg, rng.normal(-0.3, 0.5, n_rg), 1.2 + (t_rg - 4000) * 1.6e-3 + rng.normal(0, 0.3, n_rg)])
-    t_h = rng.uniform(7000, 9500, n_hot)
-    hot = np.column_stack([t_h, rng.normal(-0.1, 0.4, n_hot), rng.uniform(3.5, 4.4, n_hot)])
+    t_ms = rng.uniform(3800, 7500, n_ms)
+    ms = np.column_stack([t_ms, rng.normal(-0.2, 0.7, n_ms), 4.5 - (t_ms - 4000) * 1.7e-4 + rng.normal(0, 0.35, n_ms)])
+    t_rg = rng.uniform(3800, 5600, n_rg)
+    rg = np.column_stack([t_rg, rng.normal(-0.3, 0.7, n_rg), 1.2 + (t_rg - 4000) * 1.6e-3 + rng.normal(0, 0.45, n_rg)])
+    t_h = rng.uniform(6500, 10000, n_hot)
+    hot = np.column_stack([t_h, rng.normal(-0.1, 0.6, n_hot), rng.uniform(3.0, 4.6, n_hot)])
     out = np.vstack([ms, rg, hot])
     return out[rng.permutation(n)]
 
@@ -61,14 +61,20 @@ def make_gmm(seed: int = 0, n_labels: int = 4000, n_components: int = 16) -> tup
 
 
 def covariance(f: np.ndarray, rel: float, rng: np.random.Generator) -> np.ndarray:
-    """(66, 66) covariance of one star's fluxes: relative noise, Eq. 2 common mode, smooth calibration."""
+    """(66, 66) covariance of one star's fluxes, shaped like Eq. 2.
+
+    XP: diagonal relative noise ``rel`` plus a floor, the 0.5 % diagonal and common-mode
+    terms and 0.1 % BP-only and RP-only common modes (BP: <= 632 nm, RP: >= 652 nm,
+    the 642 nm sample split 1:7); NIR: 2 % diagonal.
+    """
     fx = f[:N_XP]
+    wl = np.arange(392, 993, 10)
+    w_bp = np.where(wl <= 632, 1.0, np.where(wl == 642, 0.125, 0.0))
+    f_bp, f_rp = fx * w_bp, fx * (1 - w_bp)
     c = np.zeros((N_FLUX, N_FLUX))
-    idx = np.arange(N_XP)
-    kern = np.exp(-0.5 * ((idx[:, None] - idx[None, :]) / 3.0) ** 2)
     floor = 0.05 * np.median(np.abs(fx)) * rel / 0.01
-    c[:N_XP, :N_XP] = np.diag((rel * fx) ** 2 + floor**2) + 0.005**2 * np.outer(fx, fx) \
-        + (0.3 * rel) ** 2 * np.outer(fx, fx) * kern
+    c[:N_XP, :N_XP] = (np.diag((rel * fx) ** 2 + floor**2 + (0.005 * fx) ** 2) + 0.005**2 * np.outer(fx, fx)
+                       + 0.001**2 * (np.outer(f_bp, f_bp) + np.outer(f_rp, f_rp)))
     nir = f[N_XP:]
     c[N_XP:, N_XP:] = np.diag((0.02 * nir) ** 2 + (0.3 * floor) ** 2)
     return c

@@ -240,9 +240,12 @@ def _masked_grad(obj, x, stars, mask):
     return jnp.where(mask[:, None] & jnp.isfinite(g), g, 0.0)
 
 
-@partial(jax.jit, static_argnums=(0, 1, 2, 3))
+@partial(jax.jit, static_argnums=(0, 4))
 def _run_optax(obj, steps, lr, halve_every, kind, x, stars, mask):
-    sched = optax.exponential_decay(lr, transition_steps=halve_every, decay_rate=0.5, staircase=True)
+    # step counts and rates are traced, so every round of a kind reuses one compiled loop
+    def sched(count):
+        return lr * 0.5 ** jnp.floor(count / halve_every)
+
     opt = optax.adam(sched) if kind == "adam" else optax.sgd(sched)
     state = opt.init(x)
 
@@ -270,8 +273,8 @@ def paper_fit(obj: Objective, x0: JAXArray, stars: StarData, active: JAXArray,
     LMResult; ``converged`` means the final Hessian is PSD; ``n_iter`` counts steps taken.
     """
     active = jnp.asarray(active)
-    x = _run_optax(obj, int(schedule.adam_steps), float(schedule.adam_lr), int(schedule.adam_halve_every), "adam",
-                   x0, stars, active)
+    x = _run_optax(obj, jnp.int32(schedule.adam_steps), jnp.float32(schedule.adam_lr),
+                   jnp.float32(schedule.adam_halve_every), "adam", x0, stars, active)
     n_iter = np.full(x0.shape[0], schedule.adam_steps, dtype=np.int32)
     psd = hessian_is_psd(obj, x, stars)
     n_active = max(int(jnp.sum(active)), 1)
@@ -281,9 +284,14 @@ def paper_fit(obj: Objective, x0: JAXArray, stars: StarData, active: JAXArray,
         if frac < schedule.stop_fraction:
             break
         logger.debug("paper optimiser: SGD round %d on %.4f %% of stars", rnd, 100 * frac)
-        x = _run_optax(obj, int(schedule.sgd_steps), float(schedule.sgd_lr / 2 ** (rnd - 1)),
-                       int(schedule.sgd_halve_every), "sgd", x, stars, todo)
+        x = _run_optax(obj, jnp.int32(schedule.sgd_steps), jnp.float32(schedule.sgd_lr / 2 ** (rnd - 1)),
+                       jnp.float32(schedule.sgd_halve_every), "sgd", x, stars, todo)
         n_iter = n_iter + np.where(np.asarray(todo), schedule.sgd_steps, 0).astype(np.int32)
         psd = hessian_is_psd(obj, x, stars)
-    loss = jax.jit(jax.vmap(obj.loss))(x, stars)
+    loss = _loss_jit(obj, x, stars)
     return LMResult(x=x, loss=loss, converged=psd & active & jnp.isfinite(loss), n_iter=jnp.asarray(n_iter))
+
+
+@partial(jax.jit, static_argnums=(0,))
+def _loss_jit(obj, x, stars):
+    return jax.vmap(obj.loss)(x, stars)
