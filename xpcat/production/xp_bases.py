@@ -428,6 +428,27 @@ def _run_chunks(work, chunks: list[tuple[int, int]], threads: int) -> None:
     list(ex.map(work, chunks))
 
 
+def _sym_add_py(out: np.ndarray, Q: np.ndarray, var: np.ndarray) -> None:
+    """``out[i] += Q[i] + Q[i]^T`` and ``var[i] += 2 diag(Q[i])`` in one pass (compiled by numba)."""
+    m, k, _ = Q.shape
+    for i in range(m):
+        for a in range(k):
+            for b in range(k):
+                out[i, a, b] += Q[i, a, b] + Q[i, b, a]
+            var[i, a] += 2.0 * Q[i, a, a]
+
+
+@functools.lru_cache(maxsize=None)
+def _jit(func):
+    """``numba.njit(cache=True, nogil=True)(func)``, built on first use (numba's import costs ~1 s).
+
+    numba comes with hats (a dependency); the compiled code is cached on disk.
+    """
+    import numba
+
+    return numba.njit(cache=True, nogil=True)(func)
+
+
 def _band_covariance_chunk(
     rho: np.ndarray,
     e: np.ndarray,
@@ -494,9 +515,7 @@ def _band_covariance_chunk(
     for jj, j in enumerate(ramp):
         Q[:, j, :] *= w_ramp[:, jj, None]
         Q[:, :, j] *= w_ramp[:, jj, None]
-    Q += Q.transpose(0, 2, 1).copy()
-    cov += Q
-    var += np.einsum("nii->ni", Q)
+    _jit(_sym_add_py)(cov, Q, var)
 
 
 def _rows_outside(mat: np.ndarray, length: np.ndarray, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> np.ndarray:
@@ -522,13 +541,20 @@ def _rows_outside(mat: np.ndarray, length: np.ndarray, lo: float, hi: float, *, 
     return ~(ok_lo & ok_hi)
 
 
-def _fixed_width(mat: np.ndarray, width: int, rows: np.ndarray) -> np.ndarray:
-    """``mat[:, :width]`` (zero-padded if narrower) with the rows not in ``rows`` set to 0."""
+def _fixed_width(mat: np.ndarray, width: int, rows: np.ndarray, *, inplace: bool = False) -> np.ndarray:
+    """``mat[:, :width]`` (zero-padded if narrower) with the rows not in ``rows`` set to 0.
+
+    With ``inplace`` (the caller will not use ``mat`` again) a writeable
+    ``mat`` is zeroed in place rather than copied.
+    """
     out = mat[:, :width]
     if out.shape[1] < width:
         out = np.concatenate([out, np.zeros((mat.shape[0], width - out.shape[1]))], axis=1)
     if not rows.all():
-        out = np.where(rows[:, None], out, 0.0)
+        if inplace and out.flags.writeable:
+            out[~rows] = 0.0
+        else:
+            out = np.where(rows[:, None], out, 0.0)
     return out
 
 
@@ -705,11 +731,12 @@ def _sample_xp(
                 continue
             # Every row is computed with slices (no fancy-index copies of the big arrays); rows
             # without this band get zero inputs and so contribute exactly zero.
-            c = _fixed_width(coef, nb, mine)
-            e = _fixed_width(err, nb, mine)
+            last = len(designs[band]) == 1  # the matrices are not needed for another basis id
+            c = _fixed_width(coef, nb, mine, inplace=last)
+            e = _fixed_width(err, nb, mine, inplace=last)
             if covariance == "paper":
                 e = e / np.where(mine, p["s"], 1.0)[:, None]
-            rho = _fixed_width(corr, nb * (nb - 1) // 2, mine)
+            rho = _fixed_width(corr, nb * (nb - 1) // 2, mine, inplace=last)
             A_s = A[:, sl]  # (nb, k)
             f_band = c @ A_s  # (n, k)
             # Merge weights: GaiaXPy uses a band unweighted when the other band is missing.
