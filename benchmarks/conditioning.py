@@ -113,12 +113,21 @@ def write_raw_run(run_dir: Path, xp: pa.Table, seed: int = 1) -> None:
         pq.write_table(t, run_dir / "raw" / name / "part-0.parquet", row_group_size=16384)
 
 
-def _condition_child(run_dir: str, queue) -> None:
+def _condition_child(run_dir: str, shared: str, queue) -> None:
+    from xpcat.catalog_schema.conditioned import NIR_BANDS
     from xpcat.config import config_from_dict
     from xpcat.production import conditioning
+    from xpcat.production.photometry import zero_point_w_m2_nm
     from xpcat.production.xp_bases import xp_bases
 
-    xp_bases()  # build (and cache) the GaiaXPy design matrices outside the timing
+    # One-time per-process costs outside the timing, as a pipeline worker pays them once: the
+    # GaiaXPy design matrices, the numba kernels (loaded from their disk cache or compiled), the
+    # astropy zero points and the BLAS thread controller.
+    xp_bases()
+    warm = to_arrow(make_sources(real_rows(Path(shared)), 64))
+    conditioning.condition_xp_table(warm, np.full((64, 5), 1e-16), np.full((64, 5), 1e-36))
+    for band in NIR_BANDS:
+        zero_point_w_m2_nm(band)
     cfg = config_from_dict({"data": {"partition_level": 5}})
     t0, c0 = time.perf_counter(), time.process_time()
     summary = conditioning.condition_run(Path(run_dir), cfg)
@@ -138,11 +147,12 @@ def main(argv: list[str] | None = None) -> dict:
     import gaiaxpy
 
     import xpcat
+    from xpcat.production.xp_bases import default_threads
 
     real = real_rows(args.shared)
     df = make_sources(real, args.n)
     table = to_arrow(df)
-    xpcat.sample_xp(table.slice(0, 12))  # build the bases once (not timed, as GaiaXPy's import is not)
+    xpcat.sample_xp(table.slice(0, 12))  # build the bases, load the numba kernels (not timed, as GaiaXPy's import is not)
 
     t0, c0 = time.perf_counter(), time.process_time()
     with contextlib.redirect_stdout(io.StringIO()):
@@ -152,9 +162,9 @@ def main(argv: list[str] | None = None) -> dict:
     t0, c0 = time.perf_counter(), time.process_time()
     s_df = xpcat.sample_xp(df)
     t_df, c_df = time.perf_counter() - t0, time.process_time() - c0
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     s_ar = xpcat.sample_xp(table)
-    t_ar = time.perf_counter() - t0
+    t_ar, c_ar = time.perf_counter() - t0, time.process_time() - c0
 
     ok = np.isfinite(s_df.flux)
     gflux = np.stack(gx["flux"].to_numpy())
@@ -167,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
         del part
         ctx = mp.get_context("spawn")
         q = ctx.Queue()
-        proc = ctx.Process(target=_condition_child, args=(tmp, q))
+        proc = ctx.Process(target=_condition_child, args=(tmp, str(args.shared), q))
         proc.start()
         child = q.get()
         proc.join()
@@ -185,6 +195,9 @@ def main(argv: list[str] | None = None) -> dict:
         "cpu_seconds_gaiaxpy": round(c_gx, 3),
         "cpu_seconds_xpcat_sample": round(c_df, 3),
         "ratio_vs_gaiaxpy_cpu": round(c_gx / c_df, 2),
+        "cpu_seconds_xpcat_sample_arrow": round(c_ar, 3),
+        "ratio_vs_gaiaxpy_arrow_cpu": round(c_gx / c_ar, 2),
+        "xpcat_threads": default_threads(),
         "load_average_1min": os.getloadavg()[0],
         "max_rel_flux_diff_vs_gaiaxpy": max_rel,
         "arrow_equals_dataframe": same,

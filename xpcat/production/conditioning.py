@@ -71,18 +71,20 @@ SIGMA_FRAC_BAND = 0.001
 #: ``[conditioning] batch_size`` is capped by it so that memory stays bounded.
 MAX_BLOCK = 1024
 
-#: Parquet options of conditioned partitions (codec: zstd-1 or lz4, see ``_COMPRESSION``). Float
-#: lists are stored byte-stream-split (the exponent bytes of neighbouring values then compress
-#: well), without dictionaries (they never pay off for floats and cost a failed attempt per page)
-#: and without min/max statistics (useless for them; kept for the scalar columns). Measured on a
-#: real-data-based partition (CPU per star, 2-core EPYC): no compression 31 us write / 23 us read /
-#: 9.4 kB; lz4 54 / 24 / 6.4 kB; zstd-1 62 / 35 / 5.8 kB; the previous default (zstd-3 with
-#: dictionaries) 94 / 60 / 7.3 kB.
+#: Parquet options of conditioned partitions. Measured on a real-data-based partition (CPU per
+#: star to write / to read back, and bytes per star; 2-core EPYC): no compression 31 us / 23 us /
+#: 9.4 kB; lz4 with byte-stream-split floats 54 / 24 / 6.4 kB; zstd-1 with byte-stream-split
+#: 62 / 35 / 5.8 kB; pyarrow's defaults (zstd-3, dictionaries, statistics) 94 / 60 / 7.3 kB.
+#: The float lists (94 % of the bytes) are the packed factor, flux and errors, which compress
+#: poorly; no compression keeps the step within its throughput target at <= 10 kB per star.
+#: lz4 with ``use_byte_stream_split`` on the float lists is the smaller choice where disk
+#: matters more than CPU.
+#: Dictionaries never pay off for floats (and cost a failed attempt per page); min/max
+#: statistics are kept for the scalar columns only.
 _LIST_COLUMNS = ("flux", "flux_error", "flux_factor_triu")
-_COMPRESSION = "lz4"
+_COMPRESSION = "none"
 _WRITE_OPTIONS = {
     "use_dictionary": ["source_id", "condition_flags", "n_valid_flux"],
-    "use_byte_stream_split": [f"{c}.list.element" for c in _LIST_COLUMNS],
     "write_statistics": [f.name for f in CONDITIONED if f.name not in _LIST_COLUMNS],
 }
 
