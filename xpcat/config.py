@@ -251,9 +251,10 @@ class TrainingConfig(_Section):
     phase6_lr: float = _f(1e-2, "Phase 6: initial Adam learning rate of the star refinement.", min=0.0)
     model_optimizer: Literal["sgd", "adam"] = _f(
         "sgd", "Model steps: 'sgd' (momentum model_momentum, the paper) or 'adam'.", choices=("sgd", "adam"))
-    star_optimizer: Literal["sgd", "adam"] = _f(
-        "sgd", "Star steps of phases 2, 3, 5: 'sgd' without momentum (the paper) or per-star 'adam'.",
-        choices=("sgd", "adam"))
+    star_optimizer: Literal["sgd", "adam", "gn"] = _f(
+        "sgd", "Star steps of phases 2, 3, 5: 'sgd' without momentum (the paper), per-star 'adam', or 'gn' "
+        "(damped Gauss-Newton per star; also used for phase 6).",
+        choices=("sgd", "adam", "gn"))
     model_momentum: float = _f(0.5, "SGD momentum of the model steps.", min=0.0, max=1.0)
     grad_clip: float = _f(0.0, "Clip the model gradient to this global norm (0 = off, the paper).", min=0.0)
     max_star_step: float = _f(0.5, "Longest star update (kK, dex, ln plx, ln E units) of one SGD step.", min=0.0)
@@ -356,11 +357,11 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "epochs": 40,
             "lr_drop_epochs": (25, 35),
             "model_optimizer": "adam",
-            "star_optimizer": "adam",
+            "star_optimizer": "gn",
             "model_lr": (1e-3, 3e-4, 1e-4),
             "star_lr": (3e-3, 3e-3, 1e-3),
-            "phase3_steps": 128,
-            "phase6_steps": 256,
+            "phase3_steps": 20,
+            "phase6_steps": 20,
             "phase6_halve_every": 64,
         }
     },

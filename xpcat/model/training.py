@@ -385,10 +385,12 @@ def make_epoch_fn(activation: str, model_tx: optax.GradientTransformation | None
             real = (w > 0) & sok
             # padding entries point at star 0 with weight 0: their step is masked out of the scatter
             if star_optimizer == "adam":
-                opt_b = _take(star_opt, idx)
+                adam_state = {k: star_opt[k] for k in ("m", "v", "t")}
+                opt_b = _take(adam_state, idx)
                 stepv, new_b = _star_adam(gs, opt_b, star_lr)
-                star_opt = jax.tree_util.tree_map(
-                    lambda a, new, old: a.at[idx].add(_bmask(real, new - old).astype(a.dtype)), star_opt, new_b, opt_b)
+                adam_state = jax.tree_util.tree_map(
+                    lambda a, new, old: a.at[idx].add(_bmask(real, new - old).astype(a.dtype)), adam_state, new_b, opt_b)
+                star_opt = dict(star_opt, **adam_state)
             else:
                 stepv = jax.tree_util.tree_map(lambda g: -star_lr * g, gs)
             stepv = _clip_star_step(stepv, max_star_step)
