@@ -263,7 +263,7 @@ def test_xpcat_run_real_stages_local(tmp_path):
     rd = tmp_path / "run"
     simulate_universe(rd, SimulationConfig(n_stars=120, seed=4))
     h = make_artifact(rd / "model")
-    cfg = _config().replace(
+    cfg = _config(memory_limit="4GiB").replace(  # JAX's compiled inference needs more than 1 GiB per worker
         data={"partition_level": 1},
         inference={"n_prior_samples": 16, "e_log10_step": 0.25, "n_refine": 2, "max_iterations": 5, "batch_size": 256},
     )

@@ -140,7 +140,7 @@ def _real_run_dir(tmp: Path, n_stars: int, **cluster) -> tuple[Path, Path, np.nd
     rd = tmp / "run"
     simulate_universe(rd, SimulationConfig(n_stars=n_stars, seed=11))
     make_artifact(rd / "model")
-    cfg = slurm_config(tmp, **cluster).replace(
+    cfg = slurm_config(tmp, memory_limit="3GiB", **cluster).replace(  # JAX inference needs > 1 GiB
         data={"partition_level": 1},
         inference={"n_prior_samples": 16, "e_log10_step": 0.25, "n_refine": 2, "max_iterations": 5, "batch_size": 256},
     )
