@@ -523,3 +523,21 @@ def test_rows_outside_bounds_equal_and_ragged_lengths():
     ragged = np.array([3, 2, 3, 2])
     np.testing.assert_array_equal(_rows_outside(mat, ragged, -1.0, 1.0), [False, True, True, False])
     np.testing.assert_array_equal(_rows_outside(mat[:, :2], np.array([2, 1, 1, 2]), 0.0, np.inf, lo_open=True), [True, False, False, False])
+
+
+def test_sample_xp_threads_agree_and_survive_fork(ref_df):
+    """Chunks on threads give the same result as one thread, also in a forked child."""
+    import multiprocessing as mp
+
+    from xpcat.production import xp_bases as X
+
+    df = pd.concat([ref_df] * 100, ignore_index=True)  # > one chunk of stars
+    one = xpcat.sample_xp(df, threads=1)
+    two = xpcat.sample_xp(df, threads=2)
+    np.testing.assert_array_equal(one.covariance, two.covariance)
+    np.testing.assert_array_equal(one.flux_error, two.flux_error)
+    ctx = mp.get_context("fork")
+    with ctx.Pool(1) as pool:  # the parent's pool exists; the child must start its own
+        job = pool.apply_async(X.sample_xp, (df.iloc[: 2 * X._CHUNK + 7].reset_index(drop=True),), {"threads": 2})
+        child = job.get(timeout=120)  # without the at-fork reset the child waits forever on dead threads
+    np.testing.assert_array_equal(child.covariance, one.covariance[: 2 * X._CHUNK + 7])

@@ -413,6 +413,17 @@ _EXECUTOR: ThreadPoolExecutor | None = None
 _EXECUTOR_LOCK = threading.Lock()
 
 
+def _forget_executor() -> None:
+    """In a forked child the parent's pool threads do not exist: start a new pool when needed."""
+    global _EXECUTOR, _EXECUTOR_LOCK
+    _EXECUTOR = None
+    _EXECUTOR_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_executor)
+
+
 def _run_chunks(work, chunks: list[tuple[int, int]], threads: int) -> None:
     """Call ``work(chunk)`` for every chunk, on up to ``threads`` threads (numpy releases the GIL)."""
     global _EXECUTOR
