@@ -248,19 +248,26 @@ def _is_missing(value) -> bool:
     return False
 
 
-def _ndarray_cells(col: list) -> tuple[list[np.ndarray], list[int]] | None:
-    """Non-empty 1-d float array cells and their rows, if every other cell is missing; else None."""
-    arrays: list[np.ndarray] = []
-    rows: list[int] = []
-    nd = np.ndarray
-    for i, v in enumerate(col):
-        if type(v) is nd and v.ndim == 1 and v.dtype.kind == "f":
-            if v.size:
-                arrays.append(v)
-                rows.append(i)
-        elif not _is_missing(v):
-            return None
-    return arrays, rows
+def _array_cells(col: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(values, lengths, rows) of a 1-d object array whose cells are 1-d numeric arrays or lists, or missing.
+
+    Vectorised: ``pandas.isna`` finds the missing cells, ``map(len)`` and one
+    ``np.concatenate`` do the rest. None when some cell is anything else
+    (strings, nested arrays), for the cell-by-cell parser.
+    """
+    import pandas as pd
+
+    miss = np.asarray(pd.isna(col), dtype=bool)
+    rows = np.flatnonzero(~miss)
+    present = col[rows]
+    try:
+        lengths = np.fromiter(map(len, present), dtype=np.int64, count=rows.size)
+        values = np.concatenate(present) if rows.size else np.zeros(0)
+    except (TypeError, ValueError):
+        return None
+    if values.ndim != 1 or values.dtype.kind not in "fiu" or values.size != lengths.sum():
+        return None
+    return values.astype(np.float64, copy=False), lengths, rows
 
 
 def _ragged_to_matrix(values: np.ndarray, lengths: np.ndarray, rows: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -297,6 +304,14 @@ def _array_column(col, n: int) -> tuple[np.ndarray, np.ndarray]:
         return _ragged_to_matrix(values, lengths, rows, n)
     if isinstance(col, pa.Array):
         col = col.to_pylist()
+    if isinstance(col, np.ndarray) and col.dtype == object and col.ndim == 1 and col.size and not isinstance(col[0], str):
+        # DataFrame cells already holding arrays (what GaiaXPy's readers make): one concatenate
+        fast = _array_cells(col)
+        if fast is not None:
+            values, lengths, rows = fast
+            if not values.size:
+                return np.full((n, 0), np.nan), np.zeros(n, dtype=np.int64)
+            return _ragged_to_matrix(values, lengths, rows, n)
     col = list(col)
     if col and all(isinstance(v, str) or v is None or (isinstance(v, float) and np.isnan(v)) for v in col):
         # Archive CSV strings: parse a whole column in one call.
@@ -309,14 +324,6 @@ def _array_column(col, n: int) -> tuple[np.ndarray, np.ndarray]:
         values = np.fromstring(",".join(b for _, b in bodies), sep=",")
         if values.size == lengths.sum():
             return _ragged_to_matrix(values, lengths, rows, n)
-    fast = _ndarray_cells(col)
-    if fast is not None:
-        # DataFrame cells already holding 1-d float arrays (what GaiaXPy's readers make): one concatenate
-        arrays, rows = fast
-        if not arrays:
-            return np.full((n, 0), np.nan), np.zeros(n, dtype=np.int64)
-        lengths = np.fromiter((a.size for a in arrays), dtype=np.int64, count=len(arrays))
-        return _ragged_to_matrix(np.concatenate(arrays).astype(np.float64, copy=False), lengths, np.asarray(rows, np.int64), n)
     cells = [_parse_array_cell(v) for v in col]
     rows = np.array([i for i, c in enumerate(cells) if c is not None and c.size], dtype=np.int64)
     if rows.size == 0:
