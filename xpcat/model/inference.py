@@ -241,17 +241,22 @@ class Inference:
         chunk = _SCREEN_CHUNK if mode == "screen" else min(_SCREEN_CHUNK, _padded_size(m, self.settings.batch_size))
         chunk = min(chunk, _padded_size(m, self.settings.batch_size))
         out = np.empty((m, N_VAR), dtype=self.dtype)
+        # stars with the whole parallax-guess band first: their chunks take the cheaper path
+        full = np.all(prep.weight[:, self.grid.band] > 0, axis=1)
+        order = np.argsort(~full, kind="stable")
         with jax.default_matmul_precision("highest"):
             for lo in range(0, m, chunk):
                 hi = min(lo + chunk, m)
-                args = [jnp.asarray(_pad_rows(a[lo:hi], chunk)) for a in (prep.flux, prep.weight, prep.factor)]
+                sel = order[lo:hi]
+                sel = np.concatenate([sel, np.full(chunk - len(sel), sel[0])])  # pad with a real star
+                args = [jnp.asarray(a[sel]) for a in (prep.flux, prep.weight, prep.factor)]
                 if mode == "screen":
                     x0, _ = screen_start(self.grid, *args, n_refine=self.settings.n_refine)
                 elif mode == "paper":
                     x0, _ = paper_start(self.grid, *args)
                 else:
                     raise ValueError(f"start mode must be 'screen' or 'paper', got {mode!r}")
-                out[lo:hi] = np.asarray(x0)[: hi - lo]
+                out[order[lo:hi]] = np.asarray(x0)[: hi - lo]
         return out
 
     def optimise(self, prep: PreparedStars, x0: np.ndarray, optimizer: str | None = None,

@@ -84,9 +84,15 @@ class _LMState(NamedTuple):
 def _system(obj: Objective, x: JAXArray, star: StarData):
     """Loss gradient and Gauss-Newton + exact-prior Hessian at x."""
     r, jac = obj.residuals_and_jacobian(x, star)
-    g = 2.0 * jac.T @ r + jax.grad(obj.prior_term)(x)
-    h = 2.0 * jac.T @ jac + jax.hessian(obj.prior_term)(x)
-    return g, h
+    # the prior term is -2 ln p_gmm(Theta) - 2 ln plx - 2 ln E: only the Theta block is curved
+
+    def neg2lnp(t):
+        return -2.0 * obj.ln_prior(jnp.concatenate([t, x[3:]]))
+
+    t = x[:3]
+    g_p = jnp.concatenate([jax.grad(neg2lnp)(t), jnp.full((2,), -2.0, x.dtype)])
+    h_p = jnp.zeros((5, 5), x.dtype).at[:3, :3].set(jax.hessian(neg2lnp)(t))
+    return 2.0 * jac.T @ r + g_p, 2.0 * jac.T @ jac + h_p
 
 
 def _converged(g, h, loss, tol):
@@ -284,8 +290,16 @@ def paper_fit(obj: Objective, x0: JAXArray, stars: StarData, active: JAXArray,
         if frac < schedule.stop_fraction:
             break
         logger.debug("paper optimiser: SGD round %d on %.4f %% of stars", rnd, 100 * frac)
-        x = _run_optax(obj, jnp.int32(schedule.sgd_steps), jnp.float32(schedule.sgd_lr / 2 ** (rnd - 1)),
-                       jnp.float32(schedule.sgd_halve_every), "sgd", x, stars, todo)
+        # the round runs on the non-PSD stars only, gathered into a padded sub-batch
+        idx = np.flatnonzero(np.asarray(todo))
+        size = max(64, 1 << int(np.ceil(np.log2(idx.size))))
+        size = min(size, x0.shape[0])
+        pad = np.concatenate([idx, np.full(size - idx.size, idx[0])])
+        sub_stars = jax.tree_util.tree_map(lambda a: a[jnp.asarray(pad)], stars)
+        sub_mask = jnp.asarray(np.arange(size) < idx.size)
+        x_sub = _run_optax(obj, jnp.int32(schedule.sgd_steps), jnp.float32(schedule.sgd_lr / 2 ** (rnd - 1)),
+                           jnp.float32(schedule.sgd_halve_every), "sgd", x[jnp.asarray(pad)], sub_stars, sub_mask)
+        x = x.at[jnp.asarray(idx)].set(x_sub[: idx.size])
         n_iter = n_iter + np.where(np.asarray(todo), schedule.sgd_steps, 0).astype(np.int32)
         psd = hessian_is_psd(obj, x, stars)
     loss = _loss_jit(obj, x, stars)

@@ -98,6 +98,7 @@ class StartGrid:
     e : (J,) E grid [mag].
     g : (K * J, 66) predicted flux at plx = 1 mas of every pair (pair p = k * J + j), internal unit.
     g_screen : (K * J, n_bins) bin means of ``g`` (:func:`screen_bins`) for the screen.
+    g_band : (K * J,) sum of ``g`` over the parallax-guess band.
     band : (66,) bool mask of the parallax-guess band.
     """
 
@@ -106,6 +107,7 @@ class StartGrid:
     e: JAXArray
     g: JAXArray
     g_screen: JAXArray
+    g_band: JAXArray
     band: np.ndarray
 
     @property
@@ -157,7 +159,9 @@ def build_start_grid(
     g = jnp.where(finite[:, None], g, 0.0)
     bins = screen_bins()
     g_screen = g @ jnp.asarray(bins / bins.sum(axis=0), dtype=g.dtype)
-    return StartGrid(theta=theta, ln_prior=ln_prior, e=e, g=g, g_screen=g_screen, band=band_mask())
+    band = band_mask()
+    g_band = g @ jnp.asarray(band, dtype=g.dtype)
+    return StartGrid(theta=theta, ln_prior=ln_prior, e=e, g=g, g_screen=g_screen, g_band=g_band, band=band)
 
 
 def _x_from_pairs(grid: StartGrid, pair: JAXArray, s: JAXArray) -> JAXArray:
@@ -194,17 +198,19 @@ def screen_bins() -> np.ndarray:
     return bins
 
 
-def _screen_chunk(grid: StartGrid, n_refine: int, flux, weight, factor):
+def _screen_chunk(grid: StartGrid, n_refine: int, full_band: bool, flux, weight, factor):
     """Diagonal screen on binned fluxes, then full chi^2 on the best ``n_refine`` Theta samples."""
     band_idx = np.flatnonzero(grid.band)
     valid = (weight > 0).astype(flux.dtype)
     n_k, n_j = grid.n_theta, grid.n_e
     bins = jnp.asarray(screen_bins(), dtype=flux.dtype)
     g = grid.g_screen  # (P, n_bins), bin means of the model flux
-    # plx guess only needs the band columns
+    # plx guess only needs the band columns; a chunk whose stars all have the full band
+    # uses the precomputed band sums instead of a (m x 20) @ (20 x P) product
     bmask = valid[:, band_idx]
     s_obs = jnp.sum(flux[:, band_idx] * bmask, axis=1)
-    s = s_obs[:, None] / (bmask @ grid.g[:, band_idx].T)
+    s_pred = grid.g_band[None, :] if full_band else bmask @ grid.g[:, band_idx].T
+    s = s_obs[:, None] / s_pred
     s = jnp.where(jnp.isfinite(s) & (s > _MIN_S), s, _MIN_S)
     wb = weight @ bins  # (m, n_bins) summed weights
     wfb = (weight * flux) @ bins
@@ -221,7 +227,8 @@ def _screen_chunk(grid: StartGrid, n_refine: int, flux, weight, factor):
     sc = _plx2_guess(grid, flux, valid, gc)
     rg = jnp.einsum("mij,mcj->mci", factor, gc)
     rf = jnp.einsum("mij,mj->mi", factor, flux)
-    chi2 = sc**2 * jnp.sum(rg * rg, -1) - 2 * sc * jnp.einsum("mci,mi->mc", rg, rf) + jnp.sum(rf * rf, -1)[:, None]
+    res = sc[:, :, None] * rg - rf[:, None, :]  # direct residuals: the expanded quadratic cancels badly in float32
+    chi2 = jnp.sum(res * res, -1)
     crit = chi2 - 2.0 * grid.ln_prior[pair // n_j]
     crit = jnp.where(jnp.isfinite(crit), crit, jnp.inf)
     best = jnp.argmin(crit, axis=1)
@@ -238,7 +245,8 @@ def _paper_one(grid: StartGrid, flux, valid, factor):
     s = jnp.where(jnp.isfinite(s) & (s > _MIN_S), s, _MIN_S)
     rg = factor @ grid.g.T  # (66, P)
     rf = factor @ flux
-    chi2 = s * s * jnp.sum(rg * rg, 0) - 2.0 * s * (rf @ rg) + rf @ rf
+    res = s[None, :] * rg - rf[:, None]  # direct residuals: the expanded quadratic cancels badly in float32
+    chi2 = jnp.sum(res * res, 0)
     crit = chi2 - 2.0 * jnp.repeat(grid.ln_prior, grid.n_e)
     crit = jnp.where(jnp.isfinite(crit), crit, jnp.inf)
     p = jnp.argmin(crit)
@@ -261,7 +269,8 @@ def screen_start(grid: StartGrid, flux: JAXArray, weight: JAXArray, factor: JAXA
     -------
     x0 : (m, 5) internal start variables; crit : (m,) chi^2 - 2 ln p_gmm of the start.
     """
-    return _screen_jit(grid, min(int(n_refine), grid.n_theta), flux, weight, factor)
+    full = bool(np.all(np.asarray(weight)[:, grid.band] > 0))
+    return _screen_jit(grid, min(int(n_refine), grid.n_theta), full, flux, weight, factor)
 
 
 def paper_start(grid: StartGrid, flux: JAXArray, weight: JAXArray, factor: JAXArray) -> tuple[JAXArray, JAXArray]:
@@ -273,12 +282,12 @@ def paper_start(grid: StartGrid, flux: JAXArray, weight: JAXArray, factor: JAXAr
 
 
 def _grid_flatten(grid: StartGrid):
-    return (grid.theta, grid.ln_prior, grid.e, grid.g, grid.g_screen), grid.band.tobytes()
+    return (grid.theta, grid.ln_prior, grid.e, grid.g, grid.g_screen, grid.g_band), grid.band.tobytes()
 
 
 def _grid_unflatten(aux, children):
-    theta, ln_prior, e, g, g_screen = children
-    return StartGrid(theta=theta, ln_prior=ln_prior, e=e, g=g, g_screen=g_screen,
+    theta, ln_prior, e, g, g_screen, g_band = children
+    return StartGrid(theta=theta, ln_prior=ln_prior, e=e, g=g, g_screen=g_screen, g_band=g_band,
                      band=np.frombuffer(aux, dtype=bool).copy())
 
 
@@ -292,4 +301,4 @@ def _paper_jit(grid, flux, weight, factor):
     return _x_from_pairs(grid, p, s), crit
 
 
-_screen_jit = jax.jit(_screen_chunk, static_argnums=(1,))
+_screen_jit = jax.jit(_screen_chunk, static_argnums=(1, 2))
