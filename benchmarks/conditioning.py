@@ -14,6 +14,12 @@ their errors), then in one run:
    Eqs. 3-4, write + verify) on one partition of ``--n-partition`` stars, in a
    child process whose peak RSS is reported.
 
+Both converters are timed in the same process, so the ratio is fair on a
+shared machine; wall-clock rates still depend on other load, so CPU seconds
+are reported as well (xpcat runs its blocks on ``xpcat_threads`` threads, so
+its CPU time can exceed its wall time). One-time per-process costs (GaiaXPy's
+import, xpcat's design matrices and compiled kernels) are outside the timings.
+
 Prints one JSON object as the last stdout line.
 """
 

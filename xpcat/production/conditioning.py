@@ -18,6 +18,16 @@ so the shortcut is taken only where it is exact. Every other star (clamp
 active, or C not positive definite) goes through the eigen-decomposition of
 Eqs. 3-4 and a QR factorisation of L, and is flagged COVARIANCE_REPAIRED when
 an eigenvalue was clamped.
+
+The stage's fast path (:func:`condition_xp_table`, used by
+:func:`condition_tables`) gives the same R: the XP block and the NIR
+variances are independent, so R is block-diagonal; the 61 x 61 XP
+covariance is built in place in reversed sample order (so LAPACK's lower
+Cholesky factor and its inverse, computed in place, are K^-1 reversed), and
+only the stars the shortcut does not cover go through
+:func:`precision_factor`. Work runs in blocks of stars on threads (numpy,
+BLAS, LAPACK and the numba kernels release the GIL) with BLAS itself
+single-threaded.
 """
 
 from __future__ import annotations
