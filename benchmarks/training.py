@@ -5,7 +5,9 @@ covariances), the jitted steps of :mod:`xpcat.model.training`:
 
 - ``model_star_steps_per_s``: phase 2/5 steps (model SGD step, then the batch's star step);
 - ``model_steps_per_s``: phase 1 steps (model only);
-- ``star_steps_per_s``: star-only steps of one batch (phases 3 and 6).
+- ``star_steps_per_s``: star-only steps of one batch (phases 3 and 6);
+- ``gn_star_steps_per_s``, ``model_gn_star_steps_per_s``: the same with the quick preset's
+  Gauss-Newton star steps (``star_optimizer = "gn"``; model steps Adam).
 
 The projection uses the paper's sizes (Sec. 3.2, Table 1): 2,575,354 training stars,
 1,861,666 HQ, 1,556,666 after self-cleaning; 128 epochs in phases 1, 2 and 5;
@@ -37,6 +39,7 @@ from xpcat.model.training import (  # noqa: E402
     initial_stars,
     make_epoch_fn,
     make_star_fit_fn,
+    make_star_gn_fit_fn,
 )
 
 PAPER = {"n_train": 2_575_354, "n_hq": 1_861_666, "n_clean": 1_556_666, "epochs": 128, "phase3_steps": 128,
@@ -106,6 +109,23 @@ def main() -> dict:
             jax.block_until_ready(fit(params, scaler, sb, ob, weights[0])[1])
 
         out["star_steps_per_s"] = n_steps / _time(run_fit, args.repeats)
+        # the quick preset's star optimiser: damped Gauss-Newton steps of one batch (phases 3 and 6)
+        n_gn = 16
+        gn = make_star_gn_fit_fn("tanh", n_gn)
+
+        def run_gn():
+            jax.block_until_ready(gn(params, scaler, sb, ob, weights[0])[1])
+
+        out["gn_star_steps_per_s"] = n_gn / _time(run_gn, args.repeats)
+        tx = optax.adam(1e-3)
+        st = tx.init(params)
+        fn = make_epoch_fn("tanh", tx, True, B, 0.5, "gn")
+        so = init_star_opt(stars)
+
+        def run_gn_epoch():
+            jax.block_until_ready(fn(params, st, stars, so, obs, scaler, batches, weights, jnp.float32(0.0))[4])
+
+        out["model_gn_star_steps_per_s"] = args.batches / _time(run_gn_epoch, args.repeats)
     p = PAPER
     steps_model = p["epochs"] * (2 * p["n_hq"] + p["n_clean"]) / B
     phase_s = {

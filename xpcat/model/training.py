@@ -16,6 +16,17 @@ Each star update is also limited to a maximum length (``max_star_step`` in the
 internal units) so that one very bright star cannot diverge; this only acts on
 steps that would otherwise overshoot.
 
+Star optimisers: plain SGD (the paper), per-star Adam, or ``"gn"``: damped
+Gauss-Newton (Levenberg-Marquardt) on the whitened residuals of the star loss
+(:func:`star_residuals`, :func:`gn_star_step`), which converges in a few steps
+and is what the ``quick`` preset uses (a documented preset choice; the default
+is the paper's SGD).
+
+The model optimiser minimises Eq. 12 divided by the number of fluxes
+(:func:`_model_objective`, **[resolved]**): same minimum, but the paper's
+learning rates (SGD lr 1e-3, momentum 0.5) are then stable; on the summed
+chi^2 they diverge (measured top Hessian eigenvalue ~2e5).
+
 Losses
 ------
 - model (Eq. 12): mean over the batch of chi^2_f + ||W||^2 / n_W;

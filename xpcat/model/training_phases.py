@@ -12,8 +12,11 @@ phase  data   model lr  star lr     notes
 =====  =====  ========  ==========  ===============================================
 
 Model steps use SGD with momentum 0.5 (``model_optimizer = "sgd"``, the
-paper) or Adam (an option for short schedules); star steps SGD without
-momentum. Learning rates drop x10 at ``lr_drop_epochs``. The model
+paper) or Adam (an option for short schedules), on Eq. 12 per flux (see
+:mod:`xpcat.model.training`); star steps SGD without momentum (the paper),
+per-star Adam, or damped Gauss-Newton (``star_optimizer = "gn"``, the quick
+preset; then phases 3 and 6 take ``phase3_steps`` / ``phase6_steps``
+Gauss-Newton steps per star instead of SGD / Adam). Learning rates drop x10 at ``lr_drop_epochs``. The model
 gradient may be clipped to a global norm (``grad_clip``; 0 = off).
 
 After every phase the state is written to ``checkpoint_dir/phase<k>.npz``

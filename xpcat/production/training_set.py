@@ -259,6 +259,12 @@ def _plot_history(history: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # some imported packages switch matplotlib to LaTeX text, which needs a latex binary; plain text here
+    with matplotlib.rc_context({"text.usetex": False}):
+        _draw_history(plt, history, path)
+
+
+def _draw_history(plt: Any, history: dict[str, Any], path: Path) -> None:
     ph = history.get("phases", {})
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     for k in ("1", "2", "5"):
