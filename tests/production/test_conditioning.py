@@ -541,3 +541,30 @@ def test_sample_xp_threads_agree_and_survive_fork(ref_df):
         job = pool.apply_async(X.sample_xp, (df.iloc[: 2 * X._CHUNK + 7].reset_index(drop=True),), {"threads": 2})
         child = job.get(timeout=120)  # without the at-fork reset the child waits forever on dead threads
     np.testing.assert_array_equal(child.covariance, one.covariance[: 2 * X._CHUNK + 7])
+
+
+def test_prefetched_keeps_order_reraises_and_stops_early():
+    import threading
+
+    assert list(C._prefetched(iter(range(50)))) == list(range(50))
+
+    def failing():
+        yield 1
+        raise InputError("raw file /x.parquet is truncated")
+
+    with pytest.raises(InputError, match="truncated"):
+        list(C._prefetched(failing()))
+    produced = []
+
+    def endless():
+        k = 0
+        while True:
+            produced.append(k)
+            yield k
+            k += 1
+
+    it = C._prefetched(endless())
+    assert next(it) == 0
+    it.close()  # the consumer stops: the producer thread ends too
+    assert not any(t.name == "xpcat-prefetch" and t.is_alive() for t in threading.enumerate())
+    assert len(produced) <= 4

@@ -909,6 +909,52 @@ def _read_range(files: Sequence[Path], table: str, lo: int | None, hi: int | Non
     return out
 
 
+def _prefetched(items: Iterable, depth: int = 1) -> Iterator:
+    """Iterate ``items`` with the next ones produced on a background thread (Parquet decoding releases the GIL).
+
+    Exceptions from the producer are re-raised here; a consumer that stops
+    early stops the producer (no thread or open file is left behind).
+    """
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    return
+            put(done)
+        except BaseException as err:  # handed to the consumer, which re-raises it
+            put(err)
+
+    worker = threading.Thread(target=produce, name="xpcat-prefetch", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        worker.join()
+
+
 def _xp_batches(files: Sequence[Path], lo: int, hi: int, size: int) -> Iterator[tuple[pa.Table, str]]:
     """Stream the XP rows with lo <= source_id < hi from Parquet files, ``size`` rows at a time.
 
@@ -1046,7 +1092,7 @@ def condition_partition(
             raise StageError(f"partition {name}: no raw {t} files given")
     tables: dict[str, pa.Table | None] = {
         "gaia_source": _read_range(raw_files["gaia_source"], "gaia_source", lo, hi, _GAIA_COLS),
-        "xp_continuous_mean_spectrum": _xp_batches(raw_files["xp_continuous_mean_spectrum"], lo, hi, MAX_BLOCK),
+        "xp_continuous_mean_spectrum": _prefetched(_xp_batches(raw_files["xp_continuous_mean_spectrum"], lo, hi, MAX_BLOCK)),
         "tmass": _read_range(raw_files["tmass"], "tmass", lo, hi, _TMASS_COLS) if raw_files.get("tmass") else None,
         "unwise": _read_range(raw_files["unwise"], "unwise", lo, hi, _UNWISE_COLS) if raw_files.get("unwise") else None,
     }
