@@ -10,6 +10,8 @@ from sklearn.mixture import GaussianMixture
 
 from xpcat.model import prior
 
+S = prior.THETA_SCALE
+
 
 def _labels(rng, n=3000):
     # a main sequence + a giant branch, roughly
@@ -26,10 +28,11 @@ def test_log_density_matches_sklearn_float64(rng):
     x = _labels(rng)
     gmm = prior.fit_gmm(x, n_components=16, seed=0)
     assert gmm.weights.shape == (16,) and gmm.means.shape == (16, 3) and gmm.covariances.shape == (16, 3, 3)
-    sk = GaussianMixture(n_components=16, covariance_type="full", random_state=0, reg_covar=1e-6).fit(x)
+    # the mixture lives in the catalog's units (Teff in kK)
+    sk = GaussianMixture(n_components=16, covariance_type="full", random_state=0, reg_covar=1e-6).fit(x * S)
     pts = x[:200] + rng.normal(0, [50, 0.05, 0.05], (200, 3))
     pts = np.vstack([pts, [[9000.0, -2.0, 1.0], [3000.0, 0.5, 5.5]]])  # far tails too
-    ref = sk.score_samples(pts)
+    ref = sk.score_samples(pts * S)
     with jax.enable_x64(True):
         got = np.asarray(prior.gmm_log_density_batch(gmm, jnp.asarray(pts, jnp.float64)))
     np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
@@ -38,13 +41,13 @@ def test_log_density_matches_sklearn_float64(rng):
 def test_log_density_gradient_matches_sklearn_finite_differences(rng):
     x = _labels(rng, 1500)
     gmm = prior.fit_gmm(x, n_components=4, seed=1)
-    sk = GaussianMixture(n_components=4, covariance_type="full", random_state=1, reg_covar=1e-6).fit(x)
+    sk = GaussianMixture(n_components=4, covariance_type="full", random_state=1, reg_covar=1e-6).fit(x * S)
     steps = np.array([1e-2, 1e-6, 1e-6])
     with jax.enable_x64(True):
         for t in ([5300.0, -0.1, 4.2], [4700.0, -0.5, 2.4], [6200.0, 0.2, 4.0]):
             t = np.asarray(t)
             grad = np.asarray(jax.grad(lambda th: prior.gmm_log_density(gmm, th))(jnp.asarray(t)))
-            fd = np.array([(sk.score_samples([t + h * e])[0] - sk.score_samples([t - h * e])[0]) / (2 * h)
+            fd = np.array([(sk.score_samples([(t + h * e) * S])[0] - sk.score_samples([(t - h * e) * S])[0]) / (2 * h)
                            for h, e in zip(steps, np.eye(3))])
             np.testing.assert_allclose(grad, fd, rtol=1e-6, atol=1e-7)
         t = jnp.asarray([5300.0, -0.1, 4.2])
@@ -52,7 +55,7 @@ def test_log_density_gradient_matches_sklearn_finite_differences(rng):
         g1 = prior.GMMParams(np.ones(1), gmm.means[:1], gmm.covariances[:1], gmm.precision_cholesky[:1])
         grad = jax.grad(lambda th: prior.gmm_log_density(g1, th))(t)
         prec = np.linalg.inv(gmm.covariances[0])
-        np.testing.assert_allclose(np.asarray(grad), -prec @ (np.asarray(t) - gmm.means[0]), rtol=1e-8)
+        np.testing.assert_allclose(np.asarray(grad), -S * (prec @ (np.asarray(t) * S - gmm.means[0])), rtol=1e-8)
 
 
 def test_sampling_reproduces_moments(rng):
@@ -60,12 +63,23 @@ def test_sampling_reproduces_moments(rng):
     gmm = prior.fit_gmm(x, n_components=3, seed=0)
     s = np.asarray(prior.sample_gmm(gmm, jax.random.PRNGKey(0), 40000))
     assert s.shape == (40000, 3)
-    mean = np.einsum("k,kd->d", gmm.weights, gmm.means)
+    mean = np.einsum("k,kd->d", gmm.weights, gmm.means) / S
     np.testing.assert_allclose(s.mean(axis=0), mean, rtol=0.02, atol=0.01)
     # samples score higher on average than uniformly spread points
     with jax.enable_x64(True):
         ls = np.asarray(prior.gmm_log_density_batch(gmm, jnp.asarray(s[:500], jnp.float64))).mean()
-    assert ls == pytest.approx(np.mean(GaussianMixture(3).fit(x).score_samples(x)), abs=0.3)
+    assert ls == pytest.approx(np.mean(GaussianMixture(3).fit(x * S).score_samples(x * S)), abs=0.3)
+
+
+def test_density_is_per_kK_so_the_paper_cut_applies(rng):
+    """ln p in kK units is ln 1000 above the same mixture in K: typical stars sit well above -7.43."""
+    x = _labels(rng, 2000)
+    gmm = prior.fit_gmm(x, n_components=4, seed=0)
+    sk = GaussianMixture(n_components=4, covariance_type="full", random_state=0, reg_covar=1e-6).fit(x * S)
+    with jax.enable_x64(True):
+        got = np.asarray(prior.gmm_log_density_batch(gmm, jnp.asarray(x[:100], jnp.float64)))
+    np.testing.assert_allclose(got, sk.score_samples(x[:100] * S), rtol=1e-6)
+    assert np.mean(got < -7.43) < 0.02
 
 
 def test_roundtrip_arrays(rng):

@@ -1,7 +1,11 @@
 """The Gaussian-mixture type prior p_gmm(Theta) (Sec. 4.1, Eq. 20).
 
 Fitted with scikit-learn (full covariances) on the training labels, evaluated
-differentiably in JAX. ``theta`` is (Teff [K], [Fe/H] [dex], logg [dex]).
+differentiably in JAX. ``theta`` is (Teff [K], [Fe/H] [dex], logg [dex]) at the
+interface, but the mixture lives in the catalog's units (Teff in **kK**): the
+density is per kK dex^2, the units in which the paper's ``ln_prior < -7.43``
+cut (quality_flags bit 4) is defined. In K it would be lower by ln 1000 = 6.9
+and flag most stars.
 
 The log density uses the same parametrisation as scikit-learn
 (``precisions_cholesky_``), so it matches ``GaussianMixture.score_samples``
@@ -20,12 +24,15 @@ from jax.scipy.special import logsumexp
 
 from ..errors import InputError
 
-__all__ = ["GMMParams", "GMMError", "fit_gmm", "gmm_log_density", "gmm_log_density_batch", "sample_gmm",
+__all__ = ["THETA_SCALE", "GMMParams", "GMMError", "fit_gmm", "gmm_log_density", "gmm_log_density_batch", "sample_gmm",
            "gmm_to_arrays", "gmm_from_arrays"]
 
 logger = logging.getLogger(__name__)
 
 JAXArray = jax.Array
+
+#: Multiplies theta = (Teff [K], [Fe/H], logg) into the mixture's units (Teff in kK).
+THETA_SCALE = np.array([1e-3, 1.0, 1.0])
 
 
 class GMMError(InputError):
@@ -38,7 +45,7 @@ class GMMParams(NamedTuple):
     Attributes
     ----------
     weights : (K,) mixture weights (sum 1).
-    means : (K, 3) component means [K, dex, dex].
+    means : (K, 3) component means [kK, dex, dex].
     covariances : (K, 3, 3) component covariances.
     precision_cholesky : (K, 3, 3) scikit-learn's ``precisions_cholesky_``
         (upper triangular U with precision = U U^T).
@@ -83,11 +90,11 @@ def fit_gmm(labels: np.ndarray, n_components: int = 16, seed: int = 0) -> GMMPar
         raise GMMError(f"cannot fit {n_components} GMM components to {x.shape[0]} training stars; "
                        f"need at least {n_components} (or lower [training] gmm_components)")
     gm = GaussianMixture(n_components=n_components, covariance_type="full", random_state=seed, reg_covar=1e-6)
-    gm.fit(x)
+    gm.fit(x * THETA_SCALE)
     if not gm.converged_:
         logger.warning("GMM fit did not converge in %d iterations (n=%d, K=%d)", gm.max_iter, x.shape[0], n_components)
     logger.info("GMM: %d components fitted to %d stars, mean log-likelihood %.4f", n_components, x.shape[0],
-                gm.score(x))
+                gm.score(x * THETA_SCALE))
     return GMMParams(
         weights=np.asarray(gm.weights_, dtype=np.float64),
         means=np.asarray(gm.means_, dtype=np.float64),
@@ -106,11 +113,12 @@ def gmm_log_density(gmm: GMMParams, theta: JAXArray) -> JAXArray:
 
     Returns
     -------
-    scalar log density (per K * dex^2).
+    scalar log density (per kK * dex^2, see the module docstring).
     """
     pc = jnp.asarray(gmm.precision_cholesky)
     mu = jnp.asarray(gmm.means)
     d = theta.shape[-1]
+    theta = theta * jnp.asarray(THETA_SCALE, dtype=theta.dtype)
     # y_k = (theta - mu_k) @ U_k, as scikit-learn's _estimate_log_gaussian_prob
     y = jnp.einsum("kd,kde->ke", theta[None, :] - mu, pc)
     log_det = jnp.sum(jnp.log(jnp.diagonal(pc, axis1=1, axis2=2)), axis=1)
@@ -142,7 +150,8 @@ def sample_gmm(gmm: GMMParams, key: JAXArray, n: int) -> JAXArray:
     cov = jnp.asarray(gmm.covariances)
     chol = jnp.linalg.cholesky(cov)  # (K, 3, 3) lower
     z = jax.random.normal(kz, (n, cov.shape[-1]), dtype=cov.dtype)
-    return jnp.asarray(gmm.means)[comp] + jnp.einsum("nij,nj->ni", chol[comp], z)
+    scaled = jnp.asarray(gmm.means)[comp] + jnp.einsum("nij,nj->ni", chol[comp], z)
+    return scaled / jnp.asarray(THETA_SCALE, dtype=scaled.dtype)
 
 
 def gmm_to_arrays(gmm: GMMParams, prefix: str = "gmm/") -> dict[str, np.ndarray]:
