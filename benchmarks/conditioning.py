@@ -90,7 +90,7 @@ def to_arrow(df: pd.DataFrame) -> pa.Table:
     return cs.conform(pa.table(data), XP_CONTINUOUS)
 
 
-def write_raw_run(run_dir: Path, xp: pa.Table, seed: int = 1) -> None:
+def write_raw_run(run_dir: Path, xp: pa.Table, seed: int = 1, name: str = "part-0.parquet") -> None:
     from xpcat import catalog_schema as cs
     from xpcat.catalog_schema.raw import GAIA_SOURCE, TMASS, UNWISE
 
@@ -114,9 +114,9 @@ def write_raw_run(run_dir: Path, xp: pa.Table, seed: int = 1) -> None:
         pa.table({"source_id": ids, "w1_mag": mags["w1_mag"], "w1_mag_error": errs, "w2_mag": mags["w2_mag"], "w2_mag_error": errs}),
         UNWISE,
     )
-    for name, t in (("gaia_source", gaia), ("xp_continuous_mean_spectrum", xp), ("tmass", tmass), ("unwise", unwise)):
-        (run_dir / "raw" / name).mkdir(parents=True, exist_ok=True)
-        pq.write_table(t, run_dir / "raw" / name / "part-0.parquet", row_group_size=16384)
+    for table_name, t in (("gaia_source", gaia), ("xp_continuous_mean_spectrum", xp), ("tmass", tmass), ("unwise", unwise)):
+        (run_dir / "raw" / table_name).mkdir(parents=True, exist_ok=True)
+        pq.write_table(t, run_dir / "raw" / table_name / name, row_group_size=16384)
 
 
 def _condition_child(run_dir: str, shared: str, queue) -> None:
@@ -138,8 +138,23 @@ def _condition_child(run_dir: str, shared: str, queue) -> None:
     t0, c0 = time.perf_counter(), time.process_time()
     summary = conditioning.condition_run(Path(run_dir), cfg)
     dt, cpu = time.perf_counter() - t0, time.process_time() - c0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
-    queue.put({"seconds": dt, "cpu_seconds": cpu, "summary": summary, "peak_rss_gib": peak})
+    queue.put({"seconds": dt, "cpu_seconds": cpu, "summary": summary, "peak_rss_gib": _peak_rss_gib()})
+
+
+def _peak_rss_gib() -> float:
+    """This process's peak resident memory in GiB.
+
+    VmHWM from /proc: ``ru_maxrss`` would also count the parent's memory at the
+    time of the fork that preceded the spawned interpreter's exec.
+    """
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20  # kB -> GiB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -178,9 +193,12 @@ def main(argv: list[str] | None = None) -> dict:
     same = bool(np.array_equal(s_df.flux, s_ar.flux, equal_nan=True))
 
     with tempfile.TemporaryDirectory() as tmp:
-        part = make_sources(real, args.n_partition, seed=2, same_pixel=True)
-        write_raw_run(Path(tmp), to_arrow(part))
-        del part
+        # raw files of at most 20000 stars each (one partition), so that --n-partition 100000 fits
+        for k, lo in enumerate(range(0, args.n_partition, 20000)):
+            part = make_sources(real, min(20000, args.n_partition - lo), seed=2 + k, same_pixel=True)
+            part["source_id"] += 4 * lo
+            write_raw_run(Path(tmp), to_arrow(part), seed=1 + k, name=f"part-{k}.parquet")
+            del part
         ctx = mp.get_context("spawn")
         q = ctx.Queue()
         proc = ctx.Process(target=_condition_child, args=(tmp, str(args.shared), q))
