@@ -271,12 +271,15 @@ def _array_cells(col: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] |
 
 
 def _ragged_to_matrix(values: np.ndarray, lengths: np.ndarray, rows: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Scatter concatenated row arrays into an (n, max_len) NaN-padded matrix."""
+    """Scatter concatenated row arrays into an (n, max_len) zero-padded matrix (zero rows for missing cells).
+
+    Only the first ``length`` entries of a row are data; the padding value is never read as data.
+    """
     lengths = np.asarray(lengths, dtype=np.int64)
     width = int(lengths.max()) if lengths.size else 0
     if width and rows.size == n and np.all(lengths == width) and np.array_equal(rows, np.arange(n)):
         return np.asarray(values, dtype=np.float64).reshape(n, width), lengths
-    out = np.full((n, width), np.nan)
+    out = np.zeros((n, width))
     out_len = np.zeros(n, dtype=np.int64)
     out_len[rows] = lengths
     if width and lengths.size and np.all(lengths == width):
@@ -290,7 +293,7 @@ def _ragged_to_matrix(values: np.ndarray, lengths: np.ndarray, rows: np.ndarray,
 
 
 def _array_column(col, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """An array column (Arrow list / pandas objects / CSV strings) as a NaN-padded (n, m) matrix and lengths."""
+    """An array column (Arrow list / pandas objects / CSV strings) as a zero-padded (n, m) matrix and lengths."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -310,7 +313,7 @@ def _array_column(col, n: int) -> tuple[np.ndarray, np.ndarray]:
         if fast is not None:
             values, lengths, rows = fast
             if not values.size:
-                return np.full((n, 0), np.nan), np.zeros(n, dtype=np.int64)
+                return np.zeros((n, 0)), np.zeros(n, dtype=np.int64)
             return _ragged_to_matrix(values, lengths, rows, n)
     col = list(col)
     if col and all(isinstance(v, str) or v is None or (isinstance(v, float) and np.isnan(v)) for v in col):
@@ -318,7 +321,7 @@ def _array_column(col, n: int) -> tuple[np.ndarray, np.ndarray]:
         bodies = [(i, v.strip().strip("()[]").strip()) for i, v in enumerate(col) if isinstance(v, str)]
         bodies = [(i, b) for i, b in bodies if b]
         if not bodies:
-            return np.full((n, 0), np.nan), np.zeros(n, dtype=np.int64)
+            return np.zeros((n, 0)), np.zeros(n, dtype=np.int64)
         rows = np.array([i for i, _ in bodies], dtype=np.int64)
         lengths = np.array([b.count(",") + 1 for _, b in bodies], dtype=np.int64)
         values = np.fromstring(",".join(b for _, b in bodies), sep=",")
@@ -327,7 +330,7 @@ def _array_column(col, n: int) -> tuple[np.ndarray, np.ndarray]:
     cells = [_parse_array_cell(v) for v in col]
     rows = np.array([i for i, c in enumerate(cells) if c is not None and c.size], dtype=np.int64)
     if rows.size == 0:
-        return np.full((n, 0), np.nan), np.zeros(n, dtype=np.int64)
+        return np.zeros((n, 0)), np.zeros(n, dtype=np.int64)
     lengths = np.array([cells[i].size for i in rows], dtype=np.int64)
     return _ragged_to_matrix(np.concatenate([cells[i] for i in rows]), lengths, rows, n)
 
@@ -537,7 +540,7 @@ def _band_covariance_chunk(
 
 
 def _rows_outside(mat: np.ndarray, length: np.ndarray, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> np.ndarray:
-    """(n,) bool: rows of a NaN-padded matrix with an element outside [lo, hi] (or NaN) within the row's length.
+    """(n,) bool: rows of a padded matrix with an element outside [lo, hi] (or NaN) within the row's length.
 
     ``lo_open`` / ``hi_open`` exclude the bound itself. With equal row lengths
     this is two reductions (NaN propagates through min and max) and no
