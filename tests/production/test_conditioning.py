@@ -568,3 +568,13 @@ def test_prefetched_keeps_order_reraises_and_stops_early():
     it.close()  # the consumer stops: the producer thread ends too
     assert not any(t.name == "xpcat-prefetch" and t.is_alive() for t in threading.enumerate())
     assert len(produced) <= 4
+
+
+def test_flux_error_without_covariance_equals_full_path(ref_df):
+    full = xpcat.sample_xp(ref_df)
+    light = xpcat.sample_xp(ref_df, with_covariance=False)
+    assert light.covariance is None
+    np.testing.assert_array_equal(np.isnan(light.flux_error), np.isnan(full.flux_error))
+    ok = np.isfinite(full.flux_error)
+    np.testing.assert_allclose(light.flux_error[ok], full.flux_error[ok], rtol=1e-12)
+    np.testing.assert_array_equal(light.flux, full.flux)

@@ -361,31 +361,6 @@ def _columns(table) -> tuple[int, object]:
     raise TypeError(f"expected a pandas DataFrame or a pyarrow Table of XP continuous rows, got {type(table).__name__}")
 
 
-def _fill_half_covariance(H: np.ndarray, rho: np.ndarray, e: np.ndarray) -> None:
-    """Write the strict lower triangle and half the diagonal of Sigma = diag(e) R diag(e) into ``H``.
-
-    Parameters
-    ----------
-    H : (n, nb, nb) float64
-        Output; its strict upper triangle is not touched (kept zero by the caller).
-    rho : (n, nb(nb-1)/2) float64
-        Correlations packed as the archive packs them: the strict lower triangle
-        row-major (``gaiaxpy.core.generic_functions.array_to_symmetric_matrix``
-        is the inverse), so row r holds entries (r, 0..r-1) at offset r(r-1)/2.
-    e : (n, nb) float64
-        Coefficient errors.
-    """
-    nb = e.shape[1]
-    s = 0
-    for r in range(1, nb):
-        seg = H[:, r, :r]
-        np.multiply(rho[:, s : s + r], e[:, :r], out=seg)
-        seg *= e[:, r : r + 1]
-        s += r
-    d = np.arange(nb)
-    H[:, d, d] = 0.5 * e * e
-
-
 def default_threads() -> int:
     """Threads :func:`sample_xp` uses by default: the CPUs this process may run on, at most 4."""
     try:
@@ -474,7 +449,6 @@ def _band_covariance_chunk(
     rho: np.ndarray,
     e: np.ndarray,
     A: np.ndarray,
-    AT: np.ndarray,
     ramp: np.ndarray,
     w_ramp: np.ndarray,
     cov: np.ndarray | None,
@@ -497,9 +471,8 @@ def _band_covariance_chunk(
         is the inverse). Rows of stars without the band are zero.
     e : (m, nb) float64
         Coefficient errors (zero for stars without the band).
-    A, AT : (nb, k) and (k, nb) float64
-        The band's design matrix on its support (times any unit scale), and its
-        transpose (contiguous).
+    A : (nb, k) float64
+        The band's design matrix on its support (times any unit scale).
     ramp : (r,) int
         Columns of the support with a merge weight other than 1.
     w_ramp : (m, r) float64
@@ -770,14 +743,13 @@ def _sample_xp(
             flux_parts[band][:, sl] += f_band
             covered[:, sl] |= mine[:, None]
             A_c = A_s * cov_scale
-            A_cT = np.ascontiguousarray(A_c.T)
             w_ramp = w_eff[:, ramp]
             chunks = [(c0, min(n, c0 + _CHUNK)) for c0 in range(0, n, _CHUNK)]
 
-            def work(c: tuple[int, int], sl=sl, rho=rho, e=e, A_c=A_c, A_cT=A_cT, ramp=ramp, w_ramp=w_ramp) -> None:
+            def work(c: tuple[int, int], sl=sl, rho=rho, e=e, A_c=A_c, ramp=ramp, w_ramp=w_ramp) -> None:
                 c0, c1 = c
                 block = cov[c0:c1, sl, sl] if with_covariance else None
-                _band_covariance_chunk(rho[c0:c1], e[c0:c1], A_c, A_cT, ramp, w_ramp[c0:c1], block, var[c0:c1, sl])
+                _band_covariance_chunk(rho[c0:c1], e[c0:c1], A_c, ramp, w_ramp[c0:c1], block, var[c0:c1, sl])
 
             _run_chunks(work, chunks, threads)
     flux[~covered] = np.nan
