@@ -484,6 +484,8 @@ def test_fast_block_conditioning_equals_reference_path(ref_df, floor):
     df["source_id"] = np.arange(len(df), dtype=np.int64) + 1
     corr = df.loc[2, "rp_coefficient_correlations"].strip("()").split(",")
     df.loc[2, "rp_coefficient_correlations"] = "(" + ",".join(corr[:-3]) + ")"  # bad RP: samples missing
+    df.loc[4, "rp_coefficient_correlations"] = df.loc[2, "rp_coefficient_correlations"]
+    df.loc[4, "bp_coefficients"] = None  # and no BP either: NIR only
     n = len(df)
     rng = np.random.default_rng(5)
     nir_f = rng.uniform(1e-17, 1e-16, (n, 5))
@@ -500,6 +502,7 @@ def test_fast_block_conditioning_equals_reference_path(ref_df, floor):
     np.testing.assert_allclose(fast.flux, ref.flux, rtol=1e-6)
     np.testing.assert_allclose(fast.flux_error, ref.flux_error, rtol=1e-6)
     assert not smp.has_rp[2] and smp.bad_rp[2]
+    assert not smp.has_bp[4] and not smp.has_rp[4] and fast.n_valid[4] == np.isfinite(nir_f[4]).sum()
     if floor > 1:
         assert (fast.flags & ConditionFlag.COVARIANCE_REPAIRED).any()
     for i in range(n):
