@@ -1,8 +1,9 @@
 """The production chain on a synthetic universe: stars/s per stage, peak memory, bytes per star.
 
-Runs, in a work folder: simulate (``xpcat.production.synthetic``) -> train
-(quick preset, unless ``--model`` gives an artifact) -> ``run_pipeline``
-(condition -> infer -> catalog on a LocalCluster). Prints one JSON object as
+Runs, in a work folder: simulate (``xpcat.production.synthetic``) -> condition
+(Dask, ``run_stages``) -> train (quick preset, unless ``--model`` gives an
+artifact) -> ``run_pipeline`` (infer -> catalog on a LocalCluster; the
+conditioned partitions are already done). Prints one JSON object as
 the last stdout line:
 
 - ``stages.<stage>.stars_per_s``: stars / wall-clock seconds of the stage on
@@ -42,6 +43,38 @@ def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
 
 
+def _wavelengths_nm():
+    """(66,) nm: the 61 XP samples, then J H Ks W1 W2."""
+    import numpy as np
+
+    from xpcat.catalog_schema.conditioned import NIR_WAVELENGTHS_UM, XP_WAVELENGTHS_NM
+
+    return np.array(XP_WAVELENGTHS_NM + tuple(1000.0 * w for w in NIR_WAVELENGTHS_UM))
+
+
+def _untrained_artifact(work: Path, cfg) -> None:
+    """A randomly initialised network of the configured size and a GMM of the universe's labels."""
+    import jax
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from xpcat.catalog_schema import FLUX_UNIT_W_M2_NM
+    from xpcat.model.artifact import save_artifact
+    from xpcat.model.forward import init_params, make_scaler
+    from xpcat.model.prior import fit_gmm
+
+    truth = pq.read_table(work / "truth" / "truth.parquet").to_pandas()
+    cols = [c for c in ("teff", "feh", "logg") if c in truth.columns]
+    if len(cols) != 3:
+        raise SystemExit(f"truth table lacks teff/feh/logg columns: {list(truth.columns)}")
+    labels = truth[cols].to_numpy(dtype=float)
+    params = jax.tree_util.tree_map(np.asarray, init_params(jax.random.PRNGKey(cfg.run.seed), n_hidden=cfg.model.n_hidden,
+                                                            width=cfg.model.hidden_width))
+    save_artifact(work / "model", params=params, scaler=make_scaler(labels), activation=cfg.model.activation,
+                  gmm=fit_gmm(labels, n_components=cfg.training.gmm_components, seed=cfg.run.seed),
+                  wavelengths=_wavelengths_nm(), flux_unit=FLUX_UNIT_W_M2_NM)
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--stars", type=int, default=100_000, help="stars in the synthetic universe (default 10^5)")
@@ -51,7 +84,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--partition-level", type=int, default=None,
                     help="HEALPix level of the working partitions (default: about 8 partitions per worker)")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--train-batch-size", type=int, default=512,
+                    help="[training] batch_size (lower it for small universes: the training set must fill a batch)")
     ap.add_argument("--model", type=Path, default=None, help="an existing model artifact (skips training)")
+    ap.add_argument("--untrained-model", action="store_true",
+                    help="skip training: a randomly initialised network of the configured size (same cost per "
+                         "evaluation) and a GMM prior fitted to the universe's labels")
     ap.add_argument("--workdir", type=Path, default=None, help="work folder (default: a temporary one, removed)")
     ap.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = ap.parse_args(argv)
@@ -60,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
     from xpcat.config import RunConfig, SimulationConfig
-    from xpcat.production.run import run_pipeline
+    from xpcat.production.run import _pipeline_context, default_stages, run_pipeline, run_stages
     from xpcat.production.synthetic import simulate_universe
 
     n = 1_000_000 if args.million else args.stars
@@ -73,15 +111,23 @@ def main(argv: list[str] | None = None) -> dict:
             level += 1
     cfg = RunConfig().replace(
         data={"partition_level": level},
-        training={"preset": "quick"},
+        training={"preset": "quick", "batch_size": args.train_batch_size},
         cluster={"n_workers": args.workers, "memory_limit": args.memory_limit, "threads_per_worker": 1},
     )
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     simulate_universe(work, SimulationConfig(n_stars=n, seed=args.seed))
     timings["simulate"] = time.perf_counter() - t0
+    model_kind = "given" if args.model is not None else "trained (quick preset)"
+    # condition first (training reads the conditioned partitions), then train, then the rest of the run
+    t0 = time.perf_counter()
+    cond = run_stages(work, cfg, default_stages()[:1], catalog=False, context=_pipeline_context)
+    timings["condition"] = time.perf_counter() - t0
     if args.model is not None:
         shutil.copytree(args.model, work / "model", dirs_exist_ok=True)
+    elif args.untrained_model:
+        _untrained_artifact(work, cfg)
+        model_kind = "untrained"
     elif not (work / "model").exists():
         from xpcat.production.training_set import train_run
 
@@ -90,7 +136,8 @@ def main(argv: list[str] | None = None) -> dict:
         timings["train"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     summary = run_pipeline(work, cfg)
-    timings["run"] = time.perf_counter() - t0
+    timings["infer+catalog"] = time.perf_counter() - t0
+    summary["stages"]["condition"] = cond["stages"]["condition"]
 
     stages = {}
     for name in ("condition", "infer", "catalog"):
@@ -115,6 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
         "workers": args.workers,
         "threads_per_worker": 1,
         "timings_s": timings,
+        "model": model_kind,
         "stages": stages,
         "peak_memory_mib_per_worker": peak,
         "bytes_per_star": {k: v / n for k, v in sizes.items()},

@@ -124,6 +124,13 @@ def write_raw(run_dir: Path, n: int, level: int, pixels: list[int], seed: int = 
     return sid
 
 
+def _wavelengths_nm() -> np.ndarray:
+    """(66,) nm: the 61 XP samples, then J H Ks W1 W2."""
+    from xpcat.catalog_schema.conditioned import NIR_WAVELENGTHS_UM, XP_WAVELENGTHS_NM
+
+    return np.array(XP_WAVELENGTHS_NM + tuple(1000.0 * w for w in NIR_WAVELENGTHS_UM))
+
+
 def make_artifact(path: Path, seed: int = 0, width: int = 8) -> str:
     """A small untrained model artifact (random network, GMM of random labels); returns its hash.
 
@@ -142,4 +149,4 @@ def make_artifact(path: Path, seed: int = 0, width: int = 8) -> str:
     params = jax.tree_util.tree_map(np.asarray, init_params(jax.random.PRNGKey(seed), n_hidden=1, width=width))
     return save_artifact(path, params=params, scaler=make_scaler(labels), activation="tanh",
                          gmm=fit_gmm(labels, n_components=2, seed=seed),
-                         wavelengths=np.linspace(392, 4602.8, 66), flux_unit=FLUX_UNIT_W_M2_NM)
+                         wavelengths=_wavelengths_nm(), flux_unit=FLUX_UNIT_W_M2_NM)
