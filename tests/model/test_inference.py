@@ -94,15 +94,15 @@ def test_outputs_shapes_units_and_psd(fitted):
     assert out["params5"].shape == (n, 5) and out["cov5"].shape == (n, 5, 5) and out["f_pred"].shape == (n, 66)
     # Teff in kK in params5, in K in theta
     np.testing.assert_allclose(out["params5"][:, 0] * 1000, out["theta"][:, 0], rtol=1e-6)
-    np.testing.assert_allclose(out["params5"][:, 3], out["e"]) and np.testing.assert_allclose(out["params5"][:, 4], out["plx"])
+    np.testing.assert_allclose(out["params5"][:, 3], out["e"])
+    np.testing.assert_allclose(out["params5"][:, 4], out["plx"])
     ev = np.linalg.eigvalsh(out["cov5"])
     assert np.all(ev > 0)
     eye = np.einsum("nij,njk->nik", out["cov5"], out["icov5"])
     np.testing.assert_allclose(eye, np.broadcast_to(np.eye(5), eye.shape), atol=1e-5)
     # chi2 at the optimum is the noise's chi2 (66 fluxes, 5 fitted): ~61 on average
     assert 50 < np.median(out["chi2"]) < 75
-    # the loss decreased from the start
-    assert np.all(out["loss"] <= out["loss"] + 0) and np.all(np.isfinite(out["loss"]))
+    assert np.all(np.isfinite(out["loss"])) and np.all(out["n_iter"] >= 0)
 
 
 def test_fisher_matches_finite_differences(setup, fitted, truth_model):
