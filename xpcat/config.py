@@ -278,7 +278,7 @@ class InferenceConfig(_Section):
     e_min: float = _f(1e-2, "Smallest E of the start grid [mag].", min=0.0)
     e_max: float = _f(10.0, "Largest E of the start grid [mag].", min=0.0)
     e_log10_step: float = _f(0.05, "log10 ratio between neighbouring E of the start grid.", min=0.0)
-    n_refine: int = _f(8, "Start candidates kept after the diagonal screen.", min=1)
+    n_refine: int = _f(32, "Start candidates kept after the diagonal screen.", min=1)
     max_iterations: int = _f(50, "Iterations of the second-order optimiser.", min=1)
     tolerance: float = _f(1e-6, "Convergence: relative decrease of the loss.", min=0.0)
 
