@@ -226,3 +226,19 @@ def test_no_catalog_names_the_missing_stage(tmp_path):
     (tmp_path / "raw").mkdir()
     with pytest.raises(StageError, match=r"no catalog.*infer"):
         R.write_report(tmp_path)
+
+
+def test_report_does_not_need_latex_after_gaiaxpy_import():
+    """GaiaXPy's plotter switches matplotlib to LaTeX at import; figures must still render without it."""
+    import matplotlib
+
+    matplotlib.rcParams["text.usetex"] = True  # what `import gaiaxpy` does
+    from xpcat.production.report import _plt
+
+    plt = _plt()
+    fig, ax = plt.subplots()
+    ax.set_xlabel(r"$T_{\rm eff}$ [K]")
+    import io
+
+    fig.savefig(io.BytesIO(), format="png")
+    plt.close(fig)

@@ -384,6 +384,8 @@ def _plt():
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
+    # GaiaXPy's plotter sets text.usetex = True at import; the report must not need LaTeX
+    plt.rcParams["text.usetex"] = False
     return plt
 
 
