@@ -56,8 +56,9 @@ else
     if ! runuser -u munge -- /usr/bin/munge -n </dev/null >/dev/null 2>&1; then
         runuser -u munge -- /usr/sbin/munged --pid-file="$S/run/munged.pid" 2>/dev/null \
             || runuser -u munge -- /usr/sbin/munged
-        # munged cannot write into $S/run as user munge; record its pid ourselves
-        pgrep -u munge -x munged | head -n1 > "$S/run/munged.pid" || true
+        # munged cannot write into $S/run as user munge; record its pid ourselves once it has daemonised
+        sleep 0.5
+        pgrep -u munge -x munged | tail -n1 > "$S/run/munged.pid" || true
     fi
 
     H=$(hostname -s)
