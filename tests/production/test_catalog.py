@@ -195,3 +195,11 @@ def test_cli_validate_query_and_plan(built, tmp_path):
     assert res.exit_code == 1 and "no catalog" in res.output
     res = runner.invoke(cli, ["plan", "--stars", "1000", "--profile", "slurm", "--benchmark", str(tmp_path / "none.json")])
     assert res.exit_code != 0
+
+
+def test_pixel_over_threshold_at_deepest_order_stays_whole(tmp_path):
+    """More rows in a deepest-order pixel than max_rows_per_partition: kept whole, not a failure."""
+    cfg = RunConfig().replace(data={"partition_level": 1}, catalog={"highest_order": 0, "max_rows_per_partition": 5})
+    sid = _fitted_run(tmp_path, cfg)
+    build_catalog(tmp_path, cfg, "fitted")
+    assert f"every one of the {sid.size} input source_ids exactly once" in validate_catalog(tmp_path)

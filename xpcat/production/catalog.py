@@ -292,8 +292,14 @@ def build_catalog(run_dir: Path, config: RunConfig, in_dir: str = "fitted", *, c
             raise StageError(f"catalog: histogram of {name} is missing or stale after the histogram step")
         sparse[name] = (h["pix"], h["count"])
         np.add.at(total, h["pix"], h["count"])
+    threshold = config.catalog.max_rows_per_partition
+    if total.max(initial=0) > threshold:
+        # a pixel at the deepest order cannot be split further: keep it whole rather than fail
+        logger.warning("catalog: a pixel at order %d holds %d rows, more than [catalog] max_rows_per_partition = %d; "
+                       "it stays one partition (raise [catalog] highest_order to split it)", order, total.max(), threshold)
+        threshold = int(total.max())
     alignment = generate_alignment(total, highest_order=order, lowest_order=0,
-                                   threshold=config.catalog.max_rows_per_partition, drop_empty_siblings=True)
+                                   threshold=threshold, drop_empty_siblings=True)
     dest: dict[tuple[int, int], dict[str, Any]] = {}
     for name, (pix, count) in sparse.items():
         for p in pix:
