@@ -365,7 +365,7 @@ def _chunk_observables(
 
     # --- 2MASS and unWISE ---
     nir_w = obs[:, nf:] * truth_model.FLUX_UNIT_W_M2_NM
-    nir_mag = noise_mod.nir_flux_to_mag(nir_w, truth_model.NIR_WAVELENGTHS_NM)
+    nir_mag = noise_mod.nir_flux_to_mag(nir_w)
     lim = np.array([16.5, 16.0, 15.5, 17.5, 16.0])
     nir_err = np.sqrt(np.array([0.02, 0.02, 0.02, 0.01, 0.01]) ** 2 + (0.1 * 10.0 ** (0.4 * (nir_mag - lim))) ** 2)
     nir_obs = nir_mag + nir_err * rng.standard_normal(nir_mag.shape)

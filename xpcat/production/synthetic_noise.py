@@ -27,6 +27,9 @@ import logging
 
 import numpy as np
 
+from ..catalog_schema.conditioned import NIR_BANDS
+from .photometry import AB_MINUS_VEGA, zero_point_w_m2_nm
+
 __all__ = [
     "pack_correlations",
     "XpNoise",
@@ -44,29 +47,31 @@ logger = logging.getLogger(__name__)
 
 #: Gaia DR3 photometric zero points (Vega), mag, for fluxes in e-/s: G, BP, RP (Riello et al. 2021).
 G_ZERO_POINTS_E = np.array([25.6874, 25.3385, 24.7479])
-#: AB - Vega offsets of J, H, Ks, W1, W2 (SPEC §1), mag.
-NIR_AB_VEGA = np.array([0.91, 1.39, 1.85, 2.699, 3.339])
-_JY_3631_W_M2_HZ = 3631e-26
-_C_NM_S = 2.99792458e17
+#: AB - Vega offsets of J, H, Ks, W1, W2 (SPEC §1), mag: photometry's, in flux-vector order.
+NIR_AB_VEGA = np.array([AB_MINUS_VEGA[b] for b in NIR_BANDS])
+
+
+def _nir_zero_points() -> np.ndarray:
+    """3631 Jy as f_lambda at each band's lambda0, W m^-2 nm^-1 (photometry's Eq. 5 zero points)."""
+    return np.array([zero_point_w_m2_nm(b) for b in NIR_BANDS])
+
 
 _RANK = 2
 
 
-def nir_flux_to_mag(flux_w_m2_nm: np.ndarray, wavelength_nm: np.ndarray) -> np.ndarray:
-    """Vega magnitude from f_lambda at lambda0 (inverse of SPEC §1's formula).
+def nir_flux_to_mag(flux_w_m2_nm: np.ndarray) -> np.ndarray:
+    """Vega magnitude from f_lambda at lambda0 (inverse of Eq. 5, :func:`photometry.mag_to_flux`).
 
     Parameters
     ----------
-    flux_w_m2_nm : (..., 5) W m^-2 nm^-1
-    wavelength_nm : (5,) reference wavelengths, nm
+    flux_w_m2_nm : (..., 5) W m^-2 nm^-1, bands J H Ks W1 W2
     """
-    f_ab = flux_w_m2_nm * wavelength_nm**2 / (_C_NM_S * _JY_3631_W_M2_HZ)
-    return -2.5 * np.log10(f_ab) - NIR_AB_VEGA
+    return -2.5 * np.log10(flux_w_m2_nm / _nir_zero_points()) - NIR_AB_VEGA
 
 
-def mag_to_nir_flux(mag: np.ndarray, wavelength_nm: np.ndarray) -> np.ndarray:
-    """SPEC §1: ``f = 3631 Jy c / lambda0^2 10^(-0.4 (m + dm))`` in W m^-2 nm^-1."""
-    return _JY_3631_W_M2_HZ * _C_NM_S / wavelength_nm**2 * 10.0 ** (-0.4 * (mag + NIR_AB_VEGA))
+def mag_to_nir_flux(mag: np.ndarray) -> np.ndarray:
+    """Eq. 5 for the 5 NIR bands at once: (..., 5) Vega mag -> f_lambda in W m^-2 nm^-1."""
+    return _nir_zero_points() * 10.0 ** (-0.4 * (mag + NIR_AB_VEGA))
 
 
 def parallax_error(g_mag: np.ndarray) -> np.ndarray:
