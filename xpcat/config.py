@@ -281,6 +281,10 @@ class InferenceConfig(_Section):
     n_refine: int = _f(32, "Start candidates kept after the diagonal screen.", min=1)
     max_iterations: int = _f(50, "Iterations of the second-order optimiser.", min=1)
     tolerance: float = _f(1e-6, "Convergence: relative decrease of the loss.", min=0.0)
+    compilation_cache: bool = _f(
+        True, "Keep JAX's compiled inference kernels in RUN_DIR/state/jax-cache, so workers started later (adapt, "
+        "lifetime rotation, a resumed run) load them instead of compiling (xpcat.jobs.compile_cache)."
+    )
 
 
 @dataclass(frozen=True)

@@ -274,6 +274,7 @@ def infer_run(run_dir: Path, config: RunConfig, model_dir: Path | None = None) -
     InputError
         When there are no conditioned partitions or the artifact does not load.
     """
+    from ..jobs.compile_cache import enable_compilation_cache
     from ..model.artifact import load_artifact
 
     run_dir = Path(run_dir)
@@ -281,6 +282,8 @@ def infer_run(run_dir: Path, config: RunConfig, model_dir: Path | None = None) -
     files = sorted(cond_dir.glob("*.parquet"))
     if not files:
         raise InputError(f"infer: no conditioned partitions in {cond_dir}; run `xpcat condition {run_dir}` first")
+    if config.inference.compilation_cache:
+        enable_compilation_cache(run_dir)
     model = load_artifact(model_dir if model_dir is not None else run_dir / "model")
     out_dir = run_dir / "fitted"
     results, skipped, rows = [], 0, 0

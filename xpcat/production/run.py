@@ -92,9 +92,12 @@ def _condition_func(run_dir: Path, part: S.PartitionPlan, config: RunConfig, ctx
 
 def _infer_func(run_dir: Path, part: S.PartitionPlan, config: RunConfig, ctx: dict) -> dict | None:
     """Fit one conditioned partition with the worker's model (``fitting.infer_partition``)."""
+    from ..jobs.compile_cache import enable_compilation_cache
     from ..jobs.plugins import worker_model
     from . import fitting
 
+    if config.inference.compilation_cache:
+        enable_compilation_cache(run_dir)
     model = worker_model(ctx["model_dir"], ctx["model_hash"])
     return fitting.infer_partition(
         S.output_path(run_dir, "conditioned", part.name), S.output_path(run_dir, "fitted", part.name), model, config

@@ -54,6 +54,8 @@ STATE_DIR = "state"
 #: Config sections whose change alters results: a run refuses to resume across them.
 #: ``[cluster]`` (where it runs) may change between attempts.
 RESULT_SECTIONS = ("run", "data", "conditioning", "inference", "catalog")
+#: Fields of those sections that change how a run runs, not its results (they may change between attempts).
+OPERATIONAL_FIELDS = {"inference": ("compilation_cache",)}
 
 
 @dataclass(frozen=True)
@@ -118,7 +120,7 @@ def input_fingerprint(run_dir: Path, config: RunConfig) -> dict[str, int]:
 
 def _result_config(config: RunConfig) -> dict:
     d = config_to_dict(config)
-    return {k: d[k] for k in RESULT_SECTIONS}
+    return {k: {f: v for f, v in d[k].items() if f not in OPERATIONAL_FIELDS.get(k, ())} for k in RESULT_SECTIONS}
 
 
 def check_resume(run_dir: Path, config: RunConfig, inputs: dict[str, int], model_hash: str | None) -> bool:
