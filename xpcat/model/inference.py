@@ -36,7 +36,7 @@ from ..catalog_schema.triangle import unpack_triu
 from .objective import N_VAR, TEFF_SCALE_K, ForwardModelLike, Objective, StarData
 from .optimise import PaperSchedule, lm_fit, paper_fit
 from .prior import GMMParams
-from .start import StartGrid, build_start_grid, paper_start, screen_start
+from .start import StartGrid, build_start_grid, full_band_stars, paper_start, screen_start
 from .uncertainty import fisher_covariance, params5_from_x, whitened_jacobian
 
 __all__ = [
@@ -242,7 +242,7 @@ class Inference:
         chunk = min(chunk, _padded_size(m, self.settings.batch_size))
         out = np.empty((m, N_VAR), dtype=self.dtype)
         # stars with the whole parallax-guess band first: their chunks take the cheaper path
-        full = np.all(prep.weight[:, self.grid.band] > 0, axis=1)
+        full = full_band_stars(self.grid, prep.flux, prep.weight)
         order = np.argsort(~full, kind="stable")
         with jax.default_matmul_precision("highest"):
             for lo in range(0, m, chunk):
