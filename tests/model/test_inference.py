@@ -229,3 +229,24 @@ def test_quality_flag_thresholds():
     plx_est = np.array([1.0, 1.0, 1.0, 2.1, 1.0])
     bits = quality_flag_bits(chi2, lnp, plx_est, np.ones(5), np.full(5, 0.1))
     np.testing.assert_array_equal(bits, [0, qf.HIGH_CHI2, qf.LOW_PRIOR, qf.PARALLAX_MISMATCH, qf.HIGH_CHI2])
+
+
+def test_packed_and_full_factors_prepare_identically(setup, truth_model):
+    from xpcat.catalog_schema.triangle import pack_triu
+
+    _, _, _ = setup
+    rng = np.random.default_rng(31)
+    prob = make_problem(truth_model, draw_labels(rng, 6), rng)
+    factor = prob.factor.copy()
+    factor[2, 4, 9] = np.nan  # a non-finite entry drops its column
+    flux = prob.flux.copy()
+    flux[3, 10] = np.inf  # a non-finite flux drops its column
+    a = prepare_stars(flux, factor, prob.plx_obs, prob.plx_err, prob.flux_error)
+    b = prepare_stars(flux, pack_triu(factor), prob.plx_obs, prob.plx_err, prob.flux_error)
+    for name in ("flux", "factor", "weight", "n_valid", "usable"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+    assert a.factor.dtype == np.float32 and np.all(np.tril(a.factor[0], -1) == 0)
+    assert not a.factor[2, :, 9].any() and not a.factor[3, :, 10].any() and a.weight[2, 9] == 0
+    assert a.n_valid[2] == 65 and a.n_valid[3] == 65 and a.n_valid[0] == 66
+    with pytest.raises(ValueError, match="factor must be"):
+        prepare_stars(flux, factor[:, :10], prob.plx_obs, prob.plx_err)

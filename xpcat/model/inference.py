@@ -32,7 +32,6 @@ import numpy as np
 
 from ..catalog_schema.conditioned import N_FLUX
 from ..catalog_schema.flags import FitStatus
-from ..catalog_schema.triangle import unpack_triu
 from .objective import N_VAR, TEFF_SCALE_K, ForwardModelLike, Objective, StarData
 from .optimise import PaperSchedule, lm_fit, paper_fit
 from .prior import GMMParams
@@ -151,16 +150,14 @@ def prepare_stars(flux: np.ndarray, factor: np.ndarray, parallax: np.ndarray | N
     m = f.shape[0]
     if f.shape != (m, N_FLUX):
         raise ValueError(f"flux must be (n, {N_FLUX}), got {f.shape}")
-    r = np.asarray(factor)
-    if r.ndim == 2:
-        r = unpack_triu(r)
-    r = np.array(r, dtype=np.float64)
-    if r.shape != (m, N_FLUX, N_FLUX):
-        raise ValueError(f"factor must be (n, {N_FLUX}, {N_FLUX}) or packed (n, {N_FLUX * (N_FLUX + 1) // 2}); "
-                         f"got {np.shape(factor)} for n={m}")
-    bad_col = ~np.isfinite(f) | ~np.all(np.isfinite(r), axis=1)
-    r[~np.isfinite(r)] = 0.0
-    r = np.where(bad_col[:, None, :], 0.0, r)
+    r = _factor_matrices(factor, m, dtype)  # a fresh (m, 66, 66) array of the fit's dtype
+    finite = np.isfinite(r)
+    bad_col = ~np.isfinite(f) | ~np.all(finite, axis=1)
+    if not finite.all():
+        r[~finite] = 0.0
+    rows = np.flatnonzero(bad_col.any(axis=1))
+    if rows.size:  # zero the columns of missing samples (few stars have any)
+        r[rows] *= ~bad_col[rows, None, :]
     f = np.where(bad_col, 0.0, f)
     valid = np.any(r != 0.0, axis=1)
     if flux_error is not None:
@@ -169,9 +166,10 @@ def prepare_stars(flux: np.ndarray, factor: np.ndarray, parallax: np.ndarray | N
             w = np.where(valid & np.isfinite(fe) & (fe > 0), 1.0 / fe**2, 0.0)
         valid_w = w > 0
         # a sample usable in the factor but without an error: fall back to the precision diagonal
-        w = np.where(valid & ~valid_w, np.einsum("mij,mij->mj", r, r), w)
+        if np.any(valid & ~valid_w):
+            w = np.where(valid & ~valid_w, np.einsum("mij,mij->mj", r, r, dtype=np.float64), w)
     else:
-        w = np.einsum("mij,mij->mj", r, r)
+        w = np.einsum("mij,mij->mj", r, r, dtype=np.float64)
     w = np.where(valid, w, 0.0)
     n_valid = valid.sum(axis=1)
     plx = np.full(m, np.nan) if parallax is None else np.asarray(parallax, dtype=np.float64)
@@ -181,10 +179,36 @@ def prepare_stars(flux: np.ndarray, factor: np.ndarray, parallax: np.ndarray | N
         inv_err = np.where(has_plx, 1.0 / plx_err, 0.0)
     usable = (n_valid >= MIN_VALID_FLUX) & np.isfinite(w).all(axis=1)
     return PreparedStars(
-        flux=f.astype(dtype), factor=r.astype(dtype), weight=w.astype(dtype),
+        flux=f.astype(dtype), factor=r, weight=w.astype(dtype),
         plx_obs=np.where(has_plx, plx, 0.0).astype(dtype), inv_plx_err=inv_err.astype(dtype),
         n_valid=n_valid.astype(np.int16), usable=usable,
     )
+
+
+def _factor_matrices(factor: np.ndarray, m: int, dtype: Any) -> np.ndarray:
+    """(m, 66, 66) upper-triangular factors as a new array of ``dtype``, from full or packed ones.
+
+    A packed triangle is unpacked row by row (66 contiguous slice copies, no
+    fancy-index scatter); values are converted once, straight to the fit's dtype.
+
+    Raises
+    ------
+    ValueError
+        If the shape is neither (m, 66, 66) nor (m, 2211).
+    """
+    r = np.asarray(factor)
+    n_packed = N_FLUX * (N_FLUX + 1) // 2
+    if r.shape == (m, n_packed):
+        out = np.zeros((m, N_FLUX, N_FLUX), dtype=dtype)
+        off = 0
+        for i in range(N_FLUX):
+            out[:, i, i:] = r[:, off : off + N_FLUX - i]
+            off += N_FLUX - i
+        return out
+    if r.shape != (m, N_FLUX, N_FLUX):
+        raise ValueError(f"factor must be (n, {N_FLUX}, {N_FLUX}) or packed (n, {n_packed}); "
+                         f"got {np.shape(factor)} for n={m}")
+    return np.array(r, dtype=dtype)
 
 
 def _pad_rows(a: np.ndarray, n: int) -> np.ndarray:

@@ -81,7 +81,7 @@ def inference_for(model: Any, config: RunConfig) -> Inference:
     return _CACHE[key]
 
 
-def _list_column(batch: pa.RecordBatch, name: str, width: int) -> np.ndarray:
+def _list_column(batch: pa.RecordBatch, name: str, width: int, dtype: Any = np.float64) -> np.ndarray:
     col = batch.column(batch.schema.get_field_index(name))
     if isinstance(col, pa.ChunkedArray):
         col = col.combine_chunks()
@@ -89,7 +89,7 @@ def _list_column(batch: pa.RecordBatch, name: str, width: int) -> np.ndarray:
     if vals.size != len(col) * width:
         raise InputError(f"conditioned column {name!r} must hold {width} values per row; got {vals.size} values "
                          f"for {len(col)} rows")
-    return vals.reshape(len(col), width).astype(np.float64)
+    return vals.reshape(len(col), width).astype(dtype, copy=False)
 
 
 def _scalar_column(batch: pa.RecordBatch, name: str) -> np.ndarray:
@@ -117,7 +117,7 @@ def fit_table(batch: pa.RecordBatch | pa.Table, inference: Inference, confidence
     n = batch.num_rows
     flux = _list_column(batch, "flux", 66)
     flux_error = _list_column(batch, "flux_error", 66)
-    factor = _list_column(batch, "flux_factor_triu", 66 * 67 // 2)
+    factor = _list_column(batch, "flux_factor_triu", 66 * 67 // 2, inference.dtype)  # the fit's dtype, one copy
     plx = _scalar_column(batch, "parallax")
     plx_err = _scalar_column(batch, "parallax_error")
     fit = inference.fit(flux, factor, plx, plx_err, flux_error)
