@@ -51,8 +51,8 @@ logger = logging.getLogger(__name__)
 
 #: A star needs at least this many usable fluxes to be fitted (5 variables + 3 dof).
 MIN_VALID_FLUX = 8
-#: Stars per chunk of the start screen (bounds the (chunk x 31232) score arrays).
-_SCREEN_CHUNK = 128
+#: Stars per chunk of the start screen (its scan carries (chunk x n_prior_samples) arrays).
+_SCREEN_CHUNK = 256
 
 
 @dataclass(frozen=True)

@@ -82,7 +82,11 @@ class _LMState(NamedTuple):
 
 
 def _system(obj: Objective, x: JAXArray, star: StarData):
-    """Loss gradient and Gauss-Newton + exact-prior Hessian at x."""
+    """Loss (Eq. 19), its gradient and the Gauss-Newton + exact-prior Hessian at x, from one forward pass.
+
+    The loss is ``obj.loss`` evaluated from the residuals the Jacobian pass
+    already has (same terms, same order of summation).
+    """
     r, jac = obj.residuals_and_jacobian(x, star)
     # the prior term is -2 ln p_gmm(Theta) - 2 ln plx - 2 ln E: only the Theta block is curved
 
@@ -90,9 +94,11 @@ def _system(obj: Objective, x: JAXArray, star: StarData):
         return -2.0 * obj.ln_prior(jnp.concatenate([t, x[3:]]))
 
     t = x[:3]
-    g_p = jnp.concatenate([jax.grad(neg2lnp)(t), jnp.full((2,), -2.0, x.dtype)])
+    v_p, g_t = jax.value_and_grad(neg2lnp)(t)
+    g_p = jnp.concatenate([g_t, jnp.full((2,), -2.0, x.dtype)])
     h_p = jnp.zeros((5, 5), x.dtype).at[:3, :3].set(jax.hessian(neg2lnp)(t))
-    return 2.0 * jac.T @ r + g_p, 2.0 * jac.T @ jac + h_p
+    loss = r @ r + (v_p - 2.0 * x[3] - 2.0 * x[4])
+    return loss, 2.0 * jac.T @ r + g_p, 2.0 * jac.T @ jac + h_p
 
 
 def _converged(g, h, loss, tol):
@@ -104,8 +110,7 @@ def _converged(g, h, loss, tol):
 
 
 def _lm_init_one(obj: Objective, tol: float, x0: JAXArray, star: StarData, active: JAXArray) -> _LMState:
-    loss0 = obj.loss(x0, star)
-    g0, h0 = _system(obj, x0, star)
+    loss0, g0, h0 = _system(obj, x0, star)
     conv0 = _converged(g0, h0, loss0, tol) & active
     return _LMState(x0, loss0, jnp.asarray(_LAMBDA0, x0.dtype), jnp.asarray(0, jnp.int32),
                     conv0 | ~active | ~jnp.isfinite(loss0), conv0, g0, h0)
@@ -124,9 +129,8 @@ def _lm_run_one(obj: Objective, max_iter: int, tol: float, state: _LMState, star
         step = -jax.scipy.linalg.cho_solve((c, True), st.g)
         step = step / jnp.maximum(1.0, jnp.max(jnp.abs(step) / max_step))
         x_new = st.x + step
-        loss_new = obj.loss(x_new, star)
+        loss_new, g_new, h_new = _system(obj, x_new, star)
         accept = ok & jnp.isfinite(loss_new) & (loss_new < st.loss) & jnp.all(jnp.isfinite(step))
-        g_new, h_new = _system(obj, x_new, star)
         x = jnp.where(accept, x_new, st.x)
         loss = jnp.where(accept, loss_new, st.loss)
         g = jnp.where(accept, g_new, st.g)
