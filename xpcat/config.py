@@ -259,6 +259,12 @@ class TrainingConfig(_Section):
     grad_clip: float = _f(0.0, "Clip the model gradient to this global norm (0 = off, the paper).", min=0.0)
     max_star_step: float = _f(0.5, "Longest star update (kK, dex, ln plx, ln E units) of one SGD step.", min=0.0)
     init_steps: int = _f(2000, "Full-batch Adam steps of the ln-flux least-squares warm start before phase 1.", min=0)
+    temper_start: float = _f(
+        1.0, "Phases 2 and 5: the star steps of the first epoch see chi^2_f divided by this temperature T0, which "
+        "falls geometrically to 1 over temper_epochs (1 = off, the paper). Lets the joint fit escape the "
+        "luminosity-logg-parallax degeneracy; see xpcat.model.training_phases.", min=1.0)
+    temper_epochs: int = _f(0, "Epochs over which the star-step temperature falls from temper_start to 1 (0 = off).",
+                            min=0)
 
 
 @dataclass(frozen=True)
@@ -367,6 +373,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "phase3_steps": 20,
             "phase6_steps": 20,
             "phase6_halve_every": 64,
+            "temper_start": 1000.0,
+            "temper_epochs": 30,
         }
     },
     "confidence": {"quick": {"epochs": 200, "patience": 40, "batch_size": 1024}},

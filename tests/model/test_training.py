@@ -216,3 +216,41 @@ def test_quick_schedule_with_gn_stars_runs(teacher):
     assert ph["3"]["mean_star_loss"][-1] < ph["3"]["mean_star_loss"][0]
     removed = res.removed_param | res.removed_flux
     assert removed[truth["is_binary"]].mean() > 2 * removed[~truth["is_binary"]].mean()
+
+
+def test_temper_schedule_falls_geometrically_to_one():
+    s = tp.Schedule(temper_start=1000.0, temper_epochs=30)
+    w = [tp._flux_weight(s, ep) for ep in range(40)]
+    assert w[0] == pytest.approx(1e-3) and w[15] == pytest.approx(1000.0 ** -0.5)
+    assert all(b > a for a, b in zip(w[:30], w[1:31]))  # rising weight = falling temperature
+    assert w[30:] == [1.0] * 10
+    assert tp._flux_weight(tp.Schedule(), 0) == 1.0  # the paper: off
+    assert tp._flux_weight(tp.Schedule(temper_start=50.0, temper_epochs=0), 3) == 1.0
+
+
+def test_tempered_star_step_weights_chi2(teacher):
+    """flux_weight scales chi^2_f in the epoch's star step only: at 0 the Gauss-Newton star step sees only the
+    priors and puts every star at its observed values; at 1 it is the step of Eqs. 13-14."""
+    from xpcat.model import training as tr
+
+    data, _ = make_training_data(teacher.predict_flux, 128, seed=21)
+    obs = data.device_arrays()
+    params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), teacher.params)
+    scaler = {k: jnp.asarray(v, jnp.float32) for k, v in teacher.scaler.items()}
+    start = tr.initial_stars(data)
+    moved = dict(start, theta=start["theta"] + jnp.asarray([0.3, 0.2, 0.3], jnp.float32))  # off the labels
+    ep = tr.make_epoch_fn("tanh", None, True, 128, 0.5, "gn")
+    b = jnp.arange(128, dtype=jnp.int32)[None]
+    w = jnp.ones((1, 128), jnp.float32)
+    runs = {}
+    for fw_ in (0.0, 1.0):
+        stars, opt = moved, tr.init_star_opt(moved)
+        for _ in range(8):
+            _, _, stars, opt, _, ok = ep(params, None, stars, opt, obs, scaler, b, w, jnp.float32(0.0), jnp.float32(fw_))
+            assert np.asarray(ok).all()
+        runs[fw_] = stars
+    d0 = np.abs(np.asarray(runs[0.0]["theta"] - start["theta"]))
+    assert d0.max() < 0.02  # prior only: back at the labels (the -2 ln plx - 2 ln E terms move only plx and E)
+    l_t = np.asarray(tr._batch_star_loss(params, scaler, "tanh", runs[0.0], obs))
+    l_1 = np.asarray(tr._batch_star_loss(params, scaler, "tanh", runs[1.0], obs))
+    assert np.median(l_1) < np.median(l_t)  # untempered steps minimise the full Eqs. 13-14

@@ -348,9 +348,11 @@ def make_epoch_fn(activation: str, model_tx: optax.GradientTransformation | None
                   batch_size: int, max_star_step: float, star_optimizer: str = "sgd"):
     """A jitted function running one epoch of model and/or star steps.
 
-    ``epoch(params, opt_state, stars, star_opt, obs, scaler, batches, weights, star_lr)``
+    ``epoch(params, opt_state, stars, star_opt, obs, scaler, batches, weights, star_lr, flux_weight=1.0)``
     with ``batches`` (n_batches, batch_size) int32 star indices and
-    ``weights`` (n_batches, batch_size) 1 for real entries, 0 for padding.
+    ``weights`` (n_batches, batch_size) 1 for real entries, 0 for padding, and
+    ``flux_weight`` (default 1) the factor on chi^2_f in the star steps only (1 / T of
+    the tempered phases, :mod:`xpcat.model.training_phases`; 1 = Eqs. 13-14).
     Each step: the model step on the batch (if ``model_tx``), then the
     batch's star step with the updated model (if ``update_stars``): SGD
     without momentum (the paper) or per-star Adam (``star_optimizer="adam"``,
@@ -363,9 +365,11 @@ def make_epoch_fn(activation: str, model_tx: optax.GradientTransformation | None
     """
 
     def step(carry, inp):
-        params, opt_state, stars, star_opt, scaler, obs, star_lr = carry
+        params, opt_state, stars, star_opt, scaler, obs, star_lr, flux_weight = carry
         idx, w = inp
         s_b, o_b = _take(stars, idx), _take(obs, idx)
+        # the star step sees chi^2_f scaled by flux_weight (1 = Eqs. 13-14; < 1 = tempered, see train_model)
+        o_s = dict(o_b, factor=o_b["factor"] * jnp.sqrt(flux_weight).astype(o_b["factor"].dtype))
         ok = jnp.array(True)
         if model_tx is not None:
             lm, g = jax.value_and_grad(_model_objective)(params, scaler, activation, s_b, o_b, w)
@@ -379,7 +383,7 @@ def make_epoch_fn(activation: str, model_tx: optax.GradientTransformation | None
             lm = jnp.sum(w * _batch_chi2(params, scaler, activation, s_b, o_b)) / jnp.maximum(jnp.sum(w), 1.0)
         if update_stars and star_optimizer == "gn":
             lam_b = star_opt["lam"][idx]
-            new_sb, new_lam, l_star = gn_star_step(params, scaler, activation, s_b, o_b, lam_b)
+            new_sb, new_lam, l_star = gn_star_step(params, scaler, activation, s_b, o_s, lam_b)
             sok = jnp.all(jnp.isfinite(jnp.where(w > 0, l_star, 0.0)))
             ok = ok & sok
             real = (w > 0) & sok
@@ -389,7 +393,7 @@ def make_epoch_fn(activation: str, model_tx: optax.GradientTransformation | None
             ls = jnp.sum(jnp.where(w > 0, l_star, 0.0)) / jnp.maximum(jnp.sum(w), 1.0)
         elif update_stars:
             def obj(sb):
-                return jnp.sum(w * _batch_star_loss(params, scaler, activation, sb, o_b)) / batch_size
+                return jnp.sum(w * _batch_star_loss(params, scaler, activation, sb, o_s)) / batch_size
             ls, gs = jax.value_and_grad(obj)(s_b)
             sok = jnp.isfinite(ls) & _all_finite(gs)
             ok = ok & sok
@@ -409,12 +413,12 @@ def make_epoch_fn(activation: str, model_tx: optax.GradientTransformation | None
             ls = ls * batch_size / jnp.maximum(jnp.sum(w), 1.0)
         else:
             ls = jnp.nan
-        return (params, opt_state, stars, star_opt, scaler, obs, star_lr), (jnp.stack([lm, jnp.asarray(ls, lm.dtype)]), ok)
+        return (params, opt_state, stars, star_opt, scaler, obs, star_lr, flux_weight), (jnp.stack([lm, jnp.asarray(ls, lm.dtype)]), ok)
 
     @jax.jit
-    def epoch(params, opt_state, stars, star_opt, obs, scaler, batches, weights, star_lr):
-        carry = (params, opt_state, stars, star_opt, scaler, obs, star_lr)
-        (params, opt_state, stars, star_opt, _, _, _), (losses, ok) = jax.lax.scan(step, carry, (batches, weights))
+    def epoch(params, opt_state, stars, star_opt, obs, scaler, batches, weights, star_lr, flux_weight=1.0):
+        carry = (params, opt_state, stars, star_opt, scaler, obs, star_lr, jnp.asarray(flux_weight, star_lr.dtype))
+        (params, opt_state, stars, star_opt, _, _, _, _), (losses, ok) = jax.lax.scan(step, carry, (batches, weights))
         return params, opt_state, stars, star_opt, losses, ok
 
     return epoch
