@@ -53,6 +53,19 @@ def test_preset_then_explicit_values_win():
     assert cfg.training.phase6_steps == c.PRESETS["training"]["quick"]["phase6_steps"]
 
 
+def test_replace_with_a_preset_resolves_like_the_toml():
+    """``replace(training={"preset": "quick"})`` is the quick schedule, not the paper's values renamed."""
+    for section in ("training", "confidence"):
+        got = RunConfig().replace(**{section: {"preset": "quick", "batch_size": 256}})
+        want = config_from_dict({section: {"preset": "quick", "batch_size": 256}})
+        assert getattr(got, section) == getattr(want, section)
+    # a value customised before the switch stays; switching back restores the paper's values
+    custom = RunConfig().replace(training={"epochs": 7}).replace(training={"preset": "quick"})
+    assert custom.training.epochs == 7 and custom.training.model_optimizer == "adam"
+    back = RunConfig().replace(training={"preset": "quick"}).replace(training={"preset": "paper"})
+    assert back.training == RunConfig().training
+
+
 def test_toml_roundtrip_and_diff(tmp_path):
     cfg = config_from_dict({"training": {"preset": "quick"}, "cluster": {"options": {"queue": "normal"}}})
     path = write_config(cfg, tmp_path / "run")

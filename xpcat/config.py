@@ -356,8 +356,34 @@ class RunConfig:
         for name, values in sections.items():
             if name not in d:
                 raise ConfigError(f"unknown section [{name}]")
+            if "preset" in values and values["preset"] != d[name].get("preset"):
+                _switch_preset(name, d[name], values["preset"], keep=set(values))
             d[name].update(values)
         return config_from_dict(d)
+
+
+def _switch_preset(section: str, current: dict[str, Any], preset: str, keep: set[str]) -> None:
+    """Change ``current`` (a section's plain values) to another preset, in place.
+
+    A field takes the new preset's value (or the field's default, when the new
+    preset leaves it alone) unless it is in ``keep`` or was customised: its
+    value differs from what the current preset gives it. So
+    ``cfg.replace(training={"preset": "quick"})`` resolves like a TOML file that
+    says ``preset = "quick"``, and explicit values still win.
+    """
+    cls = _section_types()[section]
+    defaults = {f.name: f.default for f in fields(cls) if f.default is not dataclasses.MISSING}
+
+    def plain(v: Any) -> Any:
+        return list(v) if isinstance(v, tuple) else v
+
+    old = {**defaults, **PRESETS.get(section, {}).get(current.get("preset"), {})}
+    new = {**defaults, **PRESETS.get(section, {}).get(preset, {})}
+    for key in set(old) | set(new):
+        if key in keep or key == "preset" or key not in current:
+            continue
+        if plain(current[key]) == plain(old.get(key)):
+            current[key] = plain(new.get(key, current[key]))
 
 
 #: Values that the 'quick' presets change (explicit values in the TOML still win).
