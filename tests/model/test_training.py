@@ -219,13 +219,16 @@ def test_quick_schedule_with_gn_stars_runs(teacher):
 
 
 def test_temper_schedule_falls_geometrically_to_one():
-    s = tp.Schedule(temper_start=1000.0, temper_epochs=30)
+    s = tp.Schedule(temper_start=1000.0, temper_epochs=30, epochs=40)
     w = [tp._flux_weight(s, ep) for ep in range(40)]
     assert w[0] == pytest.approx(1e-3) and w[15] == pytest.approx(1000.0 ** -0.5)
     assert all(b > a for a, b in zip(w[:30], w[1:31]))  # rising weight = falling temperature
     assert w[30:] == [1.0] * 10
     assert tp._flux_weight(tp.Schedule(), 0) == 1.0  # the paper: off
     assert tp._flux_weight(tp.Schedule(temper_start=50.0, temper_epochs=0), 3) == 1.0
+    short = tp.Schedule(temper_start=1000.0, temper_epochs=30, epochs=5)  # the last epoch is never tempered
+    assert tp._flux_weight(short, 0) == pytest.approx(1e-3) and tp._flux_weight(short, 4) == 1.0
+    assert tp._flux_weight(tp.Schedule(temper_start=1000.0, temper_epochs=30, epochs=1), 0) == 1.0
 
 
 def test_tempered_star_step_weights_chi2(teacher):
