@@ -14,8 +14,8 @@ import pytest
 from xpcat.catalog_schema import CONDITIONED, XP_WAVELENGTHS_NM
 from xpcat.catalog_schema.flags import FitStatus
 from xpcat.catalog_schema.raw import LABELS
-from xpcat.config import RunConfig
-from xpcat.errors import StageError, XpcatError
+from xpcat.config import RunConfig, config_from_dict
+from xpcat.errors import StageError
 from xpcat.model import confidence as C
 from xpcat.production import confidence_stage as S
 
@@ -162,42 +162,65 @@ def test_small_validation_split_falls_back_to_all_labelled(tmp_path, rng, monkey
     assert all(0.0 <= out[f"auc_{p}"] <= 1.0 for p in ("teff", "feh", "logg"))
 
 
-@pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    raises=(XpcatError, AssertionError),
-    reason="known shortfall (issue 7 item 2 not shown): quick training on this 6000-star universe with 20 % "
-    "binaries and 10 % outliers either diverges in phase 1 or self-cleaning keeps fewer than one batch, so the "
-    "classifiers never get a trained model to judge; see the issue 5 shortfalls in test_training_truth.py",
-)
-def test_classifiers_separate_good_from_bad_on_a_synthetic_universe(tmp_path):
-    """Issue 7 item 2: simulate -> condition -> train (quick) -> train-confidence, with binaries and outliers.
+# ----------------------------------------------------------------------------- slow (issue 7 item 2)
 
-    Each held-out ROC AUC >= 0.85, and (as Fig. 10) the residual scatter of held-out stars labelled confident
-    is at least 2x smaller than that of the stars labelled not confident.
-    """
+#: Known shortfalls of issue 7 item 2, as measured (strict xfails: they fail loudly once fixed).
+_TEFF_RARE = ("bad Teff estimates are rare once the model is trained (quick preset, tempered phases): 47 of "
+              "1668 training and 10 of 408 held-out basic-cut stars (85 and 18 on a 100k-star universe, where 36 % "
+              "of them are binaries and 67 % thin-disc stars), too few for the classifier to single them out")
+_SHORT: dict[tuple[str, str], str] = {
+    ("auc", "teff"): "known shortfall, measured held-out AUC 0.77 (0.84 with 100k stars): " + _TEFF_RARE,
+    ("scatter", "teff"): "known shortfall, measured: no held-out star gets Teff confidence < 0.5 (with 100k stars "
+                         "the lowest of the 18 bad ones is 0.6), so there is no not-confident set; " + _TEFF_RARE,
+}
+
+
+def _mark(kind: str, p: str):
+    reason = _SHORT.get((kind, p))
+    return pytest.param(p, marks=pytest.mark.xfail(strict=True, reason=reason)) if reason else p
+
+
+@pytest.fixture(scope="module")
+def universe_run(tmp_path_factory):
+    """simulate -> condition -> train (quick) -> train-confidence, with 20 % binaries and 10 % outliers."""
     from xpcat.production.conditioning import condition_run
-    from xpcat.production.report import robust_sigma
     from xpcat.production.synthetic import simulate_universe
     from xpcat.production.training_set import train_run
 
-    run = tmp_path / "run"
-    cfg = RunConfig().replace(
-        simulate={"n_stars": 6000, "seed": 3, "binary_fraction": 0.2, "outlier_fraction": 0.1, "label_fraction": 1.0},
-        confidence={"preset": "quick"}, training={"preset": "quick"}, data={"partition_level": 1},
-    )
+    run = tmp_path_factory.mktemp("confidence_universe") / "run"
+    cfg = config_from_dict({
+        "simulate": {"n_stars": 30000, "seed": 3, "binary_fraction": 0.2, "outlier_fraction": 0.1, "label_fraction": 1.0},
+        "confidence": {"preset": "quick"}, "training": {"preset": "quick"}, "data": {"partition_level": 1},
+    })
     simulate_universe(run, cfg.simulate)
     condition_run(run, cfg)
     train_run(run, cfg)
     out = S.train_confidence_run(run, cfg)
     state = json.loads((run / S.STATE_FILE).read_text())
-    for p in ("teff", "feh", "logg"):
-        assert state["classifiers"][p]["n_holdout_bad"] >= 10, state["classifiers"][p]
-        assert out[f"auc_{p}"] >= 0.85, (p, out[f"auc_{p}"])
-    d = np.load(run / S.STARS_FILE)
+    return {"out": out, "state": state, "stars": dict(np.load(run / S.STARS_FILE))}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("p", [_mark("auc", p) for p in ("teff", "feh", "logg")])
+def test_classifier_auc_on_a_synthetic_universe(universe_run, p):
+    """Issue 7 item 2: each classifier's held-out ROC AUC >= 0.85 on a universe with binaries and outliers."""
+    rep = universe_run["state"]["classifiers"][p]
+    assert rep["n_holdout_bad"] >= 10 and rep["n_holdout_good"] >= 10, rep
+    assert universe_run["out"][f"auc_{p}"] >= 0.85, (p, universe_run["out"][f"auc_{p}"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("p", [_mark("scatter", p) for p in ("teff", "feh", "logg")])
+def test_confident_stars_scatter_half_as_much(universe_run, p):
+    """Issue 7 item 2, as the paper's Fig. 10: the residual scatter (robust sigma, estimate - label) of held-out
+    stars labelled confident is at least 2x smaller than that of the held-out stars labelled not confident."""
+    from xpcat.production.report import robust_sigma
+
+    d = universe_run["stars"]
+    j = ("teff", "feh", "logg").index(p)
     sel = d["used"] & d["holdout"]
-    for j, p in enumerate(("teff", "feh", "logg")):
-        res = d["est"][:, j] - d["ref"][:, j]
-        conf = d["confidence"][:, j] > 0.5
-        s_good, s_bad = robust_sigma(res[sel & conf]), robust_sigma(res[sel & ~conf])
-        assert s_bad >= 2 * s_good, (p, s_good, s_bad)
+    res = d["est"][:, j] - d["ref"][:, j]
+    conf = d["confidence"][:, j] > 0.5
+    assert (sel & ~conf).sum() >= 10, (p, int((sel & ~conf).sum()), "held-out stars labelled not confident")
+    s_good, s_bad = robust_sigma(res[sel & conf]), robust_sigma(res[sel & ~conf])
+    assert s_bad >= 2 * s_good, (p, s_good, s_bad)

@@ -11,6 +11,9 @@ trained model is then compared with the universe's truth:
 - the self-cleaning of phase 4 on the injected near-equal-mass binaries and the
   single stars.
 
+The strict xfails below are the measured shortfalls of issue 5 item 6 (numbers in
+their reasons; the diagnosis is in :mod:`xpcat.model.training_phases`).
+
 The slow test is the issue's check (>= 2e4 training stars); the fast one runs a
 few thousand stars with looser thresholds.
 """
@@ -64,7 +67,10 @@ def _metrics(run: dict) -> dict:
     le = jnp.log(jnp.asarray(tv.e.to_numpy()[single_v], jnp.float32))
     f = np.asarray(jax.vmap(model.predict_flux)(th, lp, le))
     err, fo = arr["flux_error"][val][single_v], np.nan_to_num(arr["flux"][val][single_v])
-    chi_true = np.abs((f - fo) / err)[np.isfinite(err)]  # missing fluxes (infinite error) do not count
+    chi_all = np.abs((f - fo) / err)
+    chi_true = chi_all[np.isfinite(err)]  # missing fluxes (infinite error) do not count
+    cool_v = tv.teff.to_numpy()[single_v] < 7000.0  # LAMOST-labelled; hotter stars have Hot Payne labels
+    chi_cool = chi_all[cool_v][np.isfinite(err[cool_v])]
 
     z = np.load(d / "model" / "training_stars.npz")
     tt = truth.loc[z["source_id"]]
@@ -79,7 +85,11 @@ def _metrics(run: dict) -> dict:
                                                  jnp.log(jnp.asarray(z["e"][single], jnp.float32))))
     e2 = arr["flux_error"][ii]
     chi_fit = np.abs((ff - np.nan_to_num(arr["flux"][ii])) / e2)[np.isfinite(e2)]
+    cool = tt.teff.to_numpy() < 7000.0
     return {"r_dev": r_dev, "val_median_abs_chi_true": float(np.median(chi_true)),
+            "val_median_abs_chi_true_cool": float(np.median(chi_cool)),
+            "single_removed_cool": float(removed[single & cool].mean()),
+            "single_removed_hot": float(removed[single & ~cool].mean()),
             "train_median_abs_chi_fitted": float(np.median(chi_fit)),
             "binaries": int(binary.sum()), "binary_removed": float(removed[binary].mean()),
             "single_removed": float(removed[single].mean()), "training": run["counts"]["training"]}
@@ -124,15 +134,29 @@ def test_model_fits_training_fluxes(large):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="known shortfall: the joint fit (Eqs. 12-14) drifts along the logg-luminosity "
-                   "degeneracy; the model is ~7 % faint at the TRUE parameters (median |chi| ~7.5) while it fits the "
-                   "data at the fitted ones")
+@pytest.mark.xfail(strict=True, reason="known shortfall, measured 2.17 (7.9 before the tempered phases 2 and 5): "
+                   "the hot stars (Teff > 7000 K, 14 % of the validation singles) carry Hot Payne labels with "
+                   "s_Teff = 3 % + 50 K, so none passes the HQ cut (Eq. 15) and phases 1-2 never train on them; "
+                   "self-cleaning then drops 96 % of them, and at their true parameters the model is ~60 % too bright "
+                   "(median |chi| ~57). The LAMOST-labelled stars alone give 1.74; the rest is per-star grey error "
+                   "(2-4 %) and the ~8 % low R amplitude that the -2 ln E term of Eq. 14 favours")
 def test_validation_fluxes_at_true_parameters(large):
     assert large["val_median_abs_chi_true"] < 1.5, large
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="known shortfall: ~50 % of binaries and ~20 % of singles removed (the stars' "
-                   "logg drift makes the parameter criterion fire on singles)")
-def test_self_cleaning_removes_binaries_not_singles(large):
-    assert large["binary_removed"] >= 0.80 and large["single_removed"] <= 0.10, large
+@pytest.mark.xfail(strict=True, reason="known shortfall, measured 21 % of binaries removed: the injected binaries "
+                   "(q ~ U(0.7, 1)) are only 48 % brighter than their primary in the median (Delta ln f = 0.39); "
+                   "the cheapest fit absorbs that with a 1.2 sigma logg and 0.3 sigma parallax shift, and even with "
+                   "exact labels only 5 % of them would move > 4 sigma (SPEC's parameter criterion); a near-equal-mass "
+                   "companion leaves the spectral shape unchanged, so the flux criterion adds little (6 %)")
+def test_self_cleaning_removes_binaries(large):
+    assert large["binary_removed"] >= 0.80, large
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="known shortfall, measured 15 % of singles removed: 96 % of the hot "
+                   "(Hot Payne) singles, which the model has not been trained on before self-cleaning (none is HQ), "
+                   "against 1-3 % of the LAMOST-labelled disc stars and giants (19 % of the sparse halo)")
+def test_self_cleaning_keeps_single_stars(large):
+    assert large["single_removed"] <= 0.10, large
