@@ -31,7 +31,6 @@ import io
 import json
 import multiprocessing as mp
 import os
-import resource
 import sys
 import tempfile
 import time
@@ -122,6 +121,7 @@ def write_raw_run(run_dir: Path, xp: pa.Table, seed: int = 1, name: str = "part-
 def _condition_child(run_dir: str, shared: str, queue) -> None:
     from xpcat.catalog_schema.conditioned import NIR_BANDS
     from xpcat.config import config_from_dict
+    from xpcat.jobs.memory import peak_rss_mib
     from xpcat.production import conditioning
     from xpcat.production.photometry import zero_point_w_m2_nm
     from xpcat.production.xp_bases import xp_bases
@@ -138,23 +138,7 @@ def _condition_child(run_dir: str, shared: str, queue) -> None:
     t0, c0 = time.perf_counter(), time.process_time()
     summary = conditioning.condition_run(Path(run_dir), cfg)
     dt, cpu = time.perf_counter() - t0, time.process_time() - c0
-    queue.put({"seconds": dt, "cpu_seconds": cpu, "summary": summary, "peak_rss_gib": _peak_rss_gib()})
-
-
-def _peak_rss_gib() -> float:
-    """This process's peak resident memory in GiB.
-
-    VmHWM from /proc: ``ru_maxrss`` would also count the parent's memory at the
-    time of the fork that preceded the spawned interpreter's exec.
-    """
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 2**20  # kB -> GiB
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+    queue.put({"seconds": dt, "cpu_seconds": cpu, "summary": summary, "peak_rss_gib": peak_rss_mib() / 1024.0})
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -26,7 +26,6 @@ import json
 import logging
 import multiprocessing as mp
 import os
-import resource
 import sys
 import tempfile
 import time
@@ -42,23 +41,12 @@ os.environ.setdefault("XPCAT_PROGRESS", "0")
 
 def _ingest_child(run_dir: str, files: list[str], queue) -> None:
     """Bulk ingest in a fresh process, so its peak RSS is its own."""
+    from xpcat.jobs.memory import peak_rss_mib
     from xpcat.production.bulk import ingest_files
 
     t0 = time.perf_counter()
     summary = ingest_files(Path(run_dir), [Path(f) for f in files])
-    queue.put({"summary": summary, "seconds": time.perf_counter() - t0, "peak_rss_mb": _vm_hwm_mb()})
-
-
-def _vm_hwm_mb() -> float | None:
-    """Peak RSS of this process image (VmHWM; ru_maxrss would include the forking parent's)."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    queue.put({"summary": summary, "seconds": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mib()})
 
 
 def main() -> None:

@@ -24,7 +24,6 @@ import datetime as _dt
 import json
 import logging
 import os
-import resource
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
@@ -37,7 +36,8 @@ import pyarrow.parquet as pq
 
 from ..catalog_schema import CATALOG, CONDITIONED, validate
 from ..config import RunConfig, write_config
-from ..errors import InputError, StageError, XpcatError
+from ..errors import StageError, XpcatError
+from ..jobs.memory import peak_rss_mib
 from ..progress import progress
 from . import partitions as P
 from . import run_state as S
@@ -112,10 +112,6 @@ def default_stages(gpu: bool = False) -> list[Stage]:
     ]
 
 
-def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
 def stage_task(stage: Stage, run_dir: str, part: S.PartitionPlan, config: RunConfig, ctx: dict) -> dict:
     """The Dask task of one stage on one partition; returns a small summary.
 
@@ -159,7 +155,7 @@ def stage_task(stage: Stage, run_dir: str, part: S.PartitionPlan, config: RunCon
         "rows": part.rows,
         "bytes": int(marker["bytes"]),
         "seconds": seconds,
-        "peak_rss_mib": _peak_rss_mib(),
+        "peak_rss_mib": peak_rss_mib(),
         "info": {k: v for k, v in info.items() if isinstance(v, (int, float, str, bool))} if isinstance(info, dict) else {},
     }
 
