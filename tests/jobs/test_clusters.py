@@ -43,6 +43,18 @@ def test_slurm_gpu_job_script_has_gres_resources_prologue_and_lifetime(tmp_path)
     assert "--nthreads 2" in script and "--mem=" in script
 
 
+def test_worker_extra_args_in_options_add_to_the_profiles_and_the_lifetime():
+    """A run's own worker arguments must not drop the lifetime, the profile's resources or the preload."""
+    cfg = ClusterConfig(profile="slurm-gpu", lifetime="20m", lifetime_stagger="2m",
+                        options={"worker_extra_args": ["--preload", "mymodule"], "queue": "gpu"})
+    extra = cluster_kwargs(load_profile("slurm-gpu"), cfg)["worker_extra_args"]
+    assert "--resources" in extra and extra[extra.index("--resources") + 1] == "GPU=1"
+    assert extra[extra.index("--lifetime") + 1] == "20m" and extra[extra.index("--lifetime-stagger") + 1] == "2m"
+    assert extra[extra.index("--preload") + 1] == "mymodule"  # the run's preload replaces the default one
+    plain = cluster_kwargs(load_profile("slurm"), ClusterConfig(profile="slurm", lifetime="5m"))["worker_extra_args"]
+    assert plain[-2:] == ["--preload", "xpcat.jobs.preload"] and "--lifetime" in plain
+
+
 def test_pbs_gpu_resource_spec_filled_in():
     from dask_jobqueue import PBSCluster
 

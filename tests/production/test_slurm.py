@@ -130,8 +130,10 @@ def test_machinery_lifetime_shorter_than_run(tmp_path, fake_stages):
 
 
 # ---------------------------------------------------------------- the real `xpcat run`
-def _real_run_dir(tmp: Path, n_stars: int, **cluster) -> tuple[Path, Path, np.ndarray]:
-    """A synthetic universe, an untrained artifact and a config file for `xpcat run`."""
+def _real_run_dir(tmp: Path, n_stars: int, extra_options: dict | None = None,
+                  **cluster) -> tuple[Path, Path, np.ndarray]:
+    """A synthetic universe, an untrained artifact and a config file for `xpcat run` (``extra_options``: more
+    dask-jobqueue keyword arguments)."""
     pytest.importorskip("xpcat.production.fitting", reason="the inference stage (xpcat.production.fitting) is not there yet")
     from _fake_stages import make_artifact
 
@@ -141,7 +143,8 @@ def _real_run_dir(tmp: Path, n_stars: int, **cluster) -> tuple[Path, Path, np.nd
     rd = tmp / "run"
     simulate_universe(rd, SimulationConfig(n_stars=n_stars, seed=11))
     make_artifact(rd / "model")
-    cfg = slurm_config(tmp, memory_limit="3GiB", **cluster).replace(  # JAX inference needs > 1 GiB
+    cfg = slurm_config(tmp, memory_limit="3GiB", **cluster)
+    cfg = cfg.replace(cluster={"options": {**cfg.cluster.options, **(extra_options or {})}}).replace(  # JAX needs > 1 GiB
         data={"partition_level": 1},
         inference={"n_prior_samples": 16, "e_log10_step": 0.25, "n_refine": 2, "max_iterations": 5, "batch_size": 256},
     )
@@ -191,7 +194,9 @@ def test_xpcat_run_survives_scancel_of_one_job(tmp_path):
 
 
 def test_xpcat_run_with_lifetime_shorter_than_run(tmp_path):
-    rd, cfg_path, sid = _real_run_dir(tmp_path, 1200, lifetime="30s", lifetime_stagger="5s")
+    # every infer partition sleeps 8 s first (tests/production/_slow_tasks.py), so the run outlasts the lifetime
+    rd, cfg_path, sid = _real_run_dir(tmp_path, 1200, lifetime="30s", lifetime_stagger="5s", extra_options={
+        "worker_extra_args": ["--preload", "xpcat.jobs.preload", "--preload", "_slow_tasks"]})
     t0 = time.time()
     res = _xpcat("run", str(cfg_path), "--run-dir", str(rd), timeout=1200)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -177,14 +177,17 @@ def cluster_kwargs(profile: Profile, cfg: ClusterConfig, *, log_dir: Path | None
         return kw
     kw = {"cores": cfg.threads_per_worker, "memory": cfg.memory_limit, "processes": 1}
     kw.update({k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in profile.cluster.items()})
-    extra = list(kw.get("worker_extra_args") or []) + _lifetime_args(cfg)
+    options = dict(cfg.options)
+    # the profile's and the run's own worker arguments, then the lifetime ones (options must not drop those)
+    extra = (list(kw.get("worker_extra_args") or []) + list(options.pop("worker_extra_args", None) or [])
+             + _lifetime_args(cfg))
     if "--preload" not in extra:  # heavy imports before the worker registers (see xpcat.jobs.preload)
         extra += ["--preload", "xpcat.jobs.preload"]
     kw["worker_extra_args"] = extra
     if log_dir is not None:
         kw.setdefault("log_directory", str(log_dir))
     kw.setdefault("scheduler_options", {"dashboard_address": ":0"})
-    kw.update(cfg.options)
+    kw.update(options)
     if isinstance(kw.get("resource_spec"), str):
         from dask_jobqueue.pbs import pbs_format_bytes_ceil
 
