@@ -23,6 +23,13 @@ def test_roundtrip_batched(rng):
     np.testing.assert_array_equal(unpack_triu(pack_triu(up)), up)
 
 
+def test_unpack_to_another_dtype_matches_numpy_triangle(rng):
+    up = np.triu(rng.normal(size=(3, 66, 66)))
+    out = unpack_triu(pack_triu(up), dtype=np.float32)
+    assert out.dtype == np.float32
+    np.testing.assert_array_equal(out, up.astype(np.float32))
+
+
 def test_bad_shapes():
     with pytest.raises(ValueError, match="got 14"):
         unpack_triu(np.zeros(14))

@@ -47,22 +47,28 @@ def pack_triu(matrix: np.ndarray) -> np.ndarray:
     return matrix[..., i, j]
 
 
-def unpack_triu(packed: np.ndarray) -> np.ndarray:
+def unpack_triu(packed: np.ndarray, dtype=None) -> np.ndarray:
     """Unpack into an upper-triangular matrix (zeros below the diagonal).
+
+    Row by row: n contiguous slice copies, several times faster than one
+    fancy-index scatter for the 66 x 66 factors of a batch of stars.
 
     Parameters
     ----------
     packed : (..., n(n+1)/2) array
+    dtype : dtype of the result (default: that of ``packed``); values are converted once.
 
     Returns
     -------
-    (..., n, n) array.
+    (..., n, n) array, newly allocated.
     """
     packed = np.asarray(packed)
     n = _n_from_packed(packed.shape[-1])
-    out = np.zeros(packed.shape[:-1] + (n, n), dtype=packed.dtype)
-    i, j = triu_indices(n)
-    out[..., i, j] = packed
+    out = np.zeros(packed.shape[:-1] + (n, n), dtype=packed.dtype if dtype is None else dtype)
+    off = 0
+    for i in range(n):
+        out[..., i, i:] = packed[..., off : off + n - i]
+        off += n - i
     return out
 
 

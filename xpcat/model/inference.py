@@ -32,6 +32,7 @@ import numpy as np
 
 from ..catalog_schema.conditioned import N_FLUX
 from ..catalog_schema.flags import FitStatus
+from ..catalog_schema.triangle import n_triu, unpack_triu
 from .objective import N_VAR, TEFF_SCALE_K, ForwardModelLike, Objective, StarData
 from .optimise import PaperSchedule, lm_fit, paper_fit
 from .prior import GMMParams
@@ -188,25 +189,16 @@ def prepare_stars(flux: np.ndarray, factor: np.ndarray, parallax: np.ndarray | N
 def _factor_matrices(factor: np.ndarray, m: int, dtype: Any) -> np.ndarray:
     """(m, 66, 66) upper-triangular factors as a new array of ``dtype``, from full or packed ones.
 
-    A packed triangle is unpacked row by row (66 contiguous slice copies, no
-    fancy-index scatter); values are converted once, straight to the fit's dtype.
-
     Raises
     ------
     ValueError
         If the shape is neither (m, 66, 66) nor (m, 2211).
     """
     r = np.asarray(factor)
-    n_packed = N_FLUX * (N_FLUX + 1) // 2
-    if r.shape == (m, n_packed):
-        out = np.zeros((m, N_FLUX, N_FLUX), dtype=dtype)
-        off = 0
-        for i in range(N_FLUX):
-            out[:, i, i:] = r[:, off : off + N_FLUX - i]
-            off += N_FLUX - i
-        return out
+    if r.shape == (m, n_triu(N_FLUX)):
+        return unpack_triu(r, dtype=dtype)
     if r.shape != (m, N_FLUX, N_FLUX):
-        raise ValueError(f"factor must be (n, {N_FLUX}, {N_FLUX}) or packed (n, {n_packed}); "
+        raise ValueError(f"factor must be (n, {N_FLUX}, {N_FLUX}) or packed (n, {n_triu(N_FLUX)}); "
                          f"got {np.shape(factor)} for n={m}")
     return np.array(r, dtype=dtype)
 

@@ -49,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ..catalog_schema.triangle import unpack_triu
 from ..errors import InputError
 from .forward import N_OUT, predict_flux, weight_l2
 
@@ -160,8 +161,7 @@ class TrainingData:
         ``factor`` is the dense (n, 66, 66) upper-triangular U (4 n 66^2 bytes in float32).
         """
         unit = THETA_UNIT.astype(np.float64)
-        factor = np.zeros((self.n, N_OUT, N_OUT), dtype=np.dtype(dtype))
-        factor[:, _IU[0], _IU[1]] = self.factor_triu  # dense U: a batched mat-vec beats unpacking per step
+        factor = unpack_triu(self.factor_triu, dtype=np.dtype(dtype))  # dense U: a batched mat-vec beats unpacking per step
         return {
             "flux": jnp.asarray(self.flux, dtype),
             "factor": jnp.asarray(factor),
