@@ -46,10 +46,11 @@ def demo_config(base: RunConfig, universe: Path, n_stars: int | None, seed: int 
     partition level :data:`DEMO_LEVEL`, and the ``quick`` presets of training
     and the confidence classifiers where ``base`` asks for the paper's.
     """
-    from ..config import PRESETS, config_from_dict
+    from ..config import config_from_dict
 
     raw = universe / "raw"
-    d = config_to_dict(base)
+    quick = {s: {"preset": "quick"} for s in ("training", "confidence") if getattr(base, s).preset == "paper"}
+    d = config_to_dict(base.replace(**quick))  # values the user set in base stay; the rest follow the preset
     d["simulate"]["n_stars"] = n_stars or DEMO_STARS
     if seed is not None:
         d["simulate"]["seed"] = seed
@@ -61,10 +62,6 @@ def demo_config(base: RunConfig, universe: Path, n_stars: int | None, seed: int 
             "unwise": str(raw / "unwise" / "part-0000.parquet"),
         }
     )
-    for section in ("training", "confidence"):
-        if d[section]["preset"] == "paper":
-            d[section].update(PRESETS[section]["quick"])
-            d[section]["preset"] = "quick"
     return config_from_dict(d)
 
 
