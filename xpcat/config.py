@@ -308,6 +308,10 @@ class ConfidenceConfig(_Section):
     epochs: int = _f(1024, "Maximum epochs.", min=1)
     patience: int = _f(256, "Epochs without improvement before the learning rate drops x10.", min=1)
     holdout_fraction: float = _f(0.2, "Fraction held out for the ROC AUC.", min=0.0, max=0.9)
+    label_set: Literal["all", "validation"] = _f(
+        "all", "Labelled stars the classifiers learn from, each fitted without its label: 'all' (Sec. 4.4: every "
+        "LAMOST source, 20 % held out) or 'validation' (only the forward model's validation split; all labelled "
+        "stars are added when it has too few good or bad stars).", choices=("all", "validation"))
 
 
 @dataclass(frozen=True)

@@ -2,14 +2,19 @@
 
 Sec. 4.4 / Appendix B, SPEC §7:
 
-1. The labelled stars (``raw/labels``, or ``[data] labels``) that the model
-   did not train on (the training stage's validation split,
-   :func:`xpcat.production.training_set.split_is_validation`) are fitted with
+1. The labelled stars (``raw/labels``, or ``[data] labels``) are fitted with
    the trained model and type prior **without their labels** (Eq. 19,
-   :mod:`xpcat.model.inference`), from their conditioned partitions. When
-   that split has too few good or bad stars for a classifier (small runs),
-   the labelled training stars are added, also fitted without their labels,
-   and the summary's ``label_set`` says so.
+   :mod:`xpcat.model.inference`), from their conditioned partitions. By
+   default (``[confidence] label_set = "all"``) that is every labelled star,
+   as Sec. 4.4 does ("we withhold 20 % of the LAMOST sources"): the forward
+   model's training stars are inferred exactly as any other star, and bad
+   estimates are rare enough that the classifiers need all of them. With
+   ``label_set = "validation"`` only the stars the model did not train on
+   (the training stage's validation split,
+   :func:`xpcat.production.training_set.split_is_validation`) are used;
+   when that split has too few good or bad stars for a classifier (small
+   runs) the labelled training stars are added. The summary's ``label_set``
+   says which set was used.
 2. chi^2_eps against the labels gives good (< 4) / bad (> 9) per parameter;
    only stars passing the basic cut (quality_flags bits 3-5 clear) are used.
 3. 20 % (``[confidence] holdout_fraction``) are held out; the ROC AUC of each
@@ -337,7 +342,7 @@ def train_confidence_run(run_dir: Path, config: RunConfig, *, model_dir: Path | 
         return all(min(np.sum(y[keep & ~hold] == 1), np.sum(y[keep & ~hold] == 0)) >= settings.min_per_class
                    for y in ylab.values())
 
-    val = _validation_mask(sid_all, config, artifact)
+    val = _validation_mask(sid_all, config, artifact) if config.confidence.label_set == "validation" else None
     if val is not None and val.any():
         logger.info("confidence: %d of %d labelled stars are in the model's validation split", val.sum(), val.size)
         which = "validation"
@@ -354,7 +359,8 @@ def train_confidence_run(run_dir: Path, config: RunConfig, *, model_dir: Path | 
             ylab = {p: np.concatenate([ylab[p], y2[p]])[order] for p in ylab}
             keep = np.concatenate([keep, k2])[order]
     else:
-        logger.info("confidence: training split not identifiable; using all %d labelled stars", sid_all.size)
+        logger.info("confidence: using all %d labelled stars (label_set = %r)", sid_all.size,
+                    config.confidence.label_set)
         which = "all labelled"
         er, cond, features, ylab, keep = fit_subset(np.ones(sid_all.size, bool))
     n = len(cond["source_id"])
