@@ -265,6 +265,11 @@ class TrainingConfig(_Section):
         "luminosity-logg-parallax degeneracy; see xpcat.model.training_phases.", min=1.0)
     temper_epochs: int = _f(0, "Epochs over which the star-step temperature falls from temper_start to 1 (0 = off).",
                             min=0)
+    anchor_extinction: bool = _f(
+        True, "After phase 5, move the E zero point (every star's E and the model's ln f_abs by Delta R together, "
+        "no flux changes) so that the trained stars' E agree with their reddening priors on average; Eq. 14's "
+        "-2 ln E otherwise lifts the whole E scale by ~<1/E>/<1/s_E^2>. false = the exact optimum of Eqs. 12-14. "
+        "See xpcat.model.extinction_zero_point.")
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from xpcat.errors import StageError
 from xpcat.model import forward as fw
 from xpcat.model import training_phases as tp
 from xpcat.model.training import TrainingData, TrainingDataError
+from xpcat.model.training_checkpoints import load_checkpoint
 
 from _training_data import make_training_data  # tests/model is on sys.path (pytest prepend mode)
 
@@ -111,10 +112,10 @@ def test_resume_from_checkpoints(trained):
     np.testing.assert_array_equal(third.params["ln_R"], again.params["ln_R"])
     # another schedule does not reuse them
     other = tp.Schedule(**dict(QUICK, epochs=3))
-    assert tp._load_checkpoint(ck, tp._fingerprint(data, other)) == (0, None)
+    assert load_checkpoint(ck, tp._fingerprint(data, other), tp.PHASES) == (0, None)
     # a corrupted checkpoint file is not trusted: resume falls back to the phase before
     (ck / "phase6.npz").write_bytes(b"truncated")
-    assert tp._load_checkpoint(ck, tp._fingerprint(data, tp.Schedule(**QUICK)))[0] == 5
+    assert load_checkpoint(ck, tp._fingerprint(data, tp.Schedule(**QUICK)), tp.PHASES)[0] == 5
     marker = json.loads((ck / "phase6.json").read_text())
     assert marker["phase"] == 6
 
