@@ -399,8 +399,8 @@ def _switch_preset(section: str, current: dict[str, Any], preset: str, keep: set
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "training": {
         "quick": {
-            "epochs": 80,
-            "lr_drop_epochs": (50, 70),
+            "epochs": 160,
+            "lr_drop_epochs": (100, 140),
             "model_optimizer": "adam",
             "star_optimizer": "gn",
             "model_lr": (1e-3, 3e-4, 1e-4),
@@ -409,7 +409,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "phase6_steps": 20,
             "phase6_halve_every": 64,
             "temper_start": 1000.0,
-            "temper_epochs": 60,
+            "temper_epochs": 120,
         }
     },
     "confidence": {"quick": {"epochs": 200, "patience": 40, "batch_size": 1024}},
