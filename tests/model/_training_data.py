@@ -11,9 +11,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from xpcat.model import forward as fw
 from xpcat.model.training import TrainingData
 
 IU = np.triu_indices(66)
+WL = np.concatenate([np.arange(392.0, 993.0, 10.0), [1235.0, 1662.0, 2159.0, 3352.6, 4602.8]])
+
+
+def teacher_model() -> fw.ForwardModel:
+    """A random smooth 'teacher' network (2 x 8 tanh) with a known extinction curve R = 3.1 (lambda / 550 nm)^-1.3."""
+    scaler = {"mean": np.array([5500.0, -0.2, 3.8], np.float32), "scale": np.array([700.0, 0.3, 1.0], np.float32)}
+    params = fw.init_params(jax.random.PRNGKey(11), n_hidden=2, width=8,
+                            out_bias=np.log(60.0) - 1e-3 * (WL - 600.0) ** 2 / 1000.0,
+                            ln_r=np.log(3.1 * (WL / 550.0) ** -1.3))
+    params["layers"] = [{k: v * 0.3 for k, v in layer.items()} for layer in params["layers"]]
+    params["ln_R"] = jnp.log(3.1 * (jnp.asarray(WL) / 550.0) ** -1.3)
+    return fw.ForwardModel(params, scaler, "tanh")
 
 
 def draw_labels(rng: np.random.Generator, n: int) -> np.ndarray:

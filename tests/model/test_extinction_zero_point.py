@@ -13,10 +13,7 @@ from xpcat.model import forward as fw
 from xpcat.model import training_phases as tp
 from xpcat.model.extinction_zero_point import extinction_offset, shift_extinction_zero_point
 
-from _training_data import make_training_data  # tests/model is on sys.path (pytest prepend mode)
-
-WL = np.concatenate([np.arange(392.0, 993.0, 10.0), [1235.0, 1662.0, 2159.0, 3352.6, 4602.8]])
-
+from _training_data import WL, make_training_data, teacher_model  # tests/model is on sys.path (pytest prepend mode)
 
 def test_offset_is_the_inverse_variance_weighted_mean():
     e = np.array([0.10, 0.20, 0.30, 0.40, np.nan])
@@ -48,12 +45,8 @@ def test_shift_keeps_every_predicted_flux_and_lowers_e():
 
 @pytest.fixture(scope="module")
 def teacher():
-    scaler = {"mean": np.array([5500.0, -0.2, 3.8], np.float32), "scale": np.array([700.0, 0.3, 1.0], np.float32)}
-    params = fw.init_params(jax.random.PRNGKey(11), n_hidden=2, width=8,
-                            out_bias=np.log(60.0) - 1e-3 * (WL - 600.0) ** 2 / 1000.0,
-                            ln_r=np.log(3.1 * (WL / 550.0) ** -1.3))
-    params["layers"] = [{k: v * 0.3 for k, v in layer.items()} for layer in params["layers"]]
-    return fw.ForwardModel(params, scaler, "tanh")
+    """A random smooth 'teacher' network with a known extinction curve R."""
+    return teacher_model()
 
 
 SHORT = dict(batch_size=256, epochs=6, lr_drop_epochs=(4,), model_optimizer="adam", star_optimizer="gn",

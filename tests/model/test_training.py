@@ -15,21 +15,12 @@ from xpcat.model import training_phases as tp
 from xpcat.model.training import TrainingData, TrainingDataError
 from xpcat.model.training_checkpoints import load_checkpoint
 
-from _training_data import make_training_data  # tests/model is on sys.path (pytest prepend mode)
-
-WL = np.concatenate([np.arange(392.0, 993.0, 10.0), [1235.0, 1662.0, 2159.0, 3352.6, 4602.8]])
-
+from _training_data import WL, make_training_data, teacher_model  # tests/model is on sys.path (pytest prepend mode)
 
 @pytest.fixture(scope="module")
 def teacher():
     """A random smooth 'teacher' network with a known extinction curve R."""
-    scaler = {"mean": np.array([5500.0, -0.2, 3.8], np.float32), "scale": np.array([700.0, 0.3, 1.0], np.float32)}
-    params = fw.init_params(jax.random.PRNGKey(11), n_hidden=2, width=8,
-                            out_bias=np.log(60.0) - 1e-3 * (WL - 600.0) ** 2 / 1000.0,
-                            ln_r=np.log(3.1 * (WL / 550.0) ** -1.3))
-    params["layers"] = [{k: v * 0.3 for k, v in layer.items()} for layer in params["layers"]]
-    params["ln_R"] = jnp.log(3.1 * (jnp.asarray(WL) / 550.0) ** -1.3)
-    return fw.ForwardModel(params, scaler, "tanh")
+    return teacher_model()
 
 
 QUICK = dict(batch_size=256, epochs=12, lr_drop_epochs=(8,), model_optimizer="adam", star_optimizer="adam",
@@ -155,7 +146,9 @@ def test_schedule_from_config_defaults_are_the_paper():
     assert (s.model_optimizer, s.model_momentum, s.star_optimizer) == ("sgd", 0.5, "sgd")
     assert (s.phase3_steps, s.phase6_steps, s.phase6_lr, s.phase6_halve_every) == (128, 4096, 1e-2, 512)
     q = tp.Schedule.from_config(config_from_dict({"training": {"preset": "quick"}}))
-    assert q.epochs < s.epochs
+    # quick: Adam model steps and Gauss-Newton star steps, so far fewer star steps (more epochs: 160 vs 128)
+    assert q.phase3_steps < s.phase3_steps and q.phase6_steps < s.phase6_steps
+    assert (q.model_optimizer, q.star_optimizer) == ("adam", "gn")
 
 
 def test_paper_sgd_step_runs(teacher):

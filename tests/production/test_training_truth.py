@@ -200,8 +200,8 @@ def test_model_fits_training_fluxes(large):
                    "stars (Teff > 7000 K, 14 % of the validation singles) carry Hot Payne labels with s_Teff = 3 % + "
                    "50 K, so none passes the HQ cut (Eq. 15); phases 1-2 never train on them, self-cleaning drops 89 % "
                    "of them and at their true parameters they are off by median |chi| ~30. A 3 x 64 network gives 1.43 "
-                   "(cool stars 1.16; test_validation_fluxes_at_true_parameters_wide_network); letting the hot stars into the HQ set (Hot Payne s_Teff ~ 2 %) fits them but "
-                   "pulls the learned R 7 % low")
+                   "(cool stars 1.16; test_validation_fluxes_at_true_parameters_wide_network); letting the hot stars "
+                   "into the HQ set (Hot Payne s_Teff ~ 2 %) fits them but pulls the learned R 7 % low")
 def test_validation_fluxes_at_true_parameters(large):
     assert large["val_median_abs_chi_true"] < 1.5, large
 
