@@ -161,7 +161,9 @@ def test_numbers_equal_those_from_the_catalog(fabricated):
     assert v["basic_cut_fraction"] == pytest.approx(np.mean(f["qf"] < 8))
     assert v["strict_cut_fraction"] == pytest.approx(np.mean(f["qf"] == 0))
     rl, rt = f["r_learned"] / f["r_learned"][0], f["r_true"] / f["r_true"][0]
-    assert v["extinction_curve_max_rel_dev"] == pytest.approx(np.max(np.abs(rl - rt) / rt), rel=1e-4)
+    # over the XP samples (392..992 nm) only, as issue 5's criterion
+    assert v["extinction_curve_max_rel_dev"] == pytest.approx(np.max(np.abs(rl - rt)[:61] / rt[:61]), rel=1e-4)
+    assert v["extinction_curve_max_rel_dev"] < np.max(np.abs(rl - rt) / rt)
     assert v["auc_teff"] == 0.91 and v["auc_feh"] == 0.88 and v["auc_logg"] == 0.87
     # Table 3
     b = f["qf"] < 8

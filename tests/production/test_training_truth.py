@@ -36,6 +36,7 @@ from xpcat.config import config_from_dict
 from xpcat.model.artifact import load_artifact
 from xpcat.model.forward import ForwardModel
 from xpcat.model.truth import build_truth_model
+from xpcat.production.report import extinction_curve_deviation
 
 
 def _config(n_stars: int, training: dict, model: dict | None = None):
@@ -77,8 +78,7 @@ def _metrics(run: dict) -> dict:
     truth = pq.read_table(d / "truth" / "truth.parquet").to_pandas().set_index("source_id")
     uni = json.loads((d / "universe.json").read_text())
     tm = build_truth_model(uni["r_v_mean"])
-    R, Rt = np.asarray(model.R)[:61], np.asarray(tm.R)[:61]
-    r_dev = float(np.max(np.abs((R / R[0]) / (Rt / Rt[0]) - 1)))
+    r_dev = extinction_curve_deviation(np.asarray(model.R), np.asarray(tm.R))
 
     val = arr["validation"]
     tv = truth.loc[arr["source_id"][val]]
