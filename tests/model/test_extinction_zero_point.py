@@ -13,7 +13,7 @@ from xpcat.model import forward as fw
 from xpcat.model import training_phases as tp
 from xpcat.model.extinction_zero_point import extinction_offset, shift_extinction_zero_point
 
-from _training_data import WL, make_training_data, teacher_model  # tests/model is on sys.path (pytest prepend mode)
+from _training_data import WL, make_training_data  # tests/model is on sys.path (pytest prepend mode)
 
 def test_offset_is_the_inverse_variance_weighted_mean():
     e = np.array([0.10, 0.20, 0.30, 0.40, np.nan])
@@ -41,12 +41,6 @@ def test_shift_keeps_every_predicted_flux_and_lowers_e():
     # E never goes below the floor
     _, ln_e3 = shift_extinction_zero_point(params, jnp.log(jnp.array([0.002, 0.5])), 0.007, 1e-3)
     np.testing.assert_allclose(np.exp(ln_e3), [1e-3, 0.493], rtol=1e-5)
-
-
-@pytest.fixture(scope="module")
-def teacher():
-    """A random smooth 'teacher' network with a known extinction curve R."""
-    return teacher_model()
 
 
 SHORT = dict(batch_size=256, epochs=6, lr_drop_epochs=(4,), model_optimizer="adam", star_optimizer="gn",

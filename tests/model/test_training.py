@@ -15,13 +15,7 @@ from xpcat.model import training_phases as tp
 from xpcat.model.training import TrainingData, TrainingDataError
 from xpcat.model.training_checkpoints import load_checkpoint
 
-from _training_data import WL, make_training_data, teacher_model  # tests/model is on sys.path (pytest prepend mode)
-
-@pytest.fixture(scope="module")
-def teacher():
-    """A random smooth 'teacher' network with a known extinction curve R."""
-    return teacher_model()
-
+from _training_data import WL, make_training_data  # tests/model is on sys.path (pytest prepend mode)
 
 QUICK = dict(batch_size=256, epochs=12, lr_drop_epochs=(8,), model_optimizer="adam", star_optimizer="adam",
              model_lr=(3e-3, 1e-3, 3e-4), star_lr=(3e-3, 3e-3, 1e-3), phase3_steps=48, phase6_steps=64,
