@@ -25,7 +25,6 @@ def teacher_model() -> fw.ForwardModel:
                             out_bias=np.log(60.0) - 1e-3 * (WL - 600.0) ** 2 / 1000.0,
                             ln_r=np.log(3.1 * (WL / 550.0) ** -1.3))
     params["layers"] = [{k: v * 0.3 for k, v in layer.items()} for layer in params["layers"]]
-    params["ln_R"] = jnp.log(3.1 * (jnp.asarray(WL) / 550.0) ** -1.3)
     return fw.ForwardModel(params, scaler, "tanh")
 
 

@@ -15,6 +15,7 @@ from xpcat.model.extinction_zero_point import extinction_offset, shift_extinctio
 
 from _training_data import WL, make_training_data  # tests/model is on sys.path (pytest prepend mode)
 
+
 def test_offset_is_the_inverse_variance_weighted_mean():
     e = np.array([0.10, 0.20, 0.30, 0.40, np.nan])
     e_obs = np.array([0.08, 0.20, 0.26, np.nan, 0.1])

@@ -15,7 +15,7 @@ from xpcat.catalog_schema import raw, validate
 from xpcat.config import SimulationConfig
 from xpcat.errors import InputError
 from xpcat.production import synthetic_noise as sn
-from xpcat.production.synthetic import noiseless_fluxes, simulate_universe
+from xpcat.production.synthetic import companion_teff_logg, noiseless_fluxes, simulate_universe
 
 N = 400
 
@@ -246,3 +246,10 @@ def test_output_dir_that_is_a_file_is_refused(tmp_path):
     f.write_text("x")
     with pytest.raises(InputError, match="not a directory"):
         simulate_universe(f, SimulationConfig(n_stars=10))
+
+
+def test_companion_is_cooler_and_denser_and_q1_is_the_primary():
+    teff, logg = np.array([5000.0, 3500.0, 6000.0]), np.array([4.5, 4.8, 4.3])
+    t2, g2 = companion_teff_logg(teff, logg, np.array([0.8, 0.7, 1.0]))
+    np.testing.assert_allclose(t2, [5000.0 * 0.8**0.6, 3100.0, 6000.0])  # 3500 K * 0.7^0.6 < 3100 K: the floor
+    np.testing.assert_allclose(g2, [4.5 - 0.7 * np.log10(0.8), 4.8 - 0.7 * np.log10(0.7), 4.3])

@@ -127,10 +127,12 @@ def _binary_best_case(tb, arr: dict, ii: np.ndarray, r_v: float) -> float:
     """
     from scipy.stats import norm
 
+    from xpcat.production.synthetic import companion_teff_logg
+
     tm = build_truth_model(r_v)
-    q = tb.mass_ratio.to_numpy()
     th1 = np.column_stack([tb.teff, tb.feh, tb.logg])
-    th2 = np.column_stack([np.maximum(tb.teff * q**0.6, 3100.0), tb.feh, tb.logg - 0.7 * np.log10(q)])
+    teff2, logg2 = companion_teff_logg(tb.teff.to_numpy(), tb.logg.to_numpy(), tb.mass_ratio.to_numpy())
+    th2 = np.column_stack([teff2, tb.feh, logg2])
     th_up = th1 + np.array([0.0, 0.0, 0.01])
 
     def xp_total(th):

@@ -45,7 +45,7 @@ from ..model import truth as truth_model
 from . import synthetic_noise as noise_mod
 from .synthetic_population import POPULATION_FRACTIONS, draw_population
 
-__all__ = ["simulate_universe", "noiseless_fluxes", "source_ids", "CHUNK_SIZE"]
+__all__ = ["simulate_universe", "noiseless_fluxes", "source_ids", "companion_teff_logg", "CHUNK_SIZE"]
 
 logger = logging.getLogger(__name__)
 
@@ -163,6 +163,15 @@ def _abs_g(proj: truth_model.ProjectionArrays) -> Callable[[np.ndarray], np.ndar
     return g_at_1kpc
 
 
+def companion_teff_logg(teff: np.ndarray, logg: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Teff [K] and logg [dex] of a main-sequence companion of mass ratio ``q`` (<= 1) to a primary (teff, logg).
+
+    T ~ M^0.6 (floored at 3100 K) and g ~ M / R^2 with R ~ M^0.85 on the lower main sequence:
+    logg2 = logg - 0.7 log10 q. Arrays broadcast; q = 1 returns the primary.
+    """
+    return np.maximum(teff * q**0.6, 3100.0), logg - 0.7 * np.log10(q)
+
+
 def _exact_subset(rng: np.random.Generator, eligible: np.ndarray, fraction: float, n_total: int) -> np.ndarray:
     """Boolean mask choosing round(fraction * n_total) stars among ``eligible`` (fewer if not enough)."""
     idx = np.flatnonzero(eligible)
@@ -199,8 +208,7 @@ def _universe(config: SimulationConfig, proj: truth_model.ProjectionArrays) -> d
     q = np.where(u["is_binary"], rng.uniform(0.7, 1.0, n), np.nan)
     u["mass_ratio"] = q
     q1 = np.where(u["is_binary"], q, 1.0)
-    u["teff2"] = np.maximum(u["teff"] * q1**0.6, 3100.0)
-    u["logg2"] = u["logg"] - 0.7 * np.log10(q1)
+    u["teff2"], u["logg2"] = companion_teff_logg(u["teff"], u["logg"], q1)
     # outliers (not binaries), missing bands (disjoint), crowding
     u["is_outlier"] = _exact_subset(rng, ~u["is_binary"], config.outlier_fraction, n)
     u["outlier_kind"] = rng.integers(0, 3, n)
