@@ -122,9 +122,9 @@ def _condition_child(run_dir: str, shared: str, queue) -> None:
     from xpcat.catalog_schema.conditioned import NIR_BANDS
     from xpcat.config import config_from_dict
     from xpcat.jobs.memory import peak_rss_mib
-    from xpcat.production import conditioning
-    from xpcat.production.photometry import zero_point_w_m2_nm
-    from xpcat.production.xp_bases import xp_bases
+    from xpcat.production.condition import stage as conditioning
+    from xpcat.production.condition.photometry import zero_point_w_m2_nm
+    from xpcat.production.condition.xp_sampling import xp_bases
 
     # One-time per-process costs outside the timing, as a pipeline worker pays them once: the
     # GaiaXPy design matrices, the numba kernels (loaded from their disk cache or compiled), the
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> dict:
     import gaiaxpy
 
     import xpcat
-    from xpcat.production.xp_bases import default_threads
+    from xpcat.production.condition.xp_sampling import default_threads
 
     real = real_rows(args.shared)
     df = make_sources(real, args.n)

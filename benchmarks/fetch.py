@@ -42,7 +42,7 @@ os.environ.setdefault("XPCAT_PROGRESS", "0")
 def _ingest_child(run_dir: str, files: list[str], queue) -> None:
     """Bulk ingest in a fresh process, so its peak RSS is its own."""
     from xpcat.jobs.memory import peak_rss_mib
-    from xpcat.production.bulk import ingest_files
+    from xpcat.production.ingest.bulk import ingest_files
 
     t0 = time.perf_counter()
     summary = ingest_files(Path(run_dir), [Path(f) for f in files])
@@ -59,10 +59,10 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
 
     from xpcat.config import RunConfig, SimulationConfig, config_from_dict, config_to_dict, write_config
-    from xpcat.production.archive import FetchOptions, fetch_run
-    from xpcat.production.archive_server import LocalArchive
-    from xpcat.production.bulk import write_bulk_file
-    from xpcat.production.synthetic import simulate_universe
+    from xpcat.production.ingest.archive import FetchOptions, fetch_run
+    from xpcat.production.synthetic.archive_server import LocalArchive
+    from xpcat.production.ingest.bulk import write_bulk_file
+    from xpcat.production.synthetic.universe import simulate_universe
 
     d = config_to_dict(RunConfig())
     d["data"]["partition_level"] = args.level

@@ -37,7 +37,7 @@ from inference_problem import draw_labels, emulator, make_gmm, make_problem  # n
 
 from xpcat.model.inference import Inference, InferenceSettings, prepare_stars  # noqa: E402
 from xpcat.model.optimise import PaperSchedule  # noqa: E402
-from xpcat.model.truth import build_truth_model  # noqa: E402
+from xpcat.production.synthetic.truth_sed import build_truth_model  # noqa: E402
 
 
 def _run(inf: Inference, prob, start: str, optimizer: str, schedule: PaperSchedule | None = None) -> tuple[float, dict]:

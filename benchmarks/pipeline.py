@@ -1,6 +1,6 @@
 """The production chain on a synthetic universe: stars/s per stage, peak memory, bytes per star.
 
-Runs, in a work folder: simulate (``xpcat.production.synthetic``) -> condition
+Runs, in a work folder: simulate (``xpcat.production.synthetic.universe``) -> condition
 (Dask, ``run_stages``) -> train (quick preset, unless ``--model`` gives an
 artifact) -> ``run_pipeline`` (infer -> catalog on a LocalCluster; the
 conditioned partitions are already done). Prints one JSON object as
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from xpcat.config import RunConfig, SimulationConfig
     from xpcat.production.run import _pipeline_context, default_stages, run_pipeline, run_stages
-    from xpcat.production.synthetic import simulate_universe
+    from xpcat.production.synthetic.universe import simulate_universe
 
     n = 1_000_000 if args.million else args.stars
     work = args.workdir or Path(tempfile.mkdtemp(prefix="xpcat-bench-"))
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
         _untrained_artifact(work, cfg)
         model_kind = "untrained"
     elif not (work / "model").exists():
-        from xpcat.production.training_set import train_run
+        from xpcat.production.train import train_run
 
         t0 = time.perf_counter()
         train_run(work, cfg)

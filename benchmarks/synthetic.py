@@ -20,7 +20,7 @@ from _machine import machine_info  # noqa: E402
 
 from xpcat.config import SimulationConfig  # noqa: E402
 from xpcat.model import truth  # noqa: E402
-from xpcat.production.synthetic import simulate_universe  # noqa: E402
+from xpcat.production.synthetic.universe import simulate_universe  # noqa: E402
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 __all__ = ["sample_xp"]
 
-_LAZY = {"sample_xp": ("xpcat.production.xp_bases", "sample_xp")}
+_LAZY = {"sample_xp": ("xpcat.production.condition.xp_sampling", "sample_xp")}
 
 
 def __getattr__(name: str) -> Any:

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import click
 
-from .config import ConfigError, RunConfig, config_to_dict, load_config, read_run_config
-from .errors import XpcatError
+from xpcat.config import ConfigError, RunConfig, config_to_dict, load_config, read_run_config
+from xpcat.errors import XpcatError
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def demo(workdir: Path, stars: int | None, seed: int | None, config_path: str | 
     """Run the whole chain on a built-in synthetic Gaia universe (the embedded default)."""
     cfg = load_config(config_path)
     _writable_dir(workdir)
-    from .production.demo import format_summary, run_demo
+    from xpcat.production.demo import format_summary, run_demo
 
     click.echo(format_summary(run_demo(workdir, cfg, n_stars=stars, seed=seed)))
 
@@ -129,7 +129,7 @@ def simulate(out_dir: Path, stars: int | None, seed: int | None, config_path: st
     overrides = {k: v for k, v in {"n_stars": stars, "seed": seed}.items() if v is not None}
     cfg = type(cfg)(**{**config_to_dict(RunConfig(simulate=cfg))["simulate"], **overrides})
     _writable_dir(out_dir)
-    from .production.synthetic import simulate_universe
+    from xpcat.production.synthetic.universe import simulate_universe
 
     _emit(simulate_universe(out_dir, cfg))
 
@@ -141,7 +141,7 @@ def simulate(out_dir: Path, stars: int | None, seed: int | None, config_path: st
 def condition(run_dir: Path, config_path: str | None) -> None:
     """Raw tables -> conditioned flux partitions (SPEC §1)."""
     cfg = _config_for(run_dir, config_path)
-    from .production.conditioning import condition_run
+    from xpcat.production.condition.stage import condition_run
 
     _emit(condition_run(_writable_dir(run_dir), cfg))
 
@@ -153,7 +153,7 @@ def condition(run_dir: Path, config_path: str | None) -> None:
 def train(run_dir: Path, config_path: str | None) -> None:
     """Train the forward model (Table 1) and the GMM prior into RUN_DIR/model."""
     cfg = _config_for(run_dir, config_path)
-    from .production.training_set import train_run
+    from xpcat.production.train import train_run
 
     _emit(train_run(_writable_dir(run_dir), cfg))
 
@@ -167,7 +167,7 @@ def train(run_dir: Path, config_path: str | None) -> None:
 def infer(run_dir: Path, config_path: str | None, model_dir: Path | None) -> None:
     """Fit every star of the conditioned partitions (Sec. 4) into catalog partitions."""
     cfg = _config_for(run_dir, config_path)
-    from .production.fitting import infer_run
+    from xpcat.production.infer import infer_run
 
     _emit(infer_run(_writable_dir(run_dir), cfg, model_dir=model_dir))
 
@@ -179,7 +179,7 @@ def infer(run_dir: Path, config_path: str | None, model_dir: Path | None) -> Non
 def train_confidence(run_dir: Path, config_path: str | None) -> None:
     """Train the three confidence classifiers (Appendix B) into the model artifact."""
     cfg = _config_for(run_dir, config_path)
-    from .production.confidence_stage import train_confidence_run
+    from xpcat.production.train_confidence import train_confidence_run
 
     _emit(train_confidence_run(_writable_dir(run_dir), cfg))
 
@@ -189,7 +189,7 @@ def train_confidence(run_dir: Path, config_path: str | None) -> None:
 @user_errors
 def report(run_dir: Path) -> None:
     """Write RUN_DIR/report/index.html, its figures and validation.json."""
-    from .production.report import write_report
+    from xpcat.production.report.page import write_report
 
     click.echo(str(write_report(run_dir)))
 
@@ -204,7 +204,7 @@ def report(run_dir: Path) -> None:
 def fetch(run_dir: Path, archive_url: str, config_path: str | None, login: bool) -> None:
     """Fetch raw tables from a Gaia archive by HEALPix-aligned source_id range."""
     cfg = _config_for(run_dir, config_path)
-    from .production.archive import fetch_run
+    from xpcat.production.ingest.archive import fetch_run
 
     _emit(fetch_run(_writable_dir(run_dir), cfg, archive_url=archive_url, login=login))
 
@@ -215,7 +215,7 @@ def fetch(run_dir: Path, archive_url: str, config_path: str | None, login: bool)
 @user_errors
 def ingest(run_dir: Path, files: tuple[Path, ...]) -> None:
     """Read Gaia DR3 bulk files (XpContinuousMeanSpectrum_*, GaiaSource_*) into raw partitions."""
-    from .production.bulk import ingest_files
+    from xpcat.production.ingest.bulk import ingest_files
 
     _emit(ingest_files(_writable_dir(run_dir), list(files)))
 
@@ -235,7 +235,7 @@ def archive() -> None:
 @user_errors
 def archive_serve(universe_dir: Path, port: int, error_rate: float, short_rate: float, stall_rate: float, seed: int) -> None:
     """Serve UNIVERSE_DIR on 127.0.0.1:PORT until stopped."""
-    from .production.archive_server import serve_forever
+    from xpcat.production.synthetic.archive_server import serve_forever
 
     serve_forever(universe_dir, port=port, error_rate=error_rate, short_rate=short_rate, stall_rate=stall_rate, seed=seed)
 
@@ -248,7 +248,7 @@ def archive_serve(universe_dir: Path, port: int, error_rate: float, short_rate: 
 def run(config_file: Path, run_dir: Path | None) -> None:
     """A production run: condition -> infer -> catalog over partitions on a Dask cluster."""
     cfg = load_config(config_file)
-    from .production.run import run_pipeline
+    from xpcat.production.run import run_pipeline
 
     _emit(run_pipeline(_writable_dir(run_dir or config_file.parent), cfg))
 
@@ -258,7 +258,7 @@ def run(config_file: Path, run_dir: Path | None) -> None:
 @user_errors
 def status(run_dir: Path) -> None:
     """Done / pending / failed partitions of a run, and why."""
-    from .production.run import run_status
+    from xpcat.production.run import run_status
 
     click.echo(run_status(run_dir))
 
@@ -268,7 +268,7 @@ def status(run_dir: Path) -> None:
 @user_errors
 def validate(run_dir: Path) -> None:
     """Check that every input source_id appears exactly once in the catalog."""
-    from .production.catalog import validate_catalog
+    from xpcat.production.catalog import validate_catalog
 
     click.echo(validate_catalog(run_dir))
 
@@ -280,7 +280,7 @@ def validate(run_dir: Path) -> None:
 @user_errors
 def query(run_dir: Path, sql: str, fmt: str) -> None:
     """Run DuckDB SQL over the catalog (the view is called ``catalog``)."""
-    from .production.catalog import query_catalog
+    from xpcat.production.catalog import query_catalog
 
     click.echo(query_catalog(run_dir, sql, fmt=fmt))
 
@@ -293,7 +293,7 @@ def query(run_dir: Path, sql: str, fmt: str) -> None:
 @user_errors
 def plan(stars: int, profile: str, benchmark_json: Path | None) -> None:
     """Turn measured rates into partitions, storage and node-hours."""
-    from .production.run import plan_run
+    from xpcat.production.run import plan_run
 
     click.echo(plan_run(stars, profile, benchmark_json))
 

@@ -33,7 +33,7 @@ from typing import Any, Literal
 
 import tomli_w
 
-from .errors import XpcatError
+from xpcat.errors import XpcatError
 
 logger = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ def _robust_std(x):
 
 @pytest.fixture(scope="module")
 def truth_model():
-    from xpcat.model.truth import build_truth_model
+    from xpcat.production.synthetic.truth_sed import build_truth_model
 
     return build_truth_model()
 

@@ -28,7 +28,7 @@ N_REFINE = 4
 
 @pytest.fixture(scope="module")
 def grid_and_stars():
-    from xpcat.model.truth import build_truth_model
+    from xpcat.production.synthetic.truth_sed import build_truth_model
 
     truth = build_truth_model()
     gmm, rng = make_gmm(seed=5)

@@ -18,7 +18,7 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
 from xpcat.catalog_schema.raw import GAIA_SOURCE, TMASS, XP_CONTINUOUS
-from xpcat.production.archive_format import conform_rows
+from xpcat.production.ingest.formats import conform_rows
 from xpcat.production.partitions import partition_shift
 
 REFERENCE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "gaiaxpy_reference"

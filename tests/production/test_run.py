@@ -220,7 +220,7 @@ def test_real_conditioning_stage_on_a_synthetic_universe(tmp_path):
     from xpcat.catalog_schema import CONDITIONED
     from xpcat.config import SimulationConfig
     from xpcat.production.run import _pipeline_context, default_stages
-    from xpcat.production.synthetic import simulate_universe
+    from xpcat.production.synthetic.universe import simulate_universe
 
     simulate_universe(tmp_path, SimulationConfig(n_stars=150, seed=3))
     cfg = _config().replace(data={"partition_level": 1})
@@ -252,13 +252,13 @@ def test_model_hash_recorded_when_first_used_then_frozen(tmp_path):
 
 def test_xpcat_run_real_stages_local(tmp_path):
     """`xpcat run` on a LocalCluster: real conditioning and inference, HATS catalog, validate, status."""
-    pytest.importorskip("xpcat.production.fitting", reason="the inference stage (xpcat.production.fitting) is not there yet")
+    pytest.importorskip("xpcat.production.infer", reason="the inference stage (xpcat.production.infer) is not there yet")
     from _fake_stages import make_artifact
     from click.testing import CliRunner
 
     from xpcat.cli import cli
     from xpcat.config import SimulationConfig, write_config
-    from xpcat.production.synthetic import simulate_universe
+    from xpcat.production.synthetic.universe import simulate_universe
 
     rd = tmp_path / "run"
     simulate_universe(rd, SimulationConfig(n_stars=120, seed=4))

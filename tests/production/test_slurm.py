@@ -134,11 +134,11 @@ def _real_run_dir(tmp: Path, n_stars: int, extra_options: dict | None = None,
                   **cluster) -> tuple[Path, Path, np.ndarray]:
     """A synthetic universe, an untrained artifact and a config file for `xpcat run` (``extra_options``: more
     dask-jobqueue keyword arguments)."""
-    pytest.importorskip("xpcat.production.fitting", reason="the inference stage (xpcat.production.fitting) is not there yet")
+    pytest.importorskip("xpcat.production.infer", reason="the inference stage (xpcat.production.infer) is not there yet")
     from _fake_stages import make_artifact
 
     from xpcat.config import SimulationConfig, write_config
-    from xpcat.production.synthetic import simulate_universe
+    from xpcat.production.synthetic.universe import simulate_universe
 
     rd = tmp / "run"
     simulate_universe(rd, SimulationConfig(n_stars=n_stars, seed=11))

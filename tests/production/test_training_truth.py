@@ -5,7 +5,7 @@ A universe is simulated (``simulate_universe``, every star labelled), conditione
 trained model is then compared with the universe's truth:
 
 - the learned extinction vector R against the truth law at the universe's mean
-  R_V (:func:`xpcat.model.truth.build_truth_model`), normalised at 392 nm;
+  R_V (:func:`xpcat.production.synthetic.truth_sed.build_truth_model`), normalised at 392 nm;
 - validation stars' fluxes predicted at their *true* parameters (median |chi|,
   chi = (f_pred - f_obs) / sqrt(diag C));
 - the self-cleaning of phase 4 on the injected near-equal-mass binaries and the
@@ -35,8 +35,8 @@ import pytest
 from xpcat.config import config_from_dict
 from xpcat.model.artifact import load_artifact
 from xpcat.model.forward import ForwardModel
-from xpcat.model.truth import build_truth_model
-from xpcat.production.report import extinction_curve_deviation
+from xpcat.production.synthetic.truth_sed import build_truth_model
+from xpcat.production.report.page import extinction_curve_deviation
 
 
 def _config(n_stars: int, training: dict, model: dict | None = None):
@@ -45,8 +45,8 @@ def _config(n_stars: int, training: dict, model: dict | None = None):
 
 
 def _simulate(tmp: Path, n_stars: int) -> Path:
-    from xpcat.production.conditioning import condition_run
-    from xpcat.production.synthetic import simulate_universe
+    from xpcat.production.condition.stage import condition_run
+    from xpcat.production.synthetic.universe import simulate_universe
 
     cfg = _config(n_stars, {})
     simulate_universe(tmp, cfg.simulate)
@@ -56,7 +56,7 @@ def _simulate(tmp: Path, n_stars: int) -> Path:
 
 def _train(universe: Path, tmp: Path, n_stars: int, training: dict, model: dict | None = None) -> dict:
     """Train on a simulated and conditioned universe (its tables linked into ``tmp``, the model written there)."""
-    from xpcat.production.training_set import build_training_set, train_run
+    from xpcat.production.train import build_training_set, train_run
 
     if tmp != universe:
         for name in ("conditioned", "raw", "truth", "universe.json"):
@@ -127,7 +127,7 @@ def _binary_best_case(tb, arr: dict, ii: np.ndarray, r_v: float) -> float:
     """
     from scipy.stats import norm
 
-    from xpcat.production.synthetic import companion_teff_logg
+    from xpcat.production.synthetic.universe import companion_teff_logg
 
     tm = build_truth_model(r_v)
     th1 = np.column_stack([tb.teff, tb.feh, tb.logg])

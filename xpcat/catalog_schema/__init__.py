@@ -13,13 +13,13 @@ import json
 
 import pyarrow as pa
 
-from . import catalog, conditioned, flags, raw, triangle
-from .catalog import CATALOG, PARAM_NAMES, TABLE2_COLUMNS
-from .conditioned import CONDITIONED, FLUX_UNIT_W_M2_NM, N_FACTOR, N_FLUX, N_XP, XP_WAVELENGTHS_NM
-from .flags import ConditionFlag, FitStatus, QualityFlag
-from .raw import RAW_TABLES
-from .triangle import pack_triu, unpack_triu, unpack_triu_symmetric
-from .validation import SchemaError, conform, validate
+from xpcat.catalog_schema import catalog, conditioned, flags, raw, triangle
+from xpcat.catalog_schema.catalog import CATALOG, PARAM_NAMES, TABLE2_COLUMNS
+from xpcat.catalog_schema.conditioned import CONDITIONED, FLUX_UNIT_W_M2_NM, N_FACTOR, N_FLUX, N_XP, XP_WAVELENGTHS_NM
+from xpcat.catalog_schema.flags import ConditionFlag, FitStatus, QualityFlag
+from xpcat.catalog_schema.raw import RAW_TABLES
+from xpcat.catalog_schema.triangle import pack_triu, unpack_triu, unpack_triu_symmetric
+from xpcat.catalog_schema.validation import SchemaError, conform, validate
 
 __all__ = [
     "SCHEMA_VERSION",

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from ._fields import field, flist
+from xpcat.catalog_schema._fields import field, flist
 
 __all__ = ["PARAM_NAMES", "PARAM_UNITS", "TABLE2_COLUMNS", "EXTRA_COLUMNS", "CATALOG"]
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from ._fields import field, flist
-from .triangle import n_triu
+from xpcat.catalog_schema._fields import field, flist
+from xpcat.catalog_schema.triangle import n_triu
 
 __all__ = [
     "N_XP",

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from ._fields import field, flist
+from xpcat.catalog_schema._fields import field, flist
 
 __all__ = [
     "GAIA_SOURCE",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from ..errors import XpcatError
+from xpcat.errors import XpcatError
 
 __all__ = ["SchemaError", "validate", "conform"]
 

@@ -35,8 +35,8 @@ from typing import Any
 
 import yaml
 
-from ..config import ClusterConfig
-from ..errors import XpcatError
+from xpcat.config import ClusterConfig
+from xpcat.errors import XpcatError
 
 logger = logging.getLogger(__name__)
 

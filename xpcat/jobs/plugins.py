@@ -18,7 +18,7 @@ from typing import Any
 
 from distributed import WorkerPlugin
 
-from ..errors import InputError
+from xpcat.errors import InputError
 
 logger = logging.getLogger(__name__)
 

@@ -23,9 +23,9 @@ MODULES = (
     "xpcat.production.partitions",
     "xpcat.production.run",
     "xpcat.production.catalog",
-    "xpcat.production.conditioning",
+    "xpcat.production.condition.stage",
     "jax",
-    "xpcat.production.fitting",
+    "xpcat.production.infer",
 )
 
 

@@ -35,9 +35,9 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InputError
-from .forward import ForwardModel
-from .prior import GMMParams, gmm_from_arrays, gmm_to_arrays
+from xpcat.errors import InputError
+from xpcat.model.forward import ForwardModel
+from xpcat.model.prior import GMMParams, gmm_from_arrays, gmm_to_arrays
 
 __all__ = [
     "ARTIFACT_FORMAT",

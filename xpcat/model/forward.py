@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..errors import InputError
+from xpcat.errors import InputError
 
 __all__ = [
     "ACTIVATIONS",

@@ -30,14 +30,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..catalog_schema.conditioned import N_FLUX
-from ..catalog_schema.flags import FitStatus
-from ..catalog_schema.triangle import n_triu, unpack_triu
-from .objective import N_VAR, TEFF_SCALE_K, ForwardModelLike, Objective, StarData
-from .optimise import PaperSchedule, lm_fit, paper_fit
-from .prior import GMMParams
-from .start import StartGrid, build_start_grid, full_band_stars, paper_start, screen_start
-from .uncertainty import fisher_covariance, params5_from_x, whitened_jacobian
+from xpcat.catalog_schema.conditioned import N_FLUX
+from xpcat.catalog_schema.flags import FitStatus
+from xpcat.catalog_schema.triangle import n_triu, unpack_triu
+from xpcat.model.objective import N_VAR, TEFF_SCALE_K, ForwardModelLike, Objective, StarData
+from xpcat.model.optimise import PaperSchedule, lm_fit, paper_fit
+from xpcat.model.prior import GMMParams
+from xpcat.model.start import StartGrid, build_start_grid, full_band_stars, paper_start, screen_start
+from xpcat.model.uncertainty import fisher_covariance, params5_from_x, whitened_jacobian
 
 __all__ = [
     "MIN_VALID_FLUX",

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .prior import GMMParams, gmm_log_density
+from xpcat.model.prior import GMMParams, gmm_log_density
 
 __all__ = [
     "TEFF_SCALE_K",

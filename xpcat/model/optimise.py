@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from .objective import Objective, StarData
+from xpcat.model.objective import Objective, StarData
 
 __all__ = ["LMResult", "PaperSchedule", "lm_fit", "paper_fit", "hessian_is_psd"]
 

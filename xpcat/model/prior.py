@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import logsumexp
 
-from ..errors import InputError
+from xpcat.errors import InputError
 
 __all__ = ["THETA_SCALE", "GMMParams", "GMMError", "fit_gmm", "gmm_log_density", "gmm_log_density_batch", "sample_gmm",
            "gmm_to_arrays", "gmm_from_arrays"]

@@ -43,9 +43,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..catalog_schema.conditioned import N_FLUX, XP_WAVELENGTHS_NM
-from .objective import TEFF_SCALE_K, ForwardModelLike
-from .prior import GMMParams, gmm_log_density, sample_gmm
+from xpcat.catalog_schema.conditioned import N_FLUX, XP_WAVELENGTHS_NM
+from xpcat.model.objective import TEFF_SCALE_K, ForwardModelLike
+from xpcat.model.prior import GMMParams, gmm_log_density, sample_gmm
 
 __all__ = [
     "PLX_BAND_NM",

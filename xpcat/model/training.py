@@ -49,9 +49,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ..catalog_schema.triangle import unpack_triu
-from ..errors import InputError
-from .forward import N_OUT, predict_flux, weight_l2
+from xpcat.catalog_schema.triangle import unpack_triu
+from xpcat.errors import InputError
+from xpcat.model.forward import N_OUT, predict_flux, weight_l2
 
 __all__ = [
     "THETA_UNIT",

@@ -88,11 +88,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ..errors import StageError
-from ..progress import progress
-from .extinction_zero_point import extinction_offset, shift_extinction_zero_point
-from .forward import activation_fn, init_params, ln_flux_abs_batch, make_scaler
-from .training import (
+from xpcat.errors import StageError
+from xpcat.progress import progress
+from xpcat.model.extinction_zero_point import extinction_offset, shift_extinction_zero_point
+from xpcat.model.forward import activation_fn, init_params, ln_flux_abs_batch, make_scaler
+from xpcat.model.training import (
     E_FLOOR,
     THETA_UNIT,
     TrainingData,
@@ -103,7 +103,7 @@ from .training import (
     make_star_fit_fn,
     make_star_gn_fit_fn,
 )
-from .training_checkpoints import load_checkpoint, save_checkpoint, unflatten_params
+from xpcat.model.training_checkpoints import load_checkpoint, save_checkpoint, unflatten_params
 
 __all__ = ["Schedule", "TrainingResult", "TrainingDivergedError", "train_model", "generic_ln_r", "self_clean"]
 

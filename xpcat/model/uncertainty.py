@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..catalog_schema import flags as qf
-from .objective import Objective, StarData
+from xpcat.catalog_schema import flags as qf
+from xpcat.model.objective import Objective, StarData
 
 __all__ = [
     "PARAM_ORDER_FROM_X",

@@ -42,12 +42,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..catalog_schema import CATALOG, SCHEMA_VERSION, validate, with_metadata
-from ..config import RunConfig, config_to_dict, read_run_config
-from ..errors import StageError, XpcatError
-from ..progress import progress
-from . import partitions as P
-from . import run_state as S
+from xpcat.catalog_schema import CATALOG, SCHEMA_VERSION, validate, with_metadata
+from xpcat.config import RunConfig, config_to_dict, read_run_config
+from xpcat.errors import StageError, XpcatError
+from xpcat.progress import progress
+from xpcat.production import partitions as P
+from xpcat.production import run_state as S
 
 logger = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..config import RunConfig, config_to_dict
-from ..errors import StageError
+from xpcat.config import RunConfig, config_to_dict
+from xpcat.errors import StageError
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def demo_config(base: RunConfig, universe: Path, n_stars: int | None, seed: int 
     partition level :data:`DEMO_LEVEL`, and the ``quick`` presets of training
     and the confidence classifiers where ``base`` asks for the paper's.
     """
-    from ..config import config_from_dict
+    from xpcat.config import config_from_dict
 
     raw = universe / "raw"
     quick = {s: {"preset": "quick"} for s in ("training", "confidence") if getattr(base, s).preset == "paper"}
@@ -114,15 +114,15 @@ def run_demo(workdir: Path, config: RunConfig, n_stars: int | None = None, seed:
     StageError
         When any step fails (the message names it); finished steps are kept.
     """
-    from ..model.confidence import TooFewLabelsError
-    from .archive import fetch_run
-    from .archive_server import LocalArchive
-    from .catalog import query_catalog
-    from .confidence_stage import train_confidence_run
-    from .report import write_report
-    from .run import default_stages, run_pipeline, run_stages
-    from .synthetic import simulate_universe
-    from .training_set import train_run
+    from xpcat.model.confidence import TooFewLabelsError
+    from xpcat.production.ingest.archive import fetch_run
+    from xpcat.production.synthetic.archive_server import LocalArchive
+    from xpcat.production.catalog import query_catalog
+    from xpcat.production.train_confidence import train_confidence_run
+    from xpcat.production.report.page import write_report
+    from xpcat.production.run import default_stages, run_pipeline, run_stages
+    from xpcat.production.synthetic.universe import simulate_universe
+    from xpcat.production.train import train_run
 
     workdir = Path(workdir).resolve()
     universe = workdir / "universe"
@@ -176,7 +176,7 @@ def run_demo(workdir: Path, config: RunConfig, n_stars: int | None = None, seed:
 
 
 def _condition_context(run_dir: Path, config: RunConfig) -> dict:
-    from .run import _pipeline_context
+    from xpcat.production.run import _pipeline_context
 
     return _pipeline_context(run_dir, config)
 

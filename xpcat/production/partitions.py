@@ -28,8 +28,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..catalog_schema import SCHEMA_VERSION, validate
-from ..errors import InputError
+from xpcat.catalog_schema import SCHEMA_VERSION, validate
+from xpcat.errors import InputError
 
 __all__ = [
     "MAX_LEVEL",

@@ -34,14 +34,14 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..catalog_schema import CATALOG, CONDITIONED, validate
-from ..config import RunConfig, write_config
-from ..errors import StageError, XpcatError
-from ..jobs.memory import peak_rss_mib
-from ..progress import progress
-from . import partitions as P
-from . import run_state as S
-from .run_plan import plan_run
+from xpcat.catalog_schema import CATALOG, CONDITIONED, validate
+from xpcat.config import RunConfig, write_config
+from xpcat.errors import StageError, XpcatError
+from xpcat.jobs.memory import peak_rss_mib
+from xpcat.progress import progress
+from xpcat.production import partitions as P
+from xpcat.production import run_state as S
+from xpcat.production.capacity import plan_run
 
 logger = logging.getLogger(__name__)
 
@@ -80,9 +80,8 @@ class Stage:
 
 
 def _condition_func(run_dir: Path, part: S.PartitionPlan, config: RunConfig, ctx: dict) -> dict | None:
-    """Condition one source_id range (``xpcat.production.conditioning``)."""
-    from . import conditioning
-
+    """Condition one source_id range (``xpcat.production.condition.stage``)."""
+    from xpcat.production.condition import stage as conditioning
     raw_files = {k: [Path(f) for f in v] for k, v in ctx["raw_files"].items()}
     return conditioning.condition_partition(
         raw_files, part.pix, S.output_path(run_dir, "conditioned", part.name), config,
@@ -92,10 +91,9 @@ def _condition_func(run_dir: Path, part: S.PartitionPlan, config: RunConfig, ctx
 
 def _infer_func(run_dir: Path, part: S.PartitionPlan, config: RunConfig, ctx: dict) -> dict | None:
     """Fit one conditioned partition with the worker's model (``fitting.infer_partition``)."""
-    from ..jobs.compile_cache import enable_compilation_cache
-    from ..jobs.plugins import worker_model
-    from . import fitting
-
+    from xpcat.jobs.compile_cache import enable_compilation_cache
+    from xpcat.jobs.plugins import worker_model
+    from xpcat.production import infer as fitting
     if config.inference.compilation_cache:
         enable_compilation_cache(run_dir)
     model = worker_model(ctx["model_dir"], ctx["model_hash"])
@@ -247,7 +245,7 @@ def _run_log(run_dir: Path) -> Iterator[Path]:
 
 
 def _model_hash(model_dir: Path) -> str:
-    from ..jobs.plugins import load_model
+    from xpcat.jobs.plugins import load_model
 
     if not model_dir.exists():
         raise StageError(f"model artifact {model_dir} not found; train one first (`xpcat train RUN_DIR`)")
@@ -282,8 +280,8 @@ def run_stages(run_dir: Path, config: RunConfig, stages: Sequence[Stage], *, mod
     StageError
         When partitions failed (after the other partitions finished), naming them.
     """
-    from ..jobs.clusters import open_cluster
-    from ..jobs.plugins import ModelPlugin
+    from xpcat.jobs.clusters import open_cluster
+    from xpcat.jobs.plugins import ModelPlugin
 
     run_dir = Path(run_dir).resolve()
     t_start = time.perf_counter()
@@ -312,7 +310,7 @@ def run_stages(run_dir: Path, config: RunConfig, stages: Sequence[Stage], *, mod
                 summary["stages"][stage.name] = st
                 blocked |= set(st["pending"]) | set(st["failed_partitions"])
             if catalog and stages and not blocked:
-                from .catalog import build_catalog
+                from xpcat.production.catalog import build_catalog
 
                 t0 = time.perf_counter()
                 summary["stages"]["catalog"] = build_catalog(run_dir, config, stages[-1].out_dir, client=client)
@@ -353,7 +351,7 @@ def run_pipeline(run_dir: Path, config: RunConfig) -> dict:
     InputError
         Missing or duplicated inputs.
     """
-    from ..jobs.clusters import load_profile
+    from xpcat.jobs.clusters import load_profile
 
     profile = load_profile(config.cluster.profile)
     return run_stages(Path(run_dir), config, default_stages(gpu=profile.gpu), model_dir=Path(run_dir) / "model",
@@ -362,8 +360,7 @@ def run_pipeline(run_dir: Path, config: RunConfig) -> dict:
 
 def _pipeline_context(run_dir: Path, config: RunConfig) -> dict:
     """The raw file lists for conditioning (``conditioning.plan_partitions`` also checks the XP table's ids)."""
-    from . import conditioning
-
+    from xpcat.production.condition import stage as conditioning
     tasks = conditioning.plan_partitions(run_dir, config)
     files = tasks[0].raw_files if tasks else {}
     return {"raw_files": {k: [str(f) for f in v] for k, v in files.items()}}

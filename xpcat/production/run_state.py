@@ -26,9 +26,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import RunConfig, config_to_dict
-from ..errors import InputError, StageError
-from . import partitions as P
+from xpcat.config import RunConfig, config_to_dict
+from xpcat.errors import InputError, StageError
+from xpcat.production import partitions as P
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,151 @@
+"""Tests of the infer stage: conditioned partition -> catalog partition (schema CATALOG)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "model"))
+from inference_problem import draw_labels, make_gmm, make_problem  # noqa: E402
+
+from xpcat.catalog_schema import CATALOG, CONDITIONED, conform, pack_triu, read_metadata, validate  # noqa: E402
+from xpcat.catalog_schema import flags as qf  # noqa: E402
+from xpcat.config import config_from_dict  # noqa: E402
+from xpcat.errors import InputError  # noqa: E402
+from xpcat.model.forward import ForwardModel, init_params, make_scaler  # noqa: E402
+from xpcat.model.inference import Inference, InferenceSettings  # noqa: E402
+from xpcat.production.infer import infer_partition, infer_run  # noqa: E402
+from xpcat.production.partitions import is_done, marker_path  # noqa: E402
+
+N = 40
+
+
+@pytest.fixture(scope="module")
+def world():
+    """A small random paper-sized network (the 'artifact'), a GMM, and stars drawn from them."""
+    gmm, rng = make_gmm(seed=4, n_labels=2000, n_components=8)
+    labels = draw_labels(rng, 500)
+    wl = np.concatenate([np.arange(392.0, 993.0, 10.0), [1235.0, 1662.0, 2159.0, 3352.6, 4602.8]])
+    ln_r = np.log(3.0 * (wl / 550.0) ** -1.3)
+    params = init_params(jax.random.PRNGKey(0), out_bias=np.full(66, 4.0), ln_r=ln_r)
+    params["layers"][-1]["W"] = params["layers"][-1]["W"] * 0.5
+    model = ForwardModel(params, make_scaler(labels), "tanh")
+    prob = make_problem(model, draw_labels(rng, N), rng, rel_range=(0.005, 0.01))
+    return model, gmm, prob, wl
+
+
+def _conditioned_table(prob, first_id: int = 1 << 40) -> pa.Table:
+    n = len(prob.plx)
+    flux, factor, ferr = prob.flux.copy(), prob.factor.copy(), prob.flux_error.copy()
+    plx = prob.plx_obs.copy()
+    flux[0] = np.nan  # no usable data at all
+    factor[0] = 0.0
+    ferr[0] = np.inf
+    plx[1] = np.nan  # no parallax
+
+    def fixed(a, k):
+        return pa.FixedSizeListArray.from_arrays(pa.array(np.asarray(a, np.float32).reshape(-1)), k)
+
+    t = pa.table({
+        "source_id": pa.array(first_id + np.arange(n) * 7, pa.int64()),
+        "ra": pa.array(np.linspace(10, 11, n)),
+        "dec": pa.array(np.linspace(-5, -4, n)),
+        "parallax": pa.array(plx.astype(np.float32), mask=~np.isfinite(plx)),
+        "parallax_error": pa.array(prob.plx_err.astype(np.float32)),
+        "flux": fixed(flux, 66),
+        "flux_error": fixed(ferr, 66),
+        "flux_factor_triu": fixed(pack_triu(factor), 2211),
+        "n_valid_flux": pa.array(np.where(np.arange(n) == 0, 0, 66).astype(np.int16)),
+        "condition_flags": pa.array(np.zeros(n, np.uint16)),
+    })
+    t = conform(t, CONDITIONED)
+    validate(t, CONDITIONED)
+    return t
+
+
+@pytest.fixture(scope="module")
+def config():
+    return config_from_dict({"inference": {"batch_size": 16}, "run": {"seed": 2}})
+
+
+def test_infer_partition_writes_catalog(tmp_path, world, config):
+    model, gmm, prob, _ = world
+    src = tmp_path / "conditioned" / "L05-000001.parquet"
+    src.parent.mkdir()
+    pq.write_table(_conditioned_table(prob), src)
+    inf = Inference(model, gmm, InferenceSettings.from_config(config))
+    out = tmp_path / "fitted" / "L05-000001.parquet"
+    summary = infer_partition(src, out, inf, config)
+    assert summary["rows"] == N and summary["no_usable_data"] == 1
+    assert is_done(out, expected_rows=N)
+    t = pq.read_table(out)
+    validate(t, CATALOG)
+    assert t.column_names == list(CATALOG.names)
+    assert t.column("gdr3_source_id").to_pylist() == (np.int64(1 << 40) + np.arange(N) * 7).tolist()
+    est = np.array(t.column("stellar_params_est").to_pylist(), dtype=float)
+    status = t.column("fit_status").to_numpy()
+    flags = t.column("quality_flags").to_numpy()
+    assert status[0] == qf.FitStatus.NO_USABLE_DATA and np.all(np.isnan(est[0])) and flags[0] == 0b111111
+    assert np.all(status[1:] != qf.FitStatus.NO_USABLE_DATA)
+    # Teff in kK, E and parallax positive
+    assert np.all((est[1:, 0] > 2.0) & (est[1:, 0] < 15.0)) and np.all(est[1:, 3:] > 0)
+    assert flags[1] & qf.PARALLAX_MISMATCH  # missing parallax cannot pass the parallax check
+    # placeholder confidences: null, bits 0-2 set exactly where the fit did not converge
+    assert t.column("teff_confidence").null_count == N
+    low = (flags & 0b111) == 0b111
+    np.testing.assert_array_equal(low, status != 0)
+    meta = read_metadata(t.schema)
+    assert meta["confidence_source"] == "placeholder" and "bits 0-2" in meta["confidence_rule"]
+    assert meta["fit_status"] == {"CONVERGED": 0, "NOT_CONVERGED": 1, "NO_USABLE_DATA": 2}
+    # the triangles unpack to inverse matrices
+    cov = np.array(t.column("stellar_params_cov_triu").to_pylist()[5], dtype=float)
+    icov = np.array(t.column("stellar_params_icov_triu").to_pylist()[5], dtype=float)
+    from xpcat.catalog_schema import unpack_triu_symmetric
+
+    np.testing.assert_allclose(unpack_triu_symmetric(cov) @ unpack_triu_symmetric(icov), np.eye(5), atol=2e-3)
+    err = np.array(t.column("stellar_params_err").to_pylist()[5], dtype=float)
+    np.testing.assert_allclose(err, np.sqrt(np.diag(unpack_triu_symmetric(cov))), rtol=1e-5)
+
+
+def test_infer_run_resumes_and_refits_after_lost_marker(tmp_path, world, config):
+    from xpcat.model.artifact import save_artifact
+
+    model, gmm, prob, wl = world
+    run = tmp_path / "run"
+    (run / "conditioned").mkdir(parents=True)
+    pq.write_table(_conditioned_table(prob), run / "conditioned" / "L05-000002.parquet")
+    pq.write_table(_conditioned_table(prob, first_id=1 << 41), run / "conditioned" / "L05-000003.parquet")
+    save_artifact(run / "model", params=model.params, scaler={k: np.asarray(v) for k, v in model.scaler.items()},
+                  activation="tanh", gmm=gmm, wavelengths=wl, flux_unit=1e-18)
+    res = infer_run(run, config)
+    assert res["fitted"] == 2 and res["rows"] == 2 * N and res["skipped"] == 0
+    again = infer_run(run, config)
+    assert again["fitted"] == 0 and again["skipped"] == 2
+    marker_path(run / "fitted" / "L05-000003.parquet").unlink()
+    third = infer_run(run, config)
+    assert third["fitted"] == 1 and third["skipped"] == 1
+    meta = json.loads(marker_path(run / "fitted" / "L05-000003.parquet").read_text())
+    assert meta["rows"] == N
+    assert read_metadata(pq.read_schema(run / "fitted" / "L05-000003.parquet"))["model_hash"] == res["model_hash"]
+
+
+def test_corrupt_or_missing_input_is_an_input_error(tmp_path, world, config):
+    model, gmm, prob, _ = world
+    src = tmp_path / "L05-000004.parquet"
+    pq.write_table(_conditioned_table(prob), src)
+    data = src.read_bytes()
+    src.write_bytes(data[: len(data) // 2])
+    inf = Inference(model, gmm, InferenceSettings.from_config(config))
+    with pytest.raises(InputError, match="L05-000004"):
+        infer_partition(src, tmp_path / "out.parquet", inf, config)
+    with pytest.raises(InputError, match="not found"):
+        infer_partition(tmp_path / "nope.parquet", tmp_path / "out.parquet", inf, config)
+    with pytest.raises(InputError, match="no conditioned partitions"):
+        infer_run(tmp_path / "empty", config)

@@ -1,0 +1,311 @@
+"""The ``infer`` stage: fit every star of the conditioned partitions into catalog partitions.
+
+:func:`infer_partition` is the per-partition task (what a Dask worker runs):
+it streams ``RUN_DIR/conditioned/<name>.parquet`` in row batches of
+``[inference] batch_size`` (memory is bounded whatever the partition size),
+fits them with :class:`xpcat.model.inference.Inference`, computes the
+confidences and ``quality_flags`` and writes ``RUN_DIR/fitted/<name>.parquet``
+(schema :data:`xpcat.catalog_schema.CATALOG`) atomically with its done marker.
+It returns a small summary dict, never the data.
+
+:func:`infer_run` runs it over every conditioned partition not yet done
+(resume = rescan), in this process; the production run (:mod:`.run`) maps
+:func:`infer_partition` over Dask workers instead.
+
+Rows: every input source_id gives exactly one output row. A star with no usable
+data gets ``fit_status = 2`` (NO_USABLE_DATA), NaN estimates and every
+quality bit 0-5 set; a fit that did not converge gets ``fit_status = 1`` and
+keeps its last estimate.
+
+quality_flags bits 0-2 come from the confidence classifiers when the artifact
+has the ``confidence`` component; otherwise the confidences are null and bits
+0-2 follow :data:`xpcat.model.uncertainty.PLACEHOLDER_CONFIDENCE_RULE`, and the
+partition metadata says so (``confidence_source = "placeholder"``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from xpcat.catalog_schema import CATALOG, FLUX_UNIT_W_M2_NM, SCHEMA_VERSION, pack_triu, read_metadata, with_metadata
+from xpcat.catalog_schema import flags as qf
+from xpcat.config import RunConfig
+from xpcat.errors import InputError, StageError
+from xpcat.model.inference import Inference, InferenceSettings
+from xpcat.model.uncertainty import PLACEHOLDER_CONFIDENCE_RULE, placeholder_confidence_bits, quality_flag_bits
+from xpcat.progress import progress
+from xpcat.production.partitions import atomic_write_parquet, is_done
+
+__all__ = ["inference_for", "fit_table", "infer_partition", "infer_run", "CONDITIONED_INPUT_COLUMNS"]
+
+logger = logging.getLogger(__name__)
+
+#: Scalar conditioned columns the confidence features use (read when present).
+_AUX_COLUMNS = (
+    "phot_g_mean_mag", "phot_g_mean_flux_over_error", "phot_bp_mean_flux_over_error",
+    "phot_rp_mean_flux_over_error", "phot_bp_rp_excess_factor", "ruwe", "fidelity_v2", "norm_dg",
+    "bp_chi_squared", "rp_chi_squared",
+)
+#: Columns of a conditioned partition that inference reads.
+CONDITIONED_INPUT_COLUMNS = (
+    "source_id", "ra", "dec", "parallax", "parallax_error", "flux", "flux_error", "flux_factor_triu",
+    "n_valid_flux", "condition_flags",
+) + _AUX_COLUMNS
+
+_ALL_QUALITY_BITS = 0b111111
+_CACHE: dict[tuple, Inference] = {}
+
+
+def inference_for(model: Any, config: RunConfig) -> Inference:
+    """The (cached, per process) :class:`Inference` of a model artifact and the run's settings.
+
+    Parameters
+    ----------
+    model : ModelArtifact (``xpcat.model.artifact``) or an :class:`Inference` (returned as is).
+    config : RunConfig
+    """
+    if isinstance(model, Inference):
+        return model
+    settings = InferenceSettings.from_config(config)
+    key = (getattr(model, "content_hash", id(model)), settings)
+    if key not in _CACHE:
+        dtype = np.float64 if config.model.dtype == "float64" else np.float32
+        _CACHE[key] = Inference(model.forward_model(dtype=dtype), model.gmm, settings)
+    return _CACHE[key]
+
+
+def _list_column(batch: pa.RecordBatch, name: str, width: int, dtype: Any = np.float64) -> np.ndarray:
+    col = batch.column(batch.schema.get_field_index(name))
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    vals = col.flatten().to_numpy(zero_copy_only=False)
+    if vals.size != len(col) * width:
+        raise InputError(f"conditioned column {name!r} must hold {width} values per row; got {vals.size} values "
+                         f"for {len(col)} rows")
+    return vals.reshape(len(col), width).astype(dtype, copy=False)
+
+
+def _scalar_column(batch: pa.RecordBatch, name: str) -> np.ndarray:
+    idx = batch.schema.get_field_index(name)
+    if idx < 0:
+        return np.full(batch.num_rows, np.nan)
+    return batch.column(idx).to_numpy(zero_copy_only=False).astype(np.float64)
+
+
+def fit_table(batch: pa.RecordBatch | pa.Table, inference: Inference, confidence: Any = None) -> pa.Table:
+    """Fit the stars of a conditioned batch and return their catalog rows.
+
+    Parameters
+    ----------
+    batch : conditioned rows (schema ``CONDITIONED``).
+    inference : Inference
+    confidence : the artifact's ``confidence`` component arrays, or None for the placeholder rule.
+
+    Returns
+    -------
+    pyarrow.Table with schema ``CATALOG`` (same row order as the input).
+    """
+    if isinstance(batch, pa.Table):
+        batch = batch.combine_chunks().to_batches()[0] if batch.num_rows else pa.RecordBatch.from_pylist([], batch.schema)
+    n = batch.num_rows
+    flux = _list_column(batch, "flux", 66)
+    flux_error = _list_column(batch, "flux_error", 66)
+    factor = _list_column(batch, "flux_factor_triu", 66 * 67 // 2, inference.dtype)  # the fit's dtype, one copy
+    plx = _scalar_column(batch, "parallax")
+    plx_err = _scalar_column(batch, "parallax_error")
+    fit = inference.fit(flux, factor, plx, plx_err, flux_error)
+    status = fit["fit_status"]
+    p5 = fit["params5"]
+    err5 = np.sqrt(np.einsum("nii->ni", fit["cov5"]))
+    bits = quality_flag_bits(fit["chi2"], fit["ln_prior"], p5[:, 4], plx, plx_err)
+    if confidence is not None:
+        from xpcat.model.confidence import confidence_features, confidence_quality_bits, predict_confidence
+
+        cond = {"flux": flux, "flux_error": flux_error, "parallax": plx, "parallax_error": plx_err,
+                "n_valid_flux": fit["n_valid_flux"].astype(np.float64)}
+        for name in _AUX_COLUMNS:
+            cond[name] = _scalar_column(batch, name)
+        conf = predict_confidence(confidence, confidence_features(fit, cond)).astype(np.float32)
+        bits = bits | confidence_quality_bits(conf)
+    else:
+        conf = np.full((n, 3), np.nan, dtype=np.float32)
+        bits = bits | placeholder_confidence_bits(status)
+    bits = np.where(status == qf.FitStatus.NO_USABLE_DATA, _ALL_QUALITY_BITS, bits).astype(np.uint8)
+
+    def fixed(a: np.ndarray, k: int) -> pa.FixedSizeListArray:
+        a = np.ascontiguousarray(a, dtype=np.float32).reshape(n * k)
+        return pa.FixedSizeListArray.from_arrays(pa.array(a, type=pa.float32()), k)
+
+    def f32(a: np.ndarray) -> pa.Array:
+        a = np.asarray(a, dtype=np.float32)
+        return pa.array(a, type=pa.float32(), mask=~np.isfinite(a))
+
+    cols = {
+        "gdr3_source_id": batch.column(batch.schema.get_field_index("source_id")).cast(pa.int64()),
+        "ra": batch.column(batch.schema.get_field_index("ra")).cast(pa.float64()),
+        "dec": batch.column(batch.schema.get_field_index("dec")).cast(pa.float64()),
+        "stellar_params_est": fixed(p5, 5),
+        "stellar_params_err": fixed(err5, 5),
+        "chi2_opt": f32(fit["chi2"]),
+        "ln_prior": f32(fit["ln_prior"]),
+        "teff_confidence": f32(conf[:, 0]),
+        "feh_confidence": f32(conf[:, 1]),
+        "logg_confidence": f32(conf[:, 2]),
+        "quality_flags": pa.array(bits, type=pa.uint8()),
+        "stellar_params_icov_triu": fixed(pack_triu(fit["icov5"]), 15),
+        "stellar_params_cov_triu": fixed(pack_triu(fit["cov5"]), 15),
+        "fit_status": pa.array(status.astype(np.uint8), type=pa.uint8()),
+    }
+    return pa.Table.from_arrays([cols[f.name] for f in CATALOG], schema=CATALOG)
+
+
+def _confidence_component(model: Any) -> Any:
+    comps = getattr(model, "components", None) or {}
+    return comps.get("confidence")
+
+
+def infer_partition(conditioned_path: str | Path, out_path: str | Path, model: Any, config: RunConfig) -> dict:
+    """Fit one conditioned partition and write its catalog partition atomically.
+
+    Parameters
+    ----------
+    conditioned_path : ``RUN_DIR/conditioned/<name>.parquet``.
+    out_path : ``RUN_DIR/fitted/<name>.parquet``.
+    model : ModelArtifact (or a ready :class:`Inference`, then without classifiers).
+    config : RunConfig (``[inference]`` settings, ``run.seed``).
+
+    Returns
+    -------
+    dict: partition, rows, counts per fit_status, passing the basic cut, seconds, stars_per_s,
+    the done-marker's sha256.
+
+    Raises
+    ------
+    InputError
+        If the conditioned file is missing, corrupt or lacks a required column (names the path).
+    """
+    src, out = Path(conditioned_path), Path(out_path)
+    t0 = time.perf_counter()
+    if not src.exists():
+        raise InputError(f"infer: conditioned partition not found: {src}")
+    try:
+        pf = pq.ParquetFile(src)
+        names = set(pf.schema_arrow.names)
+        src_meta = read_metadata(pf.schema_arrow)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise InputError(f"infer: cannot read conditioned partition {src} (corrupt or truncated): {err}") from err
+    missing = [c for c in CONDITIONED_INPUT_COLUMNS[:8] if c not in names]
+    if missing:
+        raise InputError(f"infer: conditioned partition {src} lacks columns {missing}")
+    inference = inference_for(model, config)
+    confidence = None if isinstance(model, Inference) else _confidence_component(model)
+    columns = [c for c in CONDITIONED_INPUT_COLUMNS if c in names]
+    pieces = []
+    try:
+        for batch in pf.iter_batches(batch_size=config.inference.batch_size, columns=columns):
+            pieces.append(fit_table(batch, inference, confidence))
+    except (pa.ArrowInvalid, OSError) as err:
+        raise InputError(f"infer: cannot read conditioned partition {src} (corrupt or truncated): {err}") from err
+    table = pa.concat_tables(pieces) if pieces else CATALOG.empty_table()
+    n = table.num_rows
+    if n != pf.metadata.num_rows:
+        raise StageError(f"infer: {src} has {pf.metadata.num_rows} rows but {n} were fitted")
+    status = np.asarray(table.column("fit_status").to_numpy())
+    qflags = np.asarray(table.column("quality_flags").to_numpy())
+    seconds = time.perf_counter() - t0
+    summary = {
+        "partition": src.stem,
+        "rows": int(n),
+        "converged": int(np.sum(status == qf.FitStatus.CONVERGED)),
+        "not_converged": int(np.sum(status == qf.FitStatus.NOT_CONVERGED)),
+        "no_usable_data": int(np.sum(status == qf.FitStatus.NO_USABLE_DATA)),
+        "basic_cut": int(np.sum(qf.passes_basic_cut(qflags))),
+        "seconds": round(seconds, 3),
+        "stars_per_s": round(n / seconds, 1) if seconds > 0 else None,
+    }
+    s = inference.settings
+    info = {
+        "stage": "infer",
+        "schema_version": SCHEMA_VERSION,
+        "model_hash": getattr(model, "content_hash", None),
+        "flux_unit_w_m2_nm": src_meta.get("flux_unit_w_m2_nm", FLUX_UNIT_W_M2_NM),
+        "source_partition": src.name,
+        "inference": {"optimizer": s.optimizer, "start": s.start, "batch_size": s.batch_size,
+                      "n_prior_samples": s.n_prior_samples, "n_refine": s.n_refine,
+                      "max_iterations": s.max_iterations, "tolerance": s.tolerance, "seed": s.seed},
+        "confidence_source": "classifiers" if confidence is not None else "placeholder",
+        "confidence_rule": None if confidence is not None else PLACEHOLDER_CONFIDENCE_RULE,
+        "fit_status": {m.name: int(m.value) for m in qf.FitStatus},
+        "params_units": ["kK", "dex", "dex", "mag", "mas"],
+    }
+    table = with_metadata(table, info)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    marker = atomic_write_parquet(table, out, schema=CATALOG, expected_rows=n,
+                                  info={k: summary[k] for k in ("rows", "converged", "not_converged",
+                                                                 "no_usable_data", "basic_cut")})
+    summary["sha256"] = marker.get("sha256")
+    logger.info("infer %s: %d stars in %.1f s (%d not converged, %d no data)", src.name, n, seconds,
+                summary["not_converged"], summary["no_usable_data"])
+    return summary
+
+
+def infer_run(run_dir: Path, config: RunConfig, model_dir: Path | None = None) -> dict:
+    """Fit every conditioned partition of a run that is not done yet (in this process).
+
+    Parameters
+    ----------
+    run_dir : the run directory.
+    config : RunConfig
+    model_dir : model artifact directory (default ``RUN_DIR/model``).
+
+    Returns
+    -------
+    dict: partitions (total), fitted, skipped (already done), rows, stars_per_s, per-partition summaries.
+
+    Raises
+    ------
+    InputError
+        When there are no conditioned partitions or the artifact does not load.
+    """
+    from xpcat.jobs.compile_cache import enable_compilation_cache
+    from xpcat.model.artifact import load_artifact
+
+    run_dir = Path(run_dir)
+    cond_dir = run_dir / "conditioned"
+    files = sorted(cond_dir.glob("*.parquet"))
+    if not files:
+        raise InputError(f"infer: no conditioned partitions in {cond_dir}; run `xpcat condition {run_dir}` first")
+    if config.inference.compilation_cache:
+        enable_compilation_cache(run_dir)
+    model = load_artifact(model_dir if model_dir is not None else run_dir / "model")
+    out_dir = run_dir / "fitted"
+    results, skipped, rows = [], 0, 0
+    t0 = time.perf_counter()
+    for f in progress(files, "infer", total=len(files)):
+        out = out_dir / f.name
+        if is_done(out, expected_rows=pq.ParquetFile(f).metadata.num_rows):
+            skipped += 1
+            continue
+        res = infer_partition(f, out, model, config)
+        rows += res["rows"]
+        results.append(res)
+    seconds = time.perf_counter() - t0
+    return {
+        "partitions": len(files),
+        "fitted": len(results),
+        "skipped": skipped,
+        "rows": rows,
+        "seconds": round(seconds, 2),
+        "stars_per_s": round(rows / seconds, 1) if rows and seconds > 0 else None,
+        "not_converged": sum(r["not_converged"] for r in results),
+        "no_usable_data": sum(r["no_usable_data"] for r in results),
+        "model_hash": model.content_hash,
+        "results": results,
+    }

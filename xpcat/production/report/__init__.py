@@ -1,0 +1,1 @@
+"""``xpcat report``: data, statistics, figures and the HTML page."""
