@@ -30,9 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -45,6 +43,7 @@ import pyarrow.parquet as pq
 from xpcat.catalog_schema import CATALOG, SCHEMA_VERSION, validate, with_metadata
 from xpcat.config import RunConfig, config_to_dict, read_run_config
 from xpcat.errors import StageError, XpcatError
+from xpcat.fileio import atomic_path, file_sha256, package_version, write_json_atomic
 from xpcat.progress import progress
 from xpcat.production import partitions as P
 from xpcat.production import run_state as S
@@ -78,15 +77,6 @@ class CatalogValidationError(XpcatError):
 def catalog_dir(run_dir: Path) -> Path:
     """``RUN_DIR/catalog``."""
     return Path(run_dir) / "catalog"
-
-
-def _xpcat_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("xpcat")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 # ---------------------------------------------------------------- histogram step
@@ -123,12 +113,9 @@ def histogram_task(run_dir: str, in_dir: str, name: str, order: int) -> dict:
     t = P.read_table(src, what="fitted", columns=["ra", "dec"])
     hp29 = compute_spatial_index(t.column("ra").to_numpy(), t.column("dec").to_numpy())
     pix, count = np.unique(np.right_shift(hp29, 2 * (29 - order)), return_counts=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".npz", dir=out.parent)
-    os.close(fd)
-    np.savez(tmp, pix=pix.astype(np.int64), count=count.astype(np.int64), sha256=np.array(marker["sha256"]),
-             order=np.array(order))
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, pix=pix.astype(np.int64), count=count.astype(np.int64), sha256=np.array(marker["sha256"]),
+                 order=np.array(order))
     return {"partition": name, "rows": int(count.sum()), "pixels": int(pix.size), "skipped": False}
 
 
@@ -149,7 +136,7 @@ def _pixel_done(run_dir: Path, cat: Path, order: int, pix: int, rows: int, finge
     try:
         m = json.loads(_pixel_marker(run_dir, order, pix).read_text())
         return (m["fingerprint"] == fingerprint and m["rows"] == rows and f.is_file()
-                and f.stat().st_size == m["bytes"] and P.file_sha256(f) == m["sha256"])
+                and f.stat().st_size == m["bytes"] and file_sha256(f) == m["sha256"])
     except (OSError, ValueError, KeyError):
         return False
 
@@ -180,22 +167,14 @@ def pixel_task(run_dir: str, in_dir: str, sources: list[str], order: int, pix: i
     table = table.take(pc.sort_indices(table, sort_keys=[(HEALPIX_COLUMN, "ascending")]))
     table = with_metadata(table, meta)
     out = _pixel_file(cat, order, pix)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_path(out) as tmp:
         pq.write_table(table, tmp, compression="zstd", row_group_size=100_000)
         back = P.read_table(tmp, what="catalog pixel")
         validate(back, CATALOG_HATS, what=str(out))
         if back.num_rows != rows:
             raise StageError(f"catalog pixel {out}: {back.num_rows} rows, expected {rows} from the histograms")
-        digest, size = P.file_sha256(tmp), tmp.stat().st_size
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    S.write_json_atomic(_pixel_marker(run_path, order, pix),
+        digest, size = file_sha256(tmp), tmp.stat().st_size
+    write_json_atomic(_pixel_marker(run_path, order, pix),
                         {"rows": rows, "bytes": size, "sha256": digest, "fingerprint": fingerprint})
     return {"order": order, "pix": pix, "rows": rows, "skipped": False}
 
@@ -313,9 +292,9 @@ def build_catalog(run_dir: Path, config: RunConfig, in_dir: str = "fitted", *, c
     if old != align_doc:
         shutil.rmtree(cat, ignore_errors=True)
         shutil.rmtree(run_dir / S.STATE_DIR / _STATE / "pixels", ignore_errors=True)
-        S.write_json_atomic(align_path, align_doc)
+        write_json_atomic(align_path, align_doc)
     meta = {"model_hash": (S.stage_done(run_dir, "infer") or {}).get("model_hash"),
-            "xpcat_version": _xpcat_version(), "run": config.run.name, "config": config_to_dict(config)}
+            "xpcat_version": package_version("xpcat"), "run": config.run.name, "config": config_to_dict(config)}
     run_json = run_dir / S.STATE_DIR / "run.json"
     if run_json.exists():
         meta["model_hash"] = json.loads(run_json.read_text()).get("model_hash")
@@ -333,7 +312,7 @@ def build_catalog(run_dir: Path, config: RunConfig, in_dir: str = "fitted", *, c
         catalog_name=config.run.name, catalog_type="object", total_rows=n_rows, ra_column="ra", dec_column="dec",
         healpix_column=HEALPIX_COLUMN, healpix_order=29, hats_max_rows=config.catalog.max_rows_per_partition,
         moc_sky_fraction=f"{PartitionInfo.from_healpix(pixels).calculate_fractional_coverage():0.5f}",
-        **TableProperties.new_provenance_dict(cat, builder=f"xpcat v{_xpcat_version()}"),
+        **TableProperties.new_provenance_dict(cat, builder=f"xpcat v{package_version('xpcat')}"),
     )
     props.to_properties_file(cat)
     summary = {"rows": n_rows, "pixels": len(pixels), "path": str(cat), "fingerprint": fingerprint,

@@ -15,12 +15,10 @@ partition is redone.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +28,7 @@ import pyarrow.parquet as pq
 
 from xpcat.catalog_schema import SCHEMA_VERSION, validate
 from xpcat.errors import InputError
+from xpcat.fileio import atomic_path, file_sha256, write_json_atomic
 
 __all__ = [
     "MAX_LEVEL",
@@ -43,7 +42,6 @@ __all__ = [
     "is_done",
     "marker_path",
     "read_marker",
-    "file_sha256",
 ]
 
 logger = logging.getLogger(__name__)
@@ -199,15 +197,6 @@ def read_table(
         raise InputError(f"cannot read {label}Parquet file {p} (corrupt, truncated or wrong columns): {err}") from err
 
 
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def marker_path(path: str | os.PathLike) -> Path:
     """The done marker of a partition file: ``<path>.done``."""
     p = Path(path)
@@ -332,10 +321,7 @@ def atomic_write_parquet(
     path.parent.mkdir(parents=True, exist_ok=True)
     mp = marker_path(path)
     mp.unlink(missing_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_path(path) as tmp:
         pq.write_table(table, tmp, compression=compression, row_group_size=row_group_size, **(write_options or {}))
         if verify == "footer":
             n_rows = _verify_footer(tmp, path, table, schema)
@@ -345,10 +331,6 @@ def atomic_write_parquet(
             raise InputError(f"{path}: wrote {n_rows} rows, expected {int(expected_rows)}")
         digest = file_sha256(tmp)
         size = tmp.stat().st_size
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     marker = {
         "rows": int(n_rows),
         "sha256": digest,
@@ -356,10 +338,7 @@ def atomic_write_parquet(
         "schema_version": SCHEMA_VERSION,
         "info": info or {},
     }
-    fd, tmp_marker = tempfile.mkstemp(prefix=f".{mp.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(marker, fh, sort_keys=True, default=str)
-    os.replace(tmp_marker, mp)
+    write_json_atomic(mp, marker, indent=None)
     logger.debug("wrote %s (%d rows, %d bytes)", path, marker["rows"], size)
     return marker
 

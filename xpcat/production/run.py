@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 from xpcat.catalog_schema import CATALOG, CONDITIONED, validate
 from xpcat.config import RunConfig, write_config
 from xpcat.errors import StageError, XpcatError
+from xpcat.fileio import write_json_atomic
 from xpcat.jobs.memory import peak_rss_mib
 from xpcat.progress import progress
 from xpcat.production import partitions as P
@@ -317,7 +318,7 @@ def run_stages(run_dir: Path, config: RunConfig, stages: Sequence[Stage], *, mod
                 summary["stages"]["catalog"]["wall_seconds"] = time.perf_counter() - t0
                 summary["workers"] = len(client.scheduler_info().get("workers", {}))
         summary["seconds"] = time.perf_counter() - t_start
-        S.write_json_atomic(run_dir / S.STATE_DIR / "last_run.json", summary)
+        write_json_atomic(run_dir / S.STATE_DIR / "last_run.json", summary)
         failures = S.read_failures(run_dir)
         if blocked:
             failed = [f"{st}/{name}: {doc['error']}" for st, d in failures.items() for name, doc in d.items()]

@@ -20,14 +20,13 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
-import os
-import tempfile
+
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 from xpcat.config import RunConfig, config_to_dict
 from xpcat.errors import InputError, StageError
+from xpcat.fileio import write_json_atomic
 from xpcat.production import partitions as P
 
 logger = logging.getLogger(__name__)
@@ -36,7 +35,6 @@ __all__ = [
     "STATE_DIR",
     "RESULT_SECTIONS",
     "PartitionPlan",
-    "write_json_atomic",
     "input_fingerprint",
     "check_resume",
     "plan_partitions",
@@ -79,15 +77,6 @@ class PartitionPlan:
     lo: int
     hi: int
     rows: int
-
-
-def write_json_atomic(path: Path, doc: Any) -> None:
-    """Write JSON to ``path`` through a temporary file and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(doc, fh, indent=1, sort_keys=True, default=str)
-    os.replace(tmp, path)
 
 
 def _raw_dir(run_dir: Path, config: RunConfig) -> Path:

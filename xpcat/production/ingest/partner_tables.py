@@ -32,7 +32,8 @@ from xpcat.catalog_schema.raw import LABELS, REDDENING, UNWISE
 from xpcat.config import RunConfig
 from xpcat.errors import InputError
 from xpcat.production.ingest.formats import BadRow, astropy_to_arrow, conform_rows
-from xpcat.production.partitions import atomic_write_parquet, file_sha256, is_done, partition_name, partition_of
+from xpcat.fileio import file_sha256
+from xpcat.production.partitions import atomic_write_parquet, is_done, partition_name, partition_of
 
 __all__ = ["PARTNER_SCHEMAS", "read_partner_file", "ingest_partner", "resolve_partner_paths", "ingest_partner_tables"]
 
