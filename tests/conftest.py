@@ -11,8 +11,8 @@ import pytest
 os.environ.setdefault("XPCAT_PROGRESS", "0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-#: The shared reference data (../shared beside the repository).
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+#: Reference data the tests need, kept in the repository (each folder has a PROVENANCE.md).
+DATA = Path(__file__).resolve().parent / "data"
 
 
 @pytest.fixture
@@ -22,11 +22,9 @@ def rng() -> np.random.Generator:
 
 
 @pytest.fixture(scope="session")
-def shared_dir() -> Path:
-    """``../shared``; tests that need it skip with a reason when it is absent."""
-    if not SHARED.is_dir():
-        pytest.skip(f"reference data folder {SHARED} not found")
-    return SHARED
+def gaiaxpy_reference() -> Path:
+    """``tests/data/gaiaxpy_reference``: real DR3 XP spectra and GaiaXPy's outputs for them."""
+    return DATA / "gaiaxpy_reference"
 
 
 @pytest.hookimpl(hookwrapper=True)

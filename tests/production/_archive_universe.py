@@ -1,6 +1,6 @@
 """A tiny universe for archive tests: real DR3 XP spectra, made-up gaia_source / 2MASS rows.
 
-The XP rows are the real spectra of ``shared/data/gaiaxpy_reference`` and
+The XP rows are the real spectra of ``tests/data/gaiaxpy_reference`` and
 astroquery's DataLink fixture, given new source_ids in a few HEALPix pixels
 and scaled (exactly, by powers of two) so no two stars are alike.
 """
@@ -21,7 +21,7 @@ from xpcat.catalog_schema.raw import GAIA_SOURCE, TMASS, XP_CONTINUOUS
 from xpcat.production.ingest.formats import conform_rows
 from xpcat.production.partitions import partition_shift
 
-REFERENCE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "gaiaxpy_reference"
+REFERENCE = Path(__file__).resolve().parents[1] / "data" / "gaiaxpy_reference"
 REFERENCE_CSVS = ("XP_CONTINUOUS_RAW_with_missing_BP.csv", "XP_CONTINUOUS_RAW_colour_eq_dr3int6.csv")
 FIXTURE_ZIP_NAME = "gaia_dr3_source_id_5937083312263887616_dl_products_csv.zip"
 
