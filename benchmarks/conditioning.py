@@ -45,9 +45,11 @@ import pyarrow.parquet as pq
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import machine_info  # noqa: E402
 
+from xpcat.catalog_schema.conditioned import XP_WAVELENGTHS_NM  # noqa: E402
+
 REF_FILES = ["XP_CONTINUOUS_RAW_with_missing_BP.csv", "XP_CONTINUOUS_RAW_colour_eq_dr3int6.csv"]
 ARRAYS = [f"{b}_{k}" for b in ("bp", "rp") for k in ("coefficients", "coefficient_errors", "coefficient_correlations")]
-GRID = np.arange(392, 993, 10)
+GRID = np.asarray(XP_WAVELENGTHS_NM)  # the xpcat grid, 392..992 nm in 10 nm steps
 
 
 def real_rows(shared: Path) -> pd.DataFrame:
@@ -123,15 +125,16 @@ def _condition_child(run_dir: str, shared: str, queue) -> None:
     from xpcat.config import config_from_dict
     from xpcat.jobs.memory import peak_rss_mib
     from xpcat.production.condition import stage as conditioning
+    from xpcat.production.condition.bases import xp_bases
+    from xpcat.production.condition.block_factor import condition_xp_table
     from xpcat.production.condition.photometry import zero_point_w_m2_nm
-    from xpcat.production.condition.xp_sampling import xp_bases
 
     # One-time per-process costs outside the timing, as a pipeline worker pays them once: the
     # GaiaXPy design matrices, the numba kernels (loaded from their disk cache or compiled), the
     # astropy zero points and the BLAS thread controller.
     xp_bases()
     warm = to_arrow(make_sources(real_rows(Path(shared)), 64))
-    conditioning.condition_xp_table(warm, np.full((64, 5), 1e-16), np.full((64, 5), 1e-36))
+    condition_xp_table(warm, np.full((64, 5), 1e-16), np.full((64, 5), 1e-36))
     for band in NIR_BANDS:
         zero_point_w_m2_nm(band)
     cfg = config_from_dict({"data": {"partition_level": 5}})
@@ -152,7 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
     import gaiaxpy
 
     import xpcat
-    from xpcat.production.condition.xp_sampling import default_threads
+    from xpcat.production.condition.parallel import default_threads
 
     real = real_rows(args.shared)
     df = make_sources(real, args.n)

@@ -17,19 +17,18 @@ from xpcat.catalog_schema.flags import ConditionFlag
 from xpcat.catalog_schema.raw import GAIA_SOURCE, TMASS, UNWISE, XP_CONTINUOUS
 from xpcat.config import config_from_dict
 from xpcat.errors import InputError
-from xpcat.production.condition import stage as C
 from xpcat.production import partitions as P
+from xpcat.production.condition import block_factor
+from xpcat.production.condition import covariance as CM
+from xpcat.production.condition import stage as C
 
 REF_FILES = ["XP_CONTINUOUS_RAW_with_missing_BP.csv", "XP_CONTINUOUS_RAW_colour_eq_dr3int6.csv"]
 ARRAY_COLS = [f"{b}_{k}" for b in ("bp", "rp") for k in ("coefficients", "coefficient_errors", "coefficient_correlations")]
 
 
 @pytest.fixture(scope="module")
-def ref_dir(shared_dir) -> Path:
-    d = shared_dir / "data" / "gaiaxpy_reference"
-    if not (d / "calibrate_reference.npz").exists():
-        pytest.skip(f"GaiaXPy reference data not found in {d}")
-    return d
+def ref_dir(gaiaxpy_reference) -> Path:
+    return gaiaxpy_reference
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +144,7 @@ def test_inflation_matches_eq2(rng):
     w_rp = np.clip((np.arange(392, 993, 10) - 635) / 8, 0, 1)
     fb, fr = f * (1 - w_rp), f * w_rp
     cov = np.zeros((n, m, m))
-    out = C.inflate_covariance(cov, f, fb, fr)
+    out = CM.inflate_covariance(cov, f, fb, fr)
     i = 1
     expect = (
         np.diag((0.005 * f[i]) ** 2) + 0.005**2 * np.outer(f[i], f[i]) + 0.001**2 * (np.outer(fb[i], fb[i]) + np.outer(fr[i], fr[i]))
@@ -163,7 +162,7 @@ def test_factor_reproduces_chi2_well_conditioned(rng):
     n, N = 20, 66
     cov = _random_spd(rng, n, N)
     valid = np.ones((n, N), bool)
-    R, repaired = C.precision_factor(cov, valid, 1e-9)
+    R, repaired = CM.precision_factor(cov, valid, 1e-9)
     assert not repaired.any()
     assert np.all(np.tril(R, -1) == 0)
     df = rng.normal(size=(n, N))
@@ -190,7 +189,7 @@ def test_clamp_matches_eigen_definition_and_flags(rng):
     valid = np.ones((n, N), bool)
     valid[4, [3, 64]] = False
     floor = 1e-9
-    R, repaired = C.precision_factor(cov, valid, floor)
+    R, repaired = CM.precision_factor(cov, valid, floor)
     np.testing.assert_array_equal(repaired, [False, True, False, False, True, False])
     for i in range(n):
         v = valid[i]
@@ -207,13 +206,13 @@ def test_real_spectra_conditioning_chi2(ref_df):
     nir_f = np.full((n, 5), np.nan)
     nir_v = np.full((n, 5), np.inf)
     nir_f[:, 0], nir_v[:, 0] = 1e-16, (1e-18) ** 2
-    ca = C.condition_arrays(s, nir_f, nir_v)
+    ca = CM.condition_arrays(s, nir_f, nir_v)
     # faint real sources have blue fluxes <= 0: kept, with the NONPOSITIVE_FLUX flag
     nonpos = np.any(np.nan_to_num(s.flux, nan=1.0) <= 0, axis=1)
     assert nonpos.any()
     np.testing.assert_array_equal((ca.flags & ConditionFlag.NONPOSITIVE_FLUX) > 0, nonpos)
     unit = cs.FLUX_UNIT_W_M2_NM
-    cov = C.inflate_covariance(s.covariance / unit**2, s.flux / unit, s.flux_bp / unit, s.flux_rp / unit)
+    cov = CM.inflate_covariance(s.covariance / unit**2, s.flux / unit, s.flux_bp / unit, s.flux_rp / unit)
     rng = np.random.default_rng(3)
     for i in range(n):
         v = np.isfinite(s.flux[i])
@@ -493,9 +492,9 @@ def test_fast_block_conditioning_equals_reference_path(ref_df, floor):
     nir_f[::3, 1] = np.nan
     nir_v[::3, 1] = np.inf
     nir_v[1::4, 4] = (1e-23) ** 2  # below the floor of 30 (1e-18 units)^2: clamped
-    ref = C.condition_arrays(xpcat.sample_xp(df), nir_f, nir_v, floor=floor)
+    ref = CM.condition_arrays(xpcat.sample_xp(df), nir_f, nir_v, floor=floor)
     buf = np.full((n + 3, 61, 61), np.nan)  # a dirty, larger work buffer
-    fast, smp = C.condition_xp_table(df, nir_f, nir_v, floor=floor, buf=buf, threads=2)
+    fast, smp = block_factor.condition_xp_table(df, nir_f, nir_v, floor=floor, buf=buf, threads=2)
     np.testing.assert_array_equal(fast.n_valid, ref.n_valid)
     np.testing.assert_array_equal(fast.flags, ref.flags)
     np.testing.assert_array_equal(np.isnan(fast.flux), np.isnan(ref.flux))

@@ -1,135 +1,47 @@
-"""GaiaXPy's own sampled XP bases, built once and cached.
+"""Batched conversion of XP continuous rows to sampled spectra (the public ``xpcat.sample_xp``).
 
-``flux_band = coefficients @ A_band`` and ``flux = w_bp * flux_bp + w_rp * flux_rp``
-reproduce ``gaiaxpy.calibrate`` exactly for an explicit sampling (see
-``shared/data/gaiaxpy_reference/PROVENANCE.md``). The matrices are built with
-GaiaXPy's ``ExternalInstrumentModel`` and ``SampledBasisFunctions`` from the
-instrument-model files shipped in GaiaXPy, and keyed by the Gaia basis
-function id, so another data release is a new entry in :data:`INSTRUMENT_MODELS`,
-not new code.
+The design matrices are GaiaXPy's own (:mod:`xpcat.production.condition.bases`);
+the array columns are parsed by :mod:`xpcat.production.condition.xp_columns`.
+Flux and flux_error equal ``gaiaxpy.calibrate``; the covariance is the linear
+propagation of the coefficient covariance, computed in chunks of stars on
+threads (:mod:`xpcat.production.condition.parallel`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import io
 import logging
-import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from os.path import join
 
 import numpy as np
 
+from xpcat.production.condition.bases import (
+    DEFAULT_WAVELENGTHS_NM,
+    INSTRUMENT_MODELS,
+    band_design,
+    xp_bases,
+)
+from xpcat.production.condition.parallel import (
+    default_threads,
+    jit_kernel,
+    run_chunks,
+    single_threaded_blas,
+)
+from xpcat.production.condition.xp_columns import (
+    array_column,
+    scalar_column,
+    table_columns,
+)
+
 __all__ = [
-    "INSTRUMENT_MODELS",
-    "XpBases",
+    "BANDS",
     "XpSample",
-    "xp_bases",
-    "band_design",
-    "merge_weights",
     "sample_xp",
-    "DEFAULT_WAVELENGTHS_NM",
+    "sample_xp_into",
+    "xp_bases",  # re-exported: the bases' public home is xpcat.production.condition.bases
 ]
 
 logger = logging.getLogger(__name__)
-
-#: Gaia ``{bp,rp}_basis_function_id`` -> GaiaXPy instrument model name (DR3: 56 -> BP v375wi, 57 -> RP v142r).
-INSTRUMENT_MODELS: dict[str, dict[int, str]] = {"bp": {56: "v375wi"}, "rp": {57: "v142r"}}
-
-#: The xpcat grid, 392..992 nm in 10 nm steps.
-DEFAULT_WAVELENGTHS_NM = np.arange(392.0, 993.0, 10.0)
-
-
-@dataclass(frozen=True)
-class XpBases:
-    """Sampled design matrices of both bands and their merge weights.
-
-    Attributes
-    ----------
-    wavelengths : (m,) float64, nm
-    design_bp, design_rp : (n_bases, m) float64
-        ``coefficients @ design`` is the band's flux in W m^-2 nm^-1.
-    weight_bp, weight_rp : (m,) float64
-        GaiaXPy's merge weights (a ramp over 635-643 nm).
-    """
-
-    wavelengths: np.ndarray
-    design_bp: np.ndarray
-    design_rp: np.ndarray
-    weight_bp: np.ndarray
-    weight_rp: np.ndarray
-
-
-def merge_weights(wavelengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """GaiaXPy's BP/RP merge weights on a wavelength grid (nm).
-
-    BP alone below ``RP_WL.low`` (635 nm), RP alone above ``BP_WL.high``
-    (643 nm), a linear ramp between, as GaiaXPy's calibrator builds them.
-    """
-    from gaiaxpy.core.satellite import BP_WL, RP_WL
-
-    lo, hi = float(RP_WL.low), float(BP_WL.high)
-    x = np.asarray(wavelengths, dtype=float)
-    w_rp = np.clip((x - lo) / (hi - lo), 0.0, 1.0)
-    w_bp = 1.0 - w_rp
-    return w_bp, w_rp
-
-
-@functools.lru_cache(maxsize=16)
-def _design(band: str, model: str, wavelengths: tuple[float, ...], weights: tuple[float, ...]) -> np.ndarray:
-    from gaiaxpy.calibrator.external_instrument_model import ExternalInstrumentModel
-    from gaiaxpy.config.paths import config_path
-    from gaiaxpy.spectrum.sampled_basis_functions import SampledBasisFunctions
-
-    def path(kind: str) -> str:
-        return join(config_path, f"{band}C03_{model}_{kind}.csv")
-
-    with contextlib.redirect_stdout(io.StringIO()):  # GaiaXPy prints "Reading input file..."
-        eim = ExternalInstrumentModel.from_config_csv(path("dispersion"), path("response"), path("bases"))
-        sbf = SampledBasisFunctions.from_external_instrument_model(np.asarray(wavelengths), np.asarray(weights), eim)
-    return np.array(sbf.get_design_matrix(), dtype=np.float64)
-
-
-def xp_bases(
-    wavelengths_nm: np.ndarray | None = None, bp_basis_function_id: int = 56, rp_basis_function_id: int = 57
-) -> XpBases:
-    """The sampled bases for a wavelength grid (cached per grid and basis ids).
-
-    Parameters
-    ----------
-    wavelengths_nm : (m,) array, nm, optional
-        Default: 392..992 nm in steps of 10.
-    bp_basis_function_id, rp_basis_function_id : int
-        Gaia basis function ids of the rows to convert.
-
-    Raises
-    ------
-    KeyError
-        For a basis function id GaiaXPy has no instrument model for in :data:`INSTRUMENT_MODELS`.
-    """
-    wl = DEFAULT_WAVELENGTHS_NM if wavelengths_nm is None else np.asarray(wavelengths_nm, dtype=float)
-    w_bp, w_rp = merge_weights(wl)
-    models = {}
-    for band, bid in (("bp", bp_basis_function_id), ("rp", rp_basis_function_id)):
-        try:
-            models[band] = INSTRUMENT_MODELS[band][int(bid)]
-        except KeyError:
-            raise KeyError(
-                f"no GaiaXPy instrument model known for {band}_basis_function_id={bid}; "
-                f"known: {INSTRUMENT_MODELS[band]}"
-            ) from None
-    key = tuple(float(v) for v in wl)
-    A_bp = _design("bp", models["bp"], key, tuple(float(v) for v in w_bp))
-    A_rp = _design("rp", models["rp"], key, tuple(float(v) for v in w_rp))
-    return XpBases(wl, A_bp, A_rp, w_bp, w_rp)
-
-
-# ---------------------------------------------------------------------------
-# Batched conversion of XP continuous rows (the public ``xpcat.sample_xp``).
-# ---------------------------------------------------------------------------
 
 #: Stars per chunk of the covariance products (work arrays of a few MB stay in cache).
 _CHUNK = 512
@@ -179,250 +91,6 @@ class XpSample:
         return int(self.source_id.shape[0])
 
 
-def band_design(band: str, basis_function_id: int, wavelengths_nm: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """One band's sampled design matrix and merge weights.
-
-    Parameters
-    ----------
-    band : {"bp", "rp"}
-    basis_function_id : int
-        Gaia ``{bp,rp}_basis_function_id``.
-    wavelengths_nm : (m,) array, optional
-
-    Returns
-    -------
-    design : (n_bases, m) float64
-    weight : (m,) float64
-
-    Raises
-    ------
-    KeyError
-        For an unknown basis function id.
-    """
-    wl = DEFAULT_WAVELENGTHS_NM if wavelengths_nm is None else np.asarray(wavelengths_nm, dtype=float)
-    try:
-        model = INSTRUMENT_MODELS[band][int(basis_function_id)]
-    except KeyError:
-        raise KeyError(
-            f"no GaiaXPy instrument model known for {band}_basis_function_id={basis_function_id}; "
-            f"known: {INSTRUMENT_MODELS[band]}"
-        ) from None
-    w_bp, w_rp = merge_weights(wl)
-    w = w_bp if band == "bp" else w_rp
-    key = tuple(float(v) for v in wl)
-    return _design(band, model, key, tuple(float(v) for v in w)), w
-
-
-def _parse_array_cell(value) -> np.ndarray | None:
-    """One array cell: list, ndarray, archive CSV string '(1, 2, ...)', or missing."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        body = value.strip().strip("()[]").strip()
-        if not body:
-            return None
-        parts = body.split(",")
-        try:
-            return np.array(parts, dtype=np.float64)
-        except ValueError:  # malformed number: keep the length, mark the values bad
-            return np.full(len(parts), np.nan)
-    if isinstance(value, float) and np.isnan(value):
-        return None
-    try:
-        arr = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError):
-        return None
-    if arr.ndim == 0:
-        return None if np.isnan(arr) else arr.reshape(1)
-    return arr.ravel()
-
-
-def _is_missing(value) -> bool:
-    """A missing array cell: None, a float NaN, an empty string or an empty array."""
-    if value is None:
-        return True
-    if isinstance(value, float):
-        return bool(np.isnan(value))
-    if isinstance(value, (str, np.ndarray, list, tuple)):
-        return len(value) == 0 or (isinstance(value, str) and not value.strip("()[] "))
-    return False
-
-
-def _array_cells(col: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """(values, lengths, rows) of a 1-d object array whose cells are 1-d numeric arrays or lists, or missing.
-
-    Vectorised: ``pandas.isna`` finds the missing cells, ``map(len)`` and one
-    ``np.concatenate`` do the rest. None when some cell is anything else
-    (strings, nested arrays), for the cell-by-cell parser.
-    """
-    import pandas as pd
-
-    miss = np.asarray(pd.isna(col), dtype=bool)
-    rows = np.flatnonzero(~miss)
-    present = col[rows]
-    try:
-        lengths = np.fromiter(map(len, present), dtype=np.int64, count=rows.size)
-        values = np.concatenate(present) if rows.size else np.zeros(0)
-    except (TypeError, ValueError):
-        return None
-    if values.ndim != 1 or values.dtype.kind not in "fiu" or values.size != lengths.sum():
-        return None
-    return values.astype(np.float64, copy=False), lengths, rows
-
-
-def _ragged_to_matrix(values: np.ndarray, lengths: np.ndarray, rows: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Scatter concatenated row arrays into an (n, max_len) zero-padded matrix (zero rows for missing cells).
-
-    Only the first ``length`` entries of a row are data; the padding value is never read as data.
-    """
-    lengths = np.asarray(lengths, dtype=np.int64)
-    width = int(lengths.max()) if lengths.size else 0
-    if width and rows.size == n and np.all(lengths == width) and np.array_equal(rows, np.arange(n)):
-        return np.asarray(values, dtype=np.float64).reshape(n, width), lengths
-    out = np.zeros((n, width))
-    out_len = np.zeros(n, dtype=np.int64)
-    out_len[rows] = lengths
-    if width and lengths.size and np.all(lengths == width):
-        out[rows] = np.asarray(values, dtype=np.float64).reshape(-1, width)
-    elif values.size:
-        r = np.repeat(rows, lengths)
-        starts = np.cumsum(lengths) - lengths
-        c = np.arange(values.size) - np.repeat(starts, lengths)
-        out[r, c] = values
-    return out, out_len
-
-
-def _array_column(col, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """An array column (Arrow list / pandas objects / CSV strings) as a zero-padded (n, m) matrix and lengths."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    if isinstance(col, pa.ChunkedArray):
-        col = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
-    if isinstance(col, pa.Array) and (pa.types.is_list(col.type) or pa.types.is_large_list(col.type) or pa.types.is_fixed_size_list(col.type)):
-        valid = ~np.asarray(col.is_null().to_numpy(zero_copy_only=False), dtype=bool)
-        rows = np.flatnonzero(valid)
-        lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)[rows] if rows.size else np.zeros(0)
-        values = pc.list_flatten(col).cast(pa.float64()).to_numpy(zero_copy_only=False)
-        return _ragged_to_matrix(values, lengths, rows, n)
-    if isinstance(col, pa.Array):
-        col = col.to_pylist()
-    if isinstance(col, np.ndarray) and col.dtype == object and col.ndim == 1 and col.size and not isinstance(col[0], str):
-        # DataFrame cells already holding arrays (what GaiaXPy's readers make): one concatenate
-        fast = _array_cells(col)
-        if fast is not None:
-            values, lengths, rows = fast
-            if not values.size:
-                return np.zeros((n, 0)), np.zeros(n, dtype=np.int64)
-            return _ragged_to_matrix(values, lengths, rows, n)
-    col = list(col)
-    if col and all(isinstance(v, str) or v is None or (isinstance(v, float) and np.isnan(v)) for v in col):
-        # Archive CSV strings: parse a whole column in one call.
-        bodies = [(i, v.strip().strip("()[]").strip()) for i, v in enumerate(col) if isinstance(v, str)]
-        bodies = [(i, b) for i, b in bodies if b]
-        if not bodies:
-            return np.zeros((n, 0)), np.zeros(n, dtype=np.int64)
-        rows = np.array([i for i, _ in bodies], dtype=np.int64)
-        lengths = np.array([b.count(",") + 1 for _, b in bodies], dtype=np.int64)
-        values = np.fromstring(",".join(b for _, b in bodies), sep=",")
-        if values.size == lengths.sum():
-            return _ragged_to_matrix(values, lengths, rows, n)
-    cells = [_parse_array_cell(v) for v in col]
-    rows = np.array([i for i, c in enumerate(cells) if c is not None and c.size], dtype=np.int64)
-    if rows.size == 0:
-        return np.zeros((n, 0)), np.zeros(n, dtype=np.int64)
-    lengths = np.array([cells[i].size for i in rows], dtype=np.int64)
-    return _ragged_to_matrix(np.concatenate([cells[i] for i in rows]), lengths, rows, n)
-
-
-def _scalar_column(col, n: int) -> np.ndarray:
-    """A numeric column as float64 with NaN for nulls."""
-    import pyarrow as pa
-
-    if isinstance(col, (pa.ChunkedArray, pa.Array)):
-        return np.asarray(col.cast(pa.float64()).to_numpy(zero_copy_only=False), dtype=np.float64)
-    import pandas as pd
-
-    return pd.to_numeric(pd.Series(col), errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
-
-
-def _columns(table) -> tuple[int, object]:
-    """(n_rows, getter) for a pyarrow Table or pandas DataFrame."""
-    import pyarrow as pa
-
-    if isinstance(table, pa.Table):
-        names = set(table.column_names)
-        return table.num_rows, (lambda name: table.column(name) if name in names else None)
-    import pandas as pd
-
-    if isinstance(table, pd.DataFrame):
-        names = set(table.columns)
-        return len(table), (lambda name: table[name].to_numpy(dtype=object) if name in names else None)
-    raise TypeError(f"expected a pandas DataFrame or a pyarrow Table of XP continuous rows, got {type(table).__name__}")
-
-
-def default_threads() -> int:
-    """Threads :func:`sample_xp` uses by default: the CPUs this process may run on, at most 4."""
-    try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        n = os.cpu_count() or 1
-    return max(1, min(n, 4))
-
-
-@functools.lru_cache(maxsize=1)
-def _blas_controller():
-    try:
-        from threadpoolctl import ThreadpoolController
-    except ImportError:  # threadpoolctl comes with scikit-learn; without it BLAS keeps its threads
-        return None
-    return ThreadpoolController()
-
-
-@contextlib.contextmanager
-def single_threaded_blas():
-    """Limit BLAS to one thread inside the block (xpcat parallelises over stars instead).
-
-    The products here are many small ones: BLAS's own threads spin more than
-    they compute, which on a shared machine costs CPU time and gains nothing.
-    """
-    ctl = _blas_controller()
-    if ctl is None:
-        yield
-        return
-    with ctl.limit(limits=1, user_api="blas"):
-        yield
-
-
-_EXECUTOR: ThreadPoolExecutor | None = None
-_EXECUTOR_LOCK = threading.Lock()
-
-
-def _forget_executor() -> None:
-    """In a forked child the parent's pool threads do not exist: start a new pool when needed."""
-    global _EXECUTOR, _EXECUTOR_LOCK
-    _EXECUTOR = None
-    _EXECUTOR_LOCK = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_executor)
-
-
-def _run_chunks(work, chunks: list[tuple[int, int]], threads: int) -> None:
-    """Call ``work(chunk)`` for every chunk, on up to ``threads`` threads (numpy releases the GIL)."""
-    global _EXECUTOR
-    if threads <= 1 or len(chunks) <= 1:
-        for c in chunks:
-            work(c)
-        return
-    with _EXECUTOR_LOCK:
-        if _EXECUTOR is None or _EXECUTOR._max_workers < threads:
-            _EXECUTOR = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="xpcat-sample")
-        ex = _EXECUTOR
-    # consume the iterator so that exceptions propagate
-    list(ex.map(work, chunks))
-
 
 def _sym_add_py(out: np.ndarray, Q: np.ndarray, var: np.ndarray) -> None:
     """``out[i] += Q[i] + Q[i]^T`` and ``var[i] += 2 diag(Q[i])`` in one pass (compiled by numba)."""
@@ -433,16 +101,6 @@ def _sym_add_py(out: np.ndarray, Q: np.ndarray, var: np.ndarray) -> None:
                 out[i, a, b] += Q[i, a, b] + Q[i, b, a]
             var[i, a] += 2.0 * Q[i, a, a]
 
-
-@functools.lru_cache(maxsize=None)
-def _jit(func):
-    """``numba.njit(cache=True, nogil=True)(func)``, built on first use (numba's import costs ~1 s).
-
-    numba comes with hats (a dependency); the compiled code is cached on disk.
-    """
-    import numba
-
-    return numba.njit(cache=True, nogil=True)(func)
 
 
 _SCRATCH = threading.local()
@@ -530,7 +188,7 @@ def _band_covariance_chunk(
     for jj, j in enumerate(ramp):
         Q[:, j, :] *= w_ramp[:, jj, None]
         Q[:, :, j] *= w_ramp[:, jj, None]
-    _jit(_sym_add_py)(cov, Q, var)
+    jit_kernel(_sym_add_py)(cov, Q, var)
 
 
 def _rows_outside(mat: np.ndarray, length: np.ndarray, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> np.ndarray:
@@ -628,12 +286,12 @@ def sample_xp(
         For an unknown ``covariance`` option.
     """
     with single_threaded_blas():
-        return _sample_xp(
+        return sample_xp_into(
             table, wavelengths_nm=wavelengths_nm, covariance=covariance, with_covariance=with_covariance, threads=threads
         )
 
 
-def _sample_xp(
+def sample_xp_into(
     table,
     *,
     wavelengths_nm: np.ndarray | None = None,
@@ -643,7 +301,12 @@ def _sample_xp(
     cov_scale: float = 1.0,
     threads: int | None = None,
 ) -> XpSample:
-    """:func:`sample_xp`, optionally adding the covariance into a caller's buffer.
+    """:func:`sample_xp` without the BLAS thread limit, optionally adding the covariance into a caller's buffer.
+
+    For callers that run many blocks inside one :func:`single_threaded_blas`
+    (the condition stage builds the covariance in place, in its own buffer and
+    unit). ``table``, ``wavelengths_nm``, ``covariance``, ``with_covariance``
+    and ``threads`` are as for :func:`sample_xp`.
 
     Parameters
     ----------
@@ -655,12 +318,22 @@ def _sample_xp(
     cov_scale : float
         ``covariance`` and ``flux_error`` are for the flux times ``cov_scale``
         (e.g. ``1 / unit`` for an internal flux unit); ``flux`` is not scaled.
+
+    Returns
+    -------
+    XpSample
+        As :func:`sample_xp`; ``covariance`` is ``cov_out`` when given.
+
+    Raises
+    ------
+    TypeError, KeyError, ValueError
+        As :func:`sample_xp`.
     """
     if covariance not in ("correct", "paper"):
         raise ValueError(f"covariance must be 'correct' or 'paper'; got {covariance!r}")
     threads = default_threads() if threads is None else max(1, int(threads))
     wl = DEFAULT_WAVELENGTHS_NM if wavelengths_nm is None else np.asarray(wavelengths_nm, dtype=float)
-    n, get = _columns(table)
+    n, get = table_columns(table)
     m = wl.size
     sid_col = get("source_id")
     if sid_col is None:
@@ -677,15 +350,15 @@ def _sample_xp(
             c = get(f"{band}_{key}")
             if c is None:
                 raise KeyError(f"XP table has no {band}_{key!r} column")
-            cols[key] = _array_column(c, n)
+            cols[key] = array_column(c, n)
         n_par_col = get(f"{band}_n_parameters")
         coef_mat, coef_len = cols["coefficients"]
-        n_par = _scalar_column(n_par_col, n) if n_par_col is not None else coef_len.astype(float)
+        n_par = scalar_column(n_par_col, n) if n_par_col is not None else coef_len.astype(float)
         s_col = get(f"{band}_standard_deviation")
-        s = _scalar_column(s_col, n) if s_col is not None else np.full(n, np.nan)
+        s = scalar_column(s_col, n) if s_col is not None else np.full(n, np.nan)
         bid_col = get(f"{band}_basis_function_id")
         default_id = next(iter(INSTRUMENT_MODELS[band]))
-        bid = _scalar_column(bid_col, n) if bid_col is not None else np.full(n, float(default_id))
+        bid = scalar_column(bid_col, n) if bid_col is not None else np.full(n, float(default_id))
         present = coef_len > 0
         bid = np.where(present & ~np.isfinite(bid), default_id, bid)
         parsed[band] = dict(cols=cols, n_par=n_par, s=s, bid=bid, present=present)
@@ -772,7 +445,7 @@ def _sample_xp(
                 block = cov[c0:c1, sl, sl] if with_covariance else None
                 _band_covariance_chunk(rho[c0:c1], e[c0:c1], A_c, ramp, w_ramp[c0:c1], block, var[c0:c1, sl])
 
-            _run_chunks(work, chunks, threads)
+            run_chunks(work, chunks, threads)
     flux[~covered] = np.nan
     for band in BANDS:
         flux_parts[band][~covered] = 0.0
