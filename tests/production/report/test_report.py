@@ -1,4 +1,4 @@
-"""Tests of xpcat.production.report.page on a small fabricated run directory."""
+"""Tests of xpcat.production.report (write_report and its parts) on a small fabricated run directory."""
 
 from __future__ import annotations
 
@@ -17,6 +17,9 @@ from xpcat.catalog_schema import CATALOG, XP_WAVELENGTHS_NM
 from xpcat.catalog_schema.raw import GAIA_SOURCE, LABELS, REDDENING, TRUTH
 from xpcat.errors import StageError
 from xpcat.production.report import page as R
+from xpcat.production.report.evaluation import truth_extinction_curve
+from xpcat.production.report.statistics import format_number
+
 N = 600
 NIR_NM = np.array([1235.0, 1662.0, 2159.0, 3352.6, 4602.8])
 WL = np.concatenate([np.asarray(XP_WAVELENGTHS_NM), NIR_NM])
@@ -65,7 +68,7 @@ def _fabricate(run: Path, rng: np.random.Generator) -> dict:
     from xpcat.model.forward import init_params, make_scaler
     from xpcat.model.prior import fit_gmm
 
-    r_true = R._truth_R(WL, 3.1)
+    r_true = truth_extinction_curve(WL, 3.1)
     r_learned = r_true * (1 + 0.05 * np.linspace(0, 1, 66))
     theta = np.column_stack([truth["teff"], truth["feh"], truth["logg"]])
     params = init_params(jax.random.PRNGKey(0), ln_r=np.log(r_learned))
@@ -155,7 +158,7 @@ def test_numbers_equal_those_from_the_catalog(fabricated):
         for k in ("robust_sigma", "bias", "pull_robust_sigma", "pull_median"):
             assert v[p][k] == pytest.approx(e[k], rel=1e-5, abs=1e-9), (p, k)
         assert v[p]["n"] == e["n"]
-        assert stats[p] == [R._fmt(v[p][k]) for k in ("robust_sigma", "bias", "pull_robust_sigma", "pull_median")] + [
+        assert stats[p] == [format_number(v[p][k]) for k in ("robust_sigma", "bias", "pull_robust_sigma", "pull_median")] + [
             str(e["n"])]
     assert v["basic_cut_fraction"] == pytest.approx(np.mean(f["qf"] < 8))
     assert v["strict_cut_fraction"] == pytest.approx(np.mean(f["qf"] == 0))
@@ -234,12 +237,26 @@ def test_report_does_not_need_latex_after_gaiaxpy_import():
     import matplotlib
 
     matplotlib.rcParams["text.usetex"] = True  # what `import gaiaxpy` does
-    from xpcat.production.report.page import _plt
+    from xpcat.production.report.figures import pyplot
 
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots()
     ax.set_xlabel(r"$T_{\rm eff}$ [K]")
     import io
 
     fig.savefig(io.BytesIO(), format="png")
     plt.close(fig)
+
+
+def test_page_escapes_values():
+    """Values reach the page HTML-escaped (the template autoescapes)."""
+    validation = {p: {"robust_sigma": 1.0, "bias": float("nan"), "pull_robust_sigma": 1.0, "pull_median": 0.0, "n": 3}
+                  for p in ("teff", "feh", "logg", "extinction", "parallax")}
+    validation.update(reference="<truth>", **{k: None for k in R.SUMMARY_KEYS})
+    figures = {k: f"{k}.png" for k in ("kiel", "residuals", "residuals_normalised", "pulls", "flux_residuals",
+                                       "extinction_curve", "sky", "confidence")}
+    text = R.render_page(validation, [("a & b", 1, 0.5)], [("run directory", "/runs/<x>")], figures)
+    assert "Validation against &lt;truth&gt;" in text
+    assert "<td>a &amp; b</td><td>1</td><td>0.5</td>" in text
+    assert "<td>/runs/&lt;x&gt;</td>" in text
+    assert "<td>teff</td><td>1</td><td>n/a</td>" in text
