@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 
 from xpcat.production.synthetic import truth_sed as truth
+
+
 @pytest.fixture(scope="module")
 def proj() -> truth.ProjectionArrays:
     return truth.projection_arrays()
@@ -21,6 +23,12 @@ def model(proj) -> truth.TruthModel:
 def _g_mag_1kpc(proj, theta):
     sed = np.exp(truth.batched_ln_sed(np.atleast_2d(theta), proj.fine_wavelengths)) * truth.FLUX_UNIT_W_M2_NM
     return -2.5 * np.log10(sed @ proj.to_phot) + proj.phot_zero_points
+
+
+def test_planck_constants_are_the_exact_si_values():
+    """h, c and k_B come from astropy.constants and are the exact SI 2019 values the model was built with."""
+    assert (truth._H, truth._C, truth._KB) == (6.62607015e-34, 2.99792458e8, 1.380649e-23)
+    assert all(type(v) is float for v in (truth._H, truth._C, truth._KB))
 
 
 def test_flux_unit_matches_schema():

@@ -56,6 +56,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 import numpy as np
+from astropy import constants
 
 __all__ = [
     "FLUX_UNIT_W_M2_NM",
@@ -94,9 +95,9 @@ RIDGE_RELATIVE = 1e-8
 #: R_V at which G23's ``b(lambda)`` term vanishes.
 R_V_REFERENCE = 3.1
 
-_H = 6.62607015e-34  # J s
-_C = 2.99792458e8  # m / s
-_KB = 1.380649e-23  # J / K
+_H = float(constants.h.si.value)  # J s, 6.62607015e-34 (exact, SI 2019)
+_C = float(constants.c.si.value)  # m / s, 2.99792458e8 (exact)
+_KB = float(constants.k_B.si.value)  # J / K, 1.380649e-23 (exact, SI 2019)
 _G = 6.674e-11  # m^3 kg^-1 s^-2
 _MSUN = 1.98892e30  # kg
 _KPC = 3.0856775814913673e19  # m
