@@ -1,8 +1,10 @@
 """Training losses and jitted steps of Sec. 3.2 (Eqs. 12-14).
 
 The phases, self-cleaning and checkpoints of Table 1 are in
-:mod:`xpcat.model.training_phases`; this module holds the data container,
-the losses and the compiled steps they use.
+:mod:`xpcat.model.training_phases`; the training stars' arrays
+(:class:`~xpcat.model.training_data.TrainingData`) and variables are in
+:mod:`xpcat.model.training_data` (re-exported here); this module holds the
+losses and the compiled steps the phases use.
 
 Star variables
 --------------
@@ -41,20 +43,25 @@ from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import dataclass, fields
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from xpcat.catalog_schema.triangle import unpack_triu
-from xpcat.errors import InputError
 from xpcat.model.forward import N_OUT, predict_flux, weight_l2
+from xpcat.model.training_data import (
+    E_FLOOR,
+    THETA_UNIT,
+    StarState,
+    TrainingData,
+    TrainingDataError,
+    initial_stars,
+)
 
 __all__ = [
     "THETA_UNIT",
+    "E_FLOOR",
     "TrainingData",
     "StarState",
     "TrainingDataError",
@@ -72,119 +79,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-#: Scale from the star-variable units (kK, dex, dex) to the model's (K, dex, dex).
-THETA_UNIT = np.array([1000.0, 1.0, 1.0])
-#: Floor on the starting reddening (E = 0 has no logarithm), mag.
-E_FLOOR = 1e-3
-
-_IU = np.triu_indices(N_OUT)
-
-
-class TrainingDataError(InputError):
-    """Training arrays of the wrong shape or with unusable values, named in the message."""
-
-
-@dataclass
-class TrainingData:
-    """Arrays of the training stars (numpy; moved to the device by the phases).
-
-    Attributes
-    ----------
-    source_id : (n,) int64
-    flux : (n, 66) float32, internal flux unit (missing fluxes: any finite value, they carry no weight)
-    flux_error : (n, 66) float32, sqrt of the covariance diagonal (inf where missing)
-    factor_triu : (n, 2211) float32, packed upper-triangular U with U^T U = C^-1
-    theta_obs, theta_err : (n, 3) float32, Teff [K], [Fe/H], logg and their errors
-    plx_obs, plx_err : (n,) float32, Gaia parallax and error [mas]
-    e_obs, e_err : (n,) float32, reddening prior and error [mag]
-    hq : (n,) bool, the HQ cut of Eq. 15
-    """
-
-    source_id: np.ndarray
-    flux: np.ndarray
-    flux_error: np.ndarray
-    factor_triu: np.ndarray
-    theta_obs: np.ndarray
-    theta_err: np.ndarray
-    plx_obs: np.ndarray
-    plx_err: np.ndarray
-    e_obs: np.ndarray
-    e_err: np.ndarray
-    hq: np.ndarray
-
-    def __post_init__(self) -> None:
-        n = np.shape(self.source_id)[0]
-        want = {"flux": (n, N_OUT), "flux_error": (n, N_OUT), "factor_triu": (n, len(_IU[0])),
-                "theta_obs": (n, 3), "theta_err": (n, 3)}
-        for f in fields(self):
-            a = np.asarray(getattr(self, f.name))
-            shape = want.get(f.name, (n,))
-            if a.shape != shape:
-                raise TrainingDataError(f"training array {f.name!r} has shape {a.shape}, expected {shape}")
-        self.flux = np.where(np.isfinite(self.flux), self.flux, 0.0).astype(np.float32)
-        checks = {
-            "theta_err": self.theta_err, "plx_err": self.plx_err, "e_err": self.e_err,
-        }
-        for name, a in checks.items():
-            bad = ~(np.isfinite(a) & (a > 0))
-            if bad.any():
-                i = int(np.flatnonzero(bad.reshape(n, -1).any(axis=1))[0])
-                raise TrainingDataError(f"{int(bad.reshape(n, -1).any(axis=1).sum())} training stars have "
-                                        f"non-positive or non-finite {name} (first: source_id "
-                                        f"{int(self.source_id[i])}); drop them before training")
-        for name in ("theta_obs", "plx_obs", "e_obs", "factor_triu"):
-            a = np.asarray(getattr(self, name))
-            bad = ~np.isfinite(a).reshape(n, -1).all(axis=1)
-            if bad.any():
-                i = int(np.flatnonzero(bad)[0])
-                raise TrainingDataError(f"{int(bad.sum())} training stars have non-finite {name} "
-                                        f"(first: source_id {int(self.source_id[i])})")
-        if np.any(self.plx_obs <= 0):
-            i = int(np.flatnonzero(self.plx_obs <= 0)[0])
-            raise TrainingDataError(f"{int((self.plx_obs <= 0).sum())} training stars have parallax <= 0 "
-                                    f"(first: source_id {int(self.source_id[i])}); the Sec. 2.5 cut "
-                                    "parallax_over_error > 3 removes them")
-
-    @property
-    def n(self) -> int:
-        """Number of stars."""
-        return int(np.shape(self.source_id)[0])
-
-    def subset(self, idx: np.ndarray) -> TrainingData:
-        """The stars at integer or boolean index ``idx``."""
-        return TrainingData(**{f.name: np.asarray(getattr(self, f.name))[idx] for f in fields(self)})
-
-    def device_arrays(self, dtype: Any = jnp.float32) -> dict[str, jax.Array]:
-        """The per-star observables as device arrays (Theta in star units: kK, dex, dex).
-
-        ``factor`` is the dense (n, 66, 66) upper-triangular U (4 n 66^2 bytes in float32).
-        """
-        unit = THETA_UNIT.astype(np.float64)
-        factor = unpack_triu(self.factor_triu, dtype=np.dtype(dtype))  # dense U: a batched mat-vec beats unpacking per step
-        return {
-            "flux": jnp.asarray(self.flux, dtype),
-            "factor": jnp.asarray(factor),
-            "th_obs": jnp.asarray(self.theta_obs / unit, dtype),
-            "th_err": jnp.asarray(self.theta_err / unit, dtype),
-            "plx_obs": jnp.asarray(self.plx_obs, dtype),
-            "plx_err": jnp.asarray(self.plx_err, dtype),
-            "e_obs": jnp.asarray(self.e_obs, dtype),
-            "e_err": jnp.asarray(self.e_err, dtype),
-        }
-
-
-# the star state is a dict {"theta": (n, 3) kK/dex/dex, "ln_plx": (n,), "ln_e": (n,)}
-StarState = dict[str, jax.Array]
-
-
-def initial_stars(data: TrainingData, dtype: Any = jnp.float32) -> StarState:
-    """Stars at their observed values (E floored at :data:`E_FLOOR`)."""
-    return {
-        "theta": jnp.asarray(data.theta_obs / THETA_UNIT, dtype),
-        "ln_plx": jnp.asarray(np.log(data.plx_obs), dtype),
-        "ln_e": jnp.asarray(np.log(np.maximum(data.e_obs, E_FLOOR)), dtype),
-    }
 
 
 def chi2_flux(params, scaler, activation: str, star: dict, obs: dict) -> jax.Array:

@@ -93,17 +93,14 @@ from xpcat.progress import progress
 from xpcat.model.extinction_zero_point import extinction_offset, shift_extinction_zero_point
 from xpcat.model.forward import activation_fn, init_params, ln_flux_abs_batch, make_scaler
 from xpcat.model.training import (
-    E_FLOOR,
-    THETA_UNIT,
-    TrainingData,
     batch_diagnostics,
     init_star_opt,
-    initial_stars,
     make_epoch_fn,
     make_star_fit_fn,
     make_star_gn_fit_fn,
 )
 from xpcat.model.training_checkpoints import load_checkpoint, save_checkpoint, unflatten_params
+from xpcat.model.training_data import E_FLOOR, THETA_UNIT, TrainingData, initial_stars
 
 __all__ = ["Schedule", "TrainingResult", "TrainingDivergedError", "train_model", "generic_ln_r", "self_clean"]
 
