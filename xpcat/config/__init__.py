@@ -26,7 +26,13 @@ The resolved configuration (defaults filled in) is written to
 from __future__ import annotations
 
 from xpcat.config.fields import ConfigError, field_docs
-from xpcat.config.run_config import PRESETS, RunConfig, config_from_dict, config_to_dict, diff_configs
+from xpcat.config.run_config import (
+    PRESETS,
+    RunConfig,
+    config_from_dict,
+    config_to_dict,
+    diff_configs,
+)
 from xpcat.config.sections import (
     CatalogConfig,
     ClusterConfig,
@@ -39,7 +45,12 @@ from xpcat.config.sections import (
     SimulationConfig,
     TrainingConfig,
 )
-from xpcat.config.toml_file import CONFIG_FILENAME, load_config, read_run_config, write_config
+from xpcat.config.toml_file import (
+    CONFIG_FILENAME,
+    load_config,
+    read_run_config,
+    write_config,
+)
 
 __all__ = [
     "ConfigError",

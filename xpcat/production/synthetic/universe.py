@@ -47,7 +47,11 @@ from xpcat.errors import InputError
 from xpcat.fileio import package_version, write_json_atomic
 from xpcat.production.synthetic import truth_sed as truth_model
 from xpcat.production.synthetic.observe import chunk_observables
-from xpcat.production.synthetic.observed_sed import abs_g_at_1kpc, extinction_terms, noiseless_fluxes
+from xpcat.production.synthetic.observed_sed import (
+    abs_g_at_1kpc,
+    extinction_terms,
+    noiseless_fluxes,
+)
 from xpcat.production.synthetic.population import POPULATION_FRACTIONS, draw_population
 from xpcat.production.synthetic.raw_tables import chunk_tables, truth_table
 
