@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
     from xpcat.config import RunConfig, SimulationConfig
-    from xpcat.production.run import _pipeline_context, default_stages, run_pipeline, run_stages
+    from xpcat.production.run import condition_stage, run_pipeline, run_stages
     from xpcat.production.synthetic.universe import simulate_universe
 
     n = 1_000_000 if args.million else args.stars
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
     model_kind = "given" if args.model is not None else "trained (quick preset)"
     # condition first (training reads the conditioned partitions), then train, then the rest of the run
     t0 = time.perf_counter()
-    cond = run_stages(work, cfg, default_stages()[:1], catalog=False, context=_pipeline_context)
+    cond = run_stages(work, cfg, [condition_stage()], catalog=False)
     timings["condition"] = time.perf_counter() - t0
     if args.model is not None:
         shutil.copytree(args.model, work / "model", dirs_exist_ok=True)

@@ -141,9 +141,9 @@ def simulate(out_dir: Path, stars: int | None, seed: int | None, config_path: st
 def condition(run_dir: Path, config_path: str | None) -> None:
     """Raw tables -> conditioned flux partitions (SPEC §1)."""
     cfg = _config_for(run_dir, config_path)
-    from xpcat.production.condition.stage import condition_run
+    from xpcat.production.run import run_condition
 
-    _emit(condition_run(_writable_dir(run_dir), cfg))
+    _emit(run_condition(_writable_dir(run_dir), cfg))
 
 
 @cli.command()
@@ -167,9 +167,21 @@ def train(run_dir: Path, config_path: str | None) -> None:
 def infer(run_dir: Path, config_path: str | None, model_dir: Path | None) -> None:
     """Fit every star of the conditioned partitions (Sec. 4) into catalog partitions."""
     cfg = _config_for(run_dir, config_path)
-    from xpcat.production.infer import infer_run
+    from xpcat.production.run import run_infer
 
-    _emit(infer_run(_writable_dir(run_dir), cfg, model_dir=model_dir))
+    _emit(run_infer(_writable_dir(run_dir), cfg, model_dir=model_dir))
+
+
+@cli.command()
+@run_dir_arg
+@config_option
+@user_errors
+def catalog(run_dir: Path, config_path: str | None) -> None:
+    """Build (or bring up to date) the HATS catalog RUN_DIR/catalog from the fitted partitions."""
+    cfg = _config_for(run_dir, config_path)
+    from xpcat.production.run import run_catalog
+
+    _emit(run_catalog(_writable_dir(run_dir), cfg))
 
 
 @cli.command("train-confidence")
@@ -202,11 +214,19 @@ def report(run_dir: Path) -> None:
 @click.option("--login", is_flag=True, help="Log in (credentials from GAIA_USER / GAIA_PASSWORD) for larger quotas.")
 @user_errors
 def fetch(run_dir: Path, archive_url: str, config_path: str | None, login: bool) -> None:
-    """Fetch raw tables from a Gaia archive by HEALPix-aligned source_id range."""
+    """Fetch raw tables from a Gaia archive by HEALPix-aligned source_id range.
+
+    Exits 1 at once when the archive cannot be reached (name not resolved,
+    connection refused), and 3 when any star is left unfetched (the log's
+    last line says how many and how to resume: run the same command again).
+    """
     cfg = _config_for(run_dir, config_path)
     from xpcat.production.ingest.archive import fetch_run
 
-    _emit(fetch_run(_writable_dir(run_dir), cfg, archive_url=archive_url, login=login))
+    summary = fetch_run(_writable_dir(run_dir), cfg, archive_url=archive_url, login=login)
+    _emit(summary)
+    if summary.get("incomplete"):
+        sys.exit(3)
 
 
 @cli.command()
@@ -258,7 +278,7 @@ def run(config_file: Path, run_dir: Path | None) -> None:
 @user_errors
 def status(run_dir: Path) -> None:
     """Done / pending / failed partitions of a run, and why."""
-    from xpcat.production.run import run_status
+    from xpcat.production.status import run_status
 
     click.echo(run_status(run_dir))
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import signal
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ import pyarrow.parquet as pq
 
 from xpcat.catalog_schema import CATALOG
 from xpcat.production import partitions as P
-from xpcat.production.run import Stage
+from xpcat.production.run import Stage, condition_stage, infer_stage
 
 FAKE_CONDITIONED = pa.schema(
     [pa.field("source_id", pa.int64(), nullable=False), pa.field("ra", pa.float64(), nullable=False),
@@ -55,7 +56,8 @@ def _inject(run_dir: Path, stage: str, name: str, out: Path, table: pa.Table) ->
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def fake_condition(run_dir: Path, part, config, ctx) -> dict:
+def fake_condition(ctx, part) -> dict:
+    run_dir = ctx.run_dir
     raw = pq.read_table(Path(run_dir) / "raw" / "gaia_source", columns=["source_id", "ra", "dec"])
     sid = raw.column("source_id")
     t = raw.filter(pc.and_(pc.greater_equal(sid, part.lo), pc.less(sid, part.hi)))
@@ -66,7 +68,8 @@ def fake_condition(run_dir: Path, part, config, ctx) -> dict:
     return {"rows": t.num_rows}
 
 
-def fake_infer(run_dir: Path, part, config, ctx) -> dict:
+def fake_infer(ctx, part) -> dict:
+    run_dir = ctx.run_dir
     src = P.read_table(Path(run_dir) / "conditioned" / f"{part.name}.parquet")
     n = src.num_rows
     sid = src.column("source_id").to_numpy()
@@ -100,10 +103,21 @@ def fake_infer(run_dir: Path, part, config, ctx) -> dict:
     return {"rows": n}
 
 
+#: The real stages' specs (names, folders, done keys) with the fake functions.
 FAKE_STAGES = [
-    Stage("condition", "conditioned", fake_condition, FAKE_CONDITIONED),
-    Stage("infer", "fitted", fake_infer, CATALOG, needs="conditioned"),
+    replace(condition_stage(), func=fake_condition, schema=FAKE_CONDITIONED),
+    replace(infer_stage(), func=fake_infer),
 ]
+
+
+def fake_context(run_dir: Path, config, stage: Stage = FAKE_STAGES[0]):
+    """A :class:`xpcat.production.run.StageContext` for calling the fake stage functions directly."""
+    from xpcat.production import run_state as S
+    from xpcat.production.run import stage_context
+    from xpcat.production.run_dir import RunPaths
+
+    paths = RunPaths.of(run_dir, config)
+    return stage_context(stage, paths, config, {}, S.input_fingerprint(paths.root, config), None, None)
 
 
 def write_raw(run_dir: Path, n: int, level: int, pixels: list[int], seed: int = 1, name: str = "part-000") -> np.ndarray:

@@ -10,7 +10,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from _fake_stages import fake_condition, fake_infer, write_raw
+from _fake_stages import fake_condition, fake_context, fake_infer, write_raw
 
 from xpcat.catalog_schema import CATALOG
 from xpcat.config import RunConfig, write_config
@@ -34,18 +34,20 @@ def _cfg() -> RunConfig:
 def _fitted_run(rd: Path, cfg: RunConfig) -> np.ndarray:
     sid = write_raw(rd, N, 1, [0, 5, 20, 33, 47], seed=3)
     write_config(cfg, rd)
-    for part in S.plan_partitions(rd, cfg):
-        fake_condition(rd, part, cfg, {})
-        fake_infer(rd, part, cfg, {})
+    plan, _ = S.plan_partitions(rd, cfg)
+    ctx = fake_context(rd, cfg)
+    for part in plan:
+        fake_condition(ctx, part)
+        fake_infer(ctx, part)
     return sid
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
+def built(tmp_path_factory, dask_client):
     rd = tmp_path_factory.mktemp("catalog_run")
     cfg = _cfg()
     sid = _fitted_run(rd, cfg)
-    summary = build_catalog(rd, cfg, "fitted")
+    summary = build_catalog(rd, cfg, "fitted", client=dask_client)
     return rd, sid, summary
 
 
@@ -127,10 +129,10 @@ def test_query_formats_and_errors(built):
         query_catalog(rd / "nowhere", "SELECT 1")
 
 
-def test_validate_names_missing_and_duplicated_ids(tmp_path):
+def test_validate_names_missing_and_duplicated_ids(tmp_path, dask_client):
     cfg = _cfg()
     sid = _fitted_run(tmp_path, cfg)
-    build_catalog(tmp_path, cfg, "fitted")
+    build_catalog(tmp_path, cfg, "fitted", client=dask_client)
     assert f"every one of the {sid.size} input source_ids exactly once" in validate_catalog(tmp_path)
     files = sorted((tmp_path / "catalog" / "dataset").glob("Norder=*/Dir=*/Npix=*.parquet"))
     a, b = pq.read_table(files[0]), pq.read_table(files[1])
@@ -146,11 +148,11 @@ def test_validate_names_missing_and_duplicated_ids(tmp_path):
     assert b.num_rows > 0
 
 
-def test_rebuild_only_when_fitted_partitions_change(tmp_path):
+def test_rebuild_only_when_fitted_partitions_change(tmp_path, dask_client):
     cfg = _cfg()
     _fitted_run(tmp_path, cfg)
-    first = build_catalog(tmp_path, cfg, "fitted")
-    again = build_catalog(tmp_path, cfg, "fitted")
+    first = build_catalog(tmp_path, cfg, "fitted", client=dask_client)
+    again = build_catalog(tmp_path, cfg, "fitted", client=dask_client)
     assert again["skipped"] is True and again["fingerprint"] == first["fingerprint"]
     # change one fitted partition's content: the catalog is rebuilt and shows the new values
     from xpcat.production import partitions as P
@@ -160,13 +162,13 @@ def test_rebuild_only_when_fitted_partitions_change(tmp_path):
     t = pq.read_table(path)
     t = t.set_column(t.schema.get_field_index("chi2_opt"), "chi2_opt", pa.array(np.full(t.num_rows, 42.0, np.float32)))
     P.atomic_write_parquet(t, path, schema=CATALOG, expected_rows=part.rows)
-    third = build_catalog(tmp_path, cfg, "fitted")
+    third = build_catalog(tmp_path, cfg, "fitted", client=dask_client)
     assert third["skipped"] is False and third["fingerprint"] != first["fingerprint"]
     n42 = query_catalog(tmp_path, "SELECT count(*) AS n FROM catalog WHERE chi2_opt = 42", fmt="csv")
     assert n42 == f"n\n{part.rows}"
 
 
-def test_unfinished_fitted_partition_refused(tmp_path):
+def test_unfinished_fitted_partition_refused(tmp_path, dask_client):
     cfg = _cfg()
     _fitted_run(tmp_path, cfg)
     from xpcat.errors import StageError
@@ -175,7 +177,7 @@ def test_unfinished_fitted_partition_refused(tmp_path):
     name = S.read_plan(tmp_path)[1].name
     P.marker_path(tmp_path / "fitted" / f"{name}.parquet").unlink()
     with pytest.raises(StageError, match=f"{name}.parquet is not done"):
-        build_catalog(tmp_path, cfg, "fitted")
+        build_catalog(tmp_path, cfg, "fitted", client=dask_client)
 
 
 def test_cli_validate_query_and_plan(built, tmp_path):
@@ -197,9 +199,63 @@ def test_cli_validate_query_and_plan(built, tmp_path):
     assert res.exit_code != 0
 
 
-def test_pixel_over_threshold_at_deepest_order_stays_whole(tmp_path):
+def test_pixel_over_threshold_at_deepest_order_stays_whole(tmp_path, dask_client):
     """More rows in a deepest-order pixel than max_rows_per_partition: kept whole, not a failure."""
     cfg = RunConfig().replace(data={"partition_level": 1}, catalog={"highest_order": 0, "max_rows_per_partition": 5})
     sid = _fitted_run(tmp_path, cfg)
-    build_catalog(tmp_path, cfg, "fitted")
+    build_catalog(tmp_path, cfg, "fitted", client=dask_client)
     assert f"every one of the {sid.size} input source_ids exactly once" in validate_catalog(tmp_path)
+
+
+def test_query_is_read_only_and_errors_are_one_line(built, tmp_path):
+    rd, sid, _ = built
+    before = sorted(p.relative_to(rd) for p in (rd / "catalog").rglob("*"))
+    target = rd / "catalog" / "dataset" / "extra.parquet"
+    for sql in (f"COPY (SELECT * FROM catalog) TO '{target}' (FORMAT parquet)", "CREATE TABLE t AS SELECT 1",
+                f"ATTACH '{tmp_path / 'x.db'}'"):
+        with pytest.raises(XpcatError, match="read-only"):
+            query_catalog(rd, sql)
+    assert not target.exists() and sorted(p.relative_to(rd) for p in (rd / "catalog").rglob("*")) == before
+    for sql in ("", "   ", "-- nothing"):
+        with pytest.raises(XpcatError, match="empty query"):
+            query_catalog(rd, sql)
+    with pytest.raises(XpcatError, match="2 statements"):
+        query_catalog(rd, "SELECT 1; SELECT 2")
+    with pytest.raises(XpcatError) as err:
+        query_catalog(rd, "SELEC count(*) FROM catalog")
+    assert "\n" not in str(err.value)
+    assert "validate" not in query_catalog(rd, "SELECT count(*) AS n FROM catalog")  # still answers
+    assert f"every one of the {sid.size} input source_ids exactly once" in validate_catalog(rd)
+
+
+def test_interrupted_rebuild_leaves_the_old_catalog_whole(tmp_path, dask_client, monkeypatch):
+    """The catalog is built in catalog.partial and swapped in: a build that dies leaves no partial catalog."""
+    from xpcat.production import catalog as C
+
+    cfg = _cfg()
+    sid = _fitted_run(tmp_path, cfg)
+    C.build_catalog(tmp_path, cfg, "fitted", client=dask_client)
+    # new fitted content, then a build that dies after its pixel files, before the swap
+    part = S.read_plan(tmp_path)[0]
+    path = tmp_path / "fitted" / f"{part.name}.parquet"
+    t = pq.read_table(path)
+    t = t.set_column(t.schema.get_field_index("chi2_opt"), "chi2_opt", pa.array(np.full(t.num_rows, 42.0, np.float32)))
+    from xpcat.production import partitions as P
+
+    P.atomic_write_parquet(t, path, schema=CATALOG, expected_rows=part.rows)
+
+    def die(*args, **kwargs):
+        raise KeyboardInterrupt("killed during the catalog build")
+
+    monkeypatch.setattr(C, "write_parquet_metadata", die, raising=False)
+    monkeypatch.setattr("hats.io.parquet_metadata.write_parquet_metadata", die)
+    with pytest.raises(KeyboardInterrupt):
+        C.build_catalog(tmp_path, cfg, "fitted", client=dask_client)
+    assert (tmp_path / "catalog.partial").is_dir()
+    df = pd.read_parquet(tmp_path / "catalog" / "dataset")
+    assert len(df) == sid.size and not (df["chi2_opt"] == 42).any()  # the old catalog, whole
+    monkeypatch.undo()
+    C.build_catalog(tmp_path, cfg, "fitted", client=dask_client)
+    df = pd.read_parquet(tmp_path / "catalog" / "dataset")
+    assert len(df) == sid.size and int((df["chi2_opt"] == 42).sum()) == part.rows
+    assert not (tmp_path / "catalog.partial").exists()

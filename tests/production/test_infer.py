@@ -21,7 +21,7 @@ from xpcat.config import config_from_dict  # noqa: E402
 from xpcat.errors import InputError  # noqa: E402
 from xpcat.model.forward import ForwardModel, init_params, make_scaler  # noqa: E402
 from xpcat.model.inference import Inference, InferenceSettings  # noqa: E402
-from xpcat.production.infer import infer_partition, infer_run  # noqa: E402
+from xpcat.production.infer import infer_partition  # noqa: E402
 from xpcat.production.partitions import is_done, marker_path  # noqa: E402
 
 N = 40
@@ -114,26 +114,77 @@ def test_infer_partition_writes_catalog(tmp_path, world, config):
     np.testing.assert_allclose(err, np.sqrt(np.diag(unpack_triu_symmetric(cov))), rtol=1e-5)
 
 
-def test_infer_run_resumes_and_refits_after_lost_marker(tmp_path, world, config):
-    from xpcat.model.artifact import save_artifact
+@pytest.fixture(scope="module")
+def conditioned_run(tmp_path_factory):
+    """A 150-star synthetic universe conditioned through the engine (2 partitions at level 1 or more)."""
+    from xpcat.config import RunConfig, SimulationConfig
+    from xpcat.production.run import run_condition
+    from xpcat.production.synthetic.universe import simulate_universe
 
-    model, gmm, prob, wl = world
+    run = tmp_path_factory.mktemp("infer_run")
+    simulate_universe(run, SimulationConfig(n_stars=150, seed=3))
+    cfg = RunConfig().replace(data={"partition_level": 1},
+                              cluster={"profile": "threads", "n_workers": 1, "threads_per_worker": 2, "retries": 0})
+    run_condition(run, cfg)
+    return run, cfg
+
+
+def test_infer_command_resumes_redoes_lost_and_corrupt_partitions(tmp_path, conditioned_run):
+    """`xpcat infer` goes through the engine: resume, a lost marker, a truncated conditioned file."""
+    import shutil
+
+    from _fake_stages import make_artifact
+
+    from xpcat.production import run_state as S
+    from xpcat.production.run import run_infer
+
+    src, cfg = conditioned_run
     run = tmp_path / "run"
-    (run / "conditioned").mkdir(parents=True)
-    pq.write_table(_conditioned_table(prob), run / "conditioned" / "L05-000002.parquet")
-    pq.write_table(_conditioned_table(prob, first_id=1 << 41), run / "conditioned" / "L05-000003.parquet")
-    save_artifact(run / "model", params=model.params, scaler={k: np.asarray(v) for k, v in model.scaler.items()},
-                  activation="tanh", gmm=gmm, wavelengths=wl, flux_unit=1e-18)
-    res = infer_run(run, config)
-    assert res["fitted"] == 2 and res["rows"] == 2 * N and res["skipped"] == 0
-    again = infer_run(run, config)
-    assert again["fitted"] == 0 and again["skipped"] == 2
-    marker_path(run / "fitted" / "L05-000003.parquet").unlink()
-    third = infer_run(run, config)
-    assert third["fitted"] == 1 and third["skipped"] == 1
-    meta = json.loads(marker_path(run / "fitted" / "L05-000003.parquet").read_text())
-    assert meta["rows"] == N
-    assert read_metadata(pq.read_schema(run / "fitted" / "L05-000003.parquet"))["model_hash"] == res["model_hash"]
+    shutil.copytree(src, run)
+    model_hash = make_artifact(run / "model")
+    plan = S.read_plan(run)
+    first = run_infer(run, cfg)["stages"]
+    assert first["infer"]["completed"] == len(plan) > 1 and first["condition"]["submitted"] == 0
+    assert first["infer"]["rows"] == 150
+    again = run_infer(run, cfg)["stages"]
+    assert again["infer"]["submitted"] == 0
+    marker_path(run / "fitted" / f"{plan[0].name}.parquet").unlink()
+    cond = run / "conditioned" / f"{plan[1].name}.parquet"
+    cond.write_bytes(cond.read_bytes()[: cond.stat().st_size // 2])  # truncated after the fact
+    sha = json.loads(marker_path(cond).read_text())["sha256"]
+    third = run_infer(run, cfg)["stages"]
+    # the truncated input is conditioned again, byte for byte as before, so its fitted partition stays valid;
+    # the partition whose marker was lost is refitted
+    assert third["condition"]["completed"] == 1 and third["infer"]["completed"] == 1
+    assert is_done(cond, expected_rows=plan[1].rows) and json.loads(marker_path(cond).read_text())["sha256"] == sha
+    fitted = pq.read_table(run / "fitted" / f"{plan[1].name}.parquet")
+    assert fitted.num_rows == plan[1].rows
+    assert read_metadata(pq.read_schema(run / "fitted" / f"{plan[1].name}.parquet"))["model_hash"] == model_hash
+
+
+def test_infer_redoes_partitions_fitted_with_another_model(tmp_path, conditioned_run):
+    """The one intended change of the engine refactor: the done test sees the model hash."""
+    import shutil
+
+    from _fake_stages import make_artifact
+
+    from xpcat.production import run_state as S
+    from xpcat.production.run import run_infer
+
+    src, cfg = conditioned_run
+    run = tmp_path / "run"
+    shutil.copytree(src, run)
+    first_hash = make_artifact(run / "model", seed=0)
+    n = len(S.read_plan(run))
+    assert run_infer(run, cfg)["stages"]["infer"]["completed"] == n
+    shutil.rmtree(run / "model")
+    second_hash = make_artifact(run / "model", seed=1)
+    assert second_hash != first_hash
+    out = run_infer(run, cfg)["stages"]["infer"]
+    assert out["submitted"] == n and out["completed"] == n
+    for p in S.read_plan(run):
+        assert read_metadata(pq.read_schema(run / "fitted" / f"{p.name}.parquet"))["model_hash"] == second_hash
+    assert run_infer(run, cfg)["stages"]["infer"]["submitted"] == 0
 
 
 def test_corrupt_or_missing_input_is_an_input_error(tmp_path, world, config):
@@ -147,5 +198,9 @@ def test_corrupt_or_missing_input_is_an_input_error(tmp_path, world, config):
         infer_partition(src, tmp_path / "out.parquet", inf, config)
     with pytest.raises(InputError, match="not found"):
         infer_partition(tmp_path / "nope.parquet", tmp_path / "out.parquet", inf, config)
-    with pytest.raises(InputError, match="no conditioned partitions"):
-        infer_run(tmp_path / "empty", config)
+    from xpcat.production.run import run_infer
+
+    from xpcat.errors import XpcatError
+
+    with pytest.raises(XpcatError, match="not found"):
+        run_infer(tmp_path / "empty", config)

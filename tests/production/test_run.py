@@ -22,7 +22,8 @@ from xpcat.errors import InputError, StageError
 from xpcat.production import partitions as P
 from xpcat.production import run_state as S
 from xpcat.production.catalog import query_catalog, validate_catalog
-from xpcat.production.run import run_pipeline, run_stages, run_status
+from xpcat.production.run import run_pipeline, run_stages
+from xpcat.production.status import run_status
 
 LEVEL = 2
 PIXELS = [3, 17, 100, 150]
@@ -92,7 +93,7 @@ def test_rerun_redoes_only_truncated_file_and_deleted_marker(run_dir):
 def test_worker_sigkill_mid_partition_is_recorded_then_recovered(run_dir):
     rd, sid = run_dir
     cfg = _config()
-    name = S.plan_partitions(rd, cfg)[2].name
+    name = S.plan_partitions(rd, cfg)[0][2].name
     (rd / "faults").mkdir()
     (rd / "faults" / f"infer-{name}").write_text("kill")
     with dask.config.set({"distributed.scheduler.allowed-failures": 1}):
@@ -117,7 +118,7 @@ def test_worker_sigkill_mid_partition_is_recorded_then_recovered(run_dir):
 def test_task_exception_retried_then_recorded_with_traceback(run_dir):
     rd, _ = run_dir
     cfg = _config(retries=2)
-    name = S.plan_partitions(rd, cfg)[0].name
+    name = S.plan_partitions(rd, cfg)[0][0].name
     (rd / "faults").mkdir()
     (rd / "faults" / f"condition-{name}").write_text("raise")
     with pytest.raises(StageError, match=f"injected failure in condition {name}"):
@@ -139,7 +140,7 @@ def test_task_exception_retried_then_recorded_with_traceback(run_dir):
 def test_wrong_output_schema_is_one_clear_failure(run_dir):
     rd, _ = run_dir
     cfg = _config(retries=0)
-    name = S.plan_partitions(rd, cfg)[1].name
+    name = S.plan_partitions(rd, cfg)[0][1].name
     (rd / "faults").mkdir()
     (rd / "faults" / f"infer-{name}").write_text("badschema")
     with pytest.raises(StageError, match=name):
@@ -219,13 +220,13 @@ def test_real_conditioning_stage_on_a_synthetic_universe(tmp_path):
     """The condition stage through ``conditioning.condition_partition`` on Dask, then a rerun does nothing."""
     from xpcat.catalog_schema import CONDITIONED
     from xpcat.config import SimulationConfig
-    from xpcat.production.run import _pipeline_context, default_stages
+    from xpcat.production.run import condition_stage
     from xpcat.production.synthetic.universe import simulate_universe
 
     simulate_universe(tmp_path, SimulationConfig(n_stars=150, seed=3))
     cfg = _config().replace(data={"partition_level": 1})
-    stages = default_stages()[:1]
-    out = run_stages(tmp_path, cfg, stages, catalog=False, context=_pipeline_context)
+    stages = [condition_stage()]
+    out = run_stages(tmp_path, cfg, stages, catalog=False)
     plan = S.read_plan(tmp_path)
     assert out["stars"] == 150 and out["stages"]["condition"]["completed"] == len(plan) > 1
     ids = []
@@ -235,7 +236,7 @@ def test_real_conditioning_stage_on_a_synthetic_universe(tmp_path):
         ids.append(t.column("source_id").to_numpy())
     raw = pq.read_table(tmp_path / "raw" / "gaia_source", columns=["source_id"]).column(0).to_numpy()
     assert np.array_equal(np.sort(np.concatenate(ids)), np.sort(raw))
-    again = run_stages(tmp_path, cfg, stages, catalog=False, context=_pipeline_context)
+    again = run_stages(tmp_path, cfg, stages, catalog=False)
     assert again["stages"]["condition"]["submitted"] == 0
 
 

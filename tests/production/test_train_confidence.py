@@ -221,7 +221,7 @@ def test_classifier_auc_on_a_synthetic_universe(universe_run, p):
 def test_confident_stars_scatter_half_as_much(universe_run, p):
     """Issue 7 item 2, as the paper's Fig. 10: the residual scatter (robust sigma, estimate - label) of held-out
     stars labelled confident is at least 2x smaller than that of the held-out stars labelled not confident."""
-    from xpcat.production.report.page import robust_sigma
+    from xpcat.production.report.statistics import robust_sigma
 
     d = universe_run["stars"]
     j = ("teff", "feh", "logg").index(p)

@@ -36,7 +36,7 @@ from xpcat.config import config_from_dict
 from xpcat.model.artifact import load_artifact
 from xpcat.model.forward import ForwardModel
 from xpcat.production.synthetic.truth_sed import build_truth_model
-from xpcat.production.report.page import extinction_curve_deviation
+from xpcat.production.report.evaluation import extinction_curve_deviation
 
 
 def _config(n_stars: int, training: dict, model: dict | None = None):

@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -44,7 +45,7 @@ from xpcat.catalog_schema import CATALOG, SCHEMA_VERSION, validate, with_metadat
 from xpcat.config import RunConfig, config_to_dict, read_run_config
 from xpcat.errors import StageError, XpcatError
 from xpcat.fileio import atomic_path, file_sha256, package_version, write_json_atomic
-from xpcat.progress import progress
+from xpcat.jobs.futures import run_tasks
 from xpcat.production import partitions as P
 from xpcat.production import run_state as S
 
@@ -153,7 +154,7 @@ def pixel_task(run_dir: str, in_dir: str, sources: list[str], order: int, pix: i
     from hats.pixel_math.spatial_index import compute_spatial_index
 
     run_path = Path(run_dir)
-    cat = catalog_dir(run_path)
+    cat = building_dir(run_path)
     if _pixel_done(run_path, cat, order, pix, rows, fingerprint):
         return {"order": order, "pix": pix, "rows": rows, "skipped": True}
     parts = []
@@ -180,30 +181,28 @@ def pixel_task(run_dir: str, in_dir: str, sources: list[str], order: int, pix: i
 
 
 # ---------------------------------------------------------------- driver
-def _gather(client, fn, calls: list[tuple], stage: str, retries: int) -> list[dict]:
-    """Run ``fn(*args)`` for each call (on the cluster when given); results in completion order."""
-    out: list[dict] = []
-    if client is None:
-        for args in progress(calls, stage, total=len(calls)):
-            out.append(fn(*args))
-        return out
-    from distributed import as_completed
-
-    futs = [client.submit(fn, *args, pure=False, retries=retries, key=f"{stage}-{i}-{time.time_ns()}")
-            for i, args in enumerate(calls)]
-    errors = []
-    for fut in progress(as_completed(futs), stage, total=len(futs)):
-        if fut.status == "finished":
-            out.append(fut.result())
-        else:
-            errors.append(f"{type(fut.exception()).__name__}: {fut.exception()}")
-        fut.release()
+def _map(client, fn, calls: list[tuple], label: str, retries: int) -> None:
+    """Run ``fn(*args)`` for each call on the cluster; any task still failing after its retries fails the step."""
+    errors = [o.error for o in run_tasks(client, fn, list(enumerate(calls)), label, retries=retries) if not o.ok]
     if errors:
-        raise StageError(f"{stage}: {len(errors)} task(s) failed, first: {errors[0]}")
-    return out
+        raise StageError(f"{label}: {len(errors)} task(s) failed, first: {errors[0]}")
 
 
-def build_catalog(run_dir: Path, config: RunConfig, in_dir: str = "fitted", *, client=None,
+def building_dir(run_dir: Path) -> Path:
+    """``RUN_DIR/catalog.partial``: where the catalog is built before it is swapped into ``RUN_DIR/catalog``."""
+    return Path(run_dir) / "catalog.partial"
+
+
+def _swap_in(building: Path, cat: Path) -> None:
+    """Replace ``cat`` by the finished ``building`` folder (two renames; readers never see a partial catalog)."""
+    old = cat.with_name(f".{cat.name}.old-{time.time_ns()}")
+    if cat.exists():
+        os.replace(cat, old)
+    os.replace(building, cat)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def build_catalog(run_dir: Path, config: RunConfig, in_dir: str = "fitted", *, client,
                   names: list[str] | None = None) -> dict:
     """Build (or bring up to date) the HATS catalog ``RUN_DIR/catalog`` from fitted partitions.
 
@@ -214,8 +213,8 @@ def build_catalog(run_dir: Path, config: RunConfig, in_dir: str = "fitted", *, c
         Uses ``[catalog]`` and ``[run] name``.
     in_dir : str
         Folder of the fitted partitions.
-    client : distributed.Client, optional
-        Run the histogram and pixel tasks on this cluster (else in this process).
+    client : distributed.Client
+        Runs the histogram and pixel tasks (the engine's cluster).
     names : list of str, optional
         Partitions to include (default: the run's plan, else every done file in ``in_dir``).
 
@@ -237,6 +236,7 @@ def build_catalog(run_dir: Path, config: RunConfig, in_dir: str = "fitted", *, c
 
     run_dir = Path(run_dir)
     cat = catalog_dir(run_dir)
+    building = building_dir(run_dir)
     src_dir = run_dir / in_dir
     if names is None:
         plan = S.read_plan(run_dir)
@@ -262,7 +262,7 @@ def build_catalog(run_dir: Path, config: RunConfig, in_dir: str = "fitted", *, c
     (run_dir / S.STATE_DIR / f"{_STATE}.done").unlink(missing_ok=True)
     retries = config.cluster.retries
 
-    _gather(client, histogram_task, [(str(run_dir), in_dir, n, order) for n in names], "histogram", retries)
+    _map(client, histogram_task, [(str(run_dir), in_dir, n, order) for n in names], "histogram", retries)
     total = np.zeros(12 * 4**order, dtype=np.int64)
     sparse: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for name, sha, rows in shas:
@@ -290,31 +290,32 @@ def build_catalog(run_dir: Path, config: RunConfig, in_dir: str = "fitted", *, c
     align_path = run_dir / S.STATE_DIR / _STATE / "alignment.json"
     old = json.loads(align_path.read_text()) if align_path.exists() else None
     if old != align_doc:
-        shutil.rmtree(cat, ignore_errors=True)
+        shutil.rmtree(building, ignore_errors=True)
         shutil.rmtree(run_dir / S.STATE_DIR / _STATE / "pixels", ignore_errors=True)
         write_json_atomic(align_path, align_doc)
     meta = {"model_hash": (S.stage_done(run_dir, "infer") or {}).get("model_hash"),
             "xpcat_version": package_version("xpcat"), "run": config.run.name, "config": config_to_dict(config)}
     run_json = run_dir / S.STATE_DIR / "run.json"
-    if run_json.exists():
+    if meta["model_hash"] is None and run_json.exists():
         meta["model_hash"] = json.loads(run_json.read_text()).get("model_hash")
     calls = [(str(run_dir), in_dir, sorted(d["sources"]), o, p, d["rows"], fingerprint, meta)
              for (o, p), d in sorted(dest.items())]
-    _gather(client, pixel_task, calls, "catalog", retries)
+    _map(client, pixel_task, calls, "catalog", retries)
 
     pixels = [HealpixPixel(o, p) for o, p in sorted(dest)]
-    PartitionInfo.from_healpix(pixels).write_to_file(paths.get_partition_info_pointer(cat))
-    written = write_parquet_metadata(cat)
+    PartitionInfo.from_healpix(pixels).write_to_file(paths.get_partition_info_pointer(building))
+    written = write_parquet_metadata(building)
     if int(written) != n_rows:
         raise StageError(f"catalog: _metadata counts {written} rows, the fitted partitions hold {n_rows}")
-    skymap.write_skymap(total, cat)
+    skymap.write_skymap(total, building)
     props = TableProperties(
         catalog_name=config.run.name, catalog_type="object", total_rows=n_rows, ra_column="ra", dec_column="dec",
         healpix_column=HEALPIX_COLUMN, healpix_order=29, hats_max_rows=config.catalog.max_rows_per_partition,
         moc_sky_fraction=f"{PartitionInfo.from_healpix(pixels).calculate_fractional_coverage():0.5f}",
-        **TableProperties.new_provenance_dict(cat, builder=f"xpcat v{package_version('xpcat')}"),
+        **TableProperties.new_provenance_dict(building, builder=f"xpcat v{package_version('xpcat')}"),
     )
-    props.to_properties_file(cat)
+    props.to_properties_file(building)
+    _swap_in(building, cat)
     summary = {"rows": n_rows, "pixels": len(pixels), "path": str(cat), "fingerprint": fingerprint,
                "max_order": max(p.order for p in pixels)}
     S.mark_stage_done(run_dir, _STATE, summary)
@@ -388,6 +389,32 @@ def validate_catalog(run_dir: Path) -> str:
     return f"catalog {cat} OK: {n_cat} rows, every one of the {n_in} input source_ids exactly once"
 
 
+#: Statement types ``xpcat query`` runs: reading only (``COPY ... TO``, ``CREATE``, ``ATTACH`` ... are refused).
+READ_ONLY_STATEMENTS = ("SELECT", "EXPLAIN")
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def _check_read_only(con: Any, sql: str) -> None:
+    """Refuse empty SQL, several statements, or any statement that is not a query.
+
+    Raises
+    ------
+    XpcatError
+        Naming the statement type refused.
+    """
+    statements = con.extract_statements(sql)
+    if not statements:
+        raise XpcatError("empty query: give one SQL SELECT statement over the view `catalog`")
+    if len(statements) > 1:
+        raise XpcatError(f"{len(statements)} statements given; `xpcat query` runs one SELECT at a time")
+    kind = statements[0].type.name
+    if kind not in READ_ONLY_STATEMENTS:
+        raise XpcatError(f"`xpcat query` is read-only: {kind} statements are refused (use SELECT over the view `catalog`)")
+
+
 def query_catalog(run_dir: Path, sql: str, fmt: str = "table") -> str:
     """Run DuckDB SQL over the catalog; the view is called ``catalog`` (``xpcat query``).
 
@@ -417,10 +444,11 @@ def query_catalog(run_dir: Path, sql: str, fmt: str = "table") -> str:
         raise XpcatError(f"unknown format {fmt!r}; use table, csv or json")
     con = duckdb.connect()
     try:
+        _check_read_only(con, sql)
         con.execute(f"CREATE VIEW catalog AS SELECT * FROM read_parquet('{_dataset_glob(cat)}', hive_partitioning=false)")
         df = con.execute(sql).df()
     except duckdb.Error as err:
-        raise XpcatError(f"query failed: {err}") from err
+        raise XpcatError(f"query failed: {_first_line(err)}") from err
     finally:
         con.close()
     if fmt == "csv":

@@ -120,7 +120,7 @@ def run_demo(workdir: Path, config: RunConfig, n_stars: int | None = None, seed:
     from xpcat.production.catalog import query_catalog
     from xpcat.production.train_confidence import train_confidence_run
     from xpcat.production.report.page import write_report
-    from xpcat.production.run import default_stages, run_pipeline, run_stages
+    from xpcat.production.run import condition_stage, run_pipeline, run_stages
     from xpcat.production.synthetic.universe import simulate_universe
     from xpcat.production.train import train_run
 
@@ -145,7 +145,7 @@ def run_demo(workdir: Path, config: RunConfig, n_stars: int | None = None, seed:
         summary["fetch"] = {k: fetched[k] for k in ("ranges", "done", "skipped", "rows", "missing_xp")}
 
     with _step("condition", timings):
-        cond = run_stages(workdir, cfg, default_stages()[:1], catalog=False, context=_condition_context)
+        cond = run_stages(workdir, cfg, [condition_stage()], catalog=False)
         summary["condition"] = cond["stages"].get("condition")
 
     with _step("train", timings):
@@ -173,12 +173,6 @@ def run_demo(workdir: Path, config: RunConfig, n_stars: int | None = None, seed:
     summary["first_query"] = {"sql": FIRST_QUERY, "result": query_catalog(workdir, FIRST_QUERY, fmt="table")}
     summary["seconds"] = timings
     return summary
-
-
-def _condition_context(run_dir: Path, config: RunConfig) -> dict:
-    from xpcat.production.run import _pipeline_context
-
-    return _pipeline_context(run_dir, config)
 
 
 def _small(d: Any) -> Any:

@@ -8,9 +8,8 @@ confidences and ``quality_flags`` and writes ``RUN_DIR/fitted/<name>.parquet``
 (schema :data:`xpcat.catalog_schema.CATALOG`) atomically with its done marker.
 It returns a small summary dict, never the data.
 
-:func:`infer_run` runs it over every conditioned partition not yet done
-(resume = rescan), in this process; the production run (:mod:`.run`) maps
-:func:`infer_partition` over Dask workers instead.
+The engine (:mod:`xpcat.production.run`) maps :func:`infer_partition` over
+the partitions on Dask workers, for ``xpcat infer`` and ``xpcat run`` alike.
 
 Rows: every input source_id gives exactly one output row. A star with no usable
 data gets ``fit_status = 2`` (NO_USABLE_DATA), NaN estimates and every
@@ -40,10 +39,9 @@ from xpcat.config import RunConfig
 from xpcat.errors import InputError, StageError
 from xpcat.model.inference import Inference, InferenceSettings
 from xpcat.model.uncertainty import PLACEHOLDER_CONFIDENCE_RULE, placeholder_confidence_bits, quality_flag_bits
-from xpcat.progress import progress
-from xpcat.production.partitions import atomic_write_parquet, is_done
+from xpcat.production.partitions import atomic_write_parquet
 
-__all__ = ["inference_for", "fit_table", "infer_partition", "infer_run", "CONDITIONED_INPUT_COLUMNS"]
+__all__ = ["inference_for", "fit_table", "infer_partition", "CONDITIONED_INPUT_COLUMNS"]
 
 logger = logging.getLogger(__name__)
 
@@ -254,58 +252,3 @@ def infer_partition(conditioned_path: str | Path, out_path: str | Path, model: A
     logger.info("infer %s: %d stars in %.1f s (%d not converged, %d no data)", src.name, n, seconds,
                 summary["not_converged"], summary["no_usable_data"])
     return summary
-
-
-def infer_run(run_dir: Path, config: RunConfig, model_dir: Path | None = None) -> dict:
-    """Fit every conditioned partition of a run that is not done yet (in this process).
-
-    Parameters
-    ----------
-    run_dir : the run directory.
-    config : RunConfig
-    model_dir : model artifact directory (default ``RUN_DIR/model``).
-
-    Returns
-    -------
-    dict: partitions (total), fitted, skipped (already done), rows, stars_per_s, per-partition summaries.
-
-    Raises
-    ------
-    InputError
-        When there are no conditioned partitions or the artifact does not load.
-    """
-    from xpcat.jobs.compile_cache import enable_compilation_cache
-    from xpcat.model.artifact import load_artifact
-
-    run_dir = Path(run_dir)
-    cond_dir = run_dir / "conditioned"
-    files = sorted(cond_dir.glob("*.parquet"))
-    if not files:
-        raise InputError(f"infer: no conditioned partitions in {cond_dir}; run `xpcat condition {run_dir}` first")
-    if config.inference.compilation_cache:
-        enable_compilation_cache(run_dir)
-    model = load_artifact(model_dir if model_dir is not None else run_dir / "model")
-    out_dir = run_dir / "fitted"
-    results, skipped, rows = [], 0, 0
-    t0 = time.perf_counter()
-    for f in progress(files, "infer", total=len(files)):
-        out = out_dir / f.name
-        if is_done(out, expected_rows=pq.ParquetFile(f).metadata.num_rows):
-            skipped += 1
-            continue
-        res = infer_partition(f, out, model, config)
-        rows += res["rows"]
-        results.append(res)
-    seconds = time.perf_counter() - t0
-    return {
-        "partitions": len(files),
-        "fitted": len(results),
-        "skipped": skipped,
-        "rows": rows,
-        "seconds": round(seconds, 2),
-        "stars_per_s": round(rows / seconds, 1) if rows and seconds > 0 else None,
-        "not_converged": sum(r["not_converged"] for r in results),
-        "no_usable_data": sum(r["no_usable_data"] for r in results),
-        "model_hash": model.content_hash,
-        "results": results,
-    }

@@ -42,6 +42,7 @@ __all__ = [
     "is_done",
     "marker_path",
     "read_marker",
+    "stamp_marker",
 ]
 
 logger = logging.getLogger(__name__)
@@ -340,6 +341,22 @@ def atomic_write_parquet(
     }
     write_json_atomic(mp, marker, indent=None)
     logger.debug("wrote %s (%d rows, %d bytes)", path, marker["rows"], size)
+    return marker
+
+
+def stamp_marker(path: str | os.PathLike, **info: Any) -> dict:
+    """Add ``info`` to the ``info`` of a partition's done marker (atomically); returns the marker.
+
+    Raises
+    ------
+    InputError
+        When the partition has no readable marker.
+    """
+    marker = read_marker(path)
+    if marker is None:
+        raise InputError(f"{path}: no done marker to stamp")
+    marker["info"] = {**(marker.get("info") or {}), **info}
+    write_json_atomic(marker_path(path), marker, indent=None)
     return marker
 
 

@@ -1,31 +1,44 @@
-"""A production run: condition -> infer -> catalog over partitions on a Dask cluster.
+"""The engine: plan -> one task per partition -> verified commit -> rescan, for every stage.
 
-``run_pipeline`` plans the partitions owed (from ``raw/gaia_source``), removes
-those whose outputs are already on disk and valid, and submits one Dask task
-per remaining partition and stage. A task reads its input from disk, calls the
-stage's per-partition function (``conditioning.condition_partition``,
-``fitting.infer_partition``), checks the output (schema, row count = input
-rows, checksum via the done marker) and returns a small summary; the client
-takes each result as it completes and releases the future, so no partition
-data lives in worker memory (``recipes/slurm-single-node.md``). Task
-exceptions are retried ``[cluster] retries`` times by Dask, then recorded per
-partition with the traceback (``xpcat status`` shows them). The catalog stage
-builds the HATS catalog from the fitted partitions (:mod:`.catalog`).
+Every stage command (``xpcat condition``, ``infer``, ``catalog`` and ``run``)
+goes through :func:`run_stages`:
 
-Resume is a rescan: running again on the same run directory does only what is
-missing or invalid, and refuses when the config, the input set or the model
-changed (:mod:`.run_state`).
+1. **plan once**: :func:`xpcat.production.run_state.plan_partitions` scans the
+   raw source_ids (duplicates refused) and writes ``state/plan.json``;
+2. **context**: a typed :class:`StageContext` per stage, built once on the
+   client: the run's paths, its config, the model hash and the *done key*,
+   the hash of everything the stage's output depends on (the config sections
+   that change its results, the raw input set, the model);
+3. **tasks**: one Dask task per partition whose output is not done
+   (:func:`stage_task`); a task reads from disk, calls the stage function,
+   which writes its output with :func:`xpcat.production.partitions.atomic_write_parquet`,
+   then checks it (schema, one row per input source_id, checksum) and stamps
+   the done key into its marker. Tasks return a small summary, never data;
+4. **rescan**: after the tasks, the same done test decides what is left; a
+   task that still failed after ``[cluster] retries`` is recorded per
+   partition with its traceback (``xpcat status``) and the run says so.
+
+The done test (:func:`partition_done`) is the one test of the whole engine:
+the output exists, its size, row count and checksum match its marker, and the
+marker's done key equals the stage's current key combined with the checksum
+of the partition's input. A corrupt or truncated file, a changed config
+section, a new model or a redone input therefore all mean "redo", whichever
+command runs.
+
+``xpcat run`` additionally refuses to resume across a change of config,
+inputs or model (:func:`xpcat.production.run_state.check_resume`); the
+single-stage commands redo what the done key says is outdated.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import hashlib
 import json
 import logging
 import os
 import time
-import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,18 +48,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from xpcat.catalog_schema import CATALOG, CONDITIONED, validate
-from xpcat.config import RunConfig, write_config
+from xpcat.config import RunConfig, config_to_dict, write_config
 from xpcat.errors import StageError, XpcatError
 from xpcat.fileio import write_json_atomic
+from xpcat.jobs.futures import run_tasks
 from xpcat.jobs.memory import peak_rss_mib
-from xpcat.progress import progress
 from xpcat.production import partitions as P
 from xpcat.production import run_state as S
 from xpcat.production.capacity import plan_run
+from xpcat.production.run_dir import RunPaths
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Stage", "default_stages", "run_pipeline", "run_stages", "run_status", "plan_run", "stage_task"]
+__all__ = ["Stage", "StageContext", "stage_context", "condition_stage", "infer_stage", "default_stages", "partition_done",
+           "run_pipeline", "run_stages", "plan_run", "stage_task"]
 
 
 @dataclass(frozen=True)
@@ -61,13 +76,17 @@ class Stage:
         Output folder in the run directory; the output of partition ``p`` is
         ``<out_dir>/<p>.parquet`` with its done marker.
     func : callable
-        ``func(run_dir: Path, part: PartitionPlan, config: RunConfig, ctx: dict) -> dict | None``,
+        ``func(ctx: StageContext, part: PartitionPlan) -> dict | None``,
         importable on workers; it must write the output with
         :func:`partitions.atomic_write_parquet`.
     schema : pyarrow.Schema
         Schema the output must have.
     needs : str or None
         ``out_dir`` of the stage whose output this one reads.
+    sections : tuple of str
+        Config sections that change this stage's results (part of the done key).
+    uses_model : bool
+        The output depends on the model artifact (its hash is part of the done key).
     resources : dict or None
         Dask worker resources per task (``{"GPU": 1}`` on GPU profiles).
     """
@@ -77,62 +96,151 @@ class Stage:
     func: Callable[..., Any]
     schema: pa.Schema
     needs: str | None = None
+    sections: tuple[str, ...] = ()
+    uses_model: bool = False
     resources: dict | None = field(default=None)
 
 
-def _condition_func(run_dir: Path, part: S.PartitionPlan, config: RunConfig, ctx: dict) -> dict | None:
-    """Condition one source_id range (``xpcat.production.condition.stage``)."""
-    from xpcat.production.condition import stage as conditioning
-    raw_files = {k: [Path(f) for f in v] for k, v in ctx["raw_files"].items()}
-    return conditioning.condition_partition(
-        raw_files, part.pix, S.output_path(run_dir, "conditioned", part.name), config,
-        level=part.level, n_expected=part.rows,
-    )
+@dataclass(frozen=True)
+class StageContext:
+    """What every task of one stage receives (built once per run on the client).
+
+    Attributes
+    ----------
+    stage : str
+    paths : RunPaths
+        The run directory's layout.
+    config : RunConfig
+        The run's frozen, typed configuration.
+    raw_files : dict of str -> tuple of str
+        The raw Parquet files per table (the plan's input set).
+    model_dir, model_hash : str or None
+        The model artifact the workers load, and its content hash.
+    done_key : str
+        Hash of what the stage's output depends on, before its per-partition input.
+    """
+
+    stage: str
+    paths: RunPaths
+    config: RunConfig
+    raw_files: dict[str, tuple[str, ...]]
+    model_dir: str | None
+    model_hash: str | None
+    done_key: str
+
+    @property
+    def run_dir(self) -> Path:
+        return self.paths.root
 
 
-def _infer_func(run_dir: Path, part: S.PartitionPlan, config: RunConfig, ctx: dict) -> dict | None:
-    """Fit one conditioned partition with the worker's model (``fitting.infer_partition``)."""
+# ---------------------------------------------------------------- the stages
+def _condition(ctx: StageContext, part: S.PartitionPlan) -> dict | None:
+    """Condition one source_id range (:func:`xpcat.production.condition.stage.condition_partition`)."""
+    from xpcat.production.condition.stage import condition_partition
+
+    raw_files = {k: [Path(f) for f in v] for k, v in ctx.raw_files.items()}
+    return condition_partition(raw_files, part.pix, ctx.paths.output("conditioned", part.name), ctx.config,
+                               level=part.level, n_expected=part.rows)
+
+
+def _infer(ctx: StageContext, part: S.PartitionPlan) -> dict | None:
+    """Fit one conditioned partition with the worker's model (:func:`xpcat.production.infer.infer_partition`)."""
     from xpcat.jobs.compile_cache import enable_compilation_cache
     from xpcat.jobs.plugins import worker_model
-    from xpcat.production import infer as fitting
-    if config.inference.compilation_cache:
-        enable_compilation_cache(run_dir)
-    model = worker_model(ctx["model_dir"], ctx["model_hash"])
-    return fitting.infer_partition(
-        S.output_path(run_dir, "conditioned", part.name), S.output_path(run_dir, "fitted", part.name), model, config
-    )
+    from xpcat.production.infer import infer_partition
+
+    if ctx.config.inference.compilation_cache:
+        enable_compilation_cache(ctx.run_dir)
+    model = worker_model(ctx.model_dir, ctx.model_hash)
+    return infer_partition(ctx.paths.output("conditioned", part.name), ctx.paths.output("fitted", part.name),
+                           model, ctx.config)
+
+
+def condition_stage() -> Stage:
+    """raw -> conditioned."""
+    return Stage("condition", "conditioned", _condition, CONDITIONED, sections=("data", "conditioning"))
+
+
+def infer_stage(gpu: bool = False) -> Stage:
+    """conditioned -> fitted, with the run's model."""
+    return Stage("infer", "fitted", _infer, CATALOG, needs="conditioned", sections=("inference",),
+                 uses_model=True, resources={"GPU": 1} if gpu else None)
 
 
 def default_stages(gpu: bool = False) -> list[Stage]:
-    """condition -> infer (the catalog stage follows in :func:`run_pipeline`)."""
-    return [
-        Stage("condition", "conditioned", _condition_func, CONDITIONED),
-        Stage("infer", "fitted", _infer_func, CATALOG, needs="conditioned", resources={"GPU": 1} if gpu else None),
-    ]
+    """condition -> infer (the catalog follows in :func:`run_stages`)."""
+    return [condition_stage(), infer_stage(gpu)]
 
 
-def stage_task(stage: Stage, run_dir: str, part: S.PartitionPlan, config: RunConfig, ctx: dict) -> dict:
+# ---------------------------------------------------------------- the done test
+def _done_key(stage: Stage, config: RunConfig, inputs: dict, model_hash: str | None) -> str:
+    d = config_to_dict(config)
+    doc = {
+        "stage": stage.name,
+        "config": {s: {k: v for k, v in d[s].items() if k not in S.OPERATIONAL_FIELDS.get(s, ())}
+                   for s in stage.sections},
+        "inputs": inputs if stage.needs is None else None,
+        "model": model_hash if stage.uses_model else None,
+    }
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def stage_context(stage: Stage, paths: RunPaths, config: RunConfig, raw_files: dict[str, tuple[str, ...]],
+                  inputs: dict, model_dir: Path | None, model_hash: str | None) -> StageContext:
+    """The :class:`StageContext` of ``stage`` in one run (its done key from config, inputs and model)."""
+    return StageContext(stage.name, paths, config, raw_files, str(model_dir) if model_dir else None, model_hash,
+                        _done_key(stage, config, inputs, model_hash))
+
+
+def _partition_key(ctx: StageContext, stage: Stage, part: S.PartitionPlan) -> str | None:
+    """The done key of one partition: the stage's key and, for a stage with an input, the input's checksum."""
+    if stage.needs is None:
+        return ctx.done_key
+    marker = P.read_marker(ctx.paths.output(stage.needs, part.name))
+    if marker is None:
+        return None
+    return hashlib.sha256(f"{ctx.done_key}:{marker.get('sha256')}".encode()).hexdigest()[:24]
+
+
+def partition_done(ctx: StageContext, stage: Stage, part: S.PartitionPlan, *, full: bool = False) -> bool:
+    """Whether ``part``'s output of ``stage`` is done and current.
+
+    ``full=False`` (the client's rescan) checks size and row count against
+    the marker; ``full=True`` (inside the task) also re-hashes the file.
+    Both require the marker's done key to match.
+    """
+    out = ctx.paths.output(stage.out_dir, part.name)
+    ok = P.is_done(out, expected_rows=part.rows) if full else S.quick_done(out, part.rows)
+    if not ok:
+        return False
+    key = _partition_key(ctx, stage, part)
+    marker = P.read_marker(out) or {}
+    return key is not None and (marker.get("info") or {}).get("done_key") == key
+
+
+def stage_task(stage: Stage, ctx: StageContext, part: S.PartitionPlan) -> dict:
     """The Dask task of one stage on one partition; returns a small summary.
 
-    Returns early when the output is already done (full sha256 check). After
-    the stage function, checks the output's marker, row count (= input rows)
-    and schema.
+    Returns early when the output is already done and current. After the
+    stage function, checks the output's marker, row count (= input rows) and
+    schema, then stamps the done key into the marker.
 
     Raises
     ------
     StageError
-        When the output is missing, has the wrong row count or schema.
+        When the input is not done, or the output is missing, has the wrong
+        row count or schema.
     """
-    run_path = Path(run_dir)
-    out = S.output_path(run_path, stage.out_dir, part.name)
-    if P.is_done(out, expected_rows=part.rows):
+    out = ctx.paths.output(stage.out_dir, part.name)
+    if partition_done(ctx, stage, part, full=True):
         return {"partition": part.name, "stage": stage.name, "skipped": True, "rows": part.rows}
     if stage.needs is not None:
-        src = S.output_path(run_path, stage.needs, part.name)
+        src = ctx.paths.output(stage.needs, part.name)
         if not P.is_done(src, expected_rows=part.rows):
             raise StageError(f"{stage.name} {part.name}: input {src} is missing or invalid")
+    key = _partition_key(ctx, stage, part)
     t0 = time.perf_counter()
-    info = stage.func(run_path, part, config, ctx) or {}
+    info = stage.func(ctx, part) or {}
     seconds = time.perf_counter() - t0
     marker = P.read_marker(out)
     if marker is None or not P.is_done(out):
@@ -147,6 +255,7 @@ def stage_task(stage: Stage, run_dir: str, part: S.PartitionPlan, config: RunCon
     except XpcatError:
         P.marker_path(out).unlink(missing_ok=True)  # a wrong output is not done: redo it next time
         raise
+    P.stamp_marker(out, done_key=key)
     return {
         "partition": part.name,
         "stage": stage.name,
@@ -159,46 +268,27 @@ def stage_task(stage: Stage, run_dir: str, part: S.PartitionPlan, config: RunCon
     }
 
 
-def _format_exception(fut) -> tuple[str, str]:
-    try:
-        exc = fut.exception()
-        tb = fut.traceback()
-    except Exception as err:  # noqa: BLE001 - a lost future still gets recorded
-        return f"{type(err).__name__}: {err}", ""
-    text = "".join(traceback.format_exception(type(exc), exc, tb)) if tb is not None else ""
-    return f"{type(exc).__name__}: {exc}", text
-
-
-def _run_stage(client, stage: Stage, run_dir: Path, plan: Sequence[S.PartitionPlan], config: RunConfig,
-               ctx: dict, blocked: set[str]) -> dict:
-    """Submit the owed partitions of one stage and collect results as they complete."""
-    from distributed import as_completed
-
-    todo = [p for p in plan if p.name not in blocked and not S.quick_done(S.output_path(run_dir, stage.out_dir, p.name), p.rows)]
-    skipped_blocked = [p.name for p in plan if p.name in blocked]
+# ---------------------------------------------------------------- one stage over the plan
+def _run_stage(client: Any, stage: Stage, ctx: StageContext, plan: Sequence[S.PartitionPlan], blocked: set[str]) -> dict:
+    """Submit the owed partitions of one stage, collect results as they complete, rescan."""
+    run_dir = ctx.run_dir
+    config = ctx.config
+    todo = [p for p in plan if p.name not in blocked and not partition_done(ctx, stage, p)]
+    n_blocked = sum(p.name in blocked for p in plan)
     logger.info("stage %s: %d partitions owed, %d already done, %d blocked by earlier failures",
-                stage.name, len(todo), len(plan) - len(todo) - len(skipped_blocked), len(skipped_blocked))
+                stage.name, len(todo), len(plan) - len(todo) - n_blocked, n_blocked)
     if todo:
-        (Path(run_dir) / S.STATE_DIR / f"{stage.name}.done").unlink(missing_ok=True)
+        ctx.paths.stage_marker(stage.name).unlink(missing_ok=True)
     t0 = time.perf_counter()
-    futures = {}
-    for p in todo:
-        fut = client.submit(
-            stage_task, stage, str(run_dir), p, config, ctx,
-            key=f"{stage.name}-{p.name}-{time.time_ns()}", pure=False,
-            retries=config.cluster.retries, resources=stage.resources,
-        )
-        futures[fut.key] = (fut, p)
-    done = failed = 0
-    rows = 0
-    seconds = 0.0
-    nbytes = 0
-    peak = 0.0
+    done = failed = rows = nbytes = 0
+    seconds = peak = 0.0
     failed_names: list[str] = []
-    for fut in progress(as_completed([f for f, _ in futures.values()]), stage.name, total=len(futures), unit="part"):
-        _, p = futures.pop(fut.key)
-        if fut.status == "finished":
-            summary = fut.result()
+    calls = [(p, (stage, ctx, p)) for p in todo]
+    for outcome in run_tasks(client, stage_task, calls, stage.name, retries=config.cluster.retries,
+                             resources=stage.resources, unit="part"):
+        p = outcome.tag
+        if outcome.ok:
+            summary = outcome.result
             S.clear_failure(run_dir, stage.name, p.name)
             done += 1
             rows += summary["rows"]
@@ -206,17 +296,17 @@ def _run_stage(client, stage: Stage, run_dir: Path, plan: Sequence[S.PartitionPl
             nbytes += summary.get("bytes", 0)
             peak = max(peak, summary.get("peak_rss_mib", 0.0))
         else:
-            err, tb = _format_exception(fut)
-            S.record_failure(run_dir, stage.name, p.name, err, tb, attempts=config.cluster.retries + 1)
-            logger.error("stage %s partition %s failed: %s", stage.name, p.name, err)
+            S.record_failure(run_dir, stage.name, p.name, outcome.error, outcome.traceback,
+                             attempts=config.cluster.retries + 1)
+            logger.error("stage %s partition %s failed: %s", stage.name, p.name, outcome.error)
             failed += 1
             failed_names.append(p.name)
-        fut.release()
-    still = [p.name for p in plan if p.name not in blocked and not S.quick_done(S.output_path(run_dir, stage.out_dir, p.name), p.rows)]
+    still = [p.name for p in plan if p.name not in blocked and not partition_done(ctx, stage, p)]
     if not still:
-        S.mark_stage_done(run_dir, stage.name, {"partitions": len(plan), "time": _now()})
-    return {"wall_seconds": time.perf_counter() - t0, "submitted": len(todo), "completed": done, "failed": failed, "failed_partitions": failed_names,
-            "pending": still, "rows": rows, "task_seconds": seconds, "bytes": nbytes, "peak_rss_mib": peak}
+        S.mark_stage_done(run_dir, stage.name, {"partitions": len(plan), "time": _now(), "model_hash": ctx.model_hash})
+    return {"wall_seconds": time.perf_counter() - t0, "submitted": len(todo), "completed": done, "failed": failed,
+            "failed_partitions": failed_names, "pending": still, "rows": rows, "task_seconds": seconds,
+            "bytes": nbytes, "peak_rss_mib": peak}
 
 
 def _now() -> str:
@@ -224,11 +314,10 @@ def _now() -> str:
 
 
 @contextlib.contextmanager
-def _run_log(run_dir: Path) -> Iterator[Path]:
+def _run_log(paths: RunPaths) -> Iterator[Path]:
     """Copy ``xpcat`` log records into ``RUN_DIR/logs/run-<time>.log`` while the run lasts."""
-    log_dir = run_dir / "logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    path = log_dir / f"run-{_dt.datetime.now():%Y%m%dT%H%M%S}-{os.getpid()}.log"
+    paths.logs.mkdir(parents=True, exist_ok=True)
+    path = paths.logs / f"run-{_dt.datetime.now():%Y%m%dT%H%M%S}-{os.getpid()}.log"
     handler = logging.FileHandler(path)
     handler.setLevel(logging.INFO)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -253,9 +342,10 @@ def _model_hash(model_dir: Path) -> str:
     return load_model(model_dir).content_hash
 
 
+# ---------------------------------------------------------------- the engine
 def run_stages(run_dir: Path, config: RunConfig, stages: Sequence[Stage], *, model_dir: Path | None = None,
-               catalog: bool = True, context: Callable[[Path, RunConfig], dict] | None = None) -> dict:
-    """Run ``stages`` (then the catalog) over the planned partitions; the engine of :func:`run_pipeline`.
+               catalog: bool = True, strict_resume: bool = True, on_dashboard: Callable[[str], None] | None = None) -> dict:
+    """Run ``stages`` (then the catalog) over the planned partitions.
 
     Parameters
     ----------
@@ -263,13 +353,16 @@ def run_stages(run_dir: Path, config: RunConfig, stages: Sequence[Stage], *, mod
         The run directory (inputs in ``raw/``).
     config : RunConfig
     stages : sequence of Stage
+        May be empty (``catalog=True``: build the catalog from done fitted partitions).
     model_dir : Path, optional
         Model artifact: loaded on every worker by :class:`xpcat.jobs.plugins.ModelPlugin`.
     catalog : bool
-        Build the HATS catalog from the last stage's output when every partition is done.
-    context : callable, optional
-        ``context(run_dir, config) -> dict`` of extras for the stage functions' ``ctx``,
-        called after planning (e.g. the raw file lists).
+        Build the HATS catalog from the fitted partitions when every partition is done.
+    strict_resume : bool
+        Refuse to resume across a change of config, inputs or model (``xpcat run``).
+        Otherwise the done key redoes what changed (single-stage commands).
+    on_dashboard : callable, optional
+        Called with the Dask dashboard address once the cluster is up.
 
     Returns
     -------
@@ -284,43 +377,45 @@ def run_stages(run_dir: Path, config: RunConfig, stages: Sequence[Stage], *, mod
     from xpcat.jobs.clusters import open_cluster
     from xpcat.jobs.plugins import ModelPlugin
 
-    run_dir = Path(run_dir).resolve()
+    paths = RunPaths.of(run_dir, config)
+    run_dir = paths.root
     t_start = time.perf_counter()
-    with _run_log(run_dir) as log_path:
+    with _run_log(paths) as log_path:
         logger.info("xpcat run in %s (log %s)", run_dir, log_path)
         inputs = S.input_fingerprint(run_dir, config)
         model_hash = _model_hash(model_dir) if model_dir is not None else None
-        resumed = S.check_resume(run_dir, config, inputs, model_hash)
+        resumed = S.check_resume(run_dir, config, inputs, model_hash if strict_resume else None, strict=strict_resume)
         write_config(config, run_dir)
-        plan = S.plan_partitions(run_dir, config)
-        extra_ctx = context(run_dir, config) if context is not None else None
+        plan, raw_files = S.plan_partitions(run_dir, config)
         n_stars = sum(p.rows for p in plan)
         logger.info("%s run: %d stars in %d partitions at level %d", "resuming" if resumed else "new",
                     n_stars, len(plan), config.data.partition_level)
-        ctx = {"model_dir": str(model_dir) if model_dir else None, "model_hash": model_hash, **(extra_ctx or {})}
+        contexts = {st.name: stage_context(st, paths, config, raw_files, inputs, model_dir, model_hash) for st in stages}
         summary: dict[str, Any] = {"run_dir": str(run_dir), "log": str(log_path), "stars": n_stars,
                                    "partitions": len(plan), "resumed": resumed, "stages": {}}
-        with open_cluster(config.cluster, log_dir=run_dir / "logs" / "jobs") as (cluster, client, profile):
+        blocked: set[str] = set()
+        with open_cluster(config.cluster, log_dir=paths.job_logs) as (cluster, client, profile):
             summary["dashboard"] = client.dashboard_link
             logger.info("Dask dashboard: %s", client.dashboard_link)
+            if on_dashboard is not None:
+                on_dashboard(client.dashboard_link)
             if model_dir is not None:
                 client.register_plugin(ModelPlugin(model_dir, model_hash))
-            blocked: set[str] = set()
             for stage in stages:
-                st = _run_stage(client, stage, run_dir, plan, config, ctx, blocked)
+                st = _run_stage(client, stage, contexts[stage.name], plan, blocked)
                 summary["stages"][stage.name] = st
                 blocked |= set(st["pending"]) | set(st["failed_partitions"])
-            if catalog and stages and not blocked:
+            if catalog and not blocked:
                 from xpcat.production.catalog import build_catalog
 
                 t0 = time.perf_counter()
-                summary["stages"]["catalog"] = build_catalog(run_dir, config, stages[-1].out_dir, client=client)
+                summary["stages"]["catalog"] = build_catalog(run_dir, config, "fitted", client=client)
                 summary["stages"]["catalog"]["wall_seconds"] = time.perf_counter() - t0
-                summary["workers"] = len(client.scheduler_info().get("workers", {}))
+            summary["workers"] = len(client.scheduler_info().get("workers", {}))
         summary["seconds"] = time.perf_counter() - t_start
-        write_json_atomic(run_dir / S.STATE_DIR / "last_run.json", summary)
-        failures = S.read_failures(run_dir)
+        write_json_atomic(paths.state / "last_run.json", summary)
         if blocked:
+            failures = S.read_failures(run_dir)
             failed = [f"{st}/{name}: {doc['error']}" for st, d in failures.items() for name, doc in d.items()]
             shown = "; ".join(failed[:5]) or ", ".join(sorted(blocked)[:5])
             raise StageError(
@@ -331,7 +426,7 @@ def run_stages(run_dir: Path, config: RunConfig, stages: Sequence[Stage], *, mod
         return summary
 
 
-def run_pipeline(run_dir: Path, config: RunConfig) -> dict:
+def run_pipeline(run_dir: Path, config: RunConfig, **kwargs: Any) -> dict:
     """``xpcat run``: condition -> infer -> catalog over the run directory's partitions.
 
     Parameters
@@ -339,6 +434,8 @@ def run_pipeline(run_dir: Path, config: RunConfig) -> dict:
     run_dir : Path
         Holds ``raw/`` (inputs) and ``model/`` (the trained artifact).
     config : RunConfig
+    **kwargs
+        Passed to :func:`run_stages` (``on_dashboard``).
 
     Returns
     -------
@@ -355,52 +452,30 @@ def run_pipeline(run_dir: Path, config: RunConfig) -> dict:
     from xpcat.jobs.clusters import load_profile
 
     profile = load_profile(config.cluster.profile)
-    return run_stages(Path(run_dir), config, default_stages(gpu=profile.gpu), model_dir=Path(run_dir) / "model",
-                      context=_pipeline_context)
+    paths = RunPaths.of(run_dir, config)
+    return run_stages(paths.root, config, default_stages(gpu=profile.gpu), model_dir=paths.model, **kwargs)
 
 
-def _pipeline_context(run_dir: Path, config: RunConfig) -> dict:
-    """The raw file lists for conditioning (``conditioning.plan_partitions`` also checks the XP table's ids)."""
-    from xpcat.production.condition import stage as conditioning
-    tasks = conditioning.plan_partitions(run_dir, config)
-    files = tasks[0].raw_files if tasks else {}
-    return {"raw_files": {k: [str(f) for f in v] for k, v in files.items()}}
+def run_condition(run_dir: Path, config: RunConfig) -> dict:
+    """``xpcat condition``: raw -> conditioned through the engine (no catalog)."""
+    return run_stages(run_dir, config, [condition_stage()], catalog=False, strict_resume=False)
 
 
-def run_status(run_dir: Path) -> str:
-    """Done / pending / failed partitions of each stage, and why (text for ``xpcat status``).
+def run_infer(run_dir: Path, config: RunConfig, model_dir: Path | None = None) -> dict:
+    """``xpcat infer``: conditioned -> fitted through the engine.
 
-    Raises
-    ------
-    StageError
-        When ``run_dir`` holds no planned run.
+    The condition stage runs first and redoes only conditioned partitions that
+    are missing, corrupt or outdated (a no-op on a conditioned run); partitions
+    fitted with another model or other inference settings are refitted.
     """
-    run_dir = Path(run_dir)
-    plan = S.read_plan(run_dir)
-    if not plan:
-        raise StageError(f"{run_dir} holds no planned run (no {S.STATE_DIR}/plan.json); start one with `xpcat run`")
-    failures = S.read_failures(run_dir)
-    lines = [f"run {run_dir}: {sum(p.rows for p in plan)} stars in {len(plan)} partitions"]
-    for stage, out_dir in (("condition", "conditioned"), ("infer", "fitted")):
-        done = [p.name for p in plan if S.quick_done(S.output_path(run_dir, out_dir, p.name), p.rows)]
-        failed = {n: d for n, d in failures.get(stage, {}).items() if n not in done}
-        pending = [p.name for p in plan if p.name not in done and p.name not in failed]
-        lines.append(f"{stage:<10} done {len(done)}  pending {len(pending)}  failed {len(failed)}")
-        for name, doc in sorted(failed.items()):
-            last = (doc.get("traceback") or "").strip().splitlines()[-3:]
-            lines.append(f"  FAILED {name}: {doc['error']} (after {doc.get('attempts')} attempt(s), {doc.get('time')})")
-            lines += [f"    {x}" for x in last if x.strip() and x.strip() not in doc["error"]]
-        if pending and len(pending) <= 10:
-            lines.append("  pending: " + ", ".join(pending))
-        elif pending:
-            lines.append("  pending: " + ", ".join(pending[:10]) + f", ... ({len(pending) - 10} more)")
-    cat = S.stage_done(run_dir, "catalog")
-    if cat:
-        lines.append(f"catalog    done: {cat.get('rows')} rows in {cat.get('pixels')} HATS pixels at {run_dir / 'catalog'}")
-    else:
-        lines.append("catalog    not built")
-    last = run_dir / S.STATE_DIR / "last_run.json"
-    if last.exists():
-        doc = json.loads(last.read_text())
-        lines.append(f"last run log: {doc.get('log')}")
-    return "\n".join(lines)
+    from xpcat.jobs.clusters import load_profile
+
+    paths = RunPaths.of(run_dir, config)
+    return run_stages(paths.root, config, [condition_stage(), infer_stage(load_profile(config.cluster.profile).gpu)],
+                      model_dir=Path(model_dir) if model_dir is not None else paths.model,
+                      catalog=False, strict_resume=False)
+
+
+def run_catalog(run_dir: Path, config: RunConfig) -> dict:
+    """``xpcat catalog``: the HATS catalog from the fitted partitions, through the engine."""
+    return run_stages(run_dir, config, [], catalog=True, strict_resume=False)

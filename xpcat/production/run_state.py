@@ -23,11 +23,13 @@ import logging
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from xpcat.config import RunConfig, config_to_dict
 from xpcat.errors import InputError, StageError
 from xpcat.fileio import write_json_atomic
 from xpcat.production import partitions as P
+from xpcat.production.run_dir import RunPaths
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +114,8 @@ def _result_config(config: RunConfig) -> dict:
     return {k: {f: v for f, v in d[k].items() if f not in OPERATIONAL_FIELDS.get(k, ())} for k in RESULT_SECTIONS}
 
 
-def check_resume(run_dir: Path, config: RunConfig, inputs: dict[str, int], model_hash: str | None) -> bool:
+def check_resume(run_dir: Path, config: RunConfig, inputs: dict[str, int], model_hash: str | None, *,
+                 strict: bool = True) -> bool:
     """Record a new run, or check that a re-run matches the recorded one.
 
     Parameters
@@ -123,6 +126,10 @@ def check_resume(run_dir: Path, config: RunConfig, inputs: dict[str, int], model
         From :func:`input_fingerprint`.
     model_hash : str or None
         Content hash of the model artifact.
+    strict : bool
+        Compare with the recorded run and refuse on a change (``xpcat run``).
+        ``False`` (single-stage commands) only records a new run: their done
+        test redoes what changed.
 
     Returns
     -------
@@ -140,6 +147,8 @@ def check_resume(run_dir: Path, config: RunConfig, inputs: dict[str, int], model
     if not path.exists():
         write_json_atomic(path, {**now, "started": _dt.datetime.now(_dt.timezone.utc).isoformat()})
         return False
+    if not strict:
+        return True
     old = json.loads(path.read_text())
     changes: list[str] = []
     for sec, values in now["config"].items():
@@ -169,10 +178,28 @@ def check_resume(run_dir: Path, config: RunConfig, inputs: dict[str, int], model
     return True
 
 
-def plan_partitions(run_dir: Path, config: RunConfig) -> list[PartitionPlan]:
-    """The partitions owed: one per source_id range of ``raw/gaia_source`` holding stars.
+#: Raw tables the stages read, in the plan's input set (optional ones may be absent).
+STAGE_TABLES = ("gaia_source", "xp_continuous_mean_spectrum", "tmass", "unwise")
 
-    Writes ``state/plan.json``.
+
+def _duplicates(con: Any, rel: str) -> list[tuple[int, int]]:
+    return con.execute(
+        f"SELECT source_id, count(*) AS n FROM {rel} GROUP BY source_id HAVING n > 1 ORDER BY source_id LIMIT 5"
+    ).fetchall()
+
+
+def plan_partitions(run_dir: Path, config: RunConfig) -> tuple[list[PartitionPlan], dict[str, tuple[str, ...]]]:
+    """The partitions owed (one per source_id range of ``raw/gaia_source`` holding stars) and the raw files.
+
+    The one scan of a run's source_ids: refuses duplicated source_ids in the
+    gaia_source and the XP tables, counts the stars per partition and writes
+    ``state/plan.json``.
+
+    Returns
+    -------
+    plan : list of PartitionPlan
+    raw_files : dict of str -> tuple of str
+        The Parquet files of each raw table present (:data:`STAGE_TABLES`).
 
     Raises
     ------
@@ -181,35 +208,38 @@ def plan_partitions(run_dir: Path, config: RunConfig) -> list[PartitionPlan]:
     """
     import duckdb
 
-    run_dir = Path(run_dir)
-    src = _raw_dir(run_dir, config) / "gaia_source"
-    files = sorted(src.glob("*.parquet"))
-    if not files:
+    paths = RunPaths.of(run_dir, config)
+    raw_files = {t: tuple(str(f) for f in paths.raw_files(t)) for t in STAGE_TABLES}
+    raw_files = {t: fs for t, fs in raw_files.items() if fs}
+    src = paths.raw_table("gaia_source")
+    if "gaia_source" not in raw_files:
         raise InputError(f"no raw gaia_source Parquet files in {src}; fetch, ingest or simulate inputs first")
     level = config.data.partition_level
     shift = P.partition_shift(level)
     con = duckdb.connect()
-    rel = f"read_parquet({[str(f) for f in files]!r})"
     try:
-        dups = con.execute(
-            f"SELECT source_id, count(*) AS n FROM {rel} GROUP BY source_id HAVING n > 1 ORDER BY source_id LIMIT 5"
-        ).fetchall()
-        if dups:
-            shown = ", ".join(f"{s} ({n}x)" for s, n in dups)
-            raise InputError(f"input {src} has duplicated source_id(s): {shown}; each star must appear once")
+        for table in ("gaia_source", "xp_continuous_mean_spectrum"):
+            if table not in raw_files:
+                continue
+            dups = _duplicates(con, f"read_parquet({list(raw_files[table])!r})")
+            if dups:
+                shown = ", ".join(f"{s} ({n}x)" for s, n in dups)
+                raise InputError(f"input {paths.raw_table(table)} has duplicated source_id(s): {shown}; "
+                                 "each star must appear once")
         rows = con.execute(
-            f"SELECT source_id >> {shift} AS pix, count(*) FROM {rel} GROUP BY pix ORDER BY pix"
+            f"SELECT source_id >> {shift} AS pix, count(*) FROM read_parquet({list(raw_files['gaia_source'])!r}) "
+            "GROUP BY pix ORDER BY pix"
         ).fetchall()
     except duckdb.Error as err:
-        raise InputError(f"cannot read source_ids from {src}: {err}") from err
+        raise InputError(f"cannot read source_ids from {paths.raw}: {err}") from err
     finally:
         con.close()
     plan = []
     for pix, n in rows:
         lo, hi = P.source_id_range(int(pix), level)
         plan.append(PartitionPlan(P.partition_name(int(pix), level), level, int(pix), lo, hi, int(n)))
-    write_json_atomic(run_dir / STATE_DIR / "plan.json", {"level": level, "partitions": [asdict(p) for p in plan]})
-    return plan
+    write_json_atomic(paths.state / "plan.json", {"level": level, "partitions": [asdict(p) for p in plan]})
+    return plan, raw_files
 
 
 def read_plan(run_dir: Path) -> list[PartitionPlan]:
