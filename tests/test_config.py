@@ -67,7 +67,7 @@ def test_replace_with_a_preset_resolves_like_the_toml():
 
 
 def test_toml_roundtrip_and_diff(tmp_path):
-    cfg = config_from_dict({"training": {"preset": "quick"}, "cluster": {"options": {"queue": "normal"}}})
+    cfg = config_from_dict({"training": {"preset": "quick"}, "cluster": {"profile": "slurm", "options": {"queue": "normal"}}})
     path = write_config(cfg, tmp_path / "run")
     back = load_config(path)
     assert back == cfg

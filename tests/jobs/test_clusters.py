@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from xpcat.config import ClusterConfig
-from xpcat.jobs.clusters import ClusterProfileError, available_profiles, cluster_kwargs, load_profile, open_cluster
+from xpcat.config import ClusterConfig, ConfigError, config_from_dict
+from xpcat.jobs.clusters import (
+    ClusterProfileError,
+    accepted_options,
+    available_profiles,
+    cluster_kwargs,
+    load_profile,
+    open_cluster,
+)
 
 
 def test_shipped_profiles_parse():
@@ -65,15 +72,47 @@ def test_pbs_gpu_resource_spec_filled_in():
     assert "#PBS -l select=1:ncpus=1:ngpus=1:mem=4096MB" in script and "--resources GPU=1" in script
 
 
-def test_option_rejected_by_dask_jobqueue_is_named(monkeypatch):
-    import shutil
+def test_option_the_cluster_class_cannot_take_is_refused_when_the_config_is_read():
+    """Issue 19.9: such options reached LocalCluster and ended in "Nanny failed to start" tracebacks."""
+    with pytest.raises(ConfigError, match=r"\[cluster\] options: qeueu = 'debug' is not a keyword argument of SLURMCluster"):
+        ClusterConfig(profile="slurm", options={"qeueu": "debug"})
+    with pytest.raises(ConfigError, match="queue = 'debug' is not a keyword argument of LocalCluster.*slurm or pbs"):
+        config_from_dict({"cluster": {"profile": "local", "options": {"queue": "debug"}}})
+    # what the classes take passes: job-queue keywords, and LocalCluster's own and its workers'
+    ClusterConfig(profile="slurm", options={"queue": "debug", "account": "a", "job_extra_directives": ["-C gpu"]})
+    ClusterConfig(profile="local", options={"processes": False, "silence_logs": 40, "nthreads": 1})
+    assert {"queue", "account", "walltime", "cores", "memory"} <= accepted_options("slurm")
+    assert {"n_workers", "lifetime", "resources", "memory_limit"} <= accepted_options("local")
 
-    real = shutil.which
-    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/sbatch" if name == "sbatch" else real(name))
-    cfg = ClusterConfig(profile="slurm", options={"qeueu": "debug"})
-    with pytest.raises(ClusterProfileError, match="qeueu"):
-        with open_cluster(cfg):
+
+def test_profile_keyword_the_cluster_class_cannot_take_is_named_before_starting(tmp_path):
+    prof = tmp_path / "mine.yaml"
+    prof.write_text("kind: local\ncluster:\n  queue: debug\n")
+    with pytest.raises(ClusterProfileError, match=f"queue = 'debug' in profile {prof} is not a keyword argument"):
+        with open_cluster(ClusterConfig(profile=str(prof), n_workers=1, memory_limit="1GiB")):
             pass
+
+
+@pytest.mark.parametrize("values, match", [
+    ({"lifetime": "fifty"}, "lifetime = 'fifty': not a duration"),
+    ({"lifetime": "30m", "lifetime_stagger": "soon"}, "lifetime_stagger = 'soon': not a duration"),
+    ({"lifetime_stagger": "5m"}, "lifetime_stagger = '5m' needs a lifetime"),
+    ({"memory_limit": "lots"}, "memory_limit = 'lots': not a size"),
+    ({"memory_limit": "0GiB"}, "memory_limit = '0GiB': must be a positive size"),
+])
+def test_bad_durations_and_sizes_are_one_config_error(values, match):
+    with pytest.raises(ConfigError, match=match):
+        config_from_dict({"cluster": values})
+
+
+def test_closing_a_cluster_leaves_distributed_quiet_and_restores_its_level():
+    import logging
+
+    log = logging.getLogger("distributed")
+    before = log.level
+    with open_cluster(ClusterConfig(profile="threads", n_workers=1, memory_limit="1GiB")) as (_, client, _p):
+        assert client.submit(sum, [1, 2]).result() == 3
+    assert log.level == before
 
 
 def test_local_profile_cluster_and_more_processes_refused():
@@ -83,5 +122,5 @@ def test_local_profile_cluster_and_more_processes_refused():
         assert client.submit(sum, [1, 2]).result() == 3
     with pytest.raises(ClusterProfileError, match="one worker process per job"):
         cluster_kwargs(load_profile("slurm"), ClusterConfig(profile="slurm", options={"processes": 4}))
-    with pytest.raises(ClusterProfileError, match="memory_limit = 'lots'"):
-        cluster_kwargs(load_profile("slurm"), ClusterConfig(profile="slurm", memory_limit="lots"))
+    with pytest.raises(ConfigError, match="memory_limit = 'lots'"):
+        ClusterConfig(profile="slurm", memory_limit="lots")

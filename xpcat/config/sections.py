@@ -11,6 +11,7 @@ import logging
 from dataclasses import dataclass
 from typing import Literal
 
+from xpcat.config.cluster_values import check_cluster_values
 from xpcat.config.fields import Section, config_field
 
 __all__ = [
@@ -219,7 +220,12 @@ class ClusterConfig(Section):
     lifetime: str = config_field("", "Worker --lifetime (e.g. '30m'); empty for none.")
     lifetime_stagger: str = config_field("", "Worker --lifetime-stagger (e.g. '5m').")
     retries: int = config_field(2, "Retries of a task that raised, before it is recorded as failed.", min=0)
-    options: dict = config_field({}, "Extra keyword arguments for the dask-jobqueue cluster class (queue, account, walltime, ...).")
+    options: dict = config_field({}, "Extra keyword arguments of the profile's cluster class (LocalCluster, or the "
+                                 "dask-jobqueue class: queue, account, walltime, ...); checked against its signature.")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_cluster_values(self)
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ replaced (``recipes/slurm-single-node.md``).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import os
 from collections.abc import Iterator
@@ -40,7 +41,8 @@ from xpcat.errors import XpcatError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ClusterProfileError", "Profile", "PROFILE_DIR", "available_profiles", "load_profile", "cluster_kwargs", "open_cluster"]
+__all__ = ["ClusterProfileError", "Profile", "PROFILE_DIR", "available_profiles", "load_profile", "accepted_options",
+           "check_options", "cluster_kwargs", "open_cluster"]
 
 #: Folder of the shipped profiles.
 PROFILE_DIR = Path(__file__).with_name("profiles")
@@ -216,6 +218,99 @@ def _cluster_class(kind: str):
     return PBSCluster
 
 
+def _parameters(*callables: Any) -> set[str]:
+    """Names of the named parameters of ``callables`` (not ``self``, ``*args`` or ``**kwargs``)."""
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {p.name for c in callables for p in inspect.signature(c).parameters.values()
+            if p.kind in named and p.name != "self"}
+
+
+def accepted_options(kind: str) -> set[str]:
+    """The keyword arguments the cluster class of a profile kind takes.
+
+    ``LocalCluster`` passes the keywords it does not know to its workers
+    (``Nanny``, then ``Worker`` and its ``Server``), which fail to start on one
+    they do not know either; a dask-jobqueue class passes them to its job class
+    (e.g. ``SLURMJob``, then ``Job``). The accepted set is the union of those
+    signatures.
+
+    Parameters
+    ----------
+    kind : str
+        ``"local"``, ``"slurm"`` or ``"pbs"``.
+
+    Returns
+    -------
+    set of str
+    """
+    cls = _cluster_class(kind)
+    if kind == "local":
+        from distributed import Nanny, Worker
+        from distributed.core import Server
+
+        return _parameters(cls.__init__, Nanny.__init__, Worker.__init__, Server.__init__)
+    from dask_jobqueue.core import Job
+
+    return _parameters(cls.__init__, cls.job_cls.__init__, Job.__init__)
+
+
+def check_options(profile: Profile, options: dict[str, Any], *, source: str = "") -> None:
+    """Refuse keyword arguments that the profile's cluster class cannot take.
+
+    Parameters
+    ----------
+    profile : Profile
+    options : dict
+        ``[cluster] options`` (or the profile's own ``cluster`` mapping).
+    source : str
+        Where ``options`` come from, for the message (default: the run config).
+
+    Raises
+    ------
+    ClusterProfileError
+        Naming each rejected key and its value, the class and the profile.
+    """
+    if not options:
+        return
+    known = accepted_options(profile.kind)
+    bad = sorted(k for k in options if k not in known)
+    if not bad:
+        return
+    cls = _cluster_class(profile.kind)
+    shown = ", ".join(f"{k} = {options[k]!r}" for k in bad)
+    hint = ("; job-queue options such as queue or account need a slurm or pbs profile" if profile.kind == "local"
+            else "")
+    what = "is not a keyword argument" if len(bad) == 1 else "are not keyword arguments"
+    raise ClusterProfileError(f"{shown}{' in ' + source if source else ''} {what} of {cls.__name__}, "
+                              f"the cluster class of profile {profile.name!r}{hint}")
+
+
+def _quiet_distributed() -> None:
+    """Silence distributed's warnings in this process (workers and the client at shutdown)."""
+    logging.getLogger("distributed").setLevel(logging.ERROR)
+
+
+@contextlib.contextmanager
+def _quiet_shutdown(client: Any) -> Iterator[None]:
+    """Close without the workers' and nannies' shutdown warnings (unless logging at DEBUG).
+
+    A worker still busy when its nanny stops it, or one whose scheduler went
+    first, warns on the way out; at the end of a run that is noise.
+    """
+    log = logging.getLogger("distributed")
+    if logging.getLogger().getEffectiveLevel() <= logging.DEBUG:
+        yield
+        return
+    old = log.level
+    with contextlib.suppress(OSError, TimeoutError):  # the scheduler or a worker already gone: nothing to quiet there
+        client.run(_quiet_distributed, on_error="ignore")
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(old)
+
+
 @contextlib.contextmanager
 def open_cluster(cfg: ClusterConfig, *, log_dir: Path | None = None) -> Iterator[tuple[Any, Any, Profile]]:
     """Start the cluster of ``cfg.profile`` and a client; close both on exit.
@@ -239,6 +334,8 @@ def open_cluster(cfg: ClusterConfig, *, log_dir: Path | None = None) -> Iterator
     from distributed import Client
 
     profile = load_profile(cfg.profile)
+    check_options(profile, profile.cluster, source=f"profile {profile.path}")
+    check_options(profile, cfg.options, source="[cluster] options")
     kw = cluster_kwargs(profile, cfg, log_dir=log_dir)
     cls = _cluster_class(profile.kind)
     if profile.kind != "local":
@@ -263,6 +360,8 @@ def open_cluster(cfg: ClusterConfig, *, log_dir: Path | None = None) -> Iterator
         try:
             yield cluster, client, profile
         finally:
-            client.close()
+            with _quiet_shutdown(client):
+                client.close()
+                cluster.close()
     finally:
-        cluster.close()
+        cluster.close()  # idempotent; here for a cluster whose client never started
