@@ -13,6 +13,7 @@ from pathlib import Path
 import dask
 import distributed  # noqa: F401 - loads distributed.* config defaults before dask.config.set
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from _fake_stages import FAKE_STAGES, write_raw
@@ -285,3 +286,52 @@ def test_xpcat_run_real_stages_local(tmp_path):
     make_artifact(rd / "model", seed=1)
     res = runner.invoke(cli, ["run", str(cfg_path), "--run-dir", str(rd)])
     assert res.exit_code == 1 and "model artifact" in res.output
+
+
+def test_moved_run_directory_resumes_with_nothing_to_redo(tmp_path):
+    """Issue 19 item 6: inputs inside RUN_DIR are stored relative to it and identified by content."""
+    import shutil
+
+    from xpcat.config import read_run_config
+
+    rd = tmp_path / "first"
+    write_raw(rd, 200, LEVEL, PIXELS)
+    labels = rd / "inputs" / "labels.parquet"
+    labels.parent.mkdir()
+    pq.write_table(pa.table({"source_id": pa.array([1, 2], pa.int64())}), labels)
+    cfg = _config().replace(data={"labels": str(labels)})
+    run_stages(rd, cfg, FAKE_STAGES)
+    assert str(rd) not in (rd / "config.toml").read_text() and str(rd) not in (rd / "state" / "run.json").read_text()
+    moved = tmp_path / "elsewhere" / "moved"
+    shutil.copytree(rd, moved)
+    shutil.rmtree(rd)
+    frozen = read_run_config(moved)
+    assert frozen.data.labels == "inputs/labels.parquet"
+    out = run_stages(moved, frozen, FAKE_STAGES)
+    assert out["resumed"] is True
+    assert out["stages"]["condition"]["submitted"] == 0 and out["stages"]["infer"]["submitted"] == 0
+    assert out["stages"]["catalog"]["skipped"] is True
+    # a renamed raw file with the same content is the same input; changed content is not
+    raw = sorted((moved / "raw" / "gaia_source").glob("*.parquet"))[0]
+    raw.rename(raw.with_name("renamed.parquet"))
+    assert run_stages(moved, frozen, FAKE_STAGES)["stages"]["condition"]["submitted"] == 0
+    pq.write_table(pa.table({"source_id": pa.array([3], pa.int64())}), moved / "inputs" / "labels.parquet")
+    with pytest.raises(StageError, match="input changed: inputs/labels.parquet"):
+        run_stages(moved, frozen, FAKE_STAGES)
+
+
+def test_every_file_a_run_writes_honours_the_umask(run_dir):
+    """Issue 19 item 1: raw, conditioned, fitted, catalog and state files are group/world readable at umask 022."""
+    import os
+    import stat
+
+    rd, _ = run_dir
+    old = os.umask(0o022)
+    try:
+        run_stages(rd, _config(), FAKE_STAGES)
+    finally:
+        os.umask(old)
+    modes = {p.relative_to(rd): stat.S_IMODE(p.stat().st_mode) for p in rd.rglob("*") if p.is_file()}
+    assert any(str(p).startswith("catalog/dataset") for p in modes)
+    private = {str(p): oct(m) for p, m in modes.items() if m & 0o044 != 0o044}
+    assert not private, f"files not readable by group/others: {private}"

@@ -190,7 +190,7 @@ def universe_run(tmp_path_factory):
     binaries) and the classifier's output is a probability, so few stars fall below 0.5: the universe must be
     large for the held-out 20 % to hold enough of them. 200k stars give 32 held-out stars labelled not
     confident in Teff (4 with 100k, whose held-out AUC is 0.90 all the same)."""
-    from xpcat.production.condition.stage import condition_run
+    from xpcat.production.run import run_condition
     from xpcat.production.synthetic.universe import simulate_universe
     from xpcat.production.train import train_run
 
@@ -200,7 +200,7 @@ def universe_run(tmp_path_factory):
         "confidence": {"preset": "quick"}, "training": {"preset": "quick"}, "data": {"partition_level": 1},
     })
     simulate_universe(run, cfg.simulate)
-    condition_run(run, cfg)
+    run_condition(run, cfg)
     train_run(run, cfg)
     out = S.train_confidence_run(run, cfg)
     state = json.loads((run / S.STATE_FILE).read_text())

@@ -1,7 +1,7 @@
 """Issue 5 item 6: training on a synthetic universe recovers the truth.
 
 A universe is simulated (``simulate_universe``, every star labelled), conditioned
-(``condition_run``) and trained with the ``quick`` preset (``train_run``); the
+(``run_condition``, the engine) and trained with the ``quick`` preset (``train_run``); the
 trained model is then compared with the universe's truth:
 
 - the learned extinction vector R against the truth law at the universe's mean
@@ -45,12 +45,12 @@ def _config(n_stars: int, training: dict, model: dict | None = None):
 
 
 def _simulate(tmp: Path, n_stars: int) -> Path:
-    from xpcat.production.condition.stage import condition_run
+    from xpcat.production.run import run_condition
     from xpcat.production.synthetic.universe import simulate_universe
 
     cfg = _config(n_stars, {})
     simulate_universe(tmp, cfg.simulate)
-    condition_run(tmp, cfg)
+    run_condition(tmp, cfg)
     return tmp
 
 

@@ -57,6 +57,7 @@ from xpcat.production import partitions as P
 from xpcat.production import run_state as S
 from xpcat.production.capacity import plan_run
 from xpcat.production.run_dir import RunPaths
+from xpcat.production.run_lock import run_lock
 
 logger = logging.getLogger(__name__)
 
@@ -174,12 +175,14 @@ def default_stages(gpu: bool = False) -> list[Stage]:
 
 # ---------------------------------------------------------------- the done test
 def _done_key(stage: Stage, config: RunConfig, inputs: dict, model_hash: str | None) -> str:
+    """Hash of the config sections, raw inputs (the stage tables' content) and model a stage's output depends on."""
     d = config_to_dict(config)
+    tables = {t: sorted(str(v["sha256"]) for k, v in inputs.items() if f"/{t}/" in f"/{k}") for t in S.STAGE_TABLES}
     doc = {
         "stage": stage.name,
         "config": {s: {k: v for k, v in d[s].items() if k not in S.OPERATIONAL_FIELDS.get(s, ())}
                    for s in stage.sections},
-        "inputs": inputs if stage.needs is None else None,
+        "inputs": tables if stage.needs is None else None,  # by content: a moved or renamed file is the same input
         "model": model_hash if stage.uses_model else None,
     }
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:24]
@@ -344,7 +347,8 @@ def _model_hash(model_dir: Path) -> str:
 
 # ---------------------------------------------------------------- the engine
 def run_stages(run_dir: Path, config: RunConfig, stages: Sequence[Stage], *, model_dir: Path | None = None,
-               catalog: bool = True, strict_resume: bool = True, on_dashboard: Callable[[str], None] | None = None) -> dict:
+               catalog: bool = True, strict_resume: bool = True, on_dashboard: Callable[[str], None] | None = None,
+               command: str = "run") -> dict:
     """Run ``stages`` (then the catalog) over the planned partitions.
 
     Parameters
@@ -363,6 +367,8 @@ def run_stages(run_dir: Path, config: RunConfig, stages: Sequence[Stage], *, mod
         Otherwise the done key redoes what changed (single-stage commands).
     on_dashboard : callable, optional
         Called with the Dask dashboard address once the cluster is up.
+    command : str
+        The command running (named to a second process refused by the run lock).
 
     Returns
     -------
@@ -373,14 +379,17 @@ def run_stages(run_dir: Path, config: RunConfig, stages: Sequence[Stage], *, mod
     ------
     StageError
         When partitions failed (after the other partitions finished), naming them.
+    RunLockedError
+        When another live process works in the run directory.
     """
     from xpcat.jobs.clusters import open_cluster
     from xpcat.jobs.plugins import ModelPlugin
 
     paths = RunPaths.of(run_dir, config)
     run_dir = paths.root
+    config = paths.portable(config)  # config.toml and the resume record name inputs inside RUN_DIR relatively
     t_start = time.perf_counter()
-    with _run_log(paths) as log_path:
+    with run_lock(paths.state, command), _run_log(paths) as log_path:
         logger.info("xpcat run in %s (log %s)", run_dir, log_path)
         inputs = S.input_fingerprint(run_dir, config)
         model_hash = _model_hash(model_dir) if model_dir is not None else None
@@ -458,7 +467,7 @@ def run_pipeline(run_dir: Path, config: RunConfig, **kwargs: Any) -> dict:
 
 def run_condition(run_dir: Path, config: RunConfig) -> dict:
     """``xpcat condition``: raw -> conditioned through the engine (no catalog)."""
-    return run_stages(run_dir, config, [condition_stage()], catalog=False, strict_resume=False)
+    return run_stages(run_dir, config, [condition_stage()], catalog=False, strict_resume=False, command="condition")
 
 
 def run_infer(run_dir: Path, config: RunConfig, model_dir: Path | None = None) -> dict:
@@ -473,9 +482,9 @@ def run_infer(run_dir: Path, config: RunConfig, model_dir: Path | None = None) -
     paths = RunPaths.of(run_dir, config)
     return run_stages(paths.root, config, [condition_stage(), infer_stage(load_profile(config.cluster.profile).gpu)],
                       model_dir=Path(model_dir) if model_dir is not None else paths.model,
-                      catalog=False, strict_resume=False)
+                      catalog=False, strict_resume=False, command="infer")
 
 
 def run_catalog(run_dir: Path, config: RunConfig) -> dict:
     """``xpcat catalog``: the HATS catalog from the fitted partitions, through the engine."""
-    return run_stages(run_dir, config, [], catalog=True, strict_resume=False)
+    return run_stages(run_dir, config, [], catalog=True, strict_resume=False, command="catalog")

@@ -20,8 +20,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-__all__ = ["RunPaths"]
+__all__ = ["DATA_PATH_FIELDS", "RunPaths"]
+
+#: ``[data]`` fields that name files or folders (stored relative to the run directory when inside it).
+DATA_PATH_FIELDS = ("raw_dir", "unwise", "labels", "reddening")
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,23 @@ class RunPaths:
             return str(p.relative_to(self.root))
         except ValueError:
             return str(p)
+
+    def portable(self, config: Any) -> Any:
+        """``config`` with its ``[data]`` paths inside the run directory made relative to it.
+
+        A run directory that is copied or moved then still names its own
+        inputs (``config.toml`` and the resume record hold no absolute path
+        into it). Paths outside it stay absolute.
+        """
+        data = config.data
+        changes = {}
+        for name in DATA_PATH_FIELDS:
+            value = getattr(data, name)
+            if value and Path(value).expanduser().is_absolute():
+                rel = self.relative(value)
+                if rel != value:
+                    changes[name] = rel
+        return config.replace(data=changes) if changes else config
 
     # ---------------------------------------------------------------- stage folders
     @property

@@ -27,7 +27,7 @@ from typing import Any
 
 from xpcat.config import RunConfig, config_to_dict
 from xpcat.errors import InputError, StageError
-from xpcat.fileio import write_json_atomic
+from xpcat.fileio import file_sha256, write_json_atomic
 from xpcat.production import partitions as P
 from xpcat.production.run_dir import RunPaths
 
@@ -81,32 +81,66 @@ class PartitionPlan:
     rows: int
 
 
-def _raw_dir(run_dir: Path, config: RunConfig) -> Path:
-    p = Path(config.data.raw_dir)
-    return p if p.is_absolute() else run_dir / p
+def _content_id(path: Path) -> str:
+    """sha256 of a file: from its done marker when it has a valid-looking one (raw partitions), else hashed."""
+    marker = P.read_marker(path)
+    try:
+        if marker is not None and int(marker["bytes"]) == path.stat().st_size:
+            return str(marker["sha256"])
+    except (KeyError, TypeError, ValueError, OSError):
+        pass
+    return file_sha256(path)
 
 
-def input_fingerprint(run_dir: Path, config: RunConfig) -> dict[str, int]:
-    """The input file set: every raw Parquet file and side table, with its size in bytes.
+def input_fingerprint(run_dir: Path, config: RunConfig) -> dict[str, dict]:
+    """The input file set, identified by content: every raw Parquet file and side table.
 
     Returns
     -------
     dict
-        ``{path relative to the run directory (or absolute): size}``.
+        ``{path relative to the run directory (or absolute): {"bytes": size, "sha256": digest}}``;
+        a missing side table has ``bytes = -1``. Raw partitions written by
+        fetch or ingest carry their digest in their done marker; other files are hashed.
     """
-    run_dir = Path(run_dir)
-    out: dict[str, int] = {}
-    raw = _raw_dir(run_dir, config)
+    paths = RunPaths.of(run_dir, config)
+    out: dict[str, dict] = {}
+    raw = paths.raw
     files = sorted(raw.glob("*/*.parquet")) if raw.is_dir() else []
-    extra = [config.data.unwise, config.data.labels, config.data.reddening]
-    files += [Path(x) if Path(x).is_absolute() else run_dir / x for x in extra if x]
+    extra = [paths.user_file(x) for x in (config.data.unwise, config.data.labels, config.data.reddening)]
+    files += [f for f in extra if f is not None]
     for f in files:
-        try:
-            key = str(f.relative_to(run_dir))
-        except ValueError:
-            key = str(f)
-        out[key] = f.stat().st_size if f.exists() else -1
+        key = paths.relative(f)
+        out[key] = ({"bytes": f.stat().st_size, "sha256": _content_id(f)} if f.exists()
+                    else {"bytes": -1, "sha256": None})
     return out
+
+
+def _input_changes(old: dict, new: dict) -> list[str]:
+    """What changed in the input set, by content: a renamed or moved file with the same content is no change."""
+    if any(isinstance(v, int) for v in old.values()):  # a resume record written before inputs had digests
+        new = {k: v["bytes"] for k, v in new.items()}
+        return ([f"input added: {f}" for f in sorted(set(new) - set(old))]
+                + [f"input removed: {f}" for f in sorted(set(old) - set(new))]
+                + [f"input changed: {f} ({old[f]} -> {new[f]} bytes)" for f in sorted(set(old) & set(new))
+                   if old[f] != new[f]])
+    by_sha_old = {v["sha256"]: k for k, v in old.items()}
+    by_sha_new = {v["sha256"]: k for k, v in new.items()}
+    changes = []
+    for f in sorted(set(old) | set(new)):
+        a, b = old.get(f), new.get(f)
+        if a == b:
+            continue
+        if a is None and b["sha256"] in by_sha_old:
+            continue  # the same content under another name
+        if b is None and a["sha256"] in by_sha_new:
+            continue
+        if a is None:
+            changes.append(f"input added: {f}")
+        elif b is None:
+            changes.append(f"input removed: {f}")
+        else:
+            changes.append(f"input changed: {f} ({a['bytes']} -> {b['bytes']} bytes, content differs)")
+    return changes
 
 
 def _result_config(config: RunConfig) -> dict:
@@ -123,7 +157,7 @@ def check_resume(run_dir: Path, config: RunConfig, inputs: dict[str, int], model
     run_dir : Path
     config : RunConfig
     inputs : dict
-        From :func:`input_fingerprint`.
+        From :func:`input_fingerprint` (content, not paths: a moved run directory resumes).
     model_hash : str or None
         Content hash of the model artifact.
     strict : bool
@@ -156,14 +190,7 @@ def check_resume(run_dir: Path, config: RunConfig, inputs: dict[str, int], model
             before = old["config"].get(sec, {}).get(key)
             if before != value:
                 changes.append(f"config [{sec}] {key}: {before!r} -> {value!r}")
-    for f in sorted(set(old["inputs"]) | set(inputs)):
-        a, b = old["inputs"].get(f), inputs.get(f)
-        if a is None:
-            changes.append(f"input added: {f}")
-        elif b is None:
-            changes.append(f"input removed: {f}")
-        elif a != b:
-            changes.append(f"input changed: {f} ({a} -> {b} bytes)")
+    changes += _input_changes(old["inputs"], inputs)
     # a run may condition before the model exists (no hash yet); once a model was used, it may not change
     if model_hash is not None and old.get("model_hash") not in (None, model_hash):
         changes.append(f"model artifact: {old.get('model_hash')!r} -> {model_hash!r}")
@@ -182,10 +209,13 @@ def check_resume(run_dir: Path, config: RunConfig, inputs: dict[str, int], model
 STAGE_TABLES = ("gaia_source", "xp_continuous_mean_spectrum", "tmass", "unwise")
 
 
-def _duplicates(con: Any, rel: str) -> list[tuple[int, int]]:
-    return con.execute(
-        f"SELECT source_id, count(*) AS n FROM {rel} GROUP BY source_id HAVING n > 1 ORDER BY source_id LIMIT 5"
+def _duplicates(con: Any, files: tuple[str, ...]) -> str:
+    """The first duplicated source_ids of ``files`` with the files holding them ("" when there are none)."""
+    rows = con.execute(
+        f"SELECT source_id, count(*) AS n, list(DISTINCT filename) FROM read_parquet({list(files)!r}, filename=true) "
+        "GROUP BY source_id HAVING n > 1 ORDER BY source_id LIMIT 5"
     ).fetchall()
+    return "; ".join(f"{sid} ({n}x, in {', '.join(sorted(Path(f).name for f in names))})" for sid, n, names in rows)
 
 
 def plan_partitions(run_dir: Path, config: RunConfig) -> tuple[list[PartitionPlan], dict[str, tuple[str, ...]]]:
@@ -221,10 +251,9 @@ def plan_partitions(run_dir: Path, config: RunConfig) -> tuple[list[PartitionPla
         for table in ("gaia_source", "xp_continuous_mean_spectrum"):
             if table not in raw_files:
                 continue
-            dups = _duplicates(con, f"read_parquet({list(raw_files[table])!r})")
+            dups = _duplicates(con, raw_files[table])
             if dups:
-                shown = ", ".join(f"{s} ({n}x)" for s, n in dups)
-                raise InputError(f"input {paths.raw_table(table)} has duplicated source_id(s): {shown}; "
+                raise InputError(f"input {paths.raw_table(table)} has duplicated source_id(s): {dups}; "
                                  "each star must appear once")
         rows = con.execute(
             f"SELECT source_id >> {shift} AS pix, count(*) FROM read_parquet({list(raw_files['gaia_source'])!r}) "

@@ -17,6 +17,7 @@ and PNG, per-star training results, checkpoints).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -30,7 +31,10 @@ from xpcat.catalog_schema.conditioned import NIR_WAVELENGTHS_UM
 from xpcat.catalog_schema.raw import LABELS, REDDENING
 from xpcat.config import RunConfig, config_to_dict
 from xpcat.errors import InputError, StageError
+from xpcat.fileio import atomic_path, write_text_atomic
 from xpcat.production.partitions import read_table
+from xpcat.production.run_dir import RunPaths
+from xpcat.production.run_lock import run_lock
 
 __all__ = ["split_is_validation", "stable_unit_hash", "build_training_set", "train_run", "LABEL_RANGE"]
 
@@ -109,12 +113,11 @@ def build_training_set(run_dir: Path, config: RunConfig) -> tuple[dict[str, np.n
         When the labels or reddening table lacks required columns.
     """
     t = config.training
-    run_dir = Path(run_dir)
-    raw_dir = Path(config.data.raw_dir)
-    raw_dir = raw_dir if raw_dir.is_absolute() else run_dir / raw_dir
-    cond = _read_dir(run_dir / "conditioned", "conditioned partition", _COND_COLUMNS)
+    paths = RunPaths.of(run_dir, config)
+    raw_dir = paths.raw
+    cond = _read_dir(paths.conditioned, "conditioned partition", _COND_COLUMNS)
     if cond is None:
-        raise StageError(f"no conditioned partitions in {run_dir / 'conditioned'} (run `xpcat condition` first)")
+        raise StageError(f"no conditioned partitions in {paths.conditioned} (run `xpcat condition` first)")
     labels = _read_dir(raw_dir / "labels", "labels table", None)
     if labels is None:
         raise StageError(f"no training labels in {raw_dir / 'labels'}: name a labels file in [data] labels "
@@ -286,7 +289,8 @@ def _draw_history(plt: Any, history: dict[str, Any], path: Path) -> None:
     axes[0].set_xlabel("epoch")
     axes[1].set_xlabel("epoch")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
 
 
@@ -296,17 +300,27 @@ def train_run(run_dir: Path, config: RunConfig) -> dict:
     Returns
     -------
     dict summary: counts, self-cleaning counts, content hash, paths, seconds.
+
+    Raises
+    ------
+    RunLockedError
+        When another process works in the run directory.
     """
+    paths = RunPaths.of(run_dir, config)
+    with run_lock(paths.state, "train"):
+        return _train(paths, config)
+
+
+def _train(paths: RunPaths, config: RunConfig) -> dict:
     from xpcat.model.artifact import save_artifact
     from xpcat.model.prior import fit_gmm
     from xpcat.model.training import TrainingData
     from xpcat.model.training_phases import Schedule, train_model
 
     t0 = time.perf_counter()
-    run_dir = Path(run_dir)
-    model_dir = run_dir / "model"
+    model_dir = paths.model
     model_dir.mkdir(parents=True, exist_ok=True)
-    arrays, counts = build_training_set(run_dir, config)
+    arrays, counts = build_training_set(paths.root, config)
     fields = ("source_id", "flux", "flux_error", "factor_triu", "theta_obs", "theta_err", "plx_obs", "plx_err",
               "e_obs", "e_err", "hq")
     val = arrays["validation"]
@@ -319,7 +333,7 @@ def train_run(run_dir: Path, config: RunConfig) -> dict:
     dtype = np.float64 if config.model.dtype == "float64" else np.float32
     import jax
 
-    ctx = jax.enable_x64(True) if dtype == np.float64 else _null()
+    ctx = jax.enable_x64(True) if dtype == np.float64 else contextlib.nullcontext()
     with ctx, jax.default_matmul_precision("highest"):
         result = train_model(train, schedule, wavelengths, checkpoint_dir=model_dir / "checkpoints",
                              validation=valid, dtype=dtype)
@@ -329,22 +343,14 @@ def train_run(run_dir: Path, config: RunConfig) -> dict:
     content_hash = save_artifact(model_dir, params=result.params, scaler=result.scaler,
                                  activation=config.model.activation, gmm=gmm, wavelengths=wavelengths,
                                  flux_unit=FLUX_UNIT_W_M2_NM, config=config_to_dict(config), data_summary=summary)
-    (model_dir / "training_history.json").write_text(json.dumps(result.history, indent=1, allow_nan=True))
+    write_text_atomic(model_dir / "training_history.json", json.dumps(result.history, indent=1, allow_nan=True))
     _plot_history(result.history, model_dir / "loss_curves.png")
-    np.savez(model_dir / "training_stars.npz", source_id=train.source_id, theta=result.stars["theta"],
-             plx=result.stars["plx"], e=result.stars["e"], removed_param=result.removed_param,
-             removed_flux=result.removed_flux, hq=train.hq)
-    (model_dir / "training_set_counts.json").write_text(json.dumps(summary, indent=1))
+    with atomic_path(model_dir / "training_stars.npz") as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, source_id=train.source_id, theta=result.stars["theta"], plx=result.stars["plx"],
+                 e=result.stars["e"], removed_param=result.removed_param, removed_flux=result.removed_flux, hq=train.hq)
+    write_text_atomic(model_dir / "training_set_counts.json", json.dumps(summary, indent=1))
     out = {"stage": "train", "model_dir": str(model_dir), "content_hash": content_hash,
            "resumed_after_phase": result.resumed_from, "seconds": round(time.perf_counter() - t0, 2), **counts,
            "self_cleaning": summary["self_cleaning"]}
     logger.info("training done: %s", json.dumps({k: out[k] for k in ("content_hash", "training", "validation")}))
     return out
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -40,7 +39,10 @@ import pyarrow.parquet as pq
 
 from xpcat.config import RunConfig, config_to_dict
 from xpcat.errors import InputError, StageError
+from xpcat.fileio import atomic_path, write_text_atomic
 from xpcat.model import confidence as C
+from xpcat.production.run_dir import RunPaths
+from xpcat.production.run_lock import run_lock
 from xpcat.progress import progress
 
 logger = logging.getLogger(__name__)
@@ -103,12 +105,8 @@ def read_labels(run_dir: Path, config: RunConfig) -> pa.Table:
     InputError
         When a source_id appears twice or a file is unreadable.
     """
-    if config.data.labels:
-        path = Path(config.data.labels)
-        path = path if path.is_absolute() else run_dir / path
-    else:
-        raw = Path(config.data.raw_dir)
-        path = (raw if raw.is_absolute() else run_dir / raw) / "labels"
+    paths = RunPaths.of(run_dir, config)
+    path = paths.user_file(config.data.labels) or paths.raw_table("labels")
     files = _parquet_files(path) if path.exists() else []
     if not files:
         raise StageError(
@@ -144,9 +142,10 @@ def read_conditioned(run_dir: Path, source_ids: np.ndarray) -> dict[str, np.ndar
     StageError
         When there are no conditioned partitions.
     """
-    files = _parquet_files(run_dir / "conditioned")
+    conditioned = RunPaths.of(run_dir).conditioned
+    files = _parquet_files(conditioned)
     if not files:
-        raise StageError(f"no conditioned partitions in {run_dir / 'conditioned'}: run `xpcat condition` first")
+        raise StageError(f"no conditioned partitions in {conditioned}: run `xpcat condition` first")
     want = pa.array(np.asarray(source_ids, dtype=np.int64))
     parts = []
     for f in progress(files, "read", total=len(files), unit="part"):
@@ -259,12 +258,10 @@ def _write_stars(path: Path, source_id: np.ndarray, features: np.ndarray, est: n
     Teff [K], [Fe/H], logg, ``labels`` (n, 3) 1/0/NaN, ``used`` (n,) basic cut
     and finite features, ``holdout`` (n,), ``confidence`` (n, 3).
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, source_id=source_id, features=features, est=est, ref=ref,
-             labels=np.column_stack([labels[p] for p in C.PARAMETERS]), used=keep, holdout=holdout,
-             confidence=confidence, feature_names=np.asarray(C.FEATURE_NAMES))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, source_id=source_id, features=features, est=est, ref=ref,
+                 labels=np.column_stack([labels[p] for p in C.PARAMETERS]), used=keep, holdout=holdout,
+                 confidence=confidence, feature_names=np.asarray(C.FEATURE_NAMES))
 
 
 def _validation_mask(source_id: np.ndarray, config: RunConfig, artifact: Any) -> np.ndarray | None:
@@ -301,13 +298,21 @@ def train_confidence_run(run_dir: Path, config: RunConfig, *, model_dir: Path | 
     StageError
         Missing model, labels or conditioned partitions, or too few good / bad
         stars for a classifier (the message names the class and the count).
+    RunLockedError
+        When another process works in the run directory.
     """
+    paths = RunPaths.of(run_dir, config)
+    with run_lock(paths.state, "train-confidence"):
+        return _train_confidence(paths, config, Path(model_dir) if model_dir is not None else paths.model,
+                                 forward_model)
+
+
+def _train_confidence(paths: RunPaths, config: RunConfig, model_dir: Path, forward_model: Any) -> dict:
     from xpcat.model.artifact import add_component, artifact_exists, load_artifact
     from xpcat.model.inference import Inference, InferenceSettings
 
     t0 = time.perf_counter()
-    run_dir = Path(run_dir)
-    model_dir = Path(model_dir) if model_dir is not None else run_dir / "model"
+    run_dir = paths.root
     if not artifact_exists(model_dir):
         raise StageError(f"no model artifact at {model_dir}: run `xpcat train {run_dir}` first")
     artifact = load_artifact(model_dir)
@@ -390,11 +395,7 @@ def train_confidence_run(run_dir: Path, config: RunConfig, *, model_dir: Path | 
     summary["content_hash"] = add_component(model_dir, COMPONENT, C.classifiers_to_arrays(clf), meta)
     summary["seconds"] = time.perf_counter() - t0
     summary["config"] = config_to_dict(config)["confidence"]
-    state = run_dir / STATE_FILE
-    state.parent.mkdir(parents=True, exist_ok=True)
-    tmp = state.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(summary, indent=1, default=float))
-    os.replace(tmp, state)
+    write_text_atomic(run_dir / STATE_FILE, json.dumps(summary, indent=1, default=float))
     logger.info("confidence classifiers stored in %s: AUC teff %.3f, feh %.3f, logg %.3f",
                 model_dir, summary["auc_teff"], summary["auc_feh"], summary["auc_logg"])
     return {k: v for k, v in summary.items() if k != "classifiers"} | {

@@ -16,11 +16,12 @@ from xpcat import catalog_schema as cs
 from xpcat.catalog_schema.flags import ConditionFlag
 from xpcat.catalog_schema.raw import GAIA_SOURCE, TMASS, UNWISE, XP_CONTINUOUS
 from xpcat.config import config_from_dict
-from xpcat.errors import InputError
+from xpcat.errors import InputError, XpcatError
 from xpcat.production import partitions as P
 from xpcat.production.condition import block_factor
 from xpcat.production.condition import covariance as CM
 from xpcat.production.condition import stage as C
+from xpcat.production.run import run_condition
 
 REF_FILES = ["XP_CONTINUOUS_RAW_with_missing_BP.csv", "XP_CONTINUOUS_RAW_colour_eq_dr3int6.csv"]
 ARRAY_COLS = [f"{b}_{k}" for b in ("bp", "rp") for k in ("coefficients", "coefficient_errors", "coefficient_correlations")]
@@ -305,7 +306,9 @@ def make_raw_run(run_dir: Path, ref_df: pd.DataFrame, copies: int = 20, seed: in
     return {"xp": ids, "no_xp": no_xp, "all": all_ids}
 
 
-CFG = config_from_dict({"data": {"partition_level": 5}, "conditioning": {"batch_size": 16}})
+#: In-process cluster (the ``threads`` profile): the engine's path with a fast start.
+THREADS = {"profile": "threads", "n_workers": 1, "threads_per_worker": 2, "retries": 0}
+CFG = config_from_dict({"data": {"partition_level": 5}, "conditioning": {"batch_size": 16}, "cluster": THREADS})
 
 
 def _read_all(run_dir: Path) -> pa.Table:
@@ -313,13 +316,13 @@ def _read_all(run_dir: Path) -> pa.Table:
     return pa.concat_tables([P.read_table(f) for f in files]).sort_by("source_id")
 
 
-def test_condition_run_writes_every_star(tmp_path, ref_df, ref):
+def test_condition_command_writes_every_star(tmp_path, ref_df, ref):
     ids = make_raw_run(tmp_path, ref_df, copies=5)
-    summary = C.condition_run(tmp_path, CFG)
+    summary = run_condition(tmp_path, CFG)
     files = sorted((tmp_path / "conditioned").glob("*.parquet"))
     expect_pix = np.unique(P.partition_of(ids["all"], 5))
     assert [P.parse_partition_name(f)[1] for f in files] == list(expect_pix)
-    assert summary["partitions_written"] == len(files) and summary["stars"] == ids["all"].size
+    assert summary["stages"]["condition"]["completed"] == len(files) and summary["stars"] == ids["all"].size
     out = _read_all(tmp_path)
     cs.validate(out, cs.CONDITIONED)
     np.testing.assert_array_equal(out.column("source_id").to_numpy(), np.sort(ids["all"]))
@@ -353,34 +356,40 @@ def test_condition_run_writes_every_star(tmp_path, ref_df, ref):
 
 def test_rerun_skips_and_redoes_corrupt(tmp_path, ref_df):
     make_raw_run(tmp_path, ref_df, copies=2)
-    first = C.condition_run(tmp_path, CFG)
+    first = run_condition(tmp_path, CFG)
     files = sorted((tmp_path / "conditioned").glob("*.parquet"))
-    again = C.condition_run(tmp_path, CFG)
-    assert again["partitions_skipped"] == len(files) and again["partitions_written"] == 0
+    again = run_condition(tmp_path, CFG)["stages"]["condition"]
+    assert again["submitted"] == 0 and again["completed"] == 0
     data = files[0].read_bytes()
     files[0].write_bytes(data[: len(data) // 2])
     P.marker_path(files[1]).unlink()
-    third = C.condition_run(tmp_path, CFG)
-    assert third["partitions_redone"] == 2 and third["partitions_skipped"] == len(files) - 2
+    third = run_condition(tmp_path, CFG)["stages"]["condition"]
+    assert third["submitted"] == 2 and third["completed"] == 2
     assert P.is_done(files[0]) and P.is_done(files[1])
     # changed options redo everything
-    paper = config_from_dict({"data": {"partition_level": 5}, "conditioning": {"covariance": "paper"}})
-    fourth = C.condition_run(tmp_path, paper)
-    assert fourth["partitions_redone"] == len(files)
+    paper = CFG.replace(conditioning={"covariance": "paper", "batch_size": 20000})
+    fourth = run_condition(tmp_path, paper)
+    assert fourth["stages"]["condition"]["completed"] == len(files)
     assert first["stars"] == fourth["stars"]
 
 
 def test_condition_partition_reads_its_range(tmp_path, ref_df):
+    from xpcat.production import run_state as S
+
     ids = make_raw_run(tmp_path, ref_df, copies=2)
-    tasks = C.plan_partitions(tmp_path, CFG)
-    t = tasks[0]
-    res = C.condition_partition(t.raw_files, t.pix, t.out_path, CFG, n_expected=t.n_stars)
-    assert res["status"] == "written" and res["stars"] == t.n_stars
+    plan, raw_files = S.plan_partitions(tmp_path, CFG)
+    t = plan[0]
+    files = {k: [Path(f) for f in v] for k, v in raw_files.items()}
+    out = tmp_path / "conditioned" / f"{t.name}.parquet"
+    res = C.condition_partition(files, t.pix, out, CFG, n_expected=t.rows)
+    assert res["status"] == "written" and res["stars"] == t.rows
     assert set(res) >= {"partition", "stars", "flags", "bytes", "seconds"}
     json.dumps(res)
     lo, hi = P.source_id_range(t.pix, 5)
     assert res["stars"] == int(np.sum((ids["all"] >= lo) & (ids["all"] < hi)))
-    assert C.condition_partition(t.raw_files, t.pix, t.out_path, CFG, n_expected=t.n_stars)["status"] == "skipped"
+    sha = P.read_marker(out)["sha256"]
+    assert C.condition_partition(files, t.pix, out, CFG, n_expected=t.rows)["status"] == "redone"
+    assert P.read_marker(out)["sha256"] == sha  # deterministic
 
 
 def test_duplicate_source_ids_are_named(tmp_path, ref_df):
@@ -390,14 +399,14 @@ def test_duplicate_source_ids_are_named(tmp_path, ref_df):
     pq.write_table(t.slice(0, 1), gdir / "part-2.parquet")
     dup = t.column("source_id")[0].as_py()
     with pytest.raises(InputError, match=str(dup)) as err:
-        C.condition_run(tmp_path, CFG)
-    assert "part-2.parquet" in str(err.value)
+        run_condition(tmp_path, CFG)
+    assert "part-2.parquet" in str(err.value) and "part-0.parquet" in str(err.value)
     (gdir / "part-2.parquet").unlink()
     xdir = tmp_path / "raw" / "xp_continuous_mean_spectrum"
     x = pq.read_table(xdir / "part-1.parquet")
     pq.write_table(pa.concat_tables([x, x.slice(0, 1)]), xdir / "part-1.parquet")
     with pytest.raises(InputError, match=str(x.column("source_id")[0].as_py())):
-        C.condition_run(tmp_path, CFG)
+        run_condition(tmp_path, CFG)
     assert ids["all"].size
 
 
@@ -407,20 +416,24 @@ def test_truncated_raw_file_and_orphan_xp_rows(tmp_path, ref_df):
     good = f.read_bytes()
     f.write_bytes(good[: len(good) // 3])
     with pytest.raises(InputError, match="part-1.parquet"):
-        C.condition_run(tmp_path, CFG)
+        run_condition(tmp_path, CFG)
     f.write_bytes(good)
     gdir = tmp_path / "raw" / "gaia_source"
     g = pq.read_table(gdir / "part-1.parquet")
     pq.write_table(g.slice(1), gdir / "part-1.parquet")
-    with pytest.raises(InputError, match="no gaia_source row"):
-        C.condition_run(tmp_path, CFG)
+    with pytest.raises(XpcatError, match="no gaia_source row"):  # the partition's task fails; recorded and named
+        run_condition(tmp_path, CFG)
 
 
-def test_missing_required_table(tmp_path):
-    from xpcat.errors import StageError
+def test_missing_required_table(tmp_path, ref_df):
+    with pytest.raises(InputError, match="no raw gaia_source"):
+        run_condition(tmp_path, CFG)
+    make_raw_run(tmp_path, ref_df, copies=1, split_files=False)
+    import shutil
 
-    with pytest.raises(StageError, match="gaia_source"):
-        C.condition_run(tmp_path, CFG)
+    shutil.rmtree(tmp_path / "raw" / "xp_continuous_mean_spectrum")
+    with pytest.raises(XpcatError, match="no raw xp_continuous_mean_spectrum files"):
+        run_condition(tmp_path, CFG)
 
 
 def test_cli_condition(tmp_path, ref_df):
@@ -429,6 +442,7 @@ def test_cli_condition(tmp_path, ref_df):
     from xpcat.cli import cli
 
     make_raw_run(tmp_path, ref_df, copies=1, split_files=False)
+    (tmp_path / "config.toml").write_text('[cluster]\nprofile = "threads"\n')
     res = CliRunner().invoke(cli, ["condition", str(tmp_path)])
     assert res.exit_code == 0, res.output
     assert json.loads(res.output[res.output.index("{") :])["stars"] == len(ref_df) + 2
@@ -444,6 +458,7 @@ def test_simulate_then_condition_end_to_end(tmp_path):
     runner = CliRunner()
     res = runner.invoke(cli, ["simulate", str(run), "--stars", "300", "--seed", "7"])
     assert res.exit_code == 0, res.output
+    (run / "config.toml").write_text('[cluster]\nprofile = "threads"\n')
     res = runner.invoke(cli, ["condition", str(run)])
     assert res.exit_code == 0, res.output
     summary = json.loads(res.output[res.output.index("{") :])
@@ -469,7 +484,8 @@ def test_simulate_then_condition_end_to_end(tmp_path):
     med = np.nanmedian(flux[good, :61])
     assert 1e-2 < med < 1e4
     again = runner.invoke(cli, ["condition", str(run)])
-    assert json.loads(again.output[again.output.index("{") :])["partitions_skipped"] == summary["partitions_written"]
+    redo = json.loads(again.output[again.output.index("{") :])["stages"]["condition"]
+    assert redo["submitted"] == 0 and summary["stages"]["condition"]["completed"] == summary["partitions"]
 
 
 @pytest.mark.parametrize("floor", [1e-9, 30.0])

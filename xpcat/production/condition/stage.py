@@ -1,12 +1,11 @@
 """The condition stage (SPEC §1): raw tables -> conditioned flux partitions, one per HEALPix pixel.
 
-Partition I/O: :func:`plan_partitions` lists the partitions of a run,
-:func:`condition_partition` (a Dask task) reads one partition's source_id
-range from the raw Parquet files (the XP rows streamed in batches, decoded on
-a background thread), joins and conditions them
+Partition I/O: :func:`condition_partition` (the engine's task, see
+:mod:`xpcat.production.run`) reads one partition's source_id range from the
+raw Parquet files (the XP rows streamed in batches, decoded on a background
+thread), joins and conditions them
 (:func:`xpcat.production.condition.tables.condition_tables`) and writes the
-partition atomically with its done marker; :func:`condition_run` is the serial
-``xpcat condition`` runner, which reads small raw inputs once and slices them.
+partition atomically with its done marker.
 The numerics live in :mod:`~xpcat.production.condition.covariance` (Eqs. 2-4),
 :mod:`~xpcat.production.condition.block_factor` (their fast path) and
 :mod:`~xpcat.production.condition.xp_sampling` (GaiaXPy's sampling, batched).
@@ -17,7 +16,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -41,12 +39,7 @@ from xpcat.production.condition.tables import (
     source_ids,
 )
 
-__all__ = [
-    "PartitionTask",
-    "plan_partitions",
-    "condition_partition",
-    "condition_run",
-]
+__all__ = ["condition_partition"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,95 +62,6 @@ _WRITE_OPTIONS = {
 
 #: Raw tables read by this stage.
 _STAGE_TABLES = ("gaia_source", "xp_continuous_mean_spectrum", "tmass", "unwise")
-
-
-@dataclass(frozen=True)
-class PartitionTask:
-    """One conditioned partition to produce.
-
-    Attributes
-    ----------
-    name : str
-        ``partition_name(pix, level)``.
-    pix, level : int
-    out_path : Path
-    raw_files : dict of str -> list of Path
-        Raw Parquet files per table (optional tables may be absent).
-    n_stars : int
-        gaia_source rows in the partition's source_id range.
-    """
-
-    name: str
-    pix: int
-    level: int
-    out_path: Path
-    raw_files: dict[str, list[Path]] = field(default_factory=dict)
-    n_stars: int = 0
-
-
-def _raw_dir(run_dir: Path, config: RunConfig) -> Path:
-    p = Path(config.data.raw_dir)
-    return p if p.is_absolute() else Path(run_dir) / p
-
-
-def _raw_files(run_dir: Path, config: RunConfig) -> dict[str, list[Path]]:
-    raw = _raw_dir(run_dir, config)
-    files: dict[str, list[Path]] = {}
-    for table in _STAGE_TABLES:
-        found = sorted((raw / table).glob("*.parquet"))
-        if found:
-            files[table] = found
-        elif table in REQUIRED_RAW_TABLES:
-            raise StageError(f"raw table {table!r} not found: no Parquet files in {raw / table} (run `xpcat fetch` or `xpcat simulate` first)")
-    return files
-
-
-def _read_ids(files: Sequence[Path], what: str) -> tuple[np.ndarray, np.ndarray]:
-    ids, origin = [], []
-    for k, f in enumerate(files):
-        t = parts.read_table(f, what=what, columns=["source_id"])
-        ids.append(source_ids(t))
-        origin.append(np.full(t.num_rows, k, dtype=np.int32))
-    if not ids:
-        return np.zeros(0, np.int64), np.zeros(0, np.int32)
-    return np.concatenate(ids), np.concatenate(origin)
-
-
-def plan_partitions(run_dir: str | Path, config: RunConfig) -> list[PartitionTask]:
-    """The partitions of a run: one per HEALPix pixel (``config.data.partition_level``) holding stars.
-
-    Reads only the source_id column of the raw gaia_source and XP files, and
-    refuses duplicated source_ids within or across files.
-
-    Raises
-    ------
-    StageError
-        A required raw table is missing.
-    InputError
-        A raw file is unreadable, or source_ids are duplicated (named, with their files).
-    """
-    run_dir = Path(run_dir)
-    level = config.data.partition_level
-    files = _raw_files(run_dir, config)
-    for table in ("gaia_source", "xp_continuous_mean_spectrum"):
-        ids, origin = _read_ids(files[table], f"raw {table}")
-        check_unique(ids, f"raw {table}", origin, [str(p) for p in files[table]])
-        if table == "gaia_source":
-            gaia_ids = ids
-    pix = parts.partition_of(gaia_ids, level)
-    uniq, counts = np.unique(pix, return_counts=True)
-    out_dir = run_dir / "conditioned"
-    return [
-        PartitionTask(
-            name=parts.partition_name(int(p), level),
-            pix=int(p),
-            level=level,
-            out_path=out_dir / f"{parts.partition_name(int(p), level)}.parquet",
-            raw_files=files,
-            n_stars=int(c),
-        )
-        for p, c in zip(uniq, counts)
-    ]
 
 
 def _read_range(files: Sequence[Path], table: str, lo: int | None, hi: int | None, columns: list[str] | None) -> pa.Table:
@@ -312,13 +216,6 @@ def _write_partition(
     }
 
 
-def _is_current(out_path: Path, n_expected: int, config: RunConfig) -> bool:
-    if not parts.is_done(out_path, expected_rows=n_expected):
-        return False
-    marker = parts.read_marker(out_path) or {}
-    return (marker.get("info") or {}).get("options_key") == options_key(config)
-
-
 def condition_partition(
     raw_files: Mapping[str, Sequence[Path]],
     pix: int,
@@ -327,7 +224,6 @@ def condition_partition(
     *,
     level: int | None = None,
     n_expected: int | None = None,
-    force: bool = False,
 ) -> dict:
     """Condition one partition, reading its source_id range from the raw files.
 
@@ -347,21 +243,19 @@ def condition_partition(
     level : int, optional
         Default ``config.data.partition_level``.
     n_expected : int, optional
-        Expected star count (from :func:`plan_partitions`); checked on write.
-    force : bool
-        Redo even a valid, current partition.
+        Expected star count (the engine's plan); checked on write.
 
     Returns
     -------
     dict
-        ``partition``, ``status`` ("written", "redone" or "skipped"), ``stars``,
+        ``partition``, ``status`` ("written" or "redone"), ``stars``,
         ``flags`` (counts per ConditionFlag name), ``bytes``, ``seconds``.
+        Whether the partition is owed at all is the engine's done test
+        (:func:`xpcat.production.run.partition_done`).
     """
     out_path = Path(out_path)
     level = config.data.partition_level if level is None else int(level)
     name = parts.partition_name(pix, level)
-    if not force and n_expected is not None and _is_current(out_path, n_expected, config):
-        return {"partition": name, "status": "skipped", "stars": int(n_expected), "flags": {}, "bytes": out_path.stat().st_size, "seconds": 0.0}
     existed = out_path.exists() or parts.marker_path(out_path).exists()
     lo, hi = parts.source_id_range(pix, level)
     for t in REQUIRED_RAW_TABLES:
@@ -376,89 +270,4 @@ def condition_partition(
     n = tables["gaia_source"].num_rows if n_expected is None else n_expected
     summary = _write_partition(tables, pix, level, out_path, config, n)
     summary["status"] = "redone" if existed else "written"
-    return summary
-
-
-#: Raw inputs up to this size are read once and sliced in memory by condition_run.
-_IN_MEMORY_BYTES = 1 << 30
-
-
-def _load_sorted(raw_files: Mapping[str, Sequence[Path]]) -> dict[str, tuple[pa.Table, np.ndarray] | None]:
-    """Every raw table read whole, sorted by source_id, with its sorted ids (duplicates refused)."""
-    cols = {"gaia_source": GAIA_COLUMNS, "xp_continuous_mean_spectrum": None, "tmass": TMASS_COLUMNS, "unwise": UNWISE_COLUMNS}
-    out: dict[str, tuple[pa.Table, np.ndarray] | None] = {}
-    for table, columns in cols.items():
-        if not raw_files.get(table):
-            out[table] = None
-            continue
-        t = _read_range(raw_files[table], table, None, None, columns).sort_by("source_id")
-        out[table] = (t, source_ids(t))
-    return out
-
-
-def _slice_tables(loaded: Mapping[str, tuple[pa.Table, np.ndarray] | None], lo: int, hi: int) -> dict[str, pa.Table | None]:
-    out: dict[str, pa.Table | None] = {}
-    for table, item in loaded.items():
-        if item is None:
-            out[table] = None
-            continue
-        t, ids = item
-        a, b = np.searchsorted(ids, [lo, hi])
-        out[table] = t.slice(int(a), int(b - a))
-    return out
-
-
-def condition_run(run_dir: str | Path, config: RunConfig) -> dict:
-    """The ``xpcat condition`` stage: every partition of ``RUN_DIR/raw`` -> ``RUN_DIR/conditioned``.
-
-    Valid partitions written with the same options are skipped; corrupt,
-    partial or outdated ones are redone.
-
-    Returns
-    -------
-    dict
-        ``partitions_written``, ``partitions_skipped``, ``partitions_redone``,
-        ``stars``, ``flags`` (ConditionFlag name -> count over the written
-        partitions), ``bytes_per_star``, ``seconds``, ``output_dir``.
-    """
-    from xpcat.progress import progress
-
-    t0 = time.perf_counter()
-    run_dir = Path(run_dir)
-    tasks = plan_partitions(run_dir, config)
-    totals = {"written": 0, "skipped": 0, "redone": 0}
-    flag_counts = {f.name: 0 for f in ConditionFlag}
-    stars = 0
-    n_bytes = 0
-    in_memory = None
-    if tasks:
-        raw_bytes = sum(f.stat().st_size for fs in tasks[0].raw_files.values() for f in fs)
-        if raw_bytes <= _IN_MEMORY_BYTES and len(tasks) > 1:
-            in_memory = _load_sorted(tasks[0].raw_files)
-    for task in progress(tasks, "condition", total=len(tasks)):
-        if in_memory is None:
-            res = condition_partition(task.raw_files, task.pix, task.out_path, config, level=task.level, n_expected=task.n_stars)
-        elif _is_current(task.out_path, task.n_stars, config):
-            res = {"status": "skipped", "stars": task.n_stars, "flags": {}, "bytes": task.out_path.stat().st_size}
-        else:
-            existed = task.out_path.exists() or parts.marker_path(task.out_path).exists()
-            lo, hi = parts.source_id_range(task.pix, task.level)
-            res = _write_partition(_slice_tables(in_memory, lo, hi), task.pix, task.level, task.out_path, config, task.n_stars)
-            res["status"] = "redone" if existed else "written"
-        totals[res["status"]] += 1
-        stars += res["stars"]
-        n_bytes += res["bytes"]
-        for k, v in res["flags"].items():
-            flag_counts[k] += v
-    summary = {
-        "partitions_written": totals["written"] + totals["redone"],
-        "partitions_skipped": totals["skipped"],
-        "partitions_redone": totals["redone"],
-        "stars": stars,
-        "flags": flag_counts,
-        "bytes_per_star": n_bytes / stars if stars else 0.0,
-        "seconds": round(time.perf_counter() - t0, 3),
-        "output_dir": str(run_dir / "conditioned"),
-    }
-    logger.info("conditioned %d stars in %d partitions (%d skipped)", stars, len(tasks), totals["skipped"])
     return summary
