@@ -9,16 +9,15 @@ only what is missing).
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
-
 from pathlib import Path
 from typing import Any
 
 from xpcat.config import RunConfig, config_to_dict
 from xpcat.errors import StageError
+from xpcat.production.demo_preflight import check_demo_size, check_demo_workdir, universe_config
 
 logger = logging.getLogger(__name__)
 
@@ -31,9 +30,9 @@ DEMO_LEVEL = 1
 #: The first query the demo shows.
 FIRST_QUERY = (
     "SELECT count(*) AS stars, "
-    "sum(CASE WHEN quality_flags < 8 THEN 1 ELSE 0 END) AS basic_cut, "
-    "sum(CASE WHEN quality_flags = 0 THEN 1 ELSE 0 END) AS strict_cut, "
-    "round(median(stellar_params_est[1]) * 1000) AS median_teff_K "
+    "count(*) FILTER (WHERE quality_flags < 8) AS basic_cut, "
+    "count(*) FILTER (WHERE quality_flags = 0) AS strict_cut, "
+    "CAST(round(median(stellar_params_est[1]) * 1000) AS INTEGER) AS median_teff_K "
     "FROM catalog"
 )
 
@@ -79,17 +78,6 @@ def _step(name: str, timings: dict[str, float]):
     return _Timer()
 
 
-def _universe_matches(universe: Path, sim) -> bool:
-    info = universe / "universe.json"
-    if not info.is_file():
-        return False
-    try:
-        doc = json.loads(info.read_text())
-    except ValueError:
-        return False
-    return doc.get("config") == config_to_dict(RunConfig(simulate=sim))["simulate"]
-
-
 def run_demo(workdir: Path, config: RunConfig, n_stars: int | None = None, seed: int | None = None) -> dict[str, Any]:
     """Run the whole chain under ``workdir`` and return a summary.
 
@@ -111,27 +99,34 @@ def run_demo(workdir: Path, config: RunConfig, n_stars: int | None = None, seed:
 
     Raises
     ------
+    InputError
+        Before anything is made, when the universe is too small to train on
+        (:func:`xpcat.production.demo_preflight.check_demo_size`).
     StageError
-        When any step fails (the message names it); finished steps are kept.
+        Before anything is made, when ``workdir`` holds a demo made with other
+        parameters (:func:`xpcat.production.demo_preflight.check_demo_workdir`);
+        when any step fails (the message names it); finished steps are kept.
     """
     from xpcat.model.confidence import TooFewLabelsError
-    from xpcat.production.ingest.archive import fetch_run
-    from xpcat.production.synthetic.archive_server import LocalArchive
     from xpcat.production.catalog import query_catalog
-    from xpcat.production.train_confidence import train_confidence_run
+    from xpcat.production.ingest.archive import fetch_run
     from xpcat.production.report.page import write_report
     from xpcat.production.run import condition_stage, run_pipeline, run_stages
+    from xpcat.production.synthetic.archive_server import LocalArchive
     from xpcat.production.synthetic.universe import simulate_universe
     from xpcat.production.train import train_run
+    from xpcat.production.train_confidence import train_confidence_run
 
     workdir = Path(workdir).resolve()
     universe = workdir / "universe"
     cfg = demo_config(config, universe, n_stars, seed)
+    check_demo_size(cfg)
+    check_demo_workdir(workdir, cfg)
     timings: dict[str, float] = {}
     summary: dict[str, Any] = {"workdir": str(workdir), "stars": cfg.simulate.n_stars, "seed": cfg.simulate.seed}
 
     with _step("simulate", timings):
-        if _universe_matches(universe, cfg.simulate):
+        if universe_config(universe) == config_to_dict(cfg)["simulate"]:
             logger.info("demo: universe in %s already simulated", universe)
         else:
             simulate_universe(universe, cfg.simulate)
