@@ -73,3 +73,50 @@ def test_logging_setup_leaves_astroquery_logger_alone():
         "import logging; assert 'astroquery' not in logging.root.manager.loggerDict"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---------------------------------------------------------------- issue 19: one-line errors, sane numbers, no SPEC
+@pytest.mark.parametrize("cluster, named", [
+    ('lifetime = "fifty"', "[cluster] lifetime = 'fifty': not a duration"),
+    ('profile = "local"\noptions = { queue = "debug" }', "queue = 'debug' is not a keyword argument of LocalCluster"),
+])
+def test_bad_cluster_settings_are_one_line_when_the_config_is_read(tmp_path, cluster, named):
+    cfg = tmp_path / "run" / "config.toml"
+    cfg.parent.mkdir()
+    cfg.write_text(f"[cluster]\n{cluster}\n")
+    res = CliRunner().invoke(cli, ["run", str(cfg)])
+    assert res.exit_code == 1
+    assert named in res.output and len(res.output.strip().splitlines()) == 1
+    assert "Traceback" not in res.output and "Nanny" not in res.output
+
+
+@pytest.mark.parametrize("stars", ["1", str(10**20)])
+def test_plan_rejects_nonsense_star_counts(tmp_path, stars):
+    res = CliRunner().invoke(cli, ["plan", "--stars", stars])
+    assert res.exit_code in (1, 2)
+    assert ("fewer than the 12,288 partitions" in res.output) if stars == "1" else ("Invalid value" in res.output)
+
+
+def test_plan_numbers_refuse_out_of_range_counts():
+    from xpcat.errors import InputError
+    from xpcat.production.capacity import check_plan_stars
+
+    check_plan_stars(219_197_643, 5)
+    with pytest.raises(InputError, match="more than any Gaia release"):
+        check_plan_stars(10**20, 5)
+    with pytest.raises(InputError, match="--stars 1 is fewer than the 12,288 partitions of HEALPix level 5"):
+        check_plan_stars(1, 5)
+
+
+@pytest.mark.parametrize("path", list(_commands(cli)))
+def test_no_help_text_cites_spec(path):
+    res = CliRunner().invoke(cli, list(path) + ["--help"])
+    assert "SPEC" not in res.output
+
+
+def test_demo_too_small_refused_at_once(tmp_path):
+    work = tmp_path / "w"
+    res = CliRunner().invoke(cli, ["demo", "--workdir", str(work), "--stars", "3000"])
+    assert res.exit_code == 1
+    assert "the smallest demo is --stars 4100" in res.output and "Traceback" not in res.output
+    assert not work.exists()

@@ -19,6 +19,7 @@ import click
 
 from xpcat.config import ConfigError, RunConfig, config_to_dict, load_config, read_run_config
 from xpcat.errors import XpcatError
+from xpcat.production.capacity import PLAN_MAX_STARS
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +88,13 @@ def _emit(summary: dict | None) -> None:
         click.echo(json.dumps(summary, indent=2, default=str))
 
 
+def _emit_run(summary: dict) -> None:
+    """A stage command's short summary (the whole one is in RUN_DIR/state/last_run.json)."""
+    from xpcat.production.run_summary import format_run_summary
+
+    click.echo(format_run_summary(summary))
+
+
 config_option = click.option(
     "--config", "config_path", type=click.Path(dir_okay=False), default=None, help="Run configuration (TOML)."
 )
@@ -111,9 +119,11 @@ def cli(debug: bool) -> None:
 def demo(workdir: Path, stars: int | None, seed: int | None, config_path: str | None) -> None:
     """Run the whole chain on a built-in synthetic Gaia universe (the embedded default)."""
     cfg = load_config(config_path)
-    _writable_dir(workdir)
-    from xpcat.production.demo import format_summary, run_demo
+    from xpcat.production.demo import demo_config, format_summary, run_demo
+    from xpcat.production.demo_preflight import check_demo_size
 
+    check_demo_size(demo_config(cfg, workdir / "universe", stars, seed))  # before the work directory is made
+    _writable_dir(workdir)
     click.echo(format_summary(run_demo(workdir, cfg, n_stars=stars, seed=seed)))
 
 
@@ -139,11 +149,11 @@ def simulate(out_dir: Path, stars: int | None, seed: int | None, config_path: st
 @config_option
 @user_errors
 def condition(run_dir: Path, config_path: str | None) -> None:
-    """Raw tables -> conditioned flux partitions (SPEC §1)."""
+    """Raw tables -> conditioned flux partitions (Eqs. 2-5 of the paper)."""
     cfg = _config_for(run_dir, config_path)
     from xpcat.production.run import run_condition
 
-    _emit(run_condition(_writable_dir(run_dir), cfg))
+    _emit_run(run_condition(_writable_dir(run_dir), cfg))
 
 
 @cli.command()
@@ -169,7 +179,7 @@ def infer(run_dir: Path, config_path: str | None, model_dir: Path | None) -> Non
     cfg = _config_for(run_dir, config_path)
     from xpcat.production.run import run_infer
 
-    _emit(run_infer(_writable_dir(run_dir), cfg, model_dir=model_dir))
+    _emit_run(run_infer(_writable_dir(run_dir), cfg, model_dir=model_dir))
 
 
 @cli.command()
@@ -181,7 +191,7 @@ def catalog(run_dir: Path, config_path: str | None) -> None:
     cfg = _config_for(run_dir, config_path)
     from xpcat.production.run import run_catalog
 
-    _emit(run_catalog(_writable_dir(run_dir), cfg))
+    _emit_run(run_catalog(_writable_dir(run_dir), cfg))
 
 
 @cli.command("train-confidence")
@@ -264,13 +274,29 @@ def archive_serve(universe_dir: Path, port: int, error_rate: float, short_rate: 
 @click.argument("config_file", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Run directory (default: the folder of CONFIG_FILE).")
+@click.option("--dry-run", is_flag=True,
+              help="Print the plan (partitions, stars, what is done, what will run) and stop; "
+                   "writes only state/plan.json.")
 @user_errors
-def run(config_file: Path, run_dir: Path | None) -> None:
-    """A production run: condition -> infer -> catalog over partitions on a Dask cluster."""
+def run(config_file: Path, run_dir: Path | None, dry_run: bool) -> None:
+    """A production run: condition -> infer -> catalog over partitions on a Dask cluster.
+
+    Prints the Dask dashboard's address once the cluster is up, and a short
+    summary at the end (the whole one is in RUN_DIR/state/last_run.json).
+    """
     cfg = load_config(config_file)
+    target = run_dir or config_file.parent
+    if dry_run:
+        from xpcat.production.dry_run import dry_run as plan_only
+
+        click.echo(plan_only(target, cfg))
+        return
     from xpcat.production.run import run_pipeline
 
-    _emit(run_pipeline(_writable_dir(run_dir or config_file.parent), cfg))
+    def dashboard(url: str) -> None:
+        click.echo(f"Dask dashboard: {url}")
+
+    _emit_run(run_pipeline(_writable_dir(target), cfg, on_dashboard=dashboard))
 
 
 @cli.command()
@@ -306,14 +332,15 @@ def query(run_dir: Path, sql: str, fmt: str) -> None:
 
 
 @cli.command()
-@click.option("--stars", type=click.IntRange(min=1), default=219_197_643, show_default=True)
+@click.option("--stars", type=click.IntRange(min=1, max=PLAN_MAX_STARS), default=219_197_643, show_default=True,
+              help="Stars to plan for (at least one per partition).")
 @click.option("--profile", default="local", show_default=True, help="Cluster profile.")
 @click.option("--benchmark", "benchmark_json", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="JSON from benchmarks/pipeline.py with the measured rates.")
 @user_errors
 def plan(stars: int, profile: str, benchmark_json: Path | None) -> None:
     """Turn measured rates into partitions, storage and node-hours."""
-    from xpcat.production.run import plan_run
+    from xpcat.production.capacity import plan_run
 
     click.echo(plan_run(stars, profile, benchmark_json))
 

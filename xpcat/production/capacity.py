@@ -19,11 +19,36 @@ from xpcat.errors import InputError, XpcatError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["plan_run", "plan_numbers", "DEFAULT_BENCHMARK"]
+__all__ = ["plan_run", "plan_numbers", "check_plan_stars", "DEFAULT_BENCHMARK", "PLAN_MAX_STARS"]
 
 #: Where ``benchmarks/pipeline.py --out`` saves its result in a source checkout.
 DEFAULT_BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "pipeline.json"
 _STAGES = ("condition", "infer", "catalog")
+#: Most stars a plan takes: well above any Gaia release (DR3: 1,811,709,771 sources, 219,197,643 with XP spectra).
+PLAN_MAX_STARS = 5_000_000_000
+
+
+def check_plan_stars(stars: int, level: int) -> None:
+    """Refuse a star count no run can have: fewer than one star per partition, or more than any Gaia release.
+
+    Parameters
+    ----------
+    stars : int
+    level : int
+        HEALPix level of the working partitions (``12 * 4**level`` of them).
+
+    Raises
+    ------
+    InputError
+        Naming the value and the accepted range.
+    """
+    n_part = 12 * 4**level
+    if stars > PLAN_MAX_STARS:
+        raise InputError(f"--stars {stars:,} is more than any Gaia release holds; a plan takes at most "
+                         f"{PLAN_MAX_STARS:,} (Gaia DR3: 219,197,643 sources with XP spectra)")
+    if stars < n_part:
+        raise InputError(f"--stars {stars:,} is fewer than the {n_part:,} partitions of HEALPix level {level}: a plan "
+                         f"needs at least one star per partition; run a small set directly (`xpcat demo`, `xpcat run`)")
 
 
 def _load_benchmark(path: Path | None) -> tuple[dict, Path]:
@@ -67,6 +92,7 @@ def plan_numbers(stars: int, profile_name: str, bench: dict, config: RunConfig |
     from xpcat.jobs.clusters import load_profile
 
     cfg = config or RunConfig()
+    check_plan_stars(stars, cfg.data.partition_level)
     profile = load_profile(profile_name)
     gpu = profile.gpu
     machine = bench["machine"]
@@ -144,10 +170,10 @@ def plan_run(stars: int, profile: str, benchmark_json: Path | None) -> str:
     Raises
     ------
     XpcatError
-        No benchmark, a malformed one, or a GPU profile with a CPU-only benchmark.
+        No benchmark, a malformed one, a GPU profile with a CPU-only benchmark, or a star count
+        out of range (:func:`check_plan_stars`).
     """
-    if stars < 1:
-        raise XpcatError(f"--stars must be positive, got {stars}")
+    check_plan_stars(stars, RunConfig().data.partition_level)
     bench, path = _load_benchmark(benchmark_json)
     n = plan_numbers(stars, profile, bench)
     lines = [
