@@ -18,6 +18,7 @@ from xpcat.config import RunConfig, config_from_dict
 from xpcat.errors import StageError
 from xpcat.model import confidence as C
 from xpcat.production import train_confidence as S
+from xpcat.production.run_dir import RunPaths
 WL = np.concatenate([np.asarray(XP_WAVELENGTHS_NM), [1235.0, 1662.0, 2159.0, 3352.6, 4602.8]])
 N = 900
 
@@ -118,7 +119,7 @@ def test_stage_stores_classifiers_in_artifact(tmp_path, rng, monkeypatch):
     state = json.loads((tmp_path / "state" / "confidence.json").read_text())
     assert state["auc_logg"] == pytest.approx(out["auc_logg"])
     assert state["classifiers"]["teff"]["n_holdout_bad"] > 5
-    stars = np.load(tmp_path / S.STARS_FILE)
+    stars = np.load(RunPaths.of(tmp_path).confidence_stars)
     n = out["stars_labelled"]
     assert stars["features"].shape == (n, C.N_FEATURES) and stars["confidence"].shape == (n, 3)
     assert stars["used"].sum() == out["stars_basic_cut"]
@@ -167,7 +168,7 @@ def test_default_label_set_is_every_labelled_star(tmp_path, rng, monkeypatch):
     out = S.train_confidence_run(tmp_path, _config(label_set="all"))
     assert out["label_set"] == "all labelled"
     assert fitted == [int(truth["labelled"].sum())] and out["stars_labelled"] == fitted[0]
-    stars = np.load(tmp_path / S.STARS_FILE)
+    stars = np.load(RunPaths.of(tmp_path).confidence_stars)
     assert np.array_equal(np.sort(stars["source_id"]), np.sort(truth["sid"][truth["labelled"]]))
 
 
@@ -203,8 +204,8 @@ def universe_run(tmp_path_factory):
     run_condition(run, cfg)
     train_run(run, cfg)
     out = S.train_confidence_run(run, cfg)
-    state = json.loads((run / S.STATE_FILE).read_text())
-    return {"out": out, "state": state, "stars": dict(np.load(run / S.STARS_FILE))}
+    state = json.loads(RunPaths.of(run).confidence_state.read_text())
+    return {"out": out, "state": state, "stars": dict(np.load(RunPaths.of(run).confidence_stars))}
 
 
 @pytest.mark.slow

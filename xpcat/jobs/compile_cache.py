@@ -25,26 +25,17 @@ import logging
 import os
 from pathlib import Path
 
-__all__ = ["CACHE_SUBDIR", "cache_dir_for", "enable_compilation_cache"]
+__all__ = ["enable_compilation_cache"]
 
 logger = logging.getLogger(__name__)
 
-#: The cache's folder inside the run directory.
-CACHE_SUBDIR = Path("state") / "jax-cache"
-
-
-def cache_dir_for(run_dir: str | os.PathLike) -> Path:
-    """``RUN_DIR/state/jax-cache``."""
-    return Path(run_dir) / CACHE_SUBDIR
-
-
-def enable_compilation_cache(run_dir: str | os.PathLike) -> Path | None:
+def enable_compilation_cache(cache_dir: str | os.PathLike) -> Path | None:
     """Use the run's persistent compilation cache in this process (idempotent).
 
     Parameters
     ----------
-    run_dir : path-like
-        The run directory; the cache is ``RUN_DIR/state/jax-cache``.
+    cache_dir : path-like
+        The cache folder (a run's is :attr:`xpcat.production.run_dir.RunPaths.jax_cache`).
 
     Returns
     -------
@@ -58,7 +49,7 @@ def enable_compilation_cache(run_dir: str | os.PathLike) -> Path | None:
     current = jax.config.jax_compilation_cache_dir
     if current:
         return Path(current)
-    path = cache_dir_for(run_dir)
+    path = Path(cache_dir)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as err:

@@ -25,17 +25,16 @@ import hashlib
 import io
 import json
 import logging
-import os
 import re
 import zipfile
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from xpcat.errors import InputError
+from xpcat.fileio import file_sha256, package_version, write_bytes_atomic, write_text_atomic
 from xpcat.model.forward import ForwardModel
 from xpcat.model.prior import GMMParams, gmm_from_arrays, gmm_to_arrays
 
@@ -117,21 +116,6 @@ class ModelArtifact:
                             self.activation)
 
 
-def _code_version() -> str:
-    try:
-        return metadata.version("xpcat")
-    except metadata.PackageNotFoundError:
-        return "unknown"
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _canonical(manifest: dict[str, Any]) -> bytes:
     body = {k: v for k, v in manifest.items() if k != "content_hash"}
     return json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
@@ -155,17 +139,13 @@ def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> str:
     """Write an uncompressed npz atomically; returns its sha256."""
     buf = io.BytesIO()
     np.savez(buf, **{k: np.asarray(v) for k, v in arrays.items()})
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, path)
+    write_bytes_atomic(path, buf.getvalue())
     return hashlib.sha256(buf.getvalue()).hexdigest()
 
 
 def _write_manifest(directory: Path, manifest: dict[str, Any]) -> str:
     manifest["content_hash"] = hashlib.sha256(_canonical(manifest)).hexdigest()
-    tmp = directory / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False))
-    os.replace(tmp, directory / MANIFEST)
+    write_text_atomic(directory / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False))
     return manifest["content_hash"]
 
 
@@ -230,7 +210,7 @@ def save_artifact(
     manifest = {
         "format": ARTIFACT_FORMAT,
         "format_version": ARTIFACT_FORMAT_VERSION,
-        "code_version": _code_version(),
+        "code_version": package_version("xpcat"),
         "activation": activation,
         "n_layers": len(params["layers"]),
         "flux_unit_w_m2_nm": float(flux_unit),
@@ -271,7 +251,7 @@ def _load_npz(directory: Path, name: str, sha: str) -> dict[str, np.ndarray]:
     p = directory / name
     if not p.is_file():
         raise ArtifactError(f"{directory}: artifact file {name} is missing")
-    got = _sha256_file(p)
+    got = file_sha256(p)
     if got != sha:
         raise ArtifactError(f"{p}: checksum mismatch (expected {sha[:12]}..., got {got[:12]}...); the file is corrupt")
     try:

@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from xpcat.catalog_schema.conditioned import N_FLUX, N_XP
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -60,7 +62,6 @@ BAD_CHI2 = 9.0
 #: Floor of the ln_X features: ln(max(X, LN_FLOOR)).
 LN_FLOOR = 1e-7
 #: Number of flux samples (61 XP + J H Ks W1 W2).
-N_FLUX = 66
 
 #: Scalar features of Appendix B, in order.
 SCALAR_FEATURES = (
@@ -205,7 +206,7 @@ def confidence_features(fit: Mapping[str, Any], conditioned: Mapping[str, Any]) 
     if "n_valid_flux" in conditioned:
         dof = np.maximum(_col(conditioned, "n_valid_flux", n) - 5.0, 1.0)
     else:
-        dof = np.full(n, 61.0)
+        dof = np.full(n, float(N_XP))
 
     with np.errstate(invalid="ignore", divide="ignore"):
         scal = {

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from xpcat.catalog_schema.conditioned import N_FLUX
 from xpcat.errors import InputError
 
 __all__ = [
@@ -52,7 +53,7 @@ logger = logging.getLogger(__name__)
 JAXArray = jax.Array
 
 #: Number of model outputs: 61 XP samples + J H Ks W1 W2.
-N_OUT = 66
+N_OUT = N_FLUX
 
 #: The smooth activations the network may use.
 ACTIVATIONS: dict[str, Callable[[JAXArray], JAXArray]] = {

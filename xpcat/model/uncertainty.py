@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from xpcat.catalog_schema import flags as qf
+from xpcat.catalog_schema.conditioned import N_XP
 from xpcat.model.objective import Objective, StarData
 
 __all__ = [
@@ -126,7 +127,7 @@ def quality_flag_bits(chi2: np.ndarray, ln_prior: np.ndarray, plx_est: np.ndarra
     missing parallax) sets its bit: the check cannot be passed.
     """
     with np.errstate(invalid="ignore", divide="ignore"):
-        high_chi2 = ~(np.asarray(chi2) / 61.0 <= qf.HIGH_CHI2_PER_SAMPLE)
+        high_chi2 = ~(np.asarray(chi2) / N_XP <= qf.HIGH_CHI2_PER_SAMPLE)
         low_prior = ~(np.asarray(ln_prior) >= qf.LOW_PRIOR_THRESHOLD)
         dplx = np.abs(np.asarray(plx_obs, np.float64) - plx_est) / np.asarray(plx_err, np.float64)
         bad_err = ~(np.asarray(plx_err) > 0)

@@ -48,6 +48,7 @@ from xpcat.fileio import atomic_path, file_sha256, package_version, write_json_a
 from xpcat.jobs.futures import run_tasks
 from xpcat.production import partitions as P
 from xpcat.production import run_state as S
+from xpcat.production.run_dir import RunPaths
 
 logger = logging.getLogger(__name__)
 
@@ -77,12 +78,12 @@ class CatalogValidationError(XpcatError):
 
 def catalog_dir(run_dir: Path) -> Path:
     """``RUN_DIR/catalog``."""
-    return Path(run_dir) / "catalog"
+    return RunPaths.of(run_dir).catalog
 
 
 # ---------------------------------------------------------------- histogram step
 def _hist_path(run_dir: Path, name: str) -> Path:
-    return Path(run_dir) / S.STATE_DIR / _STATE / "hist" / f"{name}.npz"
+    return RunPaths.of(run_dir).state / _STATE / "hist" / f"{name}.npz"
 
 
 def _read_hist(path: Path) -> dict | None:
@@ -101,7 +102,7 @@ def histogram_task(run_dir: str, in_dir: str, name: str, order: int) -> dict:
     dict
         ``{"partition", "rows", "pixels"}`` (small).
     """
-    src = S.output_path(Path(run_dir), in_dir, name)
+    src = RunPaths.of(run_dir).output(in_dir, name)
     marker = P.read_marker(src)
     if marker is None:
         raise StageError(f"catalog: fitted partition {src} has no done marker")
@@ -122,7 +123,7 @@ def histogram_task(run_dir: str, in_dir: str, name: str, order: int) -> dict:
 
 # ---------------------------------------------------------------- pixel step
 def _pixel_marker(run_dir: Path, order: int, pix: int) -> Path:
-    return Path(run_dir) / S.STATE_DIR / _STATE / "pixels" / f"{order}_{pix}.json"
+    return RunPaths.of(run_dir).state / _STATE / "pixels" / f"{order}_{pix}.json"
 
 
 def _pixel_file(cat: Path, order: int, pix: int) -> Path:
@@ -159,7 +160,7 @@ def pixel_task(run_dir: str, in_dir: str, sources: list[str], order: int, pix: i
         return {"order": order, "pix": pix, "rows": rows, "skipped": True}
     parts = []
     for name in sources:
-        t = P.read_table(S.output_path(run_path, in_dir, name), what="fitted")
+        t = P.read_table(RunPaths.of(run_path).output(in_dir, name), what="fitted")
         hp29 = compute_spatial_index(t.column("ra").to_numpy(), t.column("dec").to_numpy())
         keep = np.right_shift(hp29, 2 * (29 - order)) == pix
         t = t.filter(pa.array(keep)).append_column(HEALPIX_COLUMN, pa.array(hp29[keep], pa.int64()))
@@ -190,7 +191,7 @@ def _map(client, fn, calls: list[tuple], label: str, retries: int) -> None:
 
 def building_dir(run_dir: Path) -> Path:
     """``RUN_DIR/catalog.partial``: where the catalog is built before it is swapped into ``RUN_DIR/catalog``."""
-    return Path(run_dir) / "catalog.partial"
+    return RunPaths.of(run_dir).catalog_partial
 
 
 def _swap_in(building: Path, cat: Path) -> None:
@@ -246,7 +247,7 @@ def build_catalog(run_dir: Path, config: RunConfig, in_dir: str = "fitted", *, c
         raise StageError(f"catalog: no fitted partitions in {src_dir}")
     shas = []
     for name in names:
-        m = P.read_marker(S.output_path(run_dir, in_dir, name))
+        m = P.read_marker(RunPaths.of(run_dir).output(in_dir, name))
         if m is None:
             raise StageError(f"catalog: fitted partition {src_dir / name}.parquet is not done")
         shas.append((name, m["sha256"], m["rows"]))
@@ -259,7 +260,7 @@ def build_catalog(run_dir: Path, config: RunConfig, in_dir: str = "fitted", *, c
     if done and done.get("fingerprint") == fingerprint and (cat / "hats.properties").is_file():
         logger.info("catalog up to date at %s", cat)
         return {**done, "skipped": True}
-    (run_dir / S.STATE_DIR / f"{_STATE}.done").unlink(missing_ok=True)
+    RunPaths.of(run_dir).stage_marker(_STATE).unlink(missing_ok=True)
     retries = config.cluster.retries
 
     _map(client, histogram_task, [(str(run_dir), in_dir, n, order) for n in names], "histogram", retries)
@@ -287,15 +288,15 @@ def build_catalog(run_dir: Path, config: RunConfig, in_dir: str = "fitted", *, c
             d["sources"].add(name)
     # a different alignment makes the old pixel files wrong: start the catalog folder afresh
     align_doc = {"fingerprint": fingerprint, "pixels": sorted(f"{o}_{p}" for o, p in dest)}
-    align_path = run_dir / S.STATE_DIR / _STATE / "alignment.json"
+    align_path = RunPaths.of(run_dir).state / _STATE / "alignment.json"
     old = json.loads(align_path.read_text()) if align_path.exists() else None
     if old != align_doc:
         shutil.rmtree(building, ignore_errors=True)
-        shutil.rmtree(run_dir / S.STATE_DIR / _STATE / "pixels", ignore_errors=True)
+        shutil.rmtree(RunPaths.of(run_dir).state / _STATE / "pixels", ignore_errors=True)
         write_json_atomic(align_path, align_doc)
     meta = {"model_hash": (S.stage_done(run_dir, "infer") or {}).get("model_hash"),
             "xpcat_version": package_version("xpcat"), "run": config.run.name, "config": config_to_dict(config)}
-    run_json = run_dir / S.STATE_DIR / "run.json"
+    run_json = RunPaths.of(run_dir).run_record
     if meta["model_hash"] is None and run_json.exists():
         meta["model_hash"] = json.loads(run_json.read_text()).get("model_hash")
     calls = [(str(run_dir), in_dir, sorted(d["sources"]), o, p, d["rows"], fingerprint, meta)

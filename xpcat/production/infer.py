@@ -33,12 +33,24 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from xpcat.catalog_schema import CATALOG, FLUX_UNIT_W_M2_NM, SCHEMA_VERSION, pack_triu, read_metadata, with_metadata
+from xpcat.catalog_schema import (
+    CATALOG,
+    FLUX_UNIT_W_M2_NM,
+    N_FACTOR,
+    SCHEMA_VERSION,
+    pack_triu,
+    read_metadata,
+    with_metadata,
+)
 from xpcat.catalog_schema import flags as qf
 from xpcat.config import RunConfig
 from xpcat.errors import InputError, StageError
 from xpcat.model.inference import Inference, InferenceSettings
-from xpcat.model.uncertainty import PLACEHOLDER_CONFIDENCE_RULE, placeholder_confidence_bits, quality_flag_bits
+from xpcat.model.uncertainty import (
+    PLACEHOLDER_CONFIDENCE_RULE,
+    placeholder_confidence_bits,
+    quality_flag_bits,
+)
 from xpcat.production.partitions import atomic_write_parquet
 
 __all__ = ["inference_for", "fit_table", "infer_partition", "CONDITIONED_INPUT_COLUMNS"]
@@ -115,7 +127,7 @@ def fit_table(batch: pa.RecordBatch | pa.Table, inference: Inference, confidence
     n = batch.num_rows
     flux = _list_column(batch, "flux", 66)
     flux_error = _list_column(batch, "flux_error", 66)
-    factor = _list_column(batch, "flux_factor_triu", 66 * 67 // 2, inference.dtype)  # the fit's dtype, one copy
+    factor = _list_column(batch, "flux_factor_triu", N_FACTOR, inference.dtype)  # the fit's dtype, one copy
     plx = _scalar_column(batch, "parallax")
     plx_err = _scalar_column(batch, "parallax_error")
     fit = inference.fit(flux, factor, plx, plx_err, flux_error)
@@ -124,7 +136,11 @@ def fit_table(batch: pa.RecordBatch | pa.Table, inference: Inference, confidence
     err5 = np.sqrt(np.einsum("nii->ni", fit["cov5"]))
     bits = quality_flag_bits(fit["chi2"], fit["ln_prior"], p5[:, 4], plx, plx_err)
     if confidence is not None:
-        from xpcat.model.confidence import confidence_features, confidence_quality_bits, predict_confidence
+        from xpcat.model.confidence import (
+            confidence_features,
+            confidence_quality_bits,
+            predict_confidence,
+        )
 
         cond = {"flux": flux, "flux_error": flux_error, "parallax": plx, "parallax_error": plx_err,
                 "n_valid_flux": fit["n_valid_flux"].astype(np.float64)}

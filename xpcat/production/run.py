@@ -140,7 +140,7 @@ def _condition(ctx: StageContext, part: S.PartitionPlan) -> dict | None:
     from xpcat.production.condition.stage import condition_partition
 
     raw_files = {k: [Path(f) for f in v] for k, v in ctx.raw_files.items()}
-    return condition_partition(raw_files, part.pix, ctx.paths.output("conditioned", part.name), ctx.config,
+    return condition_partition(raw_files, part.pix, ctx.paths.output(RunPaths.CONDITIONED, part.name), ctx.config,
                                level=part.level, n_expected=part.rows)
 
 
@@ -151,20 +151,20 @@ def _infer(ctx: StageContext, part: S.PartitionPlan) -> dict | None:
     from xpcat.production.infer import infer_partition
 
     if ctx.config.inference.compilation_cache:
-        enable_compilation_cache(ctx.run_dir)
+        enable_compilation_cache(ctx.paths.jax_cache)
     model = worker_model(ctx.model_dir, ctx.model_hash)
-    return infer_partition(ctx.paths.output("conditioned", part.name), ctx.paths.output("fitted", part.name),
+    return infer_partition(ctx.paths.output(RunPaths.CONDITIONED, part.name), ctx.paths.output(RunPaths.FITTED, part.name),
                            model, ctx.config)
 
 
 def condition_stage() -> Stage:
     """raw -> conditioned."""
-    return Stage("condition", "conditioned", _condition, CONDITIONED, sections=("data", "conditioning"))
+    return Stage("condition", RunPaths.CONDITIONED, _condition, CONDITIONED, sections=("data", "conditioning"))
 
 
 def infer_stage(gpu: bool = False) -> Stage:
     """conditioned -> fitted, with the run's model."""
-    return Stage("infer", "fitted", _infer, CATALOG, needs="conditioned", sections=("inference",),
+    return Stage("infer", RunPaths.FITTED, _infer, CATALOG, needs=RunPaths.CONDITIONED, sections=("inference",),
                  uses_model=True, resources={"GPU": 1} if gpu else None)
 
 
@@ -418,7 +418,7 @@ def run_stages(run_dir: Path, config: RunConfig, stages: Sequence[Stage], *, mod
                 from xpcat.production.catalog import build_catalog
 
                 t0 = time.perf_counter()
-                summary["stages"]["catalog"] = build_catalog(run_dir, config, "fitted", client=client)
+                summary["stages"]["catalog"] = build_catalog(run_dir, config, RunPaths.FITTED, client=client)
                 summary["stages"]["catalog"]["wall_seconds"] = time.perf_counter() - t0
             summary["workers"] = len(client.scheduler_info().get("workers", {}))
         summary["seconds"] = time.perf_counter() - t_start

@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 __all__ = ["DATA_PATH_FIELDS", "RunPaths"]
 
@@ -42,6 +42,10 @@ class RunPaths:
 
     root: Path
     raw_setting: str = "raw"
+
+    #: The per-partition stage folders (a stage's ``out_dir``).
+    CONDITIONED: ClassVar[str] = "conditioned"
+    FITTED: ClassVar[str] = "fitted"
 
     @classmethod
     def of(cls, run_dir: str | os.PathLike, config: object | None = None) -> "RunPaths":
@@ -103,7 +107,7 @@ class RunPaths:
 
     @property
     def conditioned(self) -> Path:
-        return self.root / "conditioned"
+        return self.root / self.CONDITIONED
 
     @property
     def model(self) -> Path:
@@ -111,11 +115,16 @@ class RunPaths:
 
     @property
     def fitted(self) -> Path:
-        return self.root / "fitted"
+        return self.root / self.FITTED
 
     @property
     def catalog(self) -> Path:
         return self.root / "catalog"
+
+    @property
+    def catalog_partial(self) -> Path:
+        """Where the catalog is built before it is swapped in whole."""
+        return self.root / "catalog.partial"
 
     @property
     def report(self) -> Path:
@@ -140,6 +149,26 @@ class RunPaths:
     @property
     def jax_cache(self) -> Path:
         return self.state / "jax-cache"
+
+    @property
+    def run_record(self) -> Path:
+        """``state/run.json``: what the run was started with (the resume check)."""
+        return self.state / "run.json"
+
+    @property
+    def plan(self) -> Path:
+        """``state/plan.json``: the partitions owed."""
+        return self.state / "plan.json"
+
+    @property
+    def confidence_state(self) -> Path:
+        """``state/confidence.json``: what ``xpcat train-confidence`` trained (AUCs, counts, fallbacks)."""
+        return self.state / "confidence.json"
+
+    @property
+    def confidence_stars(self) -> Path:
+        """``state/confidence_stars.npz``: the classifiers' per-star training set (diagnostics)."""
+        return self.state / "confidence_stars.npz"
 
     def output(self, out_dir: str, name: str) -> Path:
         """Partition ``name`` of a stage's output folder: ``RUN_DIR/<out_dir>/<name>.parquet``."""

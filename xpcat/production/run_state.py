@@ -20,7 +20,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
-
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -34,14 +33,12 @@ from xpcat.production.run_dir import RunPaths
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "STATE_DIR",
     "RESULT_SECTIONS",
     "PartitionPlan",
     "input_fingerprint",
     "check_resume",
     "plan_partitions",
     "read_plan",
-    "output_path",
     "quick_done",
     "record_failure",
     "clear_failure",
@@ -50,7 +47,6 @@ __all__ = [
     "stage_done",
 ]
 
-STATE_DIR = "state"
 #: Config sections whose change alters results: a run refuses to resume across them.
 #: ``[cluster]`` (where it runs) may change between attempts.
 RESULT_SECTIONS = ("run", "data", "conditioning", "inference", "catalog")
@@ -176,7 +172,7 @@ def check_resume(run_dir: Path, config: RunConfig, inputs: dict[str, int], model
         When the config's result sections, the input set or the model changed;
         the message lists every difference.
     """
-    path = Path(run_dir) / STATE_DIR / "run.json"
+    path = RunPaths.of(run_dir).run_record
     now = {"config": _result_config(config), "inputs": inputs, "model_hash": model_hash}
     if not path.exists():
         write_json_atomic(path, {**now, "started": _dt.datetime.now(_dt.timezone.utc).isoformat()})
@@ -206,7 +202,7 @@ def check_resume(run_dir: Path, config: RunConfig, inputs: dict[str, int], model
 
 
 #: Raw tables the stages read, in the plan's input set (optional ones may be absent).
-STAGE_TABLES = ("gaia_source", "xp_continuous_mean_spectrum", "tmass", "unwise")
+STAGE_TABLES = ("gaia_source", "xp_continuous_mean_spectrum", "xp_sampled_spectrum", "tmass", "unwise")
 
 
 def _duplicates(con: Any, files: tuple[str, ...]) -> str:
@@ -248,7 +244,7 @@ def plan_partitions(run_dir: Path, config: RunConfig) -> tuple[list[PartitionPla
     shift = P.partition_shift(level)
     con = duckdb.connect()
     try:
-        for table in ("gaia_source", "xp_continuous_mean_spectrum"):
+        for table in ("gaia_source", "xp_continuous_mean_spectrum", "xp_sampled_spectrum"):
             if table not in raw_files:
                 continue
             dups = _duplicates(con, raw_files[table])
@@ -267,21 +263,16 @@ def plan_partitions(run_dir: Path, config: RunConfig) -> tuple[list[PartitionPla
     for pix, n in rows:
         lo, hi = P.source_id_range(int(pix), level)
         plan.append(PartitionPlan(P.partition_name(int(pix), level), level, int(pix), lo, hi, int(n)))
-    write_json_atomic(paths.state / "plan.json", {"level": level, "partitions": [asdict(p) for p in plan]})
+    write_json_atomic(paths.plan, {"level": level, "partitions": [asdict(p) for p in plan]})
     return plan, raw_files
 
 
 def read_plan(run_dir: Path) -> list[PartitionPlan]:
     """The plan written by :func:`plan_partitions` ([] when none)."""
-    p = Path(run_dir) / STATE_DIR / "plan.json"
+    p = RunPaths.of(run_dir).plan
     if not p.exists():
         return []
     return [PartitionPlan(**d) for d in json.loads(p.read_text())["partitions"]]
-
-
-def output_path(run_dir: Path, out_dir: str, name: str) -> Path:
-    """``RUN_DIR/<out_dir>/<name>.parquet``."""
-    return Path(run_dir) / out_dir / f"{name}.parquet"
 
 
 def quick_done(path: Path, rows: int) -> bool:
@@ -299,7 +290,7 @@ def quick_done(path: Path, rows: int) -> bool:
 
 
 def _failure_path(run_dir: Path, stage: str, name: str) -> Path:
-    return Path(run_dir) / STATE_DIR / "failed" / stage / f"{name}.json"
+    return RunPaths.of(run_dir).failure(stage, name)
 
 
 def record_failure(run_dir: Path, stage: str, name: str, error: str, traceback_text: str, attempts: int) -> None:
@@ -325,7 +316,7 @@ def clear_failure(run_dir: Path, stage: str, name: str) -> None:
 def read_failures(run_dir: Path) -> dict[str, dict[str, dict]]:
     """``{stage: {partition: failure document}}``."""
     out: dict[str, dict[str, dict]] = {}
-    root = Path(run_dir) / STATE_DIR / "failed"
+    root = RunPaths.of(run_dir).state / "failed"
     for f in sorted(root.glob("*/*.json")) if root.is_dir() else []:
         try:
             doc = json.loads(f.read_text())
@@ -337,12 +328,12 @@ def read_failures(run_dir: Path) -> dict[str, dict[str, dict]]:
 
 def mark_stage_done(run_dir: Path, stage: str, info: dict) -> None:
     """Write ``state/<stage>.done`` (after a rescan found nothing left)."""
-    write_json_atomic(Path(run_dir) / STATE_DIR / f"{stage}.done", info)
+    write_json_atomic(RunPaths.of(run_dir).stage_marker(stage), info)
 
 
 def stage_done(run_dir: Path, stage: str) -> dict | None:
     """The ``state/<stage>.done`` document, or None."""
-    p = Path(run_dir) / STATE_DIR / f"{stage}.done"
+    p = RunPaths.of(run_dir).stage_marker(stage)
     try:
         return json.loads(p.read_text())
     except (OSError, ValueError):

@@ -37,7 +37,7 @@ def run_status(run_dir: Path) -> str:
     """
     plan = S.read_plan(run_dir)
     if not plan:
-        raise StageError(f"{run_dir} holds no planned run (no {S.STATE_DIR}/plan.json); start one with `xpcat run`")
+        raise StageError(f"{run_dir} holds no planned run (no {RunPaths.of(run_dir).plan}); start one with `xpcat run`")
     config = read_run_config(run_dir)
     paths = RunPaths.of(run_dir, config)
     raw_files = {t: tuple(str(f) for f in paths.raw_files(t)) for t in S.STAGE_TABLES}

@@ -49,8 +49,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "COMPONENT",
-    "STATE_FILE",
-    "STARS_FILE",
     "CONDITIONED_COLUMNS",
     "read_labels",
     "read_conditioned",
@@ -62,10 +60,6 @@ __all__ = [
 
 #: Name of the artifact component holding the classifiers.
 COMPONENT = "confidence"
-#: Report of the last training, relative to the run directory.
-STATE_FILE = Path("state") / "confidence.json"
-#: Per-star training set of the last training (features, labels, split, confidences), relative to the run.
-STARS_FILE = Path("state") / "confidence_stars.npz"
 #: Conditioned columns the fit and the features need.
 CONDITIONED_COLUMNS = (
     "source_id", "flux", "flux_error", "flux_factor_triu", "parallax", "parallax_error", "n_valid_flux",
@@ -378,7 +372,7 @@ def _train_confidence(paths: RunPaths, config: RunConfig, model_dir: Path, forwa
         )
     except C.TooFewLabelsError as err:
         raise StageError(f"{err} (of {int(keep.sum())} labelled stars passing the basic cut)") from err
-    _write_stars(run_dir / STARS_FILE, cond["source_id"], features, er["est"], er["ref"], ylab, keep,
+    _write_stars(paths.confidence_stars, cond["source_id"], features, er["est"], er["ref"], ylab, keep,
                  holdout_mask(cond["source_id"], settings.holdout_fraction, config.run.seed),
                  C.predict_confidence(clf, features))
     summary: dict[str, Any] = {
@@ -395,7 +389,7 @@ def _train_confidence(paths: RunPaths, config: RunConfig, model_dir: Path, forwa
     summary["content_hash"] = add_component(model_dir, COMPONENT, C.classifiers_to_arrays(clf), meta)
     summary["seconds"] = time.perf_counter() - t0
     summary["config"] = config_to_dict(config)["confidence"]
-    write_text_atomic(run_dir / STATE_FILE, json.dumps(summary, indent=1, default=float))
+    write_text_atomic(paths.confidence_state, json.dumps(summary, indent=1, default=float))
     logger.info("confidence classifiers stored in %s: AUC teff %.3f, feh %.3f, logg %.3f",
                 model_dir, summary["auc_teff"], summary["auc_feh"], summary["auc_logg"])
     return {k: v for k, v in summary.items() if k != "classifiers"} | {

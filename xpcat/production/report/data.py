@@ -21,6 +21,7 @@ from xpcat.catalog_schema import CATALOG, PARAM_NAMES, read_metadata
 from xpcat.catalog_schema.flags import BASIC_CUT_MAX
 from xpcat.config import read_run_config
 from xpcat.errors import InputError, StageError
+from xpcat.production.run_dir import RunPaths
 
 logger = logging.getLogger(__name__)
 
@@ -42,10 +43,11 @@ CATALOG_COLUMNS = ["gdr3_source_id", "ra", "dec", "stellar_params_est", "stellar
 
 def _catalog_files(run_dir: Path) -> tuple[list[Path], str]:
     """The catalog's Parquet files and where they come from (``"fitted"`` or ``"catalog"``)."""
-    fitted = sorted((run_dir / "fitted").glob("*.parquet"))
+    paths = RunPaths.of(run_dir)
+    fitted = sorted(paths.fitted.glob("*.parquet"))
     if fitted:
         return fitted, "fitted"
-    cat = run_dir / "catalog"
+    cat = paths.catalog
     files = sorted(p for p in cat.glob("**/*.parquet") if not p.name.startswith("_") and "Norder=" in str(p))
     if not files:
         files = sorted(p for p in (cat / "dataset").glob("**/*.parquet") if not p.name.startswith("_"))
@@ -155,7 +157,7 @@ def load_reference(run_dir: Path, sid: np.ndarray) -> tuple[dict[str, np.ndarray
         ``"truth"`` or ``"labels"``.
     """
     run_dir = Path(run_dir)
-    truth_path = run_dir / "truth" / "truth.parquet"
+    truth_path = RunPaths.of(run_dir).truth / "truth.parquet"
     if truth_path.is_file():
         t = _read_dir(truth_path, ["source_id", "teff", "feh", "logg", "e", "parallax", "r_v"])
         ref = _align(sid, t, "source_id", {"teff": "teff", "feh": "feh", "logg": "logg", "extinction": "e",
@@ -164,12 +166,10 @@ def load_reference(run_dir: Path, sid: np.ndarray) -> tuple[dict[str, np.ndarray
             ref[f"{p}_error"] = np.where(np.isfinite(ref[p]), 0.0, np.nan)
         return ref, "truth"
     cfg = read_run_config(run_dir)
-    raw = Path(cfg.data.raw_dir)
-    raw = raw if raw.is_absolute() else run_dir / raw
-    lab_path = Path(cfg.data.labels) if cfg.data.labels else raw / "labels"
-    red_path = Path(cfg.data.reddening) if cfg.data.reddening else raw / "reddening"
-    lab_path = lab_path if lab_path.is_absolute() else run_dir / lab_path
-    red_path = red_path if red_path.is_absolute() else run_dir / red_path
+    paths = RunPaths.of(run_dir, cfg)
+    raw = paths.raw
+    lab_path = paths.user_file(cfg.data.labels) or paths.raw_table("labels")
+    red_path = paths.user_file(cfg.data.reddening) or paths.raw_table("reddening")
     ref = _align(sid, _read_dir(lab_path, ["source_id", "teff", "teff_error", "feh", "feh_error", "logg",
                                            "logg_error"]), "source_id",
                  {"teff": "teff", "teff_error": "teff_error", "feh": "feh", "feh_error": "feh_error",

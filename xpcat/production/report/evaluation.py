@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 
 from xpcat.catalog_schema.conditioned import N_XP
 from xpcat.production.report.data import ReportData
+from xpcat.production.run_dir import RunPaths
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ def load_model(run_dir: Path) -> Any | None:
     """The run's model artifact (``RUN_DIR/model``), or None when it has none."""
     from xpcat.model.artifact import artifact_exists, load_artifact
 
-    mdir = Path(run_dir) / "model"
+    mdir = RunPaths.of(run_dir).model
     if not artifact_exists(mdir):
         return None
     return load_artifact(mdir)
@@ -93,7 +94,7 @@ def flux_residuals(run_dir: Path, artifact: Any, data: ReportData) -> np.ndarray
     import jax
     import jax.numpy as jnp
 
-    files = sorted((Path(run_dir) / "conditioned").glob("*.parquet"))
+    files = sorted(RunPaths.of(run_dir).conditioned.glob("*.parquet"))
     if artifact is None or not files:
         return None
     ok = data.basic & np.all(np.isfinite(data.est), axis=1) & (data.est[:, 3] > 0) & (data.est[:, 4] > 0)

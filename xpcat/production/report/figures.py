@@ -25,6 +25,7 @@ from xpcat.catalog_schema import PARAM_NAMES
 from xpcat.catalog_schema.flags import CONFIDENCE_THRESHOLD
 from xpcat.production.report.data import ReportData
 from xpcat.production.report.statistics import format_number, robust_sigma
+from xpcat.production.run_dir import RunPaths
 
 logger = logging.getLogger(__name__)
 
@@ -234,7 +235,7 @@ def confidence_figure(run_dir: Path, out: Path) -> tuple[str, dict[str, Any]]:
     Returns the figure name and, per parameter, the robust sigma of each group.
     """
     plt = pyplot()
-    path = run_dir / "state" / "confidence_stars.npz"
+    path = RunPaths.of(run_dir).confidence_stars
     fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
     scatter: dict[str, Any] = {}
     if path.is_file():

@@ -57,6 +57,7 @@ from xpcat.production.report.statistics import (
     format_number,
     validation_numbers,
 )
+from xpcat.production.run_dir import RunPaths
 
 logger = logging.getLogger(__name__)
 
@@ -133,19 +134,20 @@ def run_facts(run_dir: Path, cat_info: dict[str, Any], artifact: Any, data: Repo
         Stars, catalog source, partitions, model hash, reference kind, timings
         from ``state/``, the last logs and the time the report was written (UTC).
     """
+    paths = RunPaths.of(run_dir)
     facts = [
-        ("run directory", str(run_dir.resolve())),
+        ("run directory", str(paths.root)),
         ("stars in catalog", format_number(int(data.source_id.size))),
         ("catalog read from", f"{cat_info['source']} ({cat_info['files']} files)"),
-        ("partitions (conditioned)", format_number(len(list((run_dir / "conditioned").glob("*.parquet"))))),
-        ("partitions (fitted)", format_number(len(list((run_dir / "fitted").glob("*.parquet"))))),
+        ("partitions (conditioned)", format_number(len(list(paths.conditioned.glob("*.parquet"))))),
+        ("partitions (fitted)", format_number(len(list(paths.fitted.glob("*.parquet"))))),
         ("model hash", artifact.content_hash if artifact is not None else "no model artifact"),
         ("reference", data.ref_kind),
     ]
     if cat_info.get("model_hashes"):
         facts.append(("model hash recorded in catalog", ", ".join(h[:16] for h in cat_info["model_hashes"])))
-    facts.extend(_state_timings(run_dir / "state"))
-    logs = sorted((run_dir / "logs").glob("*.log")) if (run_dir / "logs").is_dir() else []
+    facts.extend(_state_timings(paths.state))
+    logs = sorted(paths.logs.glob("*.log")) if paths.logs.is_dir() else []
     if logs:
         facts.append(("logs", ", ".join(p.name for p in logs[-3:])))
     facts.append(("report written", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")))
@@ -195,7 +197,7 @@ def render_page(validation: dict[str, Any], counts: list[tuple[str, int, float]]
 
 def _confidence_aucs(run_dir: Path, artifact: Any) -> dict[str, Any]:
     """``auc_teff``, ``auc_feh``, ``auc_logg`` from ``state/confidence.json``, else the artifact (None when absent)."""
-    conf_state = run_dir / "state" / "confidence.json"
+    conf_state = RunPaths.of(run_dir).confidence_state
     conf_doc: dict = {}
     if conf_state.is_file():
         conf_doc = json.loads(conf_state.read_text())
