@@ -105,7 +105,8 @@ def main(argv: list[str] | None = None) -> dict:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
     from xpcat.config import RunConfig, SimulationConfig
-    from xpcat.production.run import condition_stage, run_pipeline, run_stages
+    from xpcat.production.run import run_pipeline, run_stages
+    from xpcat.production.stages import condition_stage
     from xpcat.production.synthetic.universe import simulate_universe
 
     n = 1_000_000 if args.million else args.stars

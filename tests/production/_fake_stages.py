@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from xpcat.catalog_schema import CATALOG
 from xpcat.production import partitions as P
-from xpcat.production.run import Stage, condition_stage, infer_stage
+from xpcat.production.stages import Stage, condition_stage, infer_stage
 
 FAKE_CONDITIONED = pa.schema(
     [pa.field("source_id", pa.int64(), nullable=False), pa.field("ra", pa.float64(), nullable=False),

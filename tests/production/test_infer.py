@@ -129,7 +129,7 @@ def conditioned_run(tmp_path_factory):
     return run, cfg
 
 
-def test_infer_command_resumes_redoes_lost_and_corrupt_partitions(tmp_path, conditioned_run):
+def test_infer_command_resumes_redoes_lost_and_corrupt_partitions(tmp_path, conditioned_run, caplog):
     """`xpcat infer` goes through the engine: resume, a lost marker, a truncated conditioned file."""
     import shutil
 
@@ -152,7 +152,9 @@ def test_infer_command_resumes_redoes_lost_and_corrupt_partitions(tmp_path, cond
     cond = run / "conditioned" / f"{plan[1].name}.parquet"
     cond.write_bytes(cond.read_bytes()[: cond.stat().st_size // 2])  # truncated after the fact
     sha = json.loads(marker_path(cond).read_text())["sha256"]
-    third = run_infer(run, cfg)["stages"]
+    with caplog.at_level("WARNING", logger="xpcat.production.run"):
+        third = run_infer(run, cfg)["stages"]
+    assert f"condition: redoing {cond.resolve()}: no done marker, or size" in caplog.text  # named, not a traceback
     # the truncated input is conditioned again, byte for byte as before, so its fitted partition stays valid;
     # the partition whose marker was lost is refitted
     assert third["condition"]["completed"] == 1 and third["infer"]["completed"] == 1

@@ -221,7 +221,7 @@ def test_real_conditioning_stage_on_a_synthetic_universe(tmp_path):
     """The condition stage through ``conditioning.condition_partition`` on Dask, then a rerun does nothing."""
     from xpcat.catalog_schema import CONDITIONED
     from xpcat.config import SimulationConfig
-    from xpcat.production.run import condition_stage
+    from xpcat.production.stages import condition_stage
     from xpcat.production.synthetic.universe import simulate_universe
 
     simulate_universe(tmp_path, SimulationConfig(n_stars=150, seed=3))

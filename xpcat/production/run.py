@@ -40,14 +40,12 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 
-from xpcat.catalog_schema import CATALOG, CONDITIONED, validate
+from xpcat.catalog_schema import validate
 from xpcat.config import RunConfig, config_to_dict, write_config
 from xpcat.errors import StageError, XpcatError
 from xpcat.fileio import write_json_atomic
@@ -58,119 +56,18 @@ from xpcat.production import run_state as S
 from xpcat.production.capacity import plan_run
 from xpcat.production.run_dir import RunPaths
 from xpcat.production.run_lock import run_lock
+from xpcat.production.stages import (
+    Stage,
+    StageContext,
+    condition_stage,
+    default_stages,
+    infer_stage,
+)
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Stage", "StageContext", "stage_context", "condition_stage", "infer_stage", "default_stages", "partition_done",
-           "run_pipeline", "run_stages", "plan_run", "stage_task"]
-
-
-@dataclass(frozen=True)
-class Stage:
-    """One per-partition stage.
-
-    Attributes
-    ----------
-    name : str
-        Stage name (``"condition"``, ``"infer"``).
-    out_dir : str
-        Output folder in the run directory; the output of partition ``p`` is
-        ``<out_dir>/<p>.parquet`` with its done marker.
-    func : callable
-        ``func(ctx: StageContext, part: PartitionPlan) -> dict | None``,
-        importable on workers; it must write the output with
-        :func:`partitions.atomic_write_parquet`.
-    schema : pyarrow.Schema
-        Schema the output must have.
-    needs : str or None
-        ``out_dir`` of the stage whose output this one reads.
-    sections : tuple of str
-        Config sections that change this stage's results (part of the done key).
-    uses_model : bool
-        The output depends on the model artifact (its hash is part of the done key).
-    resources : dict or None
-        Dask worker resources per task (``{"GPU": 1}`` on GPU profiles).
-    """
-
-    name: str
-    out_dir: str
-    func: Callable[..., Any]
-    schema: pa.Schema
-    needs: str | None = None
-    sections: tuple[str, ...] = ()
-    uses_model: bool = False
-    resources: dict | None = field(default=None)
-
-
-@dataclass(frozen=True)
-class StageContext:
-    """What every task of one stage receives (built once per run on the client).
-
-    Attributes
-    ----------
-    stage : str
-    paths : RunPaths
-        The run directory's layout.
-    config : RunConfig
-        The run's frozen, typed configuration.
-    raw_files : dict of str -> tuple of str
-        The raw Parquet files per table (the plan's input set).
-    model_dir, model_hash : str or None
-        The model artifact the workers load, and its content hash.
-    done_key : str
-        Hash of what the stage's output depends on, before its per-partition input.
-    """
-
-    stage: str
-    paths: RunPaths
-    config: RunConfig
-    raw_files: dict[str, tuple[str, ...]]
-    model_dir: str | None
-    model_hash: str | None
-    done_key: str
-
-    @property
-    def run_dir(self) -> Path:
-        return self.paths.root
-
-
-# ---------------------------------------------------------------- the stages
-def _condition(ctx: StageContext, part: S.PartitionPlan) -> dict | None:
-    """Condition one source_id range (:func:`xpcat.production.condition.stage.condition_partition`)."""
-    from xpcat.production.condition.stage import condition_partition
-
-    raw_files = {k: [Path(f) for f in v] for k, v in ctx.raw_files.items()}
-    return condition_partition(raw_files, part.pix, ctx.paths.output(RunPaths.CONDITIONED, part.name), ctx.config,
-                               level=part.level, n_expected=part.rows)
-
-
-def _infer(ctx: StageContext, part: S.PartitionPlan) -> dict | None:
-    """Fit one conditioned partition with the worker's model (:func:`xpcat.production.infer.infer_partition`)."""
-    from xpcat.jobs.compile_cache import enable_compilation_cache
-    from xpcat.jobs.plugins import worker_model
-    from xpcat.production.infer import infer_partition
-
-    if ctx.config.inference.compilation_cache:
-        enable_compilation_cache(ctx.paths.jax_cache)
-    model = worker_model(ctx.model_dir, ctx.model_hash)
-    return infer_partition(ctx.paths.output(RunPaths.CONDITIONED, part.name), ctx.paths.output(RunPaths.FITTED, part.name),
-                           model, ctx.config)
-
-
-def condition_stage() -> Stage:
-    """raw -> conditioned."""
-    return Stage("condition", RunPaths.CONDITIONED, _condition, CONDITIONED, sections=("data", "conditioning"))
-
-
-def infer_stage(gpu: bool = False) -> Stage:
-    """conditioned -> fitted, with the run's model."""
-    return Stage("infer", RunPaths.FITTED, _infer, CATALOG, needs=RunPaths.CONDITIONED, sections=("inference",),
-                 uses_model=True, resources={"GPU": 1} if gpu else None)
-
-
-def default_stages(gpu: bool = False) -> list[Stage]:
-    """condition -> infer (the catalog follows in :func:`run_stages`)."""
-    return [condition_stage(), infer_stage(gpu)]
+__all__ = ["stage_context", "not_done_reason", "partition_done", "run_pipeline", "run_stages", "run_condition",
+           "run_infer", "run_catalog", "plan_run", "stage_task"]
 
 
 # ---------------------------------------------------------------- the done test
@@ -205,20 +102,29 @@ def _partition_key(ctx: StageContext, stage: Stage, part: S.PartitionPlan) -> st
     return hashlib.sha256(f"{ctx.done_key}:{marker.get('sha256')}".encode()).hexdigest()[:24]
 
 
-def partition_done(ctx: StageContext, stage: Stage, part: S.PartitionPlan, *, full: bool = False) -> bool:
-    """Whether ``part``'s output of ``stage`` is done and current.
+def not_done_reason(ctx: StageContext, stage: Stage, part: S.PartitionPlan, *, full: bool = False) -> str | None:
+    """Why ``part``'s output of ``stage`` must be (re)done, or None when it is done and current.
 
     ``full=False`` (the client's rescan) checks size and row count against
     the marker; ``full=True`` (inside the task) also re-hashes the file.
-    Both require the marker's done key to match.
+    Both require the marker's done key to match the stage's current one.
     """
     out = ctx.paths.output(stage.out_dir, part.name)
+    if not out.exists():
+        return "missing"
     ok = P.is_done(out, expected_rows=part.rows) if full else S.quick_done(out, part.rows)
     if not ok:
-        return False
+        return "no done marker, or size, rows or checksum differ from it (partial, truncated or corrupt)"
     key = _partition_key(ctx, stage, part)
     marker = P.read_marker(out) or {}
-    return key is not None and (marker.get("info") or {}).get("done_key") == key
+    if key is None or (marker.get("info") or {}).get("done_key") != key:
+        return "made from other inputs, config or model"
+    return None
+
+
+def partition_done(ctx: StageContext, stage: Stage, part: S.PartitionPlan, *, full: bool = False) -> bool:
+    """Whether ``part``'s output of ``stage`` is done and current (:func:`not_done_reason` is None)."""
+    return not_done_reason(ctx, stage, part, full=full) is None
 
 
 def stage_task(stage: Stage, ctx: StageContext, part: S.PartitionPlan) -> dict:
@@ -276,7 +182,13 @@ def _run_stage(client: Any, stage: Stage, ctx: StageContext, plan: Sequence[S.Pa
     """Submit the owed partitions of one stage, collect results as they complete, rescan."""
     run_dir = ctx.run_dir
     config = ctx.config
-    todo = [p for p in plan if p.name not in blocked and not partition_done(ctx, stage, p)]
+    todo = []
+    for p in plan:
+        reason = None if p.name in blocked else not_done_reason(ctx, stage, p)
+        if reason is not None:
+            todo.append(p)
+            if reason != "missing":
+                logger.warning("%s: redoing %s: %s", stage.name, ctx.paths.output(stage.out_dir, p.name), reason)
     n_blocked = sum(p.name in blocked for p in plan)
     logger.info("stage %s: %d partitions owed, %d already done, %d blocked by earlier failures",
                 stage.name, len(todo), len(plan) - len(todo) - n_blocked, n_blocked)

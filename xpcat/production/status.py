@@ -9,8 +9,9 @@ from pathlib import Path
 from xpcat.config import read_run_config
 from xpcat.errors import StageError
 from xpcat.production import run_state as S
-from xpcat.production.run import StageContext, condition_stage, infer_stage, partition_done, stage_context
+from xpcat.production.run import partition_done, stage_context
 from xpcat.production.run_dir import RunPaths
+from xpcat.production.stages import StageContext, condition_stage, infer_stage
 
 logger = logging.getLogger(__name__)
 
