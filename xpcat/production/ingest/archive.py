@@ -1,27 +1,22 @@
-"""Fetch raw tables from a Gaia archive by HEALPix-aligned source_id range.
+"""``xpcat fetch``: every source_id range of a run from a Gaia archive, resumable.
 
-For every partition ``p`` at ``config.data.partition_level`` (the source_id
-range ``[lo, hi)`` of :func:`xpcat.production.partitions.source_id_range`):
+:func:`fetch_run` checks that the archive can be reached at all (a host name
+that does not resolve or a refused connection ends the fetch at once, naming
+the URL: :func:`~xpcat.production.ingest.client.check_reachable`), asks the
+census for the non-empty pixels, and fetches every range not yet done with
+:func:`~xpcat.production.ingest.ranges.fetch_range` (queries, DataLink XP,
+raw partitions), ``FetchOptions.workers`` at a time in worker processes.
 
-1. the Appendix A gaia_source + astrometric-fidelity query (:data:`GAIA_SOURCE_ADQL`)
-   and the 2MASS best-neighbour query with its ph_qual / ext_key cuts
-   (:data:`TMASS_ADQL`) run as async ADQL jobs (``launch_job_async``);
-2. the XP continuous mean spectra of the returned sources come through
-   DataLink (``load_data(retrieval_type="XP_CONTINUOUS", format="csv")``) in
-   batches of at most 5000 ids. Returned ids are compared with the requested
-   ones; the missing ones are asked again (``FetchOptions.missing_rounds``
-   times) and those still missing are recorded (marker ``info`` and
-   ``RUN_DIR/state/fetch/<partition>.json``), so they reach the catalog as
-   sources without XP data;
-3. the three tables are written as ``RUN_DIR/raw/<table>/<partition>.parquet``
-   with :func:`~xpcat.production.partitions.atomic_write_parquet` (verified,
-   done marker). A range whose files are all done is not fetched again.
-
-HTTP 500/502, timeouts and dropped connections are retried with exponential
-backoff up to ``FetchOptions.max_attempts``; a range that keeps failing, or
-whose answer is wrong (an ADQL error, rows outside the range, duplicated
-source_ids, a row count that disagrees with the census) is recorded as failed
-with the reason and the run goes on with the next range.
+Each request (job submission, phase poll, result download, DataLink batch)
+is retried on HTTP 5xx, timeouts and dropped or short answers with
+exponential backoff up to ``FetchOptions.max_attempts``. A range that keeps
+failing, or whose answer is wrong, is recorded as failed with the reason and
+the run goes on. After the first pass, ranges that failed (not permanently)
+or left stars without XP get up to ``FetchOptions.resume_passes`` more passes
+(for the latter, only the missing ids are asked again): the resume a rerun
+would do. The summary says whether the fetch is ``complete``; when it is
+not, its ``incomplete`` line names how many stars are missing and the command
+that resumes (``xpcat fetch`` exits non-zero).
 
 The client is built explicitly (:func:`build_client`): astroquery's
 module-level ``Gaia`` object contacts the archive at import and is never used.
@@ -32,38 +27,43 @@ astroquery's TAP connections have no timeout, so every fetch runs under
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import multiprocessing as mp
-import os
 import socket
-import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pyarrow as pa
-
-from xpcat.catalog_schema.raw import GAIA_SOURCE, TMASS, XP_CONTINUOUS
 from xpcat.config import RunConfig
 from xpcat.errors import InputError
+from xpcat.fileio import write_json_atomic
 from xpcat.progress import progress
 from xpcat.production.ingest.client import (
+    DEFAULT_WORKERS,
     FetchOptions,
     RangeFailed,
-    _Permanent,
-    _with_retries,
     build_client,
+    check_reachable,
     load_xp,
     run_query,
     socket_timeout,
 )
-from xpcat.production.ingest.formats import conform_rows
-from xpcat.production.partitions import atomic_write_parquet, is_done, partition_name, source_id_range
+from xpcat.production.ingest.ranges import (
+    CENSUS_ADQL,
+    GAIA_SOURCE_ADQL,
+    RAW_TABLES,
+    TMASS_ADQL,
+    RangeResult,
+    census_counts,
+    fetch_missing_xp,
+    fetch_range,
+    range_done,
+    read_range_state,
+    write_range_state,
+)
+from xpcat.production.partitions import partition_name
 
 __all__ = [
     "GAIA_SOURCE_ADQL",
@@ -73,6 +73,8 @@ __all__ = [
     "RangeFailed",
     "build_client",
     "socket_timeout",
+    "fetch_missing_xp",
+    "fetch_options",
     "fetch_range",
     "fetch_run",
     "load_xp",
@@ -81,255 +83,107 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Appendix A: gaia_source joined with the astrometric fidelity table, one range.
-GAIA_SOURCE_ADQL = """SELECT
-  g.random_index, g.source_id, g.ref_epoch,
-  g.ra, g.ra_error, g.dec, g.dec_error,
-  g.parallax, g.parallax_error,
-  g.pmra, g.pmra_error, g.pmdec, g.pmdec_error,
-  g.ruwe, g.astrometric_excess_noise,
-  spur.fidelity_v2, spur.norm_dg,
-  g.phot_g_mean_mag, g.phot_g_mean_flux, g.phot_g_mean_flux_error,
-  g.phot_bp_mean_mag, g.phot_bp_mean_flux, g.phot_bp_mean_flux_error,
-  g.phot_rp_mean_mag, g.phot_rp_mean_flux, g.phot_rp_mean_flux_error,
-  g.has_xp_continuous,
-  g.phot_bp_n_obs, g.phot_rp_n_obs,
-  g.phot_bp_rp_excess_factor,
-  g.visibility_periods_used
-FROM gaiadr3.gaia_source AS g
-  JOIN gaiadr3.astrophysical_parameters AS p ON g.source_id = p.source_id
-  LEFT OUTER JOIN external.gaiaedr3_spurious AS spur ON g.source_id = spur.source_id
-WHERE (g.has_xp_continuous = 'True')
-  AND (g.source_id BETWEEN {lo} AND {hi})
-ORDER BY g.source_id"""
-
-#: Appendix A: 2MASS best neighbours with an 'A' in some band and no extended-source key.
-TMASS_ADQL = """SELECT
-  g.random_index, g.source_id, g.ra, g.dec,
-  tmass.designation, tmass.ra AS tm_ra, tmass.dec AS tm_dec,
-  tmass.j_m, tmass.j_msigcom, tmass.h_m, tmass.h_msigcom, tmass.ks_m, tmass.ks_msigcom,
-  tmass.ph_qual, tmass.ext_key,
-  xmatch.angular_distance AS gaia_tmass_angular_distance
-FROM gaiadr3.gaia_source AS g
-  JOIN gaiadr3.tmass_psc_xsc_best_neighbour AS xmatch USING (source_id)
-  JOIN gaiadr3.tmass_psc_xsc_join AS xjoin USING (clean_tmass_psc_xsc_oid)
-  JOIN gaiadr1.tmass_original_valid AS tmass ON xjoin.original_psc_source_id = tmass.designation
-WHERE (g.has_xp_continuous = 'True')
-  AND ((tmass.ph_qual LIKE 'A__') OR (tmass.ph_qual LIKE '_A_') OR (tmass.ph_qual LIKE '__A'))
-  AND (tmass.ext_key IS NULL)
-  AND (g.source_id BETWEEN {lo} AND {hi})
-ORDER BY g.source_id"""
-
-#: Sources with XP spectra per pixel at a level: which ranges exist and how many rows each must have.
-CENSUS_ADQL = """SELECT gaia_healpix_index({level}, g.source_id) AS pix, COUNT(*) AS n
-FROM gaiadr3.gaia_source AS g
-  JOIN gaiadr3.astrophysical_parameters AS p ON g.source_id = p.source_id
-WHERE g.has_xp_continuous = 'True'
-GROUP BY gaia_healpix_index({level}, g.source_id)"""
-
-_TABLES = ("gaia_source", "tmass", "xp_continuous_mean_spectrum")
-
-
-def _conform_answer(table: pa.Table, schema: pa.Schema, what: str, lo: int, hi: int) -> pa.Table:
-    good, bad = conform_rows(table, schema, what=what)
-    if bad:
-        b = bad[0]
-        raise _Permanent(f"{what}: {len(bad)} unreadable row(s), e.g. source_id {b.source_id} column {b.column}: {b.reason}")
-    sid = good.column("source_id").to_numpy()
-    outside = sid[(sid < lo) | (sid >= hi)]
-    if outside.size:
-        raise _Permanent(f"{what}: {outside.size} source_id(s) outside the range [{lo}, {hi}), e.g. {outside[0]}")
-    uniq, counts = np.unique(sid, return_counts=True)
-    if (counts > 1).any():
-        raise _Permanent(f"{what}: duplicated source_id(s), e.g. {uniq[counts > 1][0]}")
-    return good
-
-
-@dataclass
-class _RangeResult:
-    partition: str
-    status: str
-    rows: dict[str, int] = field(default_factory=dict)
-    missing_xp_ids: list[int] = field(default_factory=list)
-    unreadable_xp: list[dict] = field(default_factory=list)
-    reason: str = ""
-    seconds: float = 0.0
-
-
-def _paths(raw_root: Path, name: str) -> dict[str, Path]:
-    return {t: raw_root / t / f"{name}.parquet" for t in _TABLES}
-
-
-def _range_done(raw_root: Path, state_dir: Path, name: str) -> bool:
-    state = state_dir / f"{name}.json"
-    try:
-        ok = json.loads(state.read_text()).get("status") in ("done", "empty")
-    except (OSError, ValueError):
-        return False
-    return ok and all(is_done(p) for p in _paths(raw_root, name).values())
-
-
-def fetch_range(client: Any, pix: int, level: int, raw_root: Path, state_dir: Path, options: FetchOptions, *,
-                expected_rows: int | None = None, archive_url: str = "") -> _RangeResult:
-    """Fetch one HEALPix-aligned source_id range and write its raw partitions.
-
-    Parameters
-    ----------
-    client : GaiaClass
-    pix, level : int
-        The partition (nested HEALPix pixel at ``level``).
-    raw_root : Path
-        ``RUN_DIR/raw``.
-    state_dir : Path
-        ``RUN_DIR/state/fetch``; gets ``<partition>.json``.
-    options : FetchOptions
-    expected_rows : int, optional
-        Row count from the census; a different gaia_source count is retried.
-    archive_url : str
-        Recorded in the markers.
-
-    Returns
-    -------
-    _RangeResult
-        ``status`` "done", "empty" or "failed" (with ``reason``).
-    """
-    t0 = time.perf_counter()
-    name = partition_name(pix, level)
-    lo, hi = source_id_range(pix, level)
-    what = f"range {name} [{lo}, {hi})"
-    result = _RangeResult(partition=name, status="failed")
-    try:
-        def gaia() -> pa.Table:
-            table = _conform_answer(run_query(client, GAIA_SOURCE_ADQL.format(lo=lo, hi=hi - 1), options),
-                                    GAIA_SOURCE, f"{what} gaia_source", lo, hi)
-            if expected_rows is not None and table.num_rows != expected_rows:
-                raise ValueError(f"{what}: gaia_source answer has {table.num_rows} rows, the census counted {expected_rows}")
-            return table
-
-        g = _with_retries(f"{what} gaia_source", gaia, options)
-        ids = g.column("source_id").to_numpy()
-        if g.num_rows:
-            tm = _with_retries(
-                f"{what} tmass",
-                lambda: _conform_answer(run_query(client, TMASS_ADQL.format(lo=lo, hi=hi - 1), options),
-                                        TMASS, f"{what} tmass", lo, hi),
-                options,
-            )
-            strays = np.setdiff1d(tm.column("source_id").to_numpy(), ids)
-            if strays.size:
-                raise _Permanent(f"{what}: tmass answer has {strays.size} source_id(s) not in gaia_source, e.g. {strays[0]}")
-            xp, missing, unreadable = _fetch_xp(client, ids, options, state_dir, what)
-        else:
-            tm, xp, missing, unreadable = TMASS.empty_table(), XP_CONTINUOUS.empty_table(), [], []
-    except RangeFailed as err:
-        result.reason = str(err)
-        result.seconds = time.perf_counter() - t0
-        logger.error("%s failed: %s", what, err)
-        _write_state(state_dir, name, result)
-        return result
-    info = {"pixel": int(pix), "level": int(level), "source_id_range": [lo, hi], "archive": archive_url,
-            "missing_xp_ids": [int(i) for i in missing]}
-    paths = _paths(raw_root, name)
-    for table, key, schema in ((xp, "xp_continuous_mean_spectrum", XP_CONTINUOUS), (tm, "tmass", TMASS),
-                               (g, "gaia_source", GAIA_SOURCE)):
-        atomic_write_parquet(table, paths[key], schema=schema, expected_rows=table.num_rows, info=info)
-    result.status = "done" if g.num_rows else "empty"
-    result.rows = {"gaia_source": g.num_rows, "tmass": tm.num_rows, "xp_continuous_mean_spectrum": xp.num_rows}
-    result.missing_xp_ids = [int(i) for i in missing]
-    result.unreadable_xp = unreadable
-    result.seconds = time.perf_counter() - t0
-    _write_state(state_dir, name, result)
-    if missing:
-        logger.warning("%s: %d source(s) without XP after %d re-requests, e.g. %s", what, len(missing),
-                       options.missing_rounds, missing[0])
-    return result
-
-
-def _fetch_xp(client: Any, ids: np.ndarray, options: FetchOptions, state_dir: Path,
-              what: str) -> tuple[pa.Table, list[int], list[dict]]:
-    """XP rows for ``ids`` with reconciliation: re-ask what DataLink left out."""
-    wanted = set(int(i) for i in ids)
-    got: dict[int, int] = {}
-    parts: list[pa.Table] = []
-    unreadable: dict[int, dict] = {}
-    pending = np.asarray(ids, dtype=np.int64)
-    workdir = state_dir / "tmp"
-    workdir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-        for round_ in range(options.missing_rounds + 1):
-            for start in range(0, len(pending), options.datalink_batch):
-                batch = pending[start:start + options.datalink_batch]
-                rows, bad = _with_retries(f"{what} DataLink batch of {len(batch)}",
-                                          lambda b=batch: load_xp(client, b, options, Path(tmp)), options)
-                for b in bad:
-                    with contextlib.suppress(ValueError):  # a source_id that is not even a number
-                        unreadable[int(b["source_id"])] = b
-                sid = rows.column("source_id").to_numpy()
-                keep = np.zeros(len(sid), dtype=bool)
-                for i, s in enumerate(sid.tolist()):
-                    if s in wanted and s not in got:
-                        keep[i] = True
-                        got[s] = 1
-                    elif s not in wanted:
-                        logger.warning("%s: DataLink returned source_id %d that was not asked for; ignored", what, s)
-                if keep.any():
-                    parts.append(rows.filter(pa.array(keep)))
-            pending = np.array(sorted(wanted - set(got)), dtype=np.int64)
-            if not len(pending):
-                break
-            if round_ < options.missing_rounds:
-                logger.info("%s: DataLink left out %d source(s); asking again", what, len(pending))
-    xp = pa.concat_tables(parts) if parts else XP_CONTINUOUS.empty_table()
-    xp = xp.sort_by("source_id")
-    return xp, [int(i) for i in pending], [unreadable[k] for k in sorted(unreadable) if k in set(pending.tolist())]
-
-
-def _write_state(state_dir: Path, name: str, result: _RangeResult) -> None:
-    state_dir.mkdir(parents=True, exist_ok=True)
-    path = state_dir / f"{name}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(asdict(result), indent=1, default=str))
-    os.replace(tmp, path)
-
-
-def _census(client: Any, level: int, options: FetchOptions) -> dict[int, int]:
-    table = _with_retries(f"census at level {level}",
-                          lambda: run_query(client, CENSUS_ADQL.format(level=level), options), options)
-    pix = table.column("pix").to_numpy(zero_copy_only=False).astype(np.int64)
-    n = table.column("n").to_numpy(zero_copy_only=False).astype(np.int64)
-    return {int(p): int(c) for p, c in zip(pix, n) if c > 0}
-
-
+_Task = tuple[int, "int | None", tuple[int, ...]]  # (pixel, census count, XP ids to ask again; () = whole range)
+_Runner = Callable[[list[_Task]], Iterator[tuple[_Task, RangeResult]]]
 _WORKER_CLIENT: dict[tuple[str, bool], Any] = {}
 
 
-def _fetch_worker(pix: int, expected: int | None, level: int, raw_root: Path, state_dir: Path, options: FetchOptions,
-                  archive_url: str, login: bool) -> _RangeResult:
-    """One range in a worker process (its own client, timeout and working directory)."""
+def fetch_options(config: RunConfig) -> FetchOptions:
+    """The run's :class:`FetchOptions`: ``[fetch] workers`` when the configuration has it, defaults otherwise."""
+    return FetchOptions(workers=int(getattr(getattr(config, "fetch", None), "workers", DEFAULT_WORKERS)))
+
+
+def _run_task(client: Any, task: _Task, level: int, raw_root: Path, state_dir: Path, options: FetchOptions,
+              archive_url: str) -> RangeResult:
+    pix, expected, missing = task
+    if missing:
+        return fetch_missing_xp(client, pix, level, raw_root, state_dir, options, list(missing))
+    return fetch_range(client, pix, level, raw_root, state_dir, options, expected_rows=expected,
+                       archive_url=archive_url)
+
+
+def _worker_task(task: _Task, level: int, raw_root: Path, state_dir: Path, options: FetchOptions, archive_url: str,
+                 login: bool) -> RangeResult:
+    """One task in a worker process (its own client, timeout and working directory)."""
     socket.setdefaulttimeout(options.timeout_s)
     key = (archive_url, login)
     if key not in _WORKER_CLIENT:
         _WORKER_CLIENT[key] = build_client(archive_url, login=login)
-    return fetch_range(_WORKER_CLIENT[key], pix, level, raw_root, state_dir, options, expected_rows=expected,
-                       archive_url=archive_url)
+    return _run_task(_WORKER_CLIENT[key], task, level, raw_root, state_dir, options, archive_url)
 
 
-def _fetch_in_processes(todo: list[tuple[int, int | None]], level: int, raw_root: Path, state_dir: Path,
-                        options: FetchOptions, archive_url: str, login: bool) -> Iterator[_RangeResult]:
-    """Fetch ranges ``options.workers`` at a time in spawned processes, yielding results as they finish."""
-    ctx = mp.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=options.workers, mp_context=ctx) as pool:
-        futures = {pool.submit(_fetch_worker, pix, expected, level, raw_root, state_dir, options, archive_url, login): pix
-                   for pix, expected in todo}
-        for fut in as_completed(futures):
-            pix = futures[fut]
-            try:
-                yield fut.result()
-            except (OSError, RuntimeError, ValueError, EOFError) as err:  # a worker died: record the range, go on
-                name = partition_name(pix, level)
-                result = _RangeResult(partition=name, status="failed", reason=f"worker failed: {type(err).__name__}: {err}")
-                _write_state(state_dir, name, result)
-                yield result
+@contextlib.contextmanager
+def _task_runner(client: Any, n_tasks: int, level: int, raw_root: Path, state_dir: Path, options: FetchOptions,
+                 archive_url: str, login: bool) -> Iterator[_Runner]:
+    """Run tasks here, or ``options.workers`` at a time in spawned processes (one pool for every pass)."""
+    args = (level, raw_root, state_dir, options, archive_url)
+    if options.workers == 1 or n_tasks <= 1:
+        yield lambda tasks: ((t, _run_task(client, t, *args)) for t in tasks)
+        return
+    with ProcessPoolExecutor(max_workers=min(options.workers, n_tasks), mp_context=mp.get_context("spawn")) as pool:
+        def run(tasks: list[_Task]) -> Iterator[tuple[_Task, RangeResult]]:
+            futures = {pool.submit(_worker_task, t, *args, login): t for t in tasks}
+            for fut in as_completed(futures):
+                task = futures[fut]
+                try:
+                    yield task, fut.result()
+                except (OSError, RuntimeError, ValueError, EOFError) as err:  # a worker died: record the range, go on
+                    name, reason = partition_name(task[0], level), f"worker failed: {type(err).__name__}: {err}"
+                    if task[2]:  # the range itself stays done
+                        yield task, RangeResult(partition=name, status="done", missing_xp_ids=list(task[2]),
+                                                reason=reason)
+                        continue
+                    result = RangeResult(partition=name, status="failed", reason=reason)
+                    write_range_state(state_dir, name, result)
+                    yield task, result
+
+        yield run
+
+
+def _run_passes(run: _Runner, todo: list[_Task], options: FetchOptions,
+                summary: dict) -> dict[str, tuple[_Task, RangeResult]]:
+    """A pass over ``todo``, then up to ``options.resume_passes`` over what is left; the last result per range."""
+    final: dict[str, tuple[_Task, RangeResult]] = {}
+    for n in range(options.resume_passes + 1):
+        if not todo:
+            break
+        if n:
+            logger.warning("fetch: pass %d: %d range(s) failed or left stars without XP; asking again",
+                           n + 1, len(todo))
+        again: list[_Task] = []
+        stage = "fetch" if not n else f"fetch pass {n + 1}"
+        for task, res in progress(run(todo), stage, total=len(todo), unit="range"):
+            final[res.partition] = (task, res)
+            for t, k in res.rows.items():
+                summary["rows"][t] += k
+            if res.status in ("done", "empty") and not task[2]:
+                summary[res.status] += 1
+            if res.status == "failed" and not res.permanent:
+                again.append(task)
+            elif res.missing_xp_ids:
+                again.append((task[0], task[1], tuple(res.missing_xp_ids)))
+        todo = again
+    return final
+
+
+def _incomplete(summary: dict, final: dict[str, tuple[_Task, RangeResult]], census: dict[int, int] | None,
+                rerun: str, state_dir: Path) -> str | None:
+    """One line naming the stars left unfetched and how to resume, or None when the fetch is complete."""
+    failed = [task[0] for task, res in final.values() if res.status == "failed"]
+    n_xp = summary["missing_xp"]
+    if not failed and not n_xp:
+        return None
+    n_failed = None if census is None else sum(census.get(p, 0) for p in failed)
+    total = None if n_failed is None else n_failed + n_xp
+    parts = []
+    if failed:
+        parts.append(f"{'the' if n_failed is None else n_failed} star(s) of {len(failed)} failed range(s)")
+    if n_xp:
+        parts.append(f"{n_xp} star(s) without XP spectra")
+    summary["unfetched_stars"] = total
+    return (f"fetch incomplete: {'some' if total is None else total} star(s) not fetched ({' and '.join(parts)}); "
+            f"rerun `{rerun}` to resume: done ranges are kept, only what is missing is asked again "
+            f"(reasons in {state_dir})")
 
 
 def fetch_run(run_dir: Path, config: RunConfig, archive_url: str = "https://gea.esac.esa.int/", login: bool = False,
@@ -348,29 +202,36 @@ def fetch_run(run_dir: Path, config: RunConfig, archive_url: str = "https://gea.
         Base URL of the archive.
     login : bool
         Log in with ``GAIA_USER`` / ``GAIA_PASSWORD``.
-    options : FetchOptions, optional
     pixels : list of int, optional
         Overrides ``config.data.pixels``.
+
+    options : FetchOptions, optional
+        Default: :func:`fetch_options` of ``config``.
 
     Returns
     -------
     dict
         Summary: ranges asked, done, skipped (already done), empty, failed
-        (partition and reason each), rows per table, missing XP count,
-        seconds, rows per second; also written to
+        (partition and reason each), rows per table written by this call,
+        missing XP count, seconds, rows per second, ``complete`` (no failed
+        range, no star without XP), ``unfetched_stars`` (None when a failed
+        range was not counted by a census) and ``incomplete`` (the line
+        naming them and the command that resumes, or None); also written to
         ``RUN_DIR/state/fetch/summary.json``.
 
     Raises
     ------
+    ArchiveUnreachable
+        The archive's host does not resolve or refuses connections.
     InputError
         Missing or refused credentials, pixels out of range, a partner file
         that does not exist. A failing range raises nothing: it is recorded
-        (``failed`` in the summary, ``state/fetch/<partition>.json``) and a
-        rerun retries it.
+        (``failed`` in the summary, ``state/fetch/<partition>.json``), asked
+        again in the resume passes, and a rerun retries it.
     """
     from xpcat.production.ingest.partner_tables import ingest_partner_tables, resolve_partner_paths
 
-    options = options or FetchOptions()
+    options = options or fetch_options(config)
     run_dir = Path(run_dir)
     level = config.data.partition_level
     raw_root = Path(config.data.raw_dir) if Path(config.data.raw_dir).is_absolute() else run_dir / config.data.raw_dir
@@ -384,14 +245,15 @@ def fetch_run(run_dir: Path, config: RunConfig, archive_url: str = "https://gea.
         raise InputError(f"[data] pixels {bad_pix[:5]} out of range 0..{n_pix - 1} at partition_level {level}")
     t0 = time.perf_counter()
     summary: dict[str, Any] = {"archive": archive_url, "level": level, "failed": [], "skipped": 0, "done": 0,
-                               "empty": 0, "missing_xp": 0, "unreadable_xp": 0,
-                               "rows": {t: 0 for t in _TABLES}, "census": None}
+                               "empty": 0, "missing_xp": 0, "unreadable_xp": 0, "workers": options.workers,
+                               "rows": {t: 0 for t in RAW_TABLES}, "census": None}
     census: dict[int, int] | None = None
     with socket_timeout(options.timeout_s):
+        check_reachable(archive_url, options.timeout_s)  # a wrong URL or no network: one line, now
         client = build_client(archive_url, login=login)
         if not chosen and options.census:
             try:
-                census = _census(client, level, options)
+                census = census_counts(client, level, options)
                 chosen = sorted(census)
                 summary["census"] = {"pixels": len(census), "sources": int(sum(census.values()))}
             except RangeFailed as err:
@@ -399,33 +261,32 @@ def fetch_run(run_dir: Path, config: RunConfig, archive_url: str = "https://gea.
         if not chosen and census is None:
             chosen = list(range(n_pix))
         summary["ranges"] = len(chosen)
-        todo = []
+        todo: list[_Task] = []
         for pix in chosen:
-            if _range_done(raw_root, state_dir, partition_name(pix, level)):
+            name = partition_name(pix, level)
+            if range_done(raw_root, state_dir, name):
                 summary["skipped"] += 1
+                missing = read_range_state(state_dir, name).get("missing_xp_ids") or []
+                if missing:
+                    todo.append((int(pix), None, tuple(int(i) for i in missing)))
             else:
-                todo.append((int(pix), None if census is None else census.get(int(pix), 0)))
-        if options.workers > 1 and len(todo) > 1:
-            results = _fetch_in_processes(todo, level, raw_root, state_dir, options, archive_url, login)
-        else:
-            results = (fetch_range(client, pix, level, raw_root, state_dir, options, expected_rows=expected,
-                                   archive_url=archive_url) for pix, expected in todo)
-        for res in progress(results, "fetch", total=len(todo), unit="range"):
-            if res.status == "failed":
-                summary["failed"].append({"partition": res.partition, "reason": res.reason})
-                continue
-            summary[res.status] += 1
-            for t, n in res.rows.items():
-                summary["rows"][t] += n
-            summary["missing_xp"] += len(res.missing_xp_ids)
-            summary["unreadable_xp"] += len(res.unreadable_xp)
+                todo.append((int(pix), None if census is None else census.get(int(pix), 0), ()))
+        with _task_runner(client, len(todo), level, raw_root, state_dir, options, archive_url, login) as run:
+            final = _run_passes(run, todo, options, summary)
+    for _, res in final.values():
+        if res.status == "failed":
+            summary["failed"].append({"partition": res.partition, "reason": res.reason})
+        summary["missing_xp"] += len(res.missing_xp_ids)
+        summary["unreadable_xp"] += len(res.unreadable_xp)
     summary["partner_tables"] = ingest_partner_tables(run_dir, config)
     seconds = time.perf_counter() - t0
     summary["seconds"] = round(seconds, 3)
     summary["rows_per_s"] = round(summary["rows"]["gaia_source"] / seconds, 1) if seconds > 0 else None
-    out = state_dir / "summary.json"
-    out.write_text(json.dumps(summary, indent=1, default=str))
-    if summary["failed"]:
-        logger.error("fetch: %d of %d range(s) failed; rerun `xpcat fetch` to retry them (reasons in %s)",
-                     len(summary["failed"]), summary["ranges"], state_dir)
+    rerun = f"xpcat fetch {run_dir} --archive {archive_url}" + (" --login" if login else "")
+    summary["unfetched_stars"] = 0
+    summary["incomplete"] = _incomplete(summary, final, census, rerun, state_dir)
+    summary["complete"] = summary["incomplete"] is None
+    write_json_atomic(state_dir / "summary.json", summary)
+    if summary["incomplete"]:
+        logger.error("%s", summary["incomplete"])
     return summary

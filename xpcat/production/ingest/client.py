@@ -1,21 +1,27 @@
 """astroquery plumbing for the fetcher: the client, timeouts, retries, one job, one DataLink batch.
 
+- :func:`check_reachable`: the archive's host resolves and accepts a
+  connection, or :class:`ArchiveUnreachable` at once (no retries: a wrong URL
+  or no network is not a transient fault).
 - :func:`build_client`: ``GaiaClass`` built explicitly (astroquery's
   module-level ``Gaia`` contacts the archive at import; :func:`_gaia_class`
   imports the class with connections refused), optional login.
 - :func:`socket_timeout`: astroquery's TAP connections have no timeout; this
   sets the process default for a block.
-- :func:`_with_retries`: HTTP 500/502, timeouts, dropped connections and
-  unparsable answers retried with exponential backoff and a cap; an ADQL
-  error (:class:`_Permanent`) is not retried.
+- :func:`with_retries`: one request retried on HTTP 5xx, timeouts, dropped
+  connections and unparsable (short) answers, with exponential backoff and a
+  cap; a :class:`PermanentFailure` (an ADQL error, a wrong answer) is not.
 - :func:`run_query`: one async ADQL job, polled with a deadline, removed
-  from the server afterwards.
+  afterwards; with ``retry_requests`` each of its requests (submit, phase
+  polls, result download) is retried on its own, so a failed poll or
+  download does not cost the job.
 - :func:`load_xp`: one DataLink ``XP_CONTINUOUS`` request parsed into raw rows.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import http.client
 import io
 import logging
@@ -27,6 +33,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import numpy as np
 import pyarrow as pa
@@ -36,9 +43,15 @@ from xpcat.errors import InputError, XpcatError
 from xpcat.production.ingest.formats import astropy_to_arrow, conform_rows
 
 __all__ = [
+    "DEFAULT_WORKERS",
+    "MAX_WORKERS",
+    "ArchiveUnreachable",
     "FetchOptions",
+    "PermanentFailure",
     "RangeFailed",
     "build_client",
+    "check_reachable",
+    "with_retries",
     "socket_timeout",
     "run_query",
     "load_xp",
@@ -46,6 +59,13 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+
+DEFAULT_WORKERS = 4
+"""Ranges fetched at once by default. ESA publishes no concurrency limit for
+anonymous TAP/DataLink use (``recipes/gaia-archive.md``); each worker has at
+most one request in flight, so this is at most 4 open requests."""
+MAX_WORKERS = 8
+"""Upper bound on concurrent ranges, to stay polite to the shared archive."""
 
 
 @dataclass(frozen=True)
@@ -78,9 +98,14 @@ class FetchOptions:
         With no pixel list, run the census query first to find the non-empty
         pixels and their row counts (checked against each range).
     workers : int
-        Ranges fetched at once, each in its own process (astroquery's
-        DataLink unpacks under the working directory and the socket timeout
-        is process-wide, so threads would interfere).
+        Ranges fetched at once (1..:data:`MAX_WORKERS`), each in its own
+        process when more than one (astroquery's DataLink unpacks under the
+        working directory and the socket timeout is process-wide, so threads
+        would interfere).
+    resume_passes : int
+        Further passes, within the same command, over the ranges that failed
+        (not permanently) or left stars without XP: the resume a rerun would
+        do, done at once.
     """
 
     timeout_s: float = 300.0
@@ -94,11 +119,14 @@ class FetchOptions:
     data_structure: str = "RAW"
     output_format: str = "votable_gzip"
     census: bool = True
-    workers: int = 1
+    workers: int = DEFAULT_WORKERS
+    resume_passes: int = 2
 
     def __post_init__(self) -> None:
-        if self.workers < 1:
-            raise ValueError(f"workers must be >= 1; got {self.workers}")
+        if not 1 <= self.workers <= MAX_WORKERS:
+            raise ValueError(f"workers must be in 1..{MAX_WORKERS} (the archive is shared); got {self.workers}")
+        if self.resume_passes < 0:
+            raise ValueError(f"resume_passes must be >= 0; got {self.resume_passes}")
         if not 1 <= self.datalink_batch <= 5000:
             raise ValueError(f"datalink_batch must be in 1..5000 (the archive's limit); got {self.datalink_batch}")
         if self.max_attempts < 1:
@@ -113,8 +141,56 @@ class RangeFailed(XpcatError, RuntimeError):
     """A source_id range could not be fetched; the message says why."""
 
 
-class _Permanent(RangeFailed):
-    """A failure that retrying cannot fix (an ADQL error, a wrong answer)."""
+class PermanentFailure(RangeFailed):
+    """A failure that retrying cannot fix (an ADQL error, a wrong answer): never retried."""
+
+
+class ArchiveUnreachable(InputError):
+    """The archive's host name does not resolve, or its host refuses or cannot route connections."""
+
+
+_UNREACHABLE_ERRNOS = (errno.ECONNREFUSED, errno.ENETUNREACH, errno.EHOSTUNREACH)
+
+
+def check_reachable(archive_url: str, timeout_s: float = 30.0) -> None:
+    """Fail at once, naming the URL, when the archive cannot be reached at all.
+
+    Resolves the host and opens (and closes) one TCP connection to it. A name
+    that does not resolve, a refused connection or no route to the host ends
+    the fetch before any range is tried: retrying those only delays the
+    message. A probe that times out is logged and the fetch goes on (a slow
+    archive is what the retries are for).
+
+    Parameters
+    ----------
+    archive_url : str
+        Base URL of the archive (``http`` or ``https``).
+    timeout_s : float
+        Longest wait for the connection [s].
+
+    Raises
+    ------
+    ArchiveUnreachable
+    """
+    parts = urlsplit(archive_url)
+    host = parts.hostname
+    if not host:
+        raise ArchiveUnreachable(f"archive URL {archive_url!r} has no host name; e.g. https://gea.esac.esa.int/")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as err:
+        raise ArchiveUnreachable(f"cannot reach the Gaia archive at {archive_url}: host name {host!r} does not "
+                                 f"resolve ({err.strerror}); check the URL and the network") from err
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            pass
+    except OSError as err:
+        if err.errno in _UNREACHABLE_ERRNOS:
+            raise ArchiveUnreachable(f"cannot reach the Gaia archive at {archive_url}: {host}:{port} "
+                                     f"{err.strerror or err} (is the archive, or `xpcat archive serve`, "
+                                     "running there?)") from err
+        logger.warning("%s: no answer to a connection probe (%s); going on, requests are retried", archive_url, err)
 
 
 def _retryable() -> tuple[type[BaseException], ...]:
@@ -132,25 +208,39 @@ def _retryable() -> tuple[type[BaseException], ...]:
     )
 
 
-def _with_retries(what: str, fn: Callable[[], T], options: FetchOptions,
-                  sleep: Callable[[float], None] = time.sleep) -> T:
-    """Call ``fn`` until it succeeds, retrying transient errors with backoff.
+def with_retries(what: str, fn: Callable[[], T], options: FetchOptions,
+                 sleep: Callable[[float], None] = time.sleep) -> T:
+    """Call ``fn`` (one request) until it succeeds, retrying transient errors with backoff.
+
+    Parameters
+    ----------
+    what : str
+        What is asked, for messages (e.g. ``"range L05-00012 [lo, hi) gaia_source"``).
+    fn : callable
+        The request; it should do one thing the archive can fail, so that a
+        retry repeats only that.
+    options : FetchOptions
+        ``max_attempts``, ``backoff_s`` (first delay, doubled each attempt),
+        ``backoff_max_s`` (cap).
+    sleep : callable
+        Waits that long [s] (tests pass a recorder).
 
     Raises
     ------
     RangeFailed
         After ``options.max_attempts`` failures (message: the last error), or
-        at once for a :class:`_Permanent` failure.
+        at once as :class:`PermanentFailure` for an ADQL error (astroquery's
+        ``SystemError``) or a :class:`PermanentFailure` raised by ``fn``.
     """
     retryable = _retryable()
     delay = options.backoff_s
     for attempt in range(1, options.max_attempts + 1):
         try:
             return fn()
-        except _Permanent:
+        except PermanentFailure:
             raise
         except SystemError as err:  # astroquery: the async job ended in phase ERROR (ADQL error)
-            raise _Permanent(f"{what}: the archive rejected the query: {err}") from err
+            raise PermanentFailure(f"{what}: the archive rejected the query: {err}") from err
         except retryable as err:
             reason = f"{type(err).__name__}: {str(err).strip()[:300] or 'no message'}"
             if attempt == options.max_attempts:
@@ -175,17 +265,6 @@ def socket_timeout(seconds: float) -> Iterator[None]:
         yield
     finally:
         socket.setdefaulttimeout(old)
-
-
-@contextlib.contextmanager
-def _working_directory(path: Path) -> Iterator[None]:
-    """astroquery's ``load_data`` unpacks into a temp folder under the cwd."""
-    old = os.getcwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(old)
 
 
 def _gaia_class() -> type:
@@ -256,24 +335,51 @@ def build_client(archive_url: str, *, login: bool = False):
     return client
 
 
-def run_query(client: Any, adql: str, options: FetchOptions) -> pa.Table:
+def _call_once(what: str, fn: Callable[[], T], options: FetchOptions) -> T:
+    return fn()
+
+
+def run_query(client: Any, adql: str, options: FetchOptions, what: str = "query", *,
+              retry_requests: bool = False) -> pa.Table:
     """Run one async ADQL job and return its result as a pyarrow Table.
 
-    The job is launched in the background and polled every ``options.poll_s``
-    up to ``options.job_timeout_s``; it is removed from the server afterwards.
+    The job is submitted in the background, polled every ``options.poll_s``
+    up to ``options.job_timeout_s``, its result downloaded, and it is removed
+    from the server afterwards.
+
+    Parameters
+    ----------
+    client : GaiaClass
+    adql : str
+    options : FetchOptions
+    what : str
+        What the query is for, in messages.
+    retry_requests : bool
+        Retry the submission, each poll and the download on their own
+        (:func:`with_retries`): a failed poll or download asks again for the
+        same job instead of costing it. Off, the first failure is raised as
+        astroquery raised it.
 
     Raises
     ------
+    RangeFailed
+        With ``retry_requests``: a request still failing after ``options.max_attempts``.
     SystemError
-        When the job ends in phase ERROR (astroquery's convention).
+        The job ended in phase ERROR (an ADQL error), ABORTED or another end
+        phase (astroquery's convention; :func:`with_retries` makes it a
+        :class:`PermanentFailure`).
     TimeoutError
-        When the job does not finish in time.
+        The job did not finish within ``options.job_timeout_s`` (a caller may
+        submit it again), or, without ``retry_requests``, a request timed out.
     """
-    job = client.launch_job_async(adql, output_format=options.output_format, background=True)
+    request = with_retries if retry_requests else _call_once
+    job = request(f"{what}: submitting the job",
+                  lambda: client.launch_job_async(adql, output_format=options.output_format, background=True), options)
     deadline = time.monotonic() + options.job_timeout_s
     try:
         while True:
-            phase = str(job.get_phase(update=True)).strip().upper()
+            phase = request(f"{what}: phase of job {job.jobid}",
+                            lambda: str(job.get_phase(update=True)).strip().upper(), options)
             if phase not in ("PENDING", "QUEUED", "EXECUTING", "RUN"):
                 break
             if time.monotonic() > deadline:
@@ -281,7 +387,7 @@ def run_query(client: Any, adql: str, options: FetchOptions) -> pa.Table:
             time.sleep(options.poll_s)
         if phase != "COMPLETED":
             raise SystemError(f"job {job.jobid} ended in phase {phase}: {_job_error(job)}")
-        return astropy_to_arrow(job.get_results())
+        return request(f"{what}: result of job {job.jobid}", lambda: astropy_to_arrow(job.get_results()), options)
     finally:
         _remove_job(client, job)
 
@@ -318,14 +424,14 @@ def load_xp(client: Any, source_ids: np.ndarray, options: FetchOptions, workdir:
     -------
     (rows, bad) : (pyarrow.Table in XP_CONTINUOUS, list of dicts of unreadable rows)
     """
-    with _working_directory(workdir):
+    with contextlib.chdir(workdir):  # astroquery's load_data unpacks into a temp folder under the cwd
         files = client.load_data(
             ids=[int(s) for s in source_ids], data_release="Gaia DR3", retrieval_type="XP_CONTINUOUS",
             data_structure=options.data_structure, format="csv",
         )
     groups: dict[pa.Schema, list[pa.Table]] = {}
     if files and not any(k.startswith("XP_CONTINUOUS") for k in files):
-        raise _Permanent(f"DataLink answer holds no XP_CONTINUOUS file; got {', '.join(sorted(files)[:5])}")
+        raise PermanentFailure(f"DataLink answer holds no XP_CONTINUOUS file; got {', '.join(sorted(files)[:5])}")
     for key in sorted(files):
         if not key.startswith("XP_CONTINUOUS"):
             continue
