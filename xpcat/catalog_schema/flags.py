@@ -23,16 +23,16 @@ from __future__ import annotations
 from enum import IntEnum, IntFlag
 
 __all__ = [
-    "TEFF_LOW_CONFIDENCE",
+    "BASIC_CUT_MAX",
     "FEH_LOW_CONFIDENCE",
-    "LOGG_LOW_CONFIDENCE",
     "HIGH_CHI2",
+    "LOGG_LOW_CONFIDENCE",
     "LOW_PRIOR",
     "PARALLAX_MISMATCH",
-    "BASIC_CUT_MAX",
-    "QualityFlag",
-    "FitStatus",
+    "TEFF_LOW_CONFIDENCE",
     "ConditionFlag",
+    "FitStatus",
+    "QualityFlag",
     "passes_basic_cut",
     "passes_strict_cut",
 ]
@@ -77,7 +77,14 @@ class FitStatus(IntEnum):
 
 
 class ConditionFlag(IntFlag):
-    """The ``condition_flags`` column (uint16) of a conditioned partition."""
+    """The ``condition_flags`` column (uint16) of a conditioned partition.
+
+    ``XP_SAMPLED``: the star's XP fluxes came from sampled spectra (raw
+    ``xp_sampled_spectrum``; SPEC §1.3: diagonal C_gaia, Eq. 2 inflation), not
+    from coefficients. ``XP_SAMPLED_UNUSED``: sampled spectra were given too but
+    the star's coefficients were used (coefficients win). Without either bit a
+    star with XP data came from coefficients.
+    """
 
     NO_BP = 1 << 0
     NO_RP = 1 << 1
@@ -90,6 +97,8 @@ class ConditionFlag(IntFlag):
     NO_PARALLAX = 1 << 8
     BAD_XP_INPUT = 1 << 9
     NO_XP = 1 << 10
+    XP_SAMPLED = 1 << 11
+    XP_SAMPLED_UNUSED = 1 << 12
 
 
 def passes_basic_cut(quality_flags):

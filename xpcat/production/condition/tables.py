@@ -24,6 +24,7 @@ from xpcat.production.condition.block_factor import condition_xp_table
 from xpcat.production.condition.covariance import ConditionedArrays, condition_arrays
 from xpcat.production.condition.parallel import single_threaded_blas
 from xpcat.production.condition.photometry import nir_photometry
+from xpcat.production.condition.sampled import sampled_xp
 from xpcat.production.condition.xp_sampling import XpSample
 
 __all__ = [
@@ -130,6 +131,7 @@ def condition_tables(
     config: RunConfig,
     *,
     what: str = "partition",
+    sampled: pa.Table | None = None,
 ) -> pa.Table:
     """Join raw rows on source_id and condition them into a :data:`CONDITIONED` table.
 
@@ -151,6 +153,10 @@ def condition_tables(
     config : RunConfig
     what : str
         Name used in error messages.
+    sampled : pyarrow.Table, optional
+        xp_sampled_spectrum rows (SPEC §1.3): a star without coefficients is
+        conditioned from its samples (flagged XP_SAMPLED); a star with both
+        uses its coefficients (flagged XP_SAMPLED_UNUSED).
 
     Raises
     ------
@@ -250,6 +256,25 @@ def condition_tables(
     buf = np.empty((step, N_XP, N_XP))  # the XP covariance work buffer, reused by every block
     with single_threaded_blas():
         _condition_batches(batches)
+        if sampled is not None and sampled.num_rows:
+            check_unique(source_ids(sampled), f"{what}: raw xp_sampled_spectrum")
+            sid_s = source_ids(sampled)
+            pos_s = np.clip(np.searchsorted(ids, sid_s), 0, max(n - 1, 0))
+            if n == 0 or np.any(ids[pos_s] != sid_s):
+                orphans = sid_s if n == 0 else sid_s[ids[pos_s] != sid_s]
+                shown = ", ".join(str(x) for x in orphans[:10])
+                raise InputError(f"{what}: {orphans.size} xp_sampled_spectrum row(s) have no gaia_source row: source_id {shown}")
+            both = has_xp[pos_s]
+            flags[pos_s[both]] |= np.uint16(ConditionFlag.XP_SAMPLED_UNUSED)
+            if both.any():
+                logger.info("%s: %d star(s) have coefficients and sampled spectra; the coefficients are used", what, int(both.sum()))
+            use = np.flatnonzero(~both)
+            for lo in range(0, use.size, step):
+                rows = use[lo : lo + step]
+                pos = pos_s[rows]
+                condition_block(pos, sampled_xp(sampled.take(pa.array(rows)), what=f"{what}: xp_sampled_spectrum"))
+                flags[pos] |= np.uint16(ConditionFlag.XP_SAMPLED)
+                has_xp[pos] = True
     missing = np.flatnonzero(~has_xp)
     flags[missing] |= np.uint16(ConditionFlag.NO_XP)
     for lo in range(0, missing.size, step):

