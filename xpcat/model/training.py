@@ -34,6 +34,9 @@ Losses
 - model (Eq. 12): mean over the batch of chi^2_f + ||W||^2 / n_W;
 - star (Eqs. 13-14): chi^2_f + ((plx - plx_obs)/s_plx)^2 + ((E - E_obs)/s_E)^2
   + sum_i ((Theta_i - Theta_obs,i)/s_i)^2 - 2 ln plx - 2 ln E,
+  the parallax term written ``((plx - plx_obs) * inv_plx_err)^2`` so that it drops
+  (``inv_plx_err = 0``) for a star without a usable parallax (SPEC Sec. 1.4;
+  :mod:`xpcat.model.training_parallax`),
 
 with chi^2_f = |U (f_pred - f_obs)|^2 and U the conditioned upper-triangular
 factor (zero rows and columns for missing fluxes).
@@ -94,7 +97,7 @@ def star_loss(params, scaler, activation: str, star: dict, obs: dict) -> jax.Arr
     chi2 = chi2_flux(params, scaler, activation, star, obs)
     plx = jnp.exp(star["ln_plx"])
     e = jnp.exp(star["ln_e"])
-    prior = (((plx - obs["plx_obs"]) / obs["plx_err"]) ** 2 + ((e - obs["e_obs"]) / obs["e_err"]) ** 2
+    prior = (((plx - obs["plx_obs"]) * obs["inv_plx_err"]) ** 2 + ((e - obs["e_obs"]) / obs["e_err"]) ** 2
              + jnp.sum(((star["theta"] - obs["th_obs"]) / obs["th_err"]) ** 2))
     return chi2 + prior - 2.0 * star["ln_plx"] - 2.0 * star["ln_e"]
 
@@ -112,6 +115,7 @@ def star_residuals(params, scaler, activation: str, x: jax.Array, obs: dict) -> 
     """Whitened residuals of one star's loss (Eqs. 13-14), shape (66 + 5,).
 
     ``[U (f_pred - f_obs), (plx - plx_obs)/s_plx, (E - E_obs)/s_E, (Theta - Theta_obs)/s_Theta]``
+    (the parallax entry 0 for a star without a usable parallax: ``inv_plx_err = 0``)
     for the internal variables ``x`` (5,) = (Teff/kK, [Fe/H], logg, ln plx, ln E); the star loss
     is ``|r|^2 - 2 x[3] - 2 x[4]``.
     """
@@ -119,7 +123,7 @@ def star_residuals(params, scaler, activation: str, x: jax.Array, obs: dict) -> 
     theta = star["theta"] * jnp.asarray(THETA_UNIT, x.dtype)
     f = predict_flux(params, scaler, theta, star["ln_plx"], star["ln_e"], activation)
     r_f = obs["factor"] @ (f - obs["flux"])
-    r_p = jnp.stack([(jnp.exp(star["ln_plx"]) - obs["plx_obs"]) / obs["plx_err"],
+    r_p = jnp.stack([(jnp.exp(star["ln_plx"]) - obs["plx_obs"]) * obs["inv_plx_err"],
                      (jnp.exp(star["ln_e"]) - obs["e_obs"]) / obs["e_err"]])
     r_t = (star["theta"] - obs["th_obs"]) / obs["th_err"]
     return jnp.concatenate([r_f, r_p, r_t])

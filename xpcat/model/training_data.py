@@ -6,6 +6,11 @@ parallax and reddening priors) and refuses unusable rows, naming the first
 source_id. The star variables ``(Theta, ln plx, ln E)`` live in a
 :data:`StarState`, with Theta in the catalog's units (Teff in kK, [Fe/H] and
 logg in dex; :data:`THETA_UNIT` converts to the forward model's K).
+
+A star without a usable parallax (NaN, or s_plx not finite and positive;
+SPEC Sec. 1.4) is kept: its parallax term is dropped (``inv_plx_err = 0`` in
+:meth:`TrainingData.device_arrays`) and it starts at the reference distance
+of :func:`xpcat.model.training_parallax.reference_ln_plx`.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import numpy as np
 from xpcat.catalog_schema.triangle import unpack_triu
 from xpcat.errors import InputError
 from xpcat.model.forward import N_OUT
+from xpcat.model.training_parallax import reference_ln_plx, usable_parallax
 
 __all__ = ["THETA_UNIT", "E_FLOOR", "TrainingData", "TrainingDataError", "StarState", "initial_stars"]
 
@@ -49,7 +55,8 @@ class TrainingData:
     flux_error : (n, 66) float32, sqrt of the covariance diagonal (inf where missing)
     factor_triu : (n, 2211) float32, packed upper-triangular U with U^T U = C^-1
     theta_obs, theta_err : (n, 3) float32, Teff [K], [Fe/H], logg and their errors
-    plx_obs, plx_err : (n,) float32, Gaia parallax and error [mas]
+    plx_obs, plx_err : (n,) float32, Gaia parallax and error [mas]; NaN for a star without a usable
+        parallax (its parallax term is dropped)
     e_obs, e_err : (n,) float32, reddening prior and error [mag]
     hq : (n,) bool, the HQ cut of Eq. 15
     """
@@ -76,9 +83,7 @@ class TrainingData:
             if a.shape != shape:
                 raise TrainingDataError(f"training array {f.name!r} has shape {a.shape}, expected {shape}")
         self.flux = np.where(np.isfinite(self.flux), self.flux, 0.0).astype(np.float32)
-        checks = {
-            "theta_err": self.theta_err, "plx_err": self.plx_err, "e_err": self.e_err,
-        }
+        checks = {"theta_err": self.theta_err, "e_err": self.e_err}
         for name, a in checks.items():
             bad = ~(np.isfinite(a) & (a > 0))
             if bad.any():
@@ -86,18 +91,33 @@ class TrainingData:
                 raise TrainingDataError(f"{int(bad.reshape(n, -1).any(axis=1).sum())} training stars have "
                                         f"non-positive or non-finite {name} (first: source_id "
                                         f"{int(self.source_id[i])}); drop them before training")
-        for name in ("theta_obs", "plx_obs", "e_obs", "factor_triu"):
+        for name in ("theta_obs", "e_obs", "factor_triu"):
             a = np.asarray(getattr(self, name))
             bad = ~np.isfinite(a).reshape(n, -1).all(axis=1)
             if bad.any():
                 i = int(np.flatnonzero(bad)[0])
                 raise TrainingDataError(f"{int(bad.sum())} training stars have non-finite {name} "
                                         f"(first: source_id {int(self.source_id[i])})")
-        if np.any(self.plx_obs <= 0):
-            i = int(np.flatnonzero(self.plx_obs <= 0)[0])
-            raise TrainingDataError(f"{int((self.plx_obs <= 0).sum())} training stars have parallax <= 0 "
+        nonpos = self.has_parallax & ~(np.asarray(self.plx_obs) > 0)
+        if nonpos.any():
+            i = int(np.flatnonzero(nonpos)[0])
+            raise TrainingDataError(f"{int(nonpos.sum())} training stars have parallax <= 0 "
                                     f"(first: source_id {int(self.source_id[i])}); the Sec. 2.5 cut "
                                     "parallax_over_error > 3 removes them")
+
+    @property
+    def has_parallax(self) -> np.ndarray:
+        """(n,) bool: the star's parallax term is used (SPEC Sec. 1.4)."""
+        return usable_parallax(self.plx_obs, self.plx_err)
+
+    def start_ln_plx(self) -> np.ndarray:
+        """(n,) starting ln plx [ln mas]: ln plx_obs, or the reference distance for a star without a parallax."""
+        has = self.has_parallax
+        out = np.zeros(self.n)
+        out[has] = np.log(np.asarray(self.plx_obs, np.float64)[has])
+        if (~has).any():
+            out[~has] = reference_ln_plx(self.theta_obs[~has], self.e_obs[~has], self.flux[~has], self.flux_error[~has])
+        return out
 
     @property
     def n(self) -> int:
@@ -112,7 +132,10 @@ class TrainingData:
         """The per-star observables as device arrays (Theta in star units: kK, dex, dex).
 
         ``factor`` is the dense (n, 66, 66) upper-triangular U (4 n 66^2 bytes in float32).
+        ``inv_plx_err`` is 1 / s_plx, 0 for a star without a usable parallax (its ``plx_obs`` 0,
+        ``plx_err`` 1: the parallax term vanishes).
         """
+        has = self.has_parallax
         unit = THETA_UNIT.astype(np.float64)
         factor = unpack_triu(self.factor_triu, dtype=np.dtype(dtype))  # dense U: a batched mat-vec beats unpacking per step
         return {
@@ -120,8 +143,9 @@ class TrainingData:
             "factor": jnp.asarray(factor),
             "th_obs": jnp.asarray(self.theta_obs / unit, dtype),
             "th_err": jnp.asarray(self.theta_err / unit, dtype),
-            "plx_obs": jnp.asarray(self.plx_obs, dtype),
-            "plx_err": jnp.asarray(self.plx_err, dtype),
+            "plx_obs": jnp.asarray(np.where(has, self.plx_obs, 0.0), dtype),
+            "plx_err": jnp.asarray(np.where(has, self.plx_err, 1.0), dtype),
+            "inv_plx_err": jnp.asarray(np.where(has, 1.0 / np.where(has, self.plx_err, 1.0), 0.0), dtype),
             "e_obs": jnp.asarray(self.e_obs, dtype),
             "e_err": jnp.asarray(self.e_err, dtype),
         }
@@ -132,9 +156,9 @@ StarState = dict[str, jax.Array]
 
 
 def initial_stars(data: TrainingData, dtype: Any = jnp.float32) -> StarState:
-    """Stars at their observed values (E floored at :data:`E_FLOOR`)."""
+    """Stars at their observed values (E floored at :data:`E_FLOOR`; no parallax: the reference distance)."""
     return {
         "theta": jnp.asarray(data.theta_obs / THETA_UNIT, dtype),
-        "ln_plx": jnp.asarray(np.log(data.plx_obs), dtype),
+        "ln_plx": jnp.asarray(data.start_ln_plx(), dtype),
         "ln_e": jnp.asarray(np.log(np.maximum(data.e_obs, E_FLOOR)), dtype),
     }

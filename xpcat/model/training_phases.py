@@ -68,6 +68,12 @@ After phase 5 the extinction zero point is anchored to the reddening priors
 Eq. 14's -2 ln E otherwise lifts every star's E, and the model's ln f_abs by
 the same Delta R, by ~0.006 mag on the synthetic universe.
 
+Stars without a usable parallax train with the parallax term dropped; when
+no training star has one, the level of f_abs is pinned after every epoch of
+phases 2 and 5 (the mean ln plx stays at the reference distances' mean;
+:mod:`xpcat.model.training_parallax`), and ``history["flux_scale"]`` records
+the mode and the shifts.
+
 After every phase the state is written to ``checkpoint_dir/phase<k>.npz``
 with a JSON marker written last; :func:`train_model` resumes after the last
 phase whose marker matches the data and schedule fingerprint.
@@ -101,6 +107,7 @@ from xpcat.model.training import (
 )
 from xpcat.model.training_checkpoints import load_checkpoint, save_checkpoint, unflatten_params
 from xpcat.model.training_data import E_FLOOR, THETA_UNIT, TrainingData, initial_stars
+from xpcat.model.training_parallax import generic_ln_r, pin_flux_scale
 
 __all__ = ["Schedule", "TrainingResult", "TrainingDivergedError", "train_model", "generic_ln_r", "self_clean"]
 
@@ -184,16 +191,6 @@ class TrainingResult:
     resumed_from: int = 0
 
 
-def generic_ln_r(wavelengths_nm: np.ndarray) -> np.ndarray:
-    """A deliberately generic starting extinction curve: ln of 2.5 (lambda / 550 nm)^-1.5.
-
-    Only a start: R is learned (flat prior on ln R), so the result does not
-    depend on a particular published law.
-    """
-    wl = np.asarray(wavelengths_nm, dtype=np.float64)
-    return np.log(2.5 * (wl / 550.0) ** -1.5)
-
-
 # --------------------------------------------------------------------------- helpers
 
 
@@ -250,7 +247,8 @@ def _raise_diverged(phase: int, epoch: int, bad: np.ndarray, batches: np.ndarray
 def _init_model(data: TrainingData, s: Schedule, wavelengths: np.ndarray, key: jax.Array, dtype: Any):
     """Initial model: a warm start by least squares in ln flux on the HQ stars at their observed values.
 
-    Minimises the mean over valid fluxes of (NN(Theta_obs) - E_obs R + 2 ln plx_obs - ln f_obs)^2
+    Minimises the mean over valid fluxes of (NN(Theta_obs) - E_obs R + 2 ln plx_0 - ln f_obs)^2
+    (plx_0: the observed parallax, or the reference distance of a star without one)
     with Adam (``init_steps`` full-batch steps on at most 20000 HQ stars), starting from
     Glorot weights, the median ln absolute flux as output bias and the generic R of
     :func:`generic_ln_r`. This only places the network where chi^2 is finite and
@@ -263,7 +261,7 @@ def _init_model(data: TrainingData, s: Schedule, wavelengths: np.ndarray, key: j
     f, err = data.flux[sel], data.flux_error[sel]
     ok = np.isfinite(err) & (f > 0) & (f > 3 * np.where(np.isfinite(err), err, np.inf))
     e0 = np.maximum(data.e_obs[sel], 0.0).astype(np.float64)
-    target = np.log(np.where(ok, f, 1.0)) - 2 * np.log(data.plx_obs[sel])[:, None]
+    target = np.log(np.where(ok, f, 1.0)) - 2 * data.start_ln_plx()[sel][:, None]
     out_bias = np.array([np.median(target[ok[:, j], j] + e0[ok[:, j]] * np.exp(ln_r0[j])) if ok[:, j].any() else 0.0
                          for j in range(target.shape[1])])
     params = init_params(key, n_hidden=s.n_hidden, width=s.width, ln_r=ln_r0, out_bias=out_bias, dtype=dtype)
@@ -301,7 +299,8 @@ def self_clean(params, scaler, activation: str, stars: dict, obs: dict, flux_err
 
     Returns
     -------
-    removed_param : (n,) bool, any of Theta or plx more than ``sigma`` from its observed value.
+    removed_param : (n,) bool, any of Theta or plx more than ``sigma`` from its observed value
+        (a star without a usable parallax is judged on Theta only).
     removed_flux : (n,) bool, any flux residual more than ``sigma`` flux errors.
     """
     n = stars["ln_plx"].shape[0]
@@ -312,7 +311,7 @@ def self_clean(params, scaler, activation: str, stars: dict, obs: dict, flux_err
         ob = jax.tree_util.tree_map(lambda a: a[sl], obs)
         d = batch_diagnostics(params, scaler, activation, sb, ob, flux_error[sl])
         dth = np.abs(np.asarray(sb["theta"] - ob["th_obs"]) / np.asarray(ob["th_err"]))
-        dplx = np.abs(np.exp(np.asarray(sb["ln_plx"])) - np.asarray(ob["plx_obs"])) / np.asarray(ob["plx_err"])
+        dplx = np.abs(np.exp(np.asarray(sb["ln_plx"])) - np.asarray(ob["plx_obs"])) * np.asarray(ob["inv_plx_err"])
         rp[sl] = (dth > sigma).any(axis=1) | (dplx > sigma)
         rf[sl] = (np.abs(np.asarray(d["chi"])) > sigma).any(axis=1)
     return rp, rf
@@ -373,6 +372,14 @@ def train_model(data: TrainingData, schedule: Schedule, wavelengths: np.ndarray,
         removed = (np.zeros(data.n, bool), np.zeros(data.n, bool))
         history = {"phases": {}}
     scaler = {k: jnp.asarray(v, dtype) for k, v in scaler.items()}
+    pin = not data.has_parallax.any()
+    ref_mean = float(np.mean(data.start_ln_plx())) if pin else float("nan")
+    history.setdefault("flux_scale", {"mode": "pinned_mean_ln_plx" if pin else "gaia_parallaxes",
+                                      "n_without_parallax": int((~data.has_parallax).sum()),
+                                      "reference_mean_ln_plx": ref_mean if pin else None})
+    if pin:
+        logger.info("no training star has a usable parallax: the level of f_abs is pinned by keeping the mean ln plx "
+                    "at %.4f (reference distances; xpcat.model.training_parallax)", ref_mean)
     all_idx = np.arange(data.n)
 
     def val_chi2(p) -> float:
@@ -388,7 +395,8 @@ def train_model(data: TrainingData, schedule: Schedule, wavelengths: np.ndarray,
         opt_state = tx.init(params)
         epoch_fn = make_epoch_fn(s.activation, tx, star_lr is not None, B, s.max_star_step, s.star_optimizer)
         star_opt = init_star_opt(stars)
-        curves = {"epoch": [], "model_loss": [], "star_loss": [], "val_median_chi2": [], "seconds": [], "flux_weight": []}
+        curves = {"epoch": [], "model_loss": [], "star_loss": [], "val_median_chi2": [], "seconds": [], "flux_weight": [],
+                  "flux_scale_shift": []}
         t0 = time.perf_counter()
         for ep in progress(range(s.epochs), f"train phase {phase}", total=s.epochs, unit="epoch"):
             batches, weights = _batches(idx, B, rng)
@@ -400,6 +408,9 @@ def train_model(data: TrainingData, schedule: Schedule, wavelengths: np.ndarray,
             ok = np.asarray(ok)
             if not ok.all():
                 _raise_diverged(phase, ep, ok, batches, weights, data.source_id)
+            if pin and star_lr is not None:
+                params, stars["ln_plx"], c = pin_flux_scale(params, stars["ln_plx"], ref_mean)
+                curves["flux_scale_shift"].append(c)
             losses = np.asarray(losses, dtype=np.float64)
             curves["epoch"].append(ep)
             curves["model_loss"].append(float(losses[:, 0].mean()))

@@ -3,16 +3,27 @@
 Inputs (all inside RUN_DIR):
 
 - ``conditioned/*.parquet``: fluxes, conditioned factor, Gaia parallax and quality columns;
-- ``raw/labels/*.parquet``: LAMOST / Hot Payne labels (:data:`xpcat.catalog_schema.raw.LABELS`);
+- ``raw/labels/*.parquet``: LAMOST / Hot Payne / APOGEE labels (:data:`xpcat.catalog_schema.raw.LABELS`;
+  APOGEE's from :mod:`xpcat.production.ingest.apogee`);
 - ``raw/reddening/*.parquet``: the reddening prior E and its error (Bayestar-like).
 
 Steps: join on source_id; choose the label source by Teff (LAMOST below
-``[training] teff_switch``, Hot Payne above); skip (and count) rows with missing
-or non-finite labels, errors, parallaxes or reddening; apply the Sec. 2.5 cuts
-and mark the HQ subset (Eq. 15); split 80/20 by a stable hash of source_id;
+``[training] teff_switch``, Hot Payne above; ``apogee`` rows at every Teff);
+skip (and count) rows with missing or non-finite labels, errors or reddening;
+apply the Sec. 2.5 cuts and mark the HQ subset (Eq. 15); split 80/20 by a
+stable hash of source_id;
 train (:func:`xpcat.model.training_phases.train_model`); fit the GMM prior on
 the training labels; write ``RUN_DIR/model`` (artifact, loss curves as JSON
 and PNG, per-star training results, checkpoints).
+
+Stars without a usable parallax (NaN, or parallax_error not finite and
+positive; SPEC Sec. 1.4) are kept and train with the parallax term dropped
+(counted as ``without_parallax``): the Sec. 2.5 cut parallax_over_error > 3
+applies to the stars that have one. Eq. 15's plx / s_plx > 10 likewise; a
+star without a parallax is HQ on its other criteria only when no star of
+the set has a parallax (otherwise phase 1 learns the level of f_abs from
+the Gaia parallaxes alone). How the level of f_abs is pinned when no star has
+one: :mod:`xpcat.model.training_parallax`.
 """
 
 from __future__ import annotations
@@ -32,6 +43,7 @@ from xpcat.catalog_schema.raw import LABELS, REDDENING
 from xpcat.config import RunConfig, config_to_dict
 from xpcat.errors import InputError, StageError
 from xpcat.fileio import atomic_path, write_text_atomic
+from xpcat.model.training_parallax import usable_parallax
 from xpcat.production.partitions import read_table
 from xpcat.production.run_dir import RunPaths
 from xpcat.production.run_lock import run_lock
@@ -144,8 +156,9 @@ def build_training_set(run_dir: Path, config: RunConfig) -> tuple[dict[str, np.n
         src = np.char.lower(src)
     else:
         src = np.full(labels.num_rows, "lamost")
-    keep_src = np.where(src == "hotpayne", teff >= t.teff_switch, teff < t.teff_switch) | ~np.isfinite(teff)
-    unknown = ~np.isin(src, ["lamost", "hotpayne"])
+    keep_src = (np.where(src == "hotpayne", teff >= t.teff_switch, teff < t.teff_switch) | ~np.isfinite(teff)
+                | (src == "apogee"))
+    unknown = ~np.isin(src, ["lamost", "hotpayne", "apogee"])
     if unknown.any():
         logger.warning("%d label rows have an unknown label_source (e.g. %r); treated as LAMOST",
                        int(unknown.sum()), src[unknown][0])
@@ -204,13 +217,17 @@ def build_training_set(run_dir: Path, config: RunConfig) -> tuple[dict[str, np.n
     nvalid = _col(cond, "n_valid_flux", np.int64)[ci]
     counts["joined"] = int(lab_idx.size)
 
-    # Sec. 2.5 cuts, counted one after the other
+    # Sec. 2.5 cuts, counted one after the other; the parallax cut applies to stars with a usable parallax
+    has_plx = usable_parallax(plx, plx_err)
+    counts["without_parallax"] = int((~has_plx).sum())
+    if counts["without_parallax"]:
+        logger.warning("%d of %d joined stars have no usable parallax (NaN, or parallax_error not > 0): they train "
+                       "with the parallax term dropped", counts["without_parallax"], int(has_plx.size))
     th_err = np.column_stack([vals["teff_error"], vals["feh_error"], vals["logg_error"]])[lab_idx]
     cuts = [
         ("cut_lamost_snr_gt_20", snr_ok[lab_idx]),
         ("cut_label_errors", (th_err[:, 0] < 500) & (th_err[:, 1] < 0.5) & (th_err[:, 2] < 0.5)),
-        ("cut_parallax_over_error_gt_3", np.isfinite(plx) & np.isfinite(plx_err) & (plx_err > 0)
-         & (plx / np.where(plx_err > 0, plx_err, np.inf) > 3)),
+        ("cut_parallax_over_error_gt_3", ~has_plx | (plx / np.where(has_plx, plx_err, 1.0) > 3)),
         ("cut_fidelity_v2_gt_0.5", np.isfinite(fid) & (fid > 0.5)),
         ("cut_bp_rp_excess_lt_1.3", np.isfinite(excess) & (excess < 1.3)),
         ("cut_enough_valid_fluxes", nvalid >= MIN_VALID_FLUX),
@@ -225,9 +242,12 @@ def build_training_set(run_dir: Path, config: RunConfig) -> tuple[dict[str, np.n
     n = rows.size
     theta_obs = np.column_stack([vals["teff"], vals["feh"], vals["logg"]])[li]
     th_err = th_err[keep]
-    plx, plx_err = plx[keep], plx_err[keep]
+    plx, plx_err, has_plx = plx[keep], plx_err[keep], has_plx[keep]
+    plx, plx_err = np.where(has_plx, plx, np.nan), np.where(has_plx, plx_err, np.nan)
     e_o, e_e = e_obs[li], e_err[li]
-    hq = ((th_err[:, 0] < 200) & (th_err[:, 1] < 0.2) & (th_err[:, 2] < 0.2) & (plx / plx_err > 10) & (e_e < 0.1))
+    with np.errstate(invalid="ignore"):
+        plx_hq = np.where(has_plx, plx / np.where(has_plx, plx_err, 1.0) > 10, not has_plx.any())
+    hq = (th_err[:, 0] < 200) & (th_err[:, 1] < 0.2) & (th_err[:, 2] < 0.2) & plx_hq & (e_e < 0.1)
     sub = cond.take(rows)
     arrays = {
         "source_id": lab_sid[li],
@@ -251,6 +271,8 @@ def build_training_set(run_dir: Path, config: RunConfig) -> tuple[dict[str, np.n
     counts["training"] = int(n - arrays["validation"].sum())
     counts["training_hq"] = int((hq & ~arrays["validation"]).sum())
     counts["hotpayne"] = int((arrays["label_source"] == "hotpayne").sum())
+    counts["apogee"] = int((arrays["label_source"] == "apogee").sum())
+    counts["final_without_parallax"] = int((~has_plx).sum())
     logger.info("training set: %d stars (%d HQ), %d training / %d validation", n, counts["hq"], counts["training"],
                 counts["validation"])
     return arrays, counts
@@ -340,6 +362,7 @@ def _train(paths: RunPaths, config: RunConfig) -> dict:
     gmm = fit_gmm(train.theta_obs, n_components=config.training.gmm_components, seed=config.run.seed)
     summary = dict(counts)
     summary["self_cleaning"] = result.history["phases"].get("4", {})
+    summary["flux_scale"] = result.history.get("flux_scale", {})
     content_hash = save_artifact(model_dir, params=result.params, scaler=result.scaler,
                                  activation=config.model.activation, gmm=gmm, wavelengths=wavelengths,
                                  flux_unit=FLUX_UNIT_W_M2_NM, config=config_to_dict(config), data_summary=summary)
