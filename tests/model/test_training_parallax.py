@@ -7,6 +7,10 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _training_data import (  # tests/model is on sys.path (pytest prepend mode)
+    WL,
+    make_training_data,
+)
 
 from xpcat.model import forward as fw
 from xpcat.model import training_phases as tp
@@ -14,9 +18,11 @@ from xpcat.model.forward import ln_flux_abs_batch
 from xpcat.model.training import TrainingData, star_loss
 from xpcat.model.training_checkpoints import unflatten_params
 from xpcat.model.training_data import initial_stars
-from xpcat.model.training_parallax import pin_flux_scale, reference_ln_plx, usable_parallax
-
-from _training_data import WL, make_training_data  # tests/model is on sys.path (pytest prepend mode)
+from xpcat.model.training_parallax import (
+    pin_flux_scale,
+    reference_ln_plx,
+    usable_parallax,
+)
 
 SMALL = dict(batch_size=256, epochs=8, lr_drop_epochs=(100,), model_optimizer="adam", star_optimizer="adam",
              model_lr=(3e-3, 1e-3, 3e-4), star_lr=(3e-3, 3e-3, 1e-3), phase3_steps=16, phase6_steps=16,
@@ -35,7 +41,7 @@ def test_usable_parallax():
 
 
 def test_parallax_term_dropped_and_reference_start(teacher):
-    data, truth = make_training_data(teacher.predict_flux, 40, seed=5)
+    data, _ = make_training_data(teacher.predict_flux, 40, seed=5)
     nop = _without_parallax(data)
     assert not nop.has_parallax.any()
     obs = nop.device_arrays()
@@ -75,7 +81,7 @@ def test_pin_is_an_exact_gauge_move(teacher):
 
 @pytest.fixture(scope="module")
 def trained_without_parallax(teacher, tmp_path_factory):
-    data, truth = make_training_data(teacher.predict_flux, 1200, seed=3)
+    data, _ = make_training_data(teacher.predict_flux, 1200, seed=3)
     data = _without_parallax(data)
     ck = tmp_path_factory.mktemp("ck_noplx")
     res = tp.train_model(data, tp.Schedule(**SMALL), WL, checkpoint_dir=ck)

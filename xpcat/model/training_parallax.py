@@ -56,12 +56,12 @@ import numpy as np
 from xpcat.catalog_schema import FLUX_UNIT_W_M2_NM, XP_WAVELENGTHS_NM
 
 __all__ = [
-    "REFERENCE_MASS_MSUN",
     "REFERENCE_BAND_NM",
+    "REFERENCE_MASS_MSUN",
     "generic_ln_r",
-    "usable_parallax",
-    "reference_ln_plx",
     "pin_flux_scale",
+    "reference_ln_plx",
+    "usable_parallax",
 ]
 
 logger = logging.getLogger(__name__)
