@@ -91,18 +91,18 @@ from xpcat.errors import InputError
 from xpcat.fileio import atomic_path, write_json_atomic
 
 __all__ = [
-    "LIBRARY_COLUMNS",
-    "MIN_SNR",
-    "LABEL_ERROR_FLOOR",
     "AKS_PER_E",
-    "AK_SIGMA",
     "AK_FRACTION",
     "AK_MAX",
+    "AK_SIGMA",
+    "LABEL_ERROR_FLOOR",
     "LABEL_REASONS",
+    "LIBRARY_COLUMNS",
+    "MIN_SNR",
     "REDDENING_REASONS",
     "ApogeeTables",
-    "read_library_rows",
     "apogee_tables",
+    "read_library_rows",
     "write_apogee_tables",
 ]
 
