@@ -77,7 +77,7 @@ def test_pulls_with_truth_model(fitted):
     """
     prob, out = fitted
     truth = np.column_stack([prob.theta[:, 0] / 1000, prob.theta[:, 1], prob.theta[:, 2], prob.e, prob.plx])
-    bits = quality_flag_bits(out["chi2"], out["ln_prior"], out["plx"], prob.plx_obs, prob.plx_err)
+    bits = quality_flag_bits(out["chi2"], out["ln_prior"], out["plx"], prob.plx_obs, prob.plx_err, -7.43)
     basic = ((bits & ~np.uint8(qf.LOW_PRIOR)) < qf.BASIC_CUT_MAX) & (out["fit_status"] == 0)
     assert basic.mean() > 0.9, (basic.mean(), np.percentile(out["ln_prior"], [5, 50, 95]))
     err = np.sqrt(np.einsum("nii->ni", out["cov5"]))
@@ -193,7 +193,7 @@ def test_bad_input_gives_flagged_rows(setup, truth_model):
     factor[0] = 0.0  # all weights zero
     flux[1] = np.nan  # non-finite flux everywhere
     flux[2, :30] = np.nan  # half the spectrum missing: still fitted
-    plx[3] = np.nan  # parallax missing: fitted without the parallax term, bit 5 set
+    plx[3] = np.nan  # parallax missing: fitted without the parallax term, bit 5 clear (nothing to disagree with)
     plx[4] = -0.5  # negative parallax: a measurement, fitted
     plx_err[5] = 0.0  # unusable parallax error
     flux[6] = flux[6][::-1] * 1e3  # far outside the model's coverage
@@ -205,8 +205,8 @@ def test_bad_input_gives_flagged_rows(setup, truth_model):
     assert np.all(st[2:] != qf.FitStatus.NO_USABLE_DATA)
     assert np.all(np.isfinite(out["params5"][2:])) and np.all(np.isfinite(out["cov5"][2:]))
     assert out["n_valid_flux"][2] == 36 and out["n_valid_flux"][7] == 65
-    bits = quality_flag_bits(out["chi2"], out["ln_prior"], out["plx"], plx, plx_err)
-    assert bits[0] & qf.HIGH_CHI2 and bits[3] & qf.PARALLAX_MISMATCH and bits[5] & qf.PARALLAX_MISMATCH
+    bits = quality_flag_bits(out["chi2"], out["ln_prior"], out["plx"], plx, plx_err, -7.43)
+    assert bits[0] & qf.HIGH_CHI2 and not bits[3] & qf.PARALLAX_MISMATCH and not bits[5] & qf.PARALLAX_MISMATCH
     assert bits[6] & qf.HIGH_CHI2
     # without the parallax term the parallax error is larger than with it
     full = inf.fit(prob.flux[3:4], prob.factor[3:4], prob.plx_obs[3:4], prob.plx_err[3:4], prob.flux_error[3:4])
@@ -224,11 +224,15 @@ def test_batching_does_not_change_results(setup, fitted):
 
 
 def test_quality_flag_thresholds():
-    chi2 = np.array([61 * 2 - 1, 61 * 2 + 1, 10, 10, np.nan])
-    lnp = np.array([-7.0, -7.0, -7.5, -7.0, -7.0])
-    plx_est = np.array([1.0, 1.0, 1.0, 2.1, 1.0])
-    bits = quality_flag_bits(chi2, lnp, plx_est, np.ones(5), np.full(5, 0.1))
-    np.testing.assert_array_equal(bits, [0, qf.HIGH_CHI2, qf.LOW_PRIOR, qf.PARALLAX_MISMATCH, qf.HIGH_CHI2])
+    chi2 = np.array([61 * 2 - 1, 61 * 2 + 1, 10, 10, np.nan, 10, 10])
+    lnp = np.array([-7.0, -7.0, -7.5, -7.0, -7.0, -7.0, -9.1])
+    plx_est = np.array([1.0, 1.0, 1.0, 2.1, 1.0, 5.0, 1.0])
+    plx_obs = np.array([1, 1, 1, 1, 1, np.nan, 1.0])
+    bits = quality_flag_bits(chi2, lnp, plx_est, plx_obs, np.full(7, 0.1), -7.43)
+    np.testing.assert_array_equal(bits, [0, qf.HIGH_CHI2, qf.LOW_PRIOR, qf.PARALLAX_MISMATCH, qf.HIGH_CHI2, 0, qf.LOW_PRIOR])
+    # the level is the fitted mixture's, not a constant
+    np.testing.assert_array_equal(quality_flag_bits(chi2, lnp, plx_est, plx_obs, np.full(7, 0.1), -9.2),
+                                  [0, qf.HIGH_CHI2, 0, qf.PARALLAX_MISMATCH, qf.HIGH_CHI2, 0, 0])
 
 
 def test_packed_and_full_factors_prepare_identically(setup, truth_model):

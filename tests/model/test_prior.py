@@ -98,3 +98,19 @@ def test_bad_labels(rng):
         prior.fit_gmm(x, n_components=2)
     with pytest.raises(prior.GMMError, match=r"shape \(n, 3\)"):
         prior.fit_gmm(np.zeros((100, 2)), n_components=2)
+
+
+def test_ln_prior_cut_encloses_99_9_percent_of_the_fitted_mixture(rng):
+    """Issue 15 item 3: the bit-4 level is computed when the GMM is fitted, from its own mass."""
+    x = _labels(rng, 3000)
+    gmm = prior.fit_gmm(x, n_components=6, seed=0)
+    sk = GaussianMixture(n_components=6, covariance_type="full", random_state=0, reg_covar=1e-6).fit(x * S)
+    draws, _ = sk.sample(400_000)
+    mass = np.mean(sk.score_samples(draws) >= gmm.ln_prior_cut)  # independent draws, sklearn's own density
+    assert abs(mass - prior.PRIOR_MASS) < 2.5e-4, mass
+    assert gmm.ln_prior_cut != pytest.approx(-7.43, abs=0.05)  # this mixture's level, not the paper's number
+    # stored with the mixture; an older artifact without it gets the same level computed
+    arrays = prior.gmm_to_arrays(gmm)
+    assert float(prior.gmm_from_arrays(arrays).ln_prior_cut) == gmm.ln_prior_cut
+    del arrays["gmm/ln_prior_cut"]
+    assert prior.gmm_from_arrays(arrays).ln_prior_cut == pytest.approx(gmm.ln_prior_cut, abs=0.1)

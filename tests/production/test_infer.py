@@ -96,7 +96,9 @@ def test_infer_partition_writes_catalog(tmp_path, world, config):
     assert np.all(status[1:] != qf.FitStatus.NO_USABLE_DATA)
     # Teff in kK, E and parallax positive
     assert np.all((est[1:, 0] > 2.0) & (est[1:, 0] < 15.0)) and np.all(est[1:, 3:] > 0)
-    assert flags[1] & qf.PARALLAX_MISMATCH  # missing parallax cannot pass the parallax check
+    assert not flags[1] & qf.PARALLAX_MISMATCH  # no Gaia parallax: fitted without it, nothing to disagree with
+    meta = read_metadata(pq.read_schema(out))
+    assert meta["ln_prior_cut"] == pytest.approx(float(gmm.ln_prior_cut), rel=1e-6) and meta["ln_prior_cut_mass"] == 0.999
     # placeholder confidences: null, bits 0-2 set exactly where the fit did not converge
     assert t.column("teff_confidence").null_count == N
     low = (flags & 0b111) == 0b111

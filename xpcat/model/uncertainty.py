@@ -110,7 +110,7 @@ def params5_from_x(x: np.ndarray) -> np.ndarray:
 
 
 def quality_flag_bits(chi2: np.ndarray, ln_prior: np.ndarray, plx_est: np.ndarray, plx_obs: np.ndarray,
-                      plx_err: np.ndarray) -> np.ndarray:
+                      plx_err: np.ndarray, ln_prior_cut: float) -> np.ndarray:
     """quality_flags bits 3-5 (SPEC §6).
 
     Parameters
@@ -119,19 +119,27 @@ def quality_flag_bits(chi2: np.ndarray, ln_prior: np.ndarray, plx_est: np.ndarra
     ln_prior : (m,) ln p_gmm at the optimum.
     plx_est : (m,) fitted parallax [mas].
     plx_obs, plx_err : (m,) Gaia parallax and error [mas]; NaN / non-positive error = missing.
+    ln_prior_cut : float
+        The level of ln p_gmm enclosing 99.9 % of the fitted mixture
+        (:attr:`xpcat.model.prior.GMMParams.ln_prior_cut`; -7.43 for the paper's).
 
     Returns
     -------
-    (m,) uint8. Bit 3: chi2 / 61 > 2; bit 4: ln_prior < -7.43; bit 5:
-    |plx_obs - plx_est| / plx_err > 10. An undefined quantity (NaN chi^2 or prior,
-    missing parallax) sets its bit: the check cannot be passed.
+    (m,) uint8. Bit 3: chi2 / 61 > 2; bit 4: ln_prior < ln_prior_cut; bit 5:
+    |plx_obs - plx_est| / plx_err > 10. An undefined chi^2 or prior sets its
+    bit (the check cannot be passed). A star without a usable Gaia parallax
+    was fitted without the parallax term (SPEC §1.4): there is nothing for
+    its estimate to disagree with, so bit 5 stays clear (the catalog's
+    parallax estimate is then the fit's alone).
     """
     with np.errstate(invalid="ignore", divide="ignore"):
         high_chi2 = ~(np.asarray(chi2) / N_XP <= qf.HIGH_CHI2_PER_SAMPLE)
-        low_prior = ~(np.asarray(ln_prior) >= qf.LOW_PRIOR_THRESHOLD)
-        dplx = np.abs(np.asarray(plx_obs, np.float64) - plx_est) / np.asarray(plx_err, np.float64)
-        bad_err = ~(np.asarray(plx_err) > 0)
-        mismatch = bad_err | ~(dplx <= qf.PARALLAX_MISMATCH_SIGMA)
+        low_prior = ~(np.asarray(ln_prior) >= float(ln_prior_cut))
+        obs = np.asarray(plx_obs, np.float64)
+        err = np.asarray(plx_err, np.float64)
+        usable = np.isfinite(obs) & (err > 0)
+        dplx = np.abs(obs - plx_est) / err
+        mismatch = usable & ~(dplx <= qf.PARALLAX_MISMATCH_SIGMA)
     bits = high_chi2 * qf.HIGH_CHI2 + low_prior * qf.LOW_PRIOR + mismatch * qf.PARALLAX_MISMATCH
     return bits.astype(np.uint8)
 

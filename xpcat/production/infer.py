@@ -46,6 +46,7 @@ from xpcat.catalog_schema import flags as qf
 from xpcat.config import RunConfig
 from xpcat.errors import InputError, StageError
 from xpcat.model.inference import Inference, InferenceSettings
+from xpcat.model.prior import PRIOR_MASS
 from xpcat.model.uncertainty import (
     PLACEHOLDER_CONFIDENCE_RULE,
     placeholder_confidence_bits,
@@ -134,7 +135,8 @@ def fit_table(batch: pa.RecordBatch | pa.Table, inference: Inference, confidence
     status = fit["fit_status"]
     p5 = fit["params5"]
     err5 = np.sqrt(np.einsum("nii->ni", fit["cov5"]))
-    bits = quality_flag_bits(fit["chi2"], fit["ln_prior"], p5[:, 4], plx, plx_err)
+    bits = quality_flag_bits(fit["chi2"], fit["ln_prior"], p5[:, 4], plx, plx_err,
+                             float(inference.objective.gmm.ln_prior_cut))
     if confidence is not None:
         from xpcat.model.confidence import (
             confidence_features,
@@ -258,6 +260,8 @@ def infer_partition(conditioned_path: str | Path, out_path: str | Path, model: A
         "confidence_rule": None if confidence is not None else PLACEHOLDER_CONFIDENCE_RULE,
         "fit_status": {m.name: int(m.value) for m in qf.FitStatus},
         "params_units": ["kK", "dex", "dex", "mag", "mas"],
+        "ln_prior_cut": float(inference.objective.gmm.ln_prior_cut),
+        "ln_prior_cut_mass": PRIOR_MASS,
     }
     table = with_metadata(table, info)
     out.parent.mkdir(parents=True, exist_ok=True)

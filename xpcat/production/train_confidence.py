@@ -187,7 +187,7 @@ def fit_stars(inference: Any, cond: dict[str, np.ndarray], chunk: int) -> dict[s
 
 
 def training_set(
-    fit: dict[str, np.ndarray], cond: dict[str, np.ndarray], ref: dict[str, np.ndarray]
+    fit: dict[str, np.ndarray], cond: dict[str, np.ndarray], ref: dict[str, np.ndarray], ln_prior_cut: float
 ) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
     """Features, chi^2_eps labels and the basic-cut mask of fitted labelled stars.
 
@@ -197,6 +197,7 @@ def training_set(
     cond : the same stars' conditioned columns.
     ref : reference values and errors, (n,) each: ``teff`` [K], ``teff_error``,
         ``feh``, ``feh_error``, ``logg``, ``logg_error`` (error 0 for a truth).
+    ln_prior_cut : the type prior's bit-4 level (:attr:`xpcat.model.prior.GMMParams.ln_prior_cut`).
 
     Returns
     -------
@@ -211,7 +212,8 @@ def training_set(
     params5 = np.asarray(fit["params5"], dtype=np.float64)
     with np.errstate(invalid="ignore"):
         err5 = np.sqrt(np.einsum("nii->ni", np.asarray(fit["cov5"], dtype=np.float64)))
-    bits = quality_flag_bits(fit["chi2"], fit["ln_prior"], params5[:, 4], cond["parallax"], cond["parallax_error"])
+    bits = quality_flag_bits(fit["chi2"], fit["ln_prior"], params5[:, 4], cond["parallax"], cond["parallax_error"],
+                             ln_prior_cut)
     basic = (bits == 0) & (np.asarray(fit["fit_status"]) == FitStatus.CONVERGED) & np.all(np.isfinite(params5), axis=1)
     unit = {"teff": 1000.0, "feh": 1.0, "logg": 1.0}  # catalog Teff is kK, labels K
     col = {"teff": 0, "feh": 1, "logg": 2}
@@ -329,7 +331,7 @@ def _train_confidence(paths: RunPaths, config: RunConfig, model_dir: Path, forwa
             return ({"est": np.zeros((0, 3)), "ref": np.zeros((0, 3))}, cond, np.zeros((0, C.N_FEATURES)),
                     {p: np.zeros(0) for p in C.PARAMETERS}, np.zeros(0, bool))
         fit = fit_stars(inference, cond, config.inference.batch_size)
-        features, ylab, basic = training_set(fit, cond, ref)
+        features, ylab, basic = training_set(fit, cond, ref, float(artifact.gmm.ln_prior_cut))
         core = [C.FEATURE_NAMES.index(k) for k in C.CORE_FEATURES]
         keep = basic & np.all(np.isfinite(features[:, core]), axis=1)
         est = np.asarray(fit["params5"], dtype=np.float64)[:, :3] * np.array([1000.0, 1.0, 1.0])
