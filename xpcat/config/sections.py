@@ -131,6 +131,11 @@ class TrainingConfig(Section):
     phase6_steps: int = config_field(4096, "Phase 6: Adam steps for the final star refinement.", min=1)
     phase6_halve_every: int = config_field(512, "Phase 6: the Adam learning rate halves every this many steps.", min=1)
     clean_sigma: float = config_field(4.0, "Self-cleaning threshold in sigma.", min=0.0)
+    hq_e_error_max: float = config_field(
+        0.1, "Eq. 15's HQ cut on the reddening prior: s_E < this [mag, Bayestar19 E units] (the paper's 0.1). "
+        "Raise it for priors that are wider for every star, e.g. APOGEE's AK_TARG (s_E ~ 0.23; see "
+        "xpcat.production.ingest.apogee), where 0.1 leaves no HQ star and the cut can then only drop the "
+        "worst-known E.", min=0.0)
     validation_fraction: float = config_field(0.2, "Fraction of labelled stars held out (stable hash of source_id).", min=0.0, max=0.9)
     teff_switch: float = config_field(7000.0, "Teff [K] above which Hot Payne labels replace LAMOST.", min=0.0)
     gmm_components: int = config_field(16, "Components of the Gaussian-mixture type prior.", min=1)

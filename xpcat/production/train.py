@@ -10,7 +10,8 @@ Inputs (all inside RUN_DIR):
 Steps: join on source_id; choose the label source by Teff (LAMOST below
 ``[training] teff_switch``, Hot Payne above; ``apogee`` rows at every Teff);
 skip (and count) rows with missing or non-finite labels, errors or reddening;
-apply the Sec. 2.5 cuts and mark the HQ subset (Eq. 15); split 80/20 by a
+apply the Sec. 2.5 cuts and mark the HQ subset (Eq. 15; its s_E < 0.1 is
+``[training] hq_e_error_max``); split 80/20 by a
 stable hash of source_id;
 train (:func:`xpcat.model.training_phases.train_model`); fit the GMM prior on
 the training labels; write ``RUN_DIR/model`` (artifact, loss curves as JSON
@@ -247,7 +248,7 @@ def build_training_set(run_dir: Path, config: RunConfig) -> tuple[dict[str, np.n
     e_o, e_e = e_obs[li], e_err[li]
     with np.errstate(invalid="ignore"):
         plx_hq = np.where(has_plx, plx / np.where(has_plx, plx_err, 1.0) > 10, not has_plx.any())
-    hq = (th_err[:, 0] < 200) & (th_err[:, 1] < 0.2) & (th_err[:, 2] < 0.2) & plx_hq & (e_e < 0.1)
+    hq = (th_err[:, 0] < 200) & (th_err[:, 1] < 0.2) & (th_err[:, 2] < 0.2) & plx_hq & (e_e < t.hq_e_error_max)
     sub = cond.take(rows)
     arrays = {
         "source_id": lab_sid[li],
