@@ -74,7 +74,8 @@ def test_pbs_gpu_resource_spec_filled_in():
 
 def test_option_the_cluster_class_cannot_take_is_refused_when_the_config_is_read():
     """Issue 19.9: such options reached LocalCluster and ended in "Nanny failed to start" tracebacks."""
-    with pytest.raises(ConfigError, match=r"\[cluster\] options: qeueu = 'debug' is not a keyword argument of SLURMCluster"):
+    named = r"\[cluster\] options: qeueu = 'debug' is not a keyword argument of SLURMCluster"
+    with pytest.raises(ConfigError, match=named):
         ClusterConfig(profile="slurm", options={"qeueu": "debug"})
     with pytest.raises(ConfigError, match="queue = 'debug' is not a keyword argument of LocalCluster.*slurm or pbs"):
         config_from_dict({"cluster": {"profile": "local", "options": {"queue": "debug"}}})
