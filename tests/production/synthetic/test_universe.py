@@ -144,7 +144,7 @@ def test_errors_scale_with_brightness(universe):
 
 def test_coefficients_reproduce_the_truth_within_errors(universe):
     """XP flux from the written coefficients vs the noiseless truth: chi^2 ~ 61 for clean stars."""
-    from xpcat.production.condition.xp_sampling import xp_bases
+    from xpcat.production.condition.bases import xp_bases
 
     t = pd.read_parquet(universe / "truth" / "truth.parquet")
     x = _read(universe, "xp_continuous_mean_spectrum")

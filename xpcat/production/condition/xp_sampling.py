@@ -19,7 +19,6 @@ from xpcat.production.condition.bases import (
     DEFAULT_WAVELENGTHS_NM,
     INSTRUMENT_MODELS,
     band_design,
-    xp_bases,
 )
 from xpcat.production.condition.parallel import (
     default_threads,
@@ -38,7 +37,6 @@ __all__ = [
     "XpSample",
     "sample_xp",
     "sample_xp_into",
-    "xp_bases",  # re-exported: the bases' public home is xpcat.production.condition.bases
 ]
 
 logger = logging.getLogger(__name__)

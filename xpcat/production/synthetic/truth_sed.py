@@ -262,7 +262,7 @@ def _projection(wl: np.ndarray) -> ProjectionArrays:
     """Build the projection matrices from GaiaXPy's own bases and photometric system."""
     from gaiaxpy import PhotometricSystem
 
-    from xpcat.production.condition.xp_sampling import xp_bases
+    from xpcat.production.condition.bases import xp_bases
 
     fine = xp_bases(wl)
     to_bp = _band_projector(fine.design_bp, wl, *BP_FIT_RANGE_NM)
