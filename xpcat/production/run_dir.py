@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 __all__ = ["DATA_PATH_FIELDS", "RunPaths"]
 
 #: ``[data]`` fields that name files or folders (stored relative to the run directory when inside it).
-DATA_PATH_FIELDS = ("raw_dir", "unwise", "labels", "reddening")
+DATA_PATH_FIELDS = ("raw_dir", "tmass", "unwise", "labels", "reddening")
 
 
 @dataclass(frozen=True)

@@ -102,7 +102,8 @@ def input_fingerprint(run_dir: Path, config: RunConfig) -> dict[str, dict]:
     out: dict[str, dict] = {}
     raw = paths.raw
     files = sorted(raw.glob("*/*.parquet")) if raw.is_dir() else []
-    extra = [paths.user_file(x) for x in (config.data.unwise, config.data.labels, config.data.reddening)]
+    extra = [paths.user_file(x) for x in (config.data.tmass, config.data.unwise, config.data.labels,
+                                          config.data.reddening)]
     files += [f for f in extra if f is not None]
     for f in files:
         key = paths.relative(f)

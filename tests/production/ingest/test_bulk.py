@@ -136,9 +136,54 @@ def test_files_sharing_a_partition_are_merged_and_duplicates_reported(universe, 
     write_bulk(b, xp.slice(55))  # 5 rows in both files
     s = ingest_files(run_dir, [a, b])
     assert s["failed"] == []
-    assert sum(d["count"] for d in s["duplicates"]) == 5
+    assert sum(d["count"] for d in s["duplicates"]) == 5 and s["conflicting_duplicates"] == 0
     got = read_fetched(run_dir / "raw", "xp_continuous_mean_spectrum")
     assert got.equals(xp)
+
+
+def test_duplicates_with_different_content_are_named(universe, run_dir, tmp_path, caplog):
+    """Issue 19 item 12: a source_id met twice with different rows is reported with its id, not silently kept."""
+    xp = universe["xp_continuous_mean_spectrum"].sort_by("source_id")
+    a, b = tmp_path / "XpContinuousMeanSpectrum_a.csv", tmp_path / "XpContinuousMeanSpectrum_b.csv"
+    write_bulk(a, xp.slice(0, 60))
+    other = xp.slice(58, 4)  # 58, 59 also in file a; 59 changed
+    col = other.schema.get_field_index("bp_n_relevant_bases")
+    vals = other.column(col).to_pylist()
+    vals[1] = (vals[1] or 0) + 1
+    other = other.set_column(col, other.schema.field(col), pa.array(vals, other.schema.field(col).type))
+    write_bulk(b, other)
+    changed = xp.column("source_id")[59].as_py()
+    with caplog.at_level("WARNING"):
+        s = ingest_files(run_dir, [a, b])
+    assert s["conflicting_duplicates"] == 1
+    assert [i for d in s["duplicates"] for i in d["conflicting_ids"]] == [changed]
+    assert "DIFFERENT content" in caplog.text and str(changed) in caplog.text
+    got = read_fetched(run_dir / "raw", "xp_continuous_mean_spectrum")
+    assert got.num_rows == 62 and got.slice(59, 1).equals(xp.slice(59, 1))  # the first file's row, as documented
+
+
+def test_partner_tables_through_ingest(universe, run_dir, tmp_path):
+    """Issue 19 item 12: `xpcat ingest --tmass/--unwise` brings 2MASS and unWISE rows in (no more NO_TMASS for all)."""
+    import pyarrow.parquet as pq
+    from click.testing import CliRunner
+
+    from xpcat.cli import cli
+    from xpcat.config import read_run_config
+
+    tm = universe["tmass"]
+    tm_file = tmp_path / "my_2mass.parquet"
+    pq.write_table(tm.select(["source_id", "j_m", "j_msigcom", "h_m", "h_msigcom", "ks_m", "ks_msigcom", "ph_qual"]),
+                   tm_file)
+    xp = universe["xp_continuous_mean_spectrum"]
+    f = tmp_path / "XpContinuousMeanSpectrum_000000-003111.csv.gz"
+    write_bulk(f, xp)
+    res = CliRunner().invoke(cli, ["ingest", str(run_dir), str(f), "--tmass", str(tm_file)])
+    assert res.exit_code == 0, res.output
+    assert read_run_config(run_dir).data.tmass == str(tm_file.resolve())  # outside RUN_DIR: absolute
+    got = read_fetched(run_dir / "raw", "tmass")
+    assert got.num_rows == tm.num_rows
+    np.testing.assert_array_equal(got.sort_by("source_id").column("j_m").to_numpy(),
+                                  tm.sort_by("source_id").column("j_m").to_numpy())
 
 
 def test_gaia_source_bulk_file(universe, run_dir, tmp_path):
@@ -163,7 +208,7 @@ def test_unknown_file_and_bad_calls(run_dir, tmp_path):
     f.write_text("a,b\n1,2\n")
     s = ingest_files(run_dir, [f])
     assert s["failed"] and "neither" in s["failed"][0]["reason"]
-    with pytest.raises(InputError, match="no bulk files"):
+    with pytest.raises(InputError, match="nothing to ingest"):
         ingest_files(run_dir, [])
     with pytest.raises(InputError, match="not found"):
         ingest_files(run_dir, [tmp_path / "missing.csv.gz"])

@@ -340,8 +340,24 @@ def _spool_file(path: Path, spool: Path, level: int, block_size: int) -> BulkFil
     return res
 
 
-def _merge_partition(table: str, name: str, spools: list[Path], target: Path) -> tuple[int, list[int]]:
-    """Assemble one partition from its spools (and rows already there); returns (rows, duplicated ids)."""
+def _conflicting(rows: pa.Table, dup_mask: np.ndarray) -> list[int]:
+    """The duplicated source_ids whose repeated rows differ from the kept (first) row in any column."""
+    sid = rows.column("source_id").to_numpy()
+    idx = np.flatnonzero(dup_mask)
+    first = np.searchsorted(sid, sid[idx])  # rows are sorted by source_id: the kept row of each id
+    kept = rows.take(pa.array(first)).to_pylist()
+    again = rows.take(pa.array(idx)).to_pylist()
+    return sorted({int(k["source_id"]) for k, a in zip(kept, again) if k != a})
+
+
+def _merge_partition(table: str, name: str, spools: list[Path], target: Path) -> tuple[int, list[int], list[int]]:
+    """Assemble one partition from its spools (and rows already there).
+
+    Returns
+    -------
+    (rows, duplicated ids, conflicting ids): a source_id met more than once is
+    kept once (the first file's row); those whose rows differ are the conflicts.
+    """
     parts = [read_table(s, what=f"spooled {table}") for s in spools]
     if is_done(target):
         parts.insert(0, read_table(target, what=f"raw {table}"))
@@ -356,14 +372,17 @@ def _merge_partition(table: str, name: str, spools: list[Path], target: Path) ->
     dup_mask = np.zeros(len(sid), dtype=bool)
     dup_mask[1:] = sid[1:] == sid[:-1]
     dups = sorted(set(sid[dup_mask].tolist()))
+    conflicts: list[int] = []
     if dups:
+        conflicts = _conflicting(rows, dup_mask) if table != "gaia_source" else _conflicting(
+            rows.drop_columns(["random_index"]) if "random_index" in rows.column_names else rows, dup_mask)
         rows = rows.filter(pa.array(~dup_mask))
         logger.debug("raw %s %s: %d source_id(s) met more than once (kept the first), e.g. %d",
                      table, name, len(dups), dups[0])
     atomic_write_parquet(rows, target, schema=_SCHEMAS[table], expected_rows=rows.num_rows,
                          info={"source": "bulk", "files": [s.parent.parent.name for s in spools],
-                               "duplicated_ids": dups[:100]})
-    return rows.num_rows, dups
+                               "duplicated_ids": dups[:100], "conflicting_ids": conflicts[:100]})
+    return rows.num_rows, dups, conflicts
 
 
 def ingest_files(run_dir: Path, files: list[Path], *, block_size: int = 1 << 24, force: bool = False) -> dict:
@@ -402,13 +421,13 @@ def ingest_files(run_dir: Path, files: list[Path], *, block_size: int = 1 << 24,
     from xpcat.production.ingest.partner_tables import ingest_partner_tables, resolve_partner_paths
 
     run_dir = Path(run_dir)
-    if not files:
-        raise InputError("no bulk files given (e.g. XpContinuousMeanSpectrum_000000-003111.csv.gz)")
+    config = read_run_config(run_dir)
+    if not files and not resolve_partner_paths(run_dir, config):
+        raise InputError("nothing to ingest: give bulk or sampled-spectrum files (e.g. "
+                         "XpContinuousMeanSpectrum_000000-003111.csv.gz) or partner tables (--tmass, --unwise, ...)")
     missing = [str(f) for f in files if not Path(f).is_file()]
     if missing:
         raise InputError(f"bulk file(s) not found: {', '.join(missing[:5])}")
-    config = read_run_config(run_dir)
-    resolve_partner_paths(run_dir, config)
     from xpcat.production.ingest.sampled import ingest_sampled_files, sampled_kind
 
     is_sampled = [sampled_kind(f) is not None for f in files]
@@ -443,14 +462,21 @@ def ingest_files(run_dir: Path, files: list[Path], *, block_size: int = 1 << 24,
     totals = {t: 0 for t in _SCHEMAS}
     duplicates: list[dict] = []
     for (table, name), spools in progress(sorted(touched.items()), "assemble", total=len(touched), unit="part"):
-        n, dups = _merge_partition(table, name, spools, raw_root / table / f"{name}.parquet")
+        n, dups, conflicts = _merge_partition(table, name, spools, raw_root / table / f"{name}.parquet")
         totals[table] += n
         if dups:
-            duplicates.append({"table": table, "partition": name, "count": len(dups), "source_ids": dups[:20]})
+            duplicates.append({"table": table, "partition": name, "count": len(dups), "source_ids": dups[:20],
+                               "conflicting": len(conflicts), "conflicting_ids": conflicts[:20]})
     shutil.rmtree(spool_root, ignore_errors=True)
     if duplicates:
         logger.warning("%d source_id(s) met more than once in %d partition(s), kept once each (listed in the summary)",
                        sum(d["count"] for d in duplicates), len(duplicates))
+    conflicting = [(d["table"], i) for d in duplicates for i in d["conflicting_ids"]]
+    if conflicting:
+        n_conf = sum(d["conflicting"] for d in duplicates)
+        logger.warning("%d duplicated source_id(s) have DIFFERENT content in different rows; the first file's row was "
+                       "kept (files in command-line order). Check your inputs: %s", n_conf,
+                       ", ".join(f"{t} {i}" for t, i in conflicting[:10]))
     for r in results:
         if r.status == "read":
             r.status = "done"
@@ -466,6 +492,7 @@ def ingest_files(run_dir: Path, files: list[Path], *, block_size: int = 1 << 24,
         "partition_rows": totals,
         "partitions_written": len(touched),
         "duplicates": duplicates,
+        "conflicting_duplicates": sum(d["conflicting"] for d in duplicates),
         "partner_tables": ingest_partner_tables(run_dir, config),
         "sampled": ingest_sampled_files(run_dir, sampled, config, force=force) if sampled else None,
         "seconds": round(seconds, 3),

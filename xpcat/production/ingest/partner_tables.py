@@ -28,7 +28,7 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
 from xpcat.catalog_schema import validate
-from xpcat.catalog_schema.raw import LABELS, REDDENING, UNWISE
+from xpcat.catalog_schema.raw import LABELS, REDDENING, TMASS, UNWISE
 from xpcat.config import RunConfig
 from xpcat.errors import InputError
 from xpcat.production.ingest.formats import BadRow, astropy_to_arrow, conform_rows
@@ -40,7 +40,7 @@ __all__ = ["PARTNER_SCHEMAS", "read_partner_file", "ingest_partner", "resolve_pa
 logger = logging.getLogger(__name__)
 
 #: Partner tables and their raw schemas.
-PARTNER_SCHEMAS: dict[str, pa.Schema] = {"unwise": UNWISE, "labels": LABELS, "reddening": REDDENING}
+PARTNER_SCHEMAS: dict[str, pa.Schema] = {"tmass": TMASS, "unwise": UNWISE, "labels": LABELS, "reddening": REDDENING}
 
 
 def _kind(path: Path) -> str:
@@ -67,7 +67,7 @@ def read_partner_file(path: str | os.PathLike, table: str) -> tuple[pa.Table, li
     path : path-like
         Parquet, CSV (``#`` comment lines allowed, e.g. an ECSV header) or FITS.
     table : str
-        ``"unwise"``, ``"labels"`` or ``"reddening"``.
+        ``"tmass"``, ``"unwise"``, ``"labels"`` or ``"reddening"``.
 
     Returns
     -------
@@ -171,7 +171,7 @@ def ingest_partner(run_dir: Path, table: str, path: str | os.PathLike, level: in
     ----------
     run_dir : Path
     table : str
-        ``"unwise"``, ``"labels"`` or ``"reddening"``.
+        ``"tmass"``, ``"unwise"``, ``"labels"`` or ``"reddening"``.
     path : path-like
     level : int
         Partition level.
