@@ -447,7 +447,11 @@ def query_catalog(run_dir: Path, sql: str, fmt: str = "table") -> str:
     try:
         _check_read_only(con, sql)
         con.execute(f"CREATE VIEW catalog AS SELECT * FROM read_parquet('{_dataset_glob(cat)}', hive_partitioning=false)")
-        df = con.execute(sql).df()
+        rel = con.sql(sql)
+        df = rel.df()
+        for name, kind in zip(rel.columns, rel.types):  # sum() of integers is HUGEINT, which pandas makes float
+            if str(kind) in ("HUGEINT", "UHUGEINT") and df[name].notna().all():
+                df[name] = df[name].astype("int64")
     except duckdb.Error as err:
         raise XpcatError(f"query failed: {_first_line(err)}") from err
     finally:
