@@ -17,12 +17,14 @@ from xpcat.catalog_schema import CATALOG, XP_WAVELENGTHS_NM
 from xpcat.catalog_schema.raw import GAIA_SOURCE, LABELS, REDDENING, TRUTH
 from xpcat.errors import StageError
 from xpcat.production.report import page as R
+from xpcat.production.report.binned_residuals import SELECTIONS
 from xpcat.production.report.evaluation import truth_extinction_curve
 from xpcat.production.report.statistics import format_number
 
 N = 600
 NIR_NM = np.array([1235.0, 1662.0, 2159.0, 3352.6, 4602.8])
 WL = np.concatenate([np.asarray(XP_WAVELENGTHS_NM), NIR_NM])
+R_FILES = Path(R.__file__).parent
 
 
 def _conform(d: dict, schema: pa.Schema) -> pa.Table:
@@ -45,10 +47,11 @@ def _fabricate(run: Path, rng: np.random.Generator) -> dict:
     qf = rng.choice([0, 1, 3, 8, 16, 33], N, p=[0.5, 0.1, 0.1, 0.1, 0.1, 0.1]).astype(np.uint8)
     status = np.where(rng.random(N) < 0.03, 1, 0).astype(np.uint8)
     conf = rng.random((N, 3)).astype(np.float32)
+    chi2 = (rng.chisquare(61, N) * rng.choice([1.0, 8.0], N, p=[0.9, 0.1])).astype(np.float32)
     cat = {
         "gdr3_source_id": sid, "ra": rng.uniform(0, 360, N), "dec": np.degrees(np.arcsin(rng.uniform(-1, 1, N))),
         "stellar_params_est": list(est.astype(np.float32)), "stellar_params_err": list(err.astype(np.float32)),
-        "chi2_opt": rng.chisquare(61, N).astype(np.float32), "ln_prior": rng.normal(-3, 1, N).astype(np.float32),
+        "chi2_opt": chi2, "ln_prior": rng.normal(-3, 1, N).astype(np.float32),
         "teff_confidence": conf[:, 0], "feh_confidence": conf[:, 1], "logg_confidence": conf[:, 2],
         "quality_flags": qf, "stellar_params_icov_triu": [np.ones(15, np.float32)] * N,
         "stellar_params_cov_triu": [np.ones(15, np.float32)] * N, "fit_status": status,
@@ -94,7 +97,7 @@ def _fabricate(run: Path, rng: np.random.Generator) -> dict:
     est3 = ref3 + np.array([50.0, 0.1, 0.1]) * rng.standard_normal((N, 3)) * np.where(conf > 0.5, 1.0, 4.0)
     np.savez(run / "state" / "confidence_stars.npz", est=est3, ref=ref3, used=qf < 8, holdout=rng.random(N) < 0.3,
              confidence=conf)
-    return {"sid": sid, "truth": truth, "est": est, "err": err, "qf": qf, "status": status, "conf": conf,
+    return {"sid": sid, "truth": truth, "est": est, "err": err, "qf": qf, "status": status, "conf": conf, "chi2": chi2,
             "r_true": r_true, "r_learned": r_learned, "gaia_plx": truth["parallax"] + 0.05 * rng.standard_normal(N)}
 
 
@@ -136,7 +139,7 @@ def test_report_has_every_figure(fabricated):
     text = page.read_text()
     v = json.loads((run / "report" / "validation.json").read_text())
     names = ["kiel.png", "residuals.png", "residuals_normalised.png", "pulls.png", "flux_residuals.png",
-             "extinction_curve.png", "sky_median_e.png", "confidence.png"]
+             "extinction_curve.png", "sky_median_e.png", "confidence.png", "residuals_fig7.png", "residuals_fig16.png"]
     assert sorted(v["figures"].values()) == sorted(names)
     for name in names:
         png = run / "report" / name
@@ -166,6 +169,25 @@ def test_numbers_equal_those_from_the_catalog(fabricated):
     # over the XP samples (392..992 nm) only, as issue 5's criterion
     assert v["extinction_curve_max_rel_dev"] == pytest.approx(np.max(np.abs(rl - rt)[:61] / rt[:61]), rel=1e-4)
     assert v["extinction_curve_max_rel_dev"] < np.max(np.abs(rl - rt) / rt)
+    # against the XP curve of XP-Extinction-Toolkit and CCM89 R_V = 3.1, normalised the same way
+    import astropy.units as u
+    from dust_extinction.parameter_averages import CCM89
+
+    ccm = np.asarray(CCM89(Rv=3.1)(WL[:61] * u.nm), float)
+    rc = ccm / ccm[0]
+    assert v["extinction_curve_max_rel_dev_ccm89_rv31"] == pytest.approx(np.max(np.abs(rl[:61] - rc) / rc), rel=1e-4)
+    xp = np.genfromtxt(R_FILES / "data" / "xp_extinction_curve.csv", delimiter=",", names=True, dtype=None,
+                       encoding="utf-8")["a_over_a550"][:61]
+    rx = xp / xp[0]
+    assert v["extinction_curve_max_rel_dev_xp_toolkit"] == pytest.approx(np.max(np.abs(rl[:61] - rx) / rx), rel=1e-4)
+    comp = v["extinction_curve_comparison"]
+    assert comp["truth"]["max_rel_dev"] == v["extinction_curve_max_rel_dev"]
+    assert comp["xp_extinction_toolkit"]["max_rel_dev"] == v["extinction_curve_max_rel_dev_xp_toolkit"]
+    assert comp["range_nm"] == [392.0, 992.0]
+    # Fig. 7 against the truth: every converged star with chi2/61 <= 5 (the truth's parallax has no error)
+    used7 = (f["status"] == 0) & (f["chi2"].astype(np.float64) / 61 <= 5)
+    assert v["binned_residuals"]["reference"] == "truth"
+    assert v["binned_residuals"]["fig7"]["teff"]["n_total"] == int(used7.sum())
     assert v["auc_teff"] == 0.91 and v["auc_feh"] == 0.88 and v["auc_logg"] == 0.87
     # Table 3
     b = f["qf"] < 8
@@ -253,10 +275,16 @@ def test_page_escapes_values():
     validation = {p: {"robust_sigma": 1.0, "bias": float("nan"), "pull_robust_sigma": 1.0, "pull_median": 0.0, "n": 3}
                   for p in ("teff", "feh", "logg", "extinction", "parallax")}
     validation.update(reference="<truth>", **{k: None for k in R.SUMMARY_KEYS})
+    empty = {"bin_edges": [0.0, 1.0], "n": [0], "median": [None], "robust_sigma": [None]}
+    validation["binned_residuals"] = {"selections": SELECTIONS, "min_bin_stars": 5,
+                                      "fig7": {p: empty for p in ("teff", "feh", "logg", "extinction", "parallax")}}
+    validation["extinction_curve_comparison"] = {k: {"curve": f"<{k}>", "max_rel_dev": None}
+                                                 for k in ("xp_extinction_toolkit", "ccm89_rv3.1", "truth")}
     figures = {k: f"{k}.png" for k in ("kiel", "residuals", "residuals_normalised", "pulls", "flux_residuals",
-                                       "extinction_curve", "sky", "confidence")}
+                                       "extinction_curve", "sky", "confidence", "residuals_fig7", "residuals_fig16")}
     text = R.render_page(validation, [("a & b", 1, 0.5)], [("run directory", "/runs/<x>")], figures)
     assert "Validation against &lt;truth&gt;" in text
     assert "<td>a &amp; b</td><td>1</td><td>0.5</td>" in text
     assert "<td>/runs/&lt;x&gt;</td>" in text
     assert "<td>teff</td><td>1</td><td>n/a</td>" in text
+    assert "<td>&lt;ccm89_rv3.1&gt;</td><td>n/a</td>" in text

@@ -26,8 +26,8 @@ from xpcat.production.run_dir import RunPaths
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "REPORT_SCALE",
     "CATALOG_COLUMNS",
+    "REPORT_SCALE",
     "ReportData",
     "load_catalog",
     "load_reference",

@@ -3,6 +3,9 @@
 - :func:`load_model`: the run's model artifact, if any;
 - :func:`truth_extinction_curve`: the truth law's R at the model's wavelengths;
 - :func:`extinction_curve_deviation`: issue 5's criterion, learned vs truth R;
+- :func:`xp_toolkit_extinction_curve`, :func:`ccm89_extinction_curve`: the reference curves
+  (the XP curve of ``XP-Extinction-Toolkit``, packaged in ``data/``; CCM89);
+- :func:`extinction_comparison`: the learned R against each reference curve;
 - :func:`flux_residuals`: (f_pred - f_obs) / s_f of basic-cut stars (Fig. 9).
 """
 
@@ -23,15 +26,21 @@ from xpcat.production.run_dir import RunPaths
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "CCM_R_V",
     "MAX_FLUX_STARS",
-    "load_model",
-    "truth_extinction_curve",
+    "ccm89_extinction_curve",
+    "extinction_comparison",
     "extinction_curve_deviation",
     "flux_residuals",
+    "load_model",
+    "truth_extinction_curve",
+    "xp_toolkit_extinction_curve",
 ]
 
 #: Most stars drawn for the per-star flux residual figure.
 MAX_FLUX_STARS = 20000
+#: R_V of the CCM89 curve the learned curve is compared with.
+CCM_R_V = 3.1
 
 
 def load_model(run_dir: Path) -> Any | None:
@@ -72,6 +81,85 @@ def extinction_curve_deviation(learned: np.ndarray, truth: np.ndarray) -> float:
     rl = np.asarray(learned, float)[:N_XP] / float(learned[0])
     rt = np.asarray(truth, float)[:N_XP] / float(truth[0])
     return float(np.max(np.abs(rl - rt) / np.abs(rt)))
+
+
+def xp_toolkit_extinction_curve(wavelengths_nm: np.ndarray) -> np.ndarray:
+    """The XP extinction curve of ``XP-Extinction-Toolkit`` 1.0, A(lambda) / A(550 nm), at ``wavelengths_nm`` (m,).
+
+    Read from the packaged table ``data/xp_extinction_curve.csv`` (see its
+    ``PROVENANCE.md``): exact at xpcat's 61 XP samples and 5 NIR bands,
+    linear interpolation in wavelength elsewhere, NaN outside 392-4602.8 nm.
+
+    Returns
+    -------
+    (m,) float64, dimensionless.
+    """
+    from xpcat.production.report.xp_extinction_data import TABLE_FILE
+
+    tab = np.genfromtxt(TABLE_FILE, delimiter=",", names=True, dtype=None, encoding="utf-8")
+    wl = np.asarray(wavelengths_nm, np.float64)
+    w, a = np.asarray(tab["wavelength_nm"], np.float64), np.asarray(tab["a_over_a550"], np.float64)
+    out = np.interp(wl, w, a)
+    out[(wl < w[0]) | (wl > w[-1])] = np.nan
+    return out
+
+
+def ccm89_extinction_curve(wavelengths_nm: np.ndarray, r_v: float = CCM_R_V) -> np.ndarray:
+    """CCM89 (``dust_extinction``) A(lambda) / A(V) at ``wavelengths_nm`` (m,); NaN outside its 0.3-10 um^-1.
+
+    Returns
+    -------
+    (m,) float64, dimensionless.
+    """
+    import astropy.units as u
+    from dust_extinction.parameter_averages import CCM89
+
+    wl = np.asarray(wavelengths_nm, np.float64)
+    x = 1000.0 / wl
+    ok = (x >= CCM89.x_range[0]) & (x <= CCM89.x_range[1])
+    out = np.full(wl.shape, np.nan)
+    if ok.any():
+        out[ok] = np.asarray(CCM89(Rv=r_v)(wl[ok] * u.nm), np.float64)
+    return out
+
+
+def extinction_comparison(learned: np.ndarray | None, wavelengths_nm: np.ndarray | None,
+                          truth: np.ndarray | None = None) -> dict[str, Any]:
+    """The learned extinction curve against the XP curve, CCM89 R_V = 3.1 and (when known) the truth law.
+
+    Every curve is normalised to its value at 392 nm (the first XP sample, as
+    the paper's Fig. 15); a curve's deviation is :func:`extinction_curve_deviation`:
+    max |r_learned - r_ref| / r_ref over the 61 XP samples (392-992 nm).
+
+    Parameters
+    ----------
+    learned : (66,) array or None
+        The model's R per unit E (ln-flux units); None without a model artifact.
+    wavelengths_nm : (66,) array or None
+        The model's wavelengths.
+    truth : (66,) array or None
+        The truth law's R (synthetic runs).
+
+    Returns
+    -------
+    dict
+        ``normalisation``, ``range_nm`` and per curve (``xp_extinction_toolkit``,
+        ``ccm89_rv3.1``, ``truth``) ``{"max_rel_dev": float | None, "curve": str}``.
+    """
+    out: dict[str, Any] = {"normalisation": "each curve / its value at 392 nm", "range_nm": [392.0, 992.0]}
+    refs = {
+        "xp_extinction_toolkit": ("XP extinction curve, XP-Extinction-Toolkit 1.0 (Zhang R. et al. 2024)",
+                                  None if wavelengths_nm is None else xp_toolkit_extinction_curve(wavelengths_nm)),
+        "ccm89_rv3.1": (f"CCM89, R_V = {CCM_R_V} (dust_extinction)",
+                        None if wavelengths_nm is None else ccm89_extinction_curve(wavelengths_nm)),
+        "truth": ("the truth law of the synthetic universe", truth),
+    }
+    for key, (words, ref) in refs.items():
+        dev = None
+        if learned is not None and ref is not None and np.all(np.isfinite(np.asarray(ref)[:N_XP])):
+            dev = extinction_curve_deviation(learned, ref)
+        out[key] = {"max_rel_dev": dev, "curve": words}
+    return out
 
 
 def flux_residuals(run_dir: Path, artifact: Any, data: ReportData) -> np.ndarray | None:

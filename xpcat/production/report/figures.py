@@ -7,7 +7,8 @@ and returns the file name (the page links it by that name):
 - :func:`residuals_figure`: residuals against the reference, raw or normalised (Figs. 7-8);
 - :func:`pulls_figure`: pull distributions against N(0, 1);
 - :func:`flux_residuals_figure`: normalised flux residuals against wavelength (Fig. 9);
-- :func:`extinction_figure`: the learned R(lambda) against CCM89 (R_V = 2.8, 3.1, 3.4) and the truth law;
+- :func:`extinction_figure`: the learned R(lambda) against the XP curve of XP-Extinction-Toolkit,
+  CCM89 (R_V = 2.8, 3.1, 3.4) and the truth law;
 - :func:`sky_figure`: the sky map of the median E;
 - :func:`confidence_figure`: held-out confident vs not-confident residuals (Fig. 10).
 """
@@ -31,14 +32,15 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "AXIS_LABELS",
-    "pyplot",
-    "kiel_figure",
-    "residuals_figure",
-    "pulls_figure",
-    "flux_residuals_figure",
-    "extinction_figure",
-    "sky_figure",
     "confidence_figure",
+    "extinction_figure",
+    "flux_residuals_figure",
+    "kiel_figure",
+    "pulls_figure",
+    "pyplot",
+    "residuals_figure",
+    "save_figure",
+    "sky_figure",
 ]
 
 #: Axis label of each parameter, in report units.
@@ -58,7 +60,7 @@ def pyplot() -> Any:
     return plt
 
 
-def _save(fig: Any, path: Path) -> str:
+def save_figure(fig: Any, path: Path) -> str:
     """Save ``fig`` as PNG at ``path``, close it, and return the file name."""
     fig.savefig(path, dpi=90, bbox_inches="tight")
     pyplot().close(fig)
@@ -80,7 +82,7 @@ def kiel_figure(data: ReportData, out: Path) -> str:
     ax.set_xlabel("Teff [K]")
     ax.set_ylabel("logg [dex]")
     ax.set_title(f"Kiel diagram ({int(ok.sum())} stars, basic cut)")
-    return _save(fig, out / "kiel.png")
+    return save_figure(fig, out / "kiel.png")
 
 
 def _percentile_lines(ax: Any, x: np.ndarray, y: np.ndarray, bins: np.ndarray) -> None:
@@ -121,7 +123,7 @@ def residuals_figure(data: ReportData, stats: dict, out: Path, normalised: bool)
         ax.set_xlabel(f"reference {AXIS_LABELS[p]}")
         ax.set_ylabel("pull" if normalised else "estimate - reference")
     fig.suptitle(("normalised " if normalised else "") + f"residuals vs {data.ref_kind} (basic cut)")
-    return _save(fig, out / ("residuals_normalised.png" if normalised else "residuals.png"))
+    return save_figure(fig, out / ("residuals_normalised.png" if normalised else "residuals.png"))
 
 
 def pulls_figure(data: ReportData, stats: dict, out: Path) -> str:
@@ -138,7 +140,7 @@ def pulls_figure(data: ReportData, stats: dict, out: Path) -> str:
         ax.set_title(f"{p}: median={median} sigma={sigma}", fontsize=9)
         ax.set_xlabel("pull")
     axes[0].legend(fontsize=8)
-    return _save(fig, out / "pulls.png")
+    return save_figure(fig, out / "pulls.png")
 
 
 def flux_residuals_figure(z: np.ndarray | None, wavelengths: np.ndarray | None, out: Path) -> str:
@@ -167,40 +169,55 @@ def flux_residuals_figure(z: np.ndarray | None, wavelengths: np.ndarray | None, 
     ax.axhline(0, color="k", lw=0.6)
     ax.set_xlabel("wavelength [nm] / band")
     ax.set_ylabel("Delta f / sigma")
-    return _save(fig, out / "flux_residuals.png")
+    return save_figure(fig, out / "flux_residuals.png")
 
 
 def extinction_figure(
     R: np.ndarray | None, wavelengths: np.ndarray | None, R_truth: np.ndarray | None, out: Path
 ) -> str:
-    """The learned R(lambda) (66,) normalised near 550 nm against CCM89 for R_V = 2.8, 3.1, 3.4.
+    """The learned R(lambda) (66,) against the XP curve, CCM89 (R_V = 2.8, 3.1, 3.4) and the truth law.
 
-    ``R_truth`` (66,), when known, is drawn too. Returns ``extinction_curve.png``.
+    Every curve is normalised to its value at 392 nm (as Fig. 15 and the
+    deviations in validation.json); the lower panel shows learned / reference - 1
+    over the XP samples for the XP curve, CCM89 R_V = 3.1 and the truth law.
+    ``R_truth`` (66,) is drawn when known. Returns ``extinction_curve.png``.
     """
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    if R is not None and wavelengths is not None:
-        import astropy.units as u
-        from dust_extinction.parameter_averages import CCM89
+    from xpcat.production.report.evaluation import (
+        CCM_R_V,
+        ccm89_extinction_curve,
+        xp_toolkit_extinction_curve,
+    )
 
+    plt = pyplot()
+    fig, (ax, axr) = plt.subplots(2, 1, figsize=(7, 6.5), sharex=True, gridspec_kw={"height_ratios": [2.2, 1]})
+    if R is not None and wavelengths is not None:
         wl = np.asarray(wavelengths, float)
-        iv = int(np.argmin(np.abs(wl - 550.0)))  # normalise near V
-        ax.plot(wl / 1000, R / R[iv], "ko-", ms=3, label=f"learned R / R({wl[iv]:.0f} nm)")
-        ok = (1000.0 / wl >= CCM89.x_range[0]) & (1000.0 / wl <= CCM89.x_range[1])
+        um = wl / 1000
+        learned = np.asarray(R, float) / float(R[0])
+        ax.plot(um, learned, "ko-", ms=3, label="learned R", zorder=5)
+        refs = {"XP curve (XP-Extinction-Toolkit)": (xp_toolkit_extinction_curve(wl), "C2", "-")}
         for rv in (2.8, 3.1, 3.4):
-            law = np.asarray(CCM89(Rv=rv)(wl[ok] * u.nm), float)
-            ax.plot(wl[ok] / 1000, law / np.asarray(CCM89(Rv=rv)(wl[iv] * u.nm), float), "-", lw=1,
-                    label=f"CCM89 R_V = {rv}")
+            refs[f"CCM89 R_V = {rv}"] = (ccm89_extinction_curve(wl, rv), "C0", {2.8: ":", 3.1: "-", 3.4: "--"}[rv])
         if R_truth is not None:
-            ax.plot(wl / 1000, R_truth / R_truth[iv], "r--", lw=1, label="truth law")
+            refs["truth law"] = (np.asarray(R_truth, float), "r", "--")
+        xp = slice(0, 61)
+        for name, (curve, color, style) in refs.items():
+            ok = np.isfinite(curve)
+            norm = curve / curve[0]
+            ax.plot(um[ok], norm[ok], style, color=color, lw=1, label=name)
+            if name in ("XP curve (XP-Extinction-Toolkit)", f"CCM89 R_V = {CCM_R_V}", "truth law"):
+                axr.plot(um[xp], learned[xp] / norm[xp] - 1, style, color=color, lw=1, label=name)
         ax.set_xscale("log")
         ax.legend(fontsize=8)
+        axr.axhline(0, color="k", lw=0.6)
+        axr.legend(fontsize=7)
     else:
         ax.text(0.5, 0.5, "no model artifact", ha="center", va="center", transform=ax.transAxes)
-    ax.set_xlabel("wavelength [um]")
-    ax.set_ylabel("A(lambda) / A(550 nm)")
-    ax.set_title("extinction curve")
-    return _save(fig, out / "extinction_curve.png")
+    axr.set_xlabel("wavelength [um]")
+    ax.set_ylabel("A(lambda) / A(392 nm)")
+    axr.set_ylabel("learned / ref - 1")
+    ax.set_title("extinction curve (normalised at 392 nm)")
+    return save_figure(fig, out / "extinction_curve.png")
 
 
 def sky_figure(data: ReportData, out: Path) -> str:
@@ -225,7 +242,7 @@ def sky_figure(data: ReportData, out: Path) -> str:
         fig.colorbar(mesh, ax=ax, orientation="horizontal", fraction=0.05, label="median E [mag]")
     ax.grid(True, alpha=0.3)
     ax.set_title("median E (Galactic coordinates, basic cut)")
-    return _save(fig, out / "sky_median_e.png")
+    return save_figure(fig, out / "sky_median_e.png")
 
 
 def confidence_figure(run_dir: Path, out: Path) -> tuple[str, dict[str, Any]]:
@@ -259,4 +276,4 @@ def confidence_figure(run_dir: Path, out: Path) -> tuple[str, dict[str, Any]]:
     else:
         axes[1].text(0.5, 0.5, "no confidence training set (run `xpcat train-confidence`)", ha="center",
                      va="center", transform=axes[1].transAxes)
-    return _save(fig, out / "confidence.png"), scatter
+    return save_figure(fig, out / "confidence.png"), scatter

@@ -8,9 +8,14 @@ inline CSS, PNG figures beside it; rendered from the Jinja template
 - residuals against the truth table (synthetic universes) or the labels
   (LAMOST-like labels, the reddening table, Gaia parallaxes), raw and
   normalised (as the paper's Figs. 7-8), with the robust sigma and bias;
+- residuals in bins of the reference value as Fig. 7 (validation selection)
+  and Fig. 16 (by quality selection), their per-bin median and robust sigma
+  in validation.json's ``binned_residuals``;
 - normalised flux residuals against wavelength (Fig. 9);
-- the learned extinction curve R(lambda) against CCM89 for R_V = 2.8, 3.1, 3.4
-  (and the truth law when known);
+- the learned extinction curve R(lambda) against the XP extinction curve of
+  XP-Extinction-Toolkit, CCM89 for R_V = 2.8, 3.1, 3.4 (and the truth law
+  when known), with the largest relative deviation over 392-992 nm from the
+  XP curve, CCM89 R_V = 3.1 and the truth law;
 - the sky map of the median E;
 - Table 3: stars passing each cut;
 - pull distributions;
@@ -36,9 +41,11 @@ import numpy as np
 
 from xpcat.catalog_schema import PARAM_NAMES
 from xpcat.fileio import write_json_atomic, write_text_atomic
+from xpcat.production.report.binned_figures import fig7_figure, fig16_figure
+from xpcat.production.report.binned_residuals import binned_residual_numbers
 from xpcat.production.report.data import ReportData, load_catalog, load_reference
 from xpcat.production.report.evaluation import (
-    extinction_curve_deviation,
+    extinction_comparison,
     flux_residuals,
     load_model,
     truth_extinction_curve,
@@ -62,13 +69,13 @@ from xpcat.production.run_dir import RunPaths
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "REPORT_DIR",
-    "VALIDATION_FILE",
     "PAGE_FILE",
+    "REPORT_DIR",
     "SUMMARY_KEYS",
+    "VALIDATION_FILE",
     "json_clean",
-    "run_facts",
     "render_page",
+    "run_facts",
     "write_report",
 ]
 
@@ -79,6 +86,7 @@ PAGE_FILE = "index.html"
 TEMPLATE = "index.html.j2"
 #: validation.json keys shown in the page's summary table.
 SUMMARY_KEYS = ("n_stars", "basic_cut_fraction", "strict_cut_fraction", "extinction_curve_max_rel_dev",
+                "extinction_curve_max_rel_dev_xp_toolkit", "extinction_curve_max_rel_dev_ccm89_rv31",
                 "auc_teff", "auc_feh", "auc_logg")
 
 
@@ -243,9 +251,12 @@ def write_report(run_dir: Path) -> Path:
         wl = np.asarray(artifact.wavelengths, dtype=np.float64)
         if kind == "truth" and np.isfinite(ref["r_v"]).any():
             R_truth = truth_extinction_curve(wl, float(np.nanmedian(ref["r_v"])))
-    validation["extinction_curve_max_rel_dev"] = (
-        extinction_curve_deviation(R, R_truth) if R is not None and R_truth is not None else None
-    )
+    comparison = extinction_comparison(R, wl, R_truth)
+    validation["extinction_curve_comparison"] = comparison
+    validation["extinction_curve_max_rel_dev"] = comparison["truth"]["max_rel_dev"]
+    validation["extinction_curve_max_rel_dev_xp_toolkit"] = comparison["xp_extinction_toolkit"]["max_rel_dev"]
+    validation["extinction_curve_max_rel_dev_ccm89_rv31"] = comparison["ccm89_rv3.1"]["max_rel_dev"]
+    validation["binned_residuals"] = binned_residual_numbers(data)
     validation.update(_confidence_aucs(run_dir, artifact))
     counts = cut_counts(data)
     validation["cuts"] = {name: {"stars": c, "fraction": f} for name, c, f in counts}
@@ -255,6 +266,8 @@ def write_report(run_dir: Path) -> Path:
         "kiel": kiel_figure(data, out),
         "residuals": residuals_figure(data, validation, out, normalised=False),
         "residuals_normalised": residuals_figure(data, validation, out, normalised=True),
+        "residuals_fig7": fig7_figure(data, validation["binned_residuals"], out),
+        "residuals_fig16": fig16_figure(data, validation["binned_residuals"], out),
         "pulls": pulls_figure(data, validation, out),
         "flux_residuals": flux_residuals_figure(flux_residuals(run_dir, artifact, data), wl, out),
         "extinction_curve": extinction_figure(R, wl, R_truth, out),

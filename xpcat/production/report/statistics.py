@@ -24,11 +24,11 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "MAD_TO_SIGMA",
-    "robust_sigma",
-    "finite_median",
-    "validation_numbers",
     "cut_counts",
+    "finite_median",
     "format_number",
+    "robust_sigma",
+    "validation_numbers",
 ]
 
 #: Factor from the median absolute deviation to a Gaussian's sigma, as the report has always quoted it
