@@ -6,7 +6,7 @@
 - :func:`fig16_figure`: Teff, [Fe/H], logg (columns) for each of
   :data:`~xpcat.production.report.binned_residuals.FIG16_SELECTIONS` (rows):
   density normalised by its maximum in each pixel column, the 15th, 50th and
-  84th percentiles in yellow; ``residuals_fig16.png``.
+  84th percentiles in orange; ``residuals_fig16.png``.
 
 The lines are :func:`~xpcat.production.report.binned_residuals.binned_residual_numbers`'s
 numbers (validation.json's ``binned_residuals``); the density is drawn from the catalog.
@@ -93,7 +93,7 @@ def fig7_figure(data: ReportData, binned: dict[str, Any], out: Path) -> str:
     from matplotlib.colors import LogNorm
 
     plt = pyplot()
-    fig, axes = plt.subplots(1, len(FIG7_PARAMS), figsize=(4 * len(FIG7_PARAMS), 3.8))
+    fig, axes = plt.subplots(1, len(FIG7_PARAMS), figsize=(4.6 * len(FIG7_PARAMS), 3.8))
     for ax, p in zip(axes, FIG7_PARAMS):
         j = PARAM_NAMES.index(p)
         m = selection(data, "validation", j)
@@ -103,6 +103,8 @@ def fig7_figure(data: ReportData, binned: dict[str, Any], out: Path) -> str:
         if h.sum() > 0:
             mesh = ax.pcolormesh(xe, ye, np.ma.masked_equal(h.T, 0), cmap="Blues", norm=LogNorm(), shading="flat")
             fig.colorbar(mesh, ax=ax, pad=0.01)
+        else:
+            ax.text(0.5, 0.5, "no stars in this selection", ha="center", va="center", transform=ax.transAxes)
         med, sig = np.asarray(s["median"], float), np.asarray(s["robust_sigma"], float)
         ax.plot(s["bin_centers"], med, "-", color="C3", lw=1.3, label="median")
         ax.plot(s["bin_centers"], med - sig, "--", color="C3", lw=1, label="median +- robust sigma")
@@ -121,8 +123,8 @@ def fig7_figure(data: ReportData, binned: dict[str, Any], out: Path) -> str:
 def fig16_figure(data: ReportData, binned: dict[str, Any], out: Path) -> str:
     """Fig. 16: Teff, [Fe/H], logg residuals against the reference, one row per quality selection.
 
-    The density is normalised by its maximum in each pixel column; the yellow
-    lines are the 15th, 50th and 84th percentiles per bin.
+    The density is normalised by its maximum in each pixel column; the orange
+    lines are the 15th, 50th and 84th percentiles per bin (the paper's yellow).
 
     Parameters
     ----------
@@ -154,9 +156,11 @@ def fig16_figure(data: ReportData, binned: dict[str, Any], out: Path) -> str:
             colmax = h.max(axis=1, keepdims=True)
             with np.errstate(invalid="ignore", divide="ignore"):
                 norm = np.where(colmax > 0, h / colmax, np.nan)
-            ax.pcolormesh(xe, ye, np.ma.masked_invalid(norm.T), cmap="viridis", vmin=0, vmax=1, shading="flat")
-            _lines(ax, s, ("p15", "median", "p84"), "gold", ("--", "-", "--"))
-            ax.axhline(0, color="w", lw=0.5)
+            ax.pcolormesh(xe, ye, np.ma.masked_invalid(norm.T), cmap="Blues", vmin=0, vmax=1, shading="flat")
+            _lines(ax, s, ("p15", "median", "p84"), "darkorange", ("--", "-", "--"))
+            ax.axhline(0, color="k", lw=0.5)
+            if h.sum() == 0:
+                ax.text(0.5, 0.5, "no stars in this selection", ha="center", va="center", transform=ax.transAxes)
             ax.set_ylim(-halves[p], halves[p])
             ax.set_title(f"{p}, {name}: sigma={format_number(s['robust_sigma_total'])} "
                          f"median={format_number(s['median_total'])} ({s['n_total']})", fontsize=8)
