@@ -14,7 +14,12 @@ from _archive_universe import make_universe, read_fetched
 from xpcat.catalog_schema.raw import GAIA_SOURCE, XP_CONTINUOUS
 from xpcat.config import RunConfig, config_from_dict, config_to_dict, write_config
 from xpcat.errors import InputError
-from xpcat.production.ingest.bulk import bulk_lines, ingest_files, iter_bulk_file, read_ecsv_header, write_bulk_file
+from xpcat.production.ingest.bulk import ingest_files, iter_bulk_file
+from xpcat.production.ingest.bulk_format import (
+    bulk_lines,
+    read_ecsv_header,
+    write_bulk_file,
+)
 from xpcat.production.partitions import is_done, partition_of
 
 LEVEL = 2

@@ -25,7 +25,8 @@ from xpcat.config import config_from_dict, read_run_config
 from xpcat.errors import InputError
 from xpcat.production.condition.block_factor import condition_xp_table
 from xpcat.production.condition.tables import condition_tables
-from xpcat.production.ingest.bulk import ingest_files, write_bulk_file
+from xpcat.production.ingest.bulk import ingest_files
+from xpcat.production.ingest.bulk_format import write_bulk_file
 from xpcat.production.ingest.sampled import (
     healpix_positions,
     read_datalink,
