@@ -143,15 +143,40 @@ def test_lr_drops_and_early_stop(rng):
     assert len(layers) == 4 and layers[0]["W"].shape == (4, 8)
 
 
-def test_too_few_labels_names_class_and_count(rng):
+def test_too_few_labels_falls_back_alone(rng):
+    """A classifier without bad stars falls back to the placeholder rule; the other two still train."""
     X, labels, bad = _separable(rng, 200)
-    labels["logg"] = np.where(bad, np.nan, 1.0)  # no bad logg stars at all
-    with pytest.raises(C.TooFewLabelsError, match=r"'logg'.*only 0 bad"):
-        C.train_confidence_classifiers(X, labels, C.ClassifierSettings(epochs=2), seed=0)
+    labels["logg"] = np.where(bad, np.nan, 1.0)  # no bad logg stars at all: one class only
+    clf, report = C.train_confidence_classifiers(X, labels, C.ClassifierSettings(epochs=2), seed=0)
+    assert report["logg"]["fallback"] and "only 0 bad" in report["logg"]["reason"]
+    assert not report["teff"]["fallback"] and not report["feh"]["fallback"]
+    assert C.trained_parameters(clf) == ("teff", "feh")
+    arrays = C.classifiers_to_arrays(clf)
+    assert C.trained_parameters(arrays) == ("teff", "feh")
+    conf = C.predict_confidence(arrays, X[:5])
+    assert np.all(np.isnan(conf[:, 2])) and np.all(np.isfinite(conf[:, :2]))
+    # the fallen-back parameter's bit follows the placeholder rule: set exactly where the fit failed
+    status = np.array([0, 1, 0, 2, 0], np.uint8)
+    bits = C.confidence_quality_bits(conf, fit_status=status, trained=("teff", "feh"))
+    assert list((bits >> 2) & 1) == [0, 1, 0, 1, 0]
+    with pytest.raises(ValueError, match="fit_status"):
+        C.confidence_quality_bits(conf, trained=("teff", "feh"))
 
 
-def test_from_arrays_rejects_missing_classifier(trained):
+def test_no_class_anywhere_and_nan_features_never_crash(rng):
+    X, labels, _ = _separable(rng, 120)
+    X[:10, 0] = np.nan  # a core feature missing: those stars take no part
+    one_class = {p: np.ones(120) for p in C.PARAMETERS}
+    clf, report = C.train_confidence_classifiers(X, one_class, C.ClassifierSettings(epochs=2), seed=0)
+    assert all(report[p]["fallback"] for p in C.PARAMETERS) and C.trained_parameters(clf) == ()
+    conf = C.predict_confidence(C.classifiers_to_arrays(clf), X)
+    assert np.all(np.isnan(conf))
+
+
+def test_from_arrays_missing_classifier_is_a_fallback(trained):
     X, _, _, clf, _ = trained
     arrays = {k: v for k, v in C.classifiers_to_arrays(clf).items() if not k.startswith("feh/")}
-    with pytest.raises(ValueError, match="feh"):
-        C.predict_confidence(arrays, X)
+    conf = C.predict_confidence(arrays, X)
+    assert np.all(np.isnan(conf[:, 1])) and np.all(np.isfinite(conf[:, 0]))
+    with pytest.raises(ValueError, match="center"):
+        C.predict_confidence({k: v for k, v in arrays.items() if k != "center"}, X)

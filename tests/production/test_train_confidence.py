@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import jax
@@ -136,11 +137,51 @@ def test_stage_stores_classifiers_in_artifact(tmp_path, rng, monkeypatch):
     assert 0.12 < h1.mean() < 0.28
 
 
-def test_too_few_bad_stars_names_class_and_count(tmp_path, rng, monkeypatch):
+def test_too_few_bad_stars_fall_back_per_parameter_and_are_recorded(tmp_path, rng, monkeypatch):
     truth = _write_run(tmp_path, rng)
     monkeypatch.setattr(S, "fit_stars", _fake_fit_factory(truth, bad_rate=0.0))
-    with pytest.raises(StageError, match=r"confidence classifier 'teff': only \d bad training stars"):
-        S.train_confidence_run(tmp_path, _config())
+    out = S.train_confidence_run(tmp_path, _config())  # no TooFewLabelsError, no StageError
+    for p in C.PARAMETERS:
+        assert re.match(r"only \d+ bad training stars", out["fallback"][p])
+    state = json.loads((tmp_path / "state" / "confidence.json").read_text())
+    assert state["fallback"] == out["fallback"] and state["classifiers"]["teff"]["fallback"]
+    from xpcat.model.artifact import load_artifact
+
+    art = load_artifact(tmp_path / "model")
+    assert art.component_meta["confidence"]["fallback"] == out["fallback"]
+    assert C.trained_parameters(art.components["confidence"]) == ()
+
+
+def test_model_error_learned_from_the_validation_split(tmp_path, rng, monkeypatch):
+    """The validation stars' residuals (fake fit: 30 K scatter around the truth, Fisher 40 K, labels 50 K)."""
+    truth = _write_run(tmp_path, rng)
+    monkeypatch.setattr(S, "fit_stars", _fake_fit_factory(truth, bad_rate=0.0))
+    out = S.train_confidence_run(tmp_path, _config("all"))
+    me = out["model_error"]
+    assert me["status"] == "calibrated"
+    from xpcat.production.train import split_is_validation
+
+    val = split_is_validation(truth["sid"], 0.2) & truth["labelled"]
+    assert me["learned_from"]["stars_validation"] == int(val.sum())
+    assert me["report"]["teff"]["learned"] and not me["report"]["e"]["learned"]  # no reddening prior here
+    from xpcat.model.artifact import load_artifact
+
+    art = load_artifact(tmp_path / "model")
+    assert art.component_meta["model_error"]["status"] == "calibrated"
+    assert set(art.components["model_error"]) == {"beta", "z_lo", "z_hi", "rho"}
+
+
+def test_model_error_falls_back_on_a_tiny_validation_split(tmp_path, rng, monkeypatch):
+    truth = _write_run(tmp_path, rng)
+    monkeypatch.setattr(S, "fit_stars", _fake_fit_factory(truth, bad_rate=0.0))
+    cfg = _config("all").replace(training={"validation_fraction": 0.02})
+    out = S.train_confidence_run(tmp_path, cfg)
+    assert out["model_error"]["status"] == "fallback"
+    assert "validation split too small" in out["model_error"]["reason"]
+    from xpcat.model.artifact import load_artifact
+
+    art = load_artifact(tmp_path / "model")
+    assert art.component_meta["model_error"]["status"] == "fallback" and art.components["model_error"] == {}
 
 
 def test_missing_inputs_name_the_stage(tmp_path, rng):

@@ -82,10 +82,26 @@ class SimulationConfig(Section):
     crowded_fraction: float = config_field(0.05, "Fraction of crowded sources (norm_dg > -5, contaminated light).", min=0.0, max=1.0)
     r_v_mean: float = config_field(3.1, "Mean R_V of the sight lines (G23 law).", min=2.3, max=5.6)
     r_v_scatter: float = config_field(0.2, "Scatter of R_V between sight lines (0: every star at r_v_mean).", min=0.0, max=1.0)
-    g_limit: float = config_field(17.65, "G magnitude limit of the drawn stars (before extinction).", min=5.0, max=21.0)
+    g_limit: float = config_field(17.65, "G magnitude limit of the drawn stars (realistic: on the reddened G; legacy: before extinction).", min=5.0, max=21.0)
     n_fields: int = config_field(8, "Number of sky fields (discs) the stars fall in.", min=1)
     field_radius_deg: float = config_field(1.5, "Radius of each sky field, degrees.", min=0.01, max=90.0)
     hotpayne_teff_min: float = config_field(7000.0, "True Teff [K] above which labels come from Hot Payne (match training.teff_switch).", min=0.0)
+    universe: str = config_field(
+        "realistic",
+        "'realistic': stars kept by their reddened G from a volume-weighted pool (a Gaia-like mix), DR3-like XP "
+        "noise with a calibration floor and a per-star systematic the pipeline does not know; 'legacy': the "
+        "universe before issue 16 (types drawn first, noise drawn from exactly the assumed covariance).",
+        choices=("realistic", "legacy"),
+    )
+    population_weights: dict = config_field(
+        {}, "Realistic universe: local density weights per population, overriding the defaults "
+        "(thin_disk, thick_disk, halo, giant, red_clump, hot).")
+    systematic_rms: float = config_field(
+        0.005, "Realistic universe: rms of each star's smooth multiplicative XP calibration error (not in the "
+        "published covariance).", min=0.0, max=0.2)
+    systematic_tail_fraction: float = config_field(
+        0.03, "Realistic universe: fraction of stars whose systematic is 6x larger (exercises the chi^2 flag).",
+        min=0.0, max=1.0)
 
 
 @dataclass(frozen=True)
@@ -187,6 +203,11 @@ class InferenceConfig(Section):
     n_refine: int = config_field(32, "Start candidates kept after the diagonal screen.", min=1)
     max_iterations: int = config_field(50, "Iterations of the second-order optimiser.", min=1)
     tolerance: float = config_field(1e-6, "Convergence: relative decrease of the loss.", min=0.0)
+    uncertainty: Literal["calibrated", "paper"] = config_field(
+        "calibrated", "Reported errors: 'calibrated' = Fisher covariance plus the model's own error learned on the "
+        "validation split by `xpcat train-confidence` (xpcat.model.model_error; Fisher-only when the model has "
+        "none, recorded in the catalog metadata); 'paper' = the Fisher covariance alone (Sec. 4.3).",
+        choices=("calibrated", "paper"))
     compilation_cache: bool = config_field(
         True, "Keep JAX's compiled inference kernels in RUN_DIR/state/jax-cache, so workers started later (adapt, "
         "lifetime rotation, a resumed run) load them instead of compiling (xpcat.jobs.compile_cache)."

@@ -62,6 +62,7 @@ __all__ = [
     "train_confidence_classifiers",
     "predict_confidence",
     "confidence_quality_bits",
+    "trained_parameters",
     "classifiers_to_arrays",
     "classifiers_from_arrays",
     # re-exported from xpcat.model.confidence_features
@@ -88,7 +89,7 @@ __all__ = [
 
 
 class TooFewLabelsError(ValueError):
-    """A classifier has too few good or bad training stars."""
+    """A classifier has too few good or bad training stars (kept for callers; training now falls back per parameter)."""
 
 
 @dataclass
@@ -170,14 +171,15 @@ def train_confidence_classifiers(
     classifiers : ConfidenceClassifiers
     report : dict
         Per parameter: ``auc`` (held-out ROC AUC, NaN when the held-out set
-        lacks a class), ``n_train_good``, ``n_train_bad``, ``n_holdout_good``,
-        ``n_holdout_bad``, ``epochs_run``, ``best_epoch``; plus ``n_stars``.
+        lacks a class), ``fallback`` (bool), ``n_train_good``, ``n_train_bad``,
+        ``n_holdout_good``, ``n_holdout_bad``, and ``epochs_run``, ``best_epoch``
+        for a trained one or ``reason`` for one that fell back; plus ``n_stars``.
 
-    Raises
-    ------
-    TooFewLabelsError
-        When a classifier has fewer than ``settings.min_per_class`` good or bad
-        training stars (the message names the parameter, the class and the count).
+    A classifier with fewer than ``settings.min_per_class`` good or bad
+    training stars (one class only, or none) is not trained: it falls back to
+    the placeholder rule alone (:func:`confidence_quality_bits`), its
+    ``reason`` names the class and the count, and the others still train.
+    Stars with a missing core feature (NaN) take no part in the training.
     """
     from sklearn.metrics import roc_auc_score
 
@@ -196,27 +198,26 @@ def train_confidence_classifiers(
     x_all, ok = clf.standardise(features)
     inner_val = rs.random(n) < settings.validation_fraction
     report: dict[str, Any] = {"n_stars": int(n)}
-    ys, splits = {}, {}
-    for name in PARAMETERS:  # check every class before training anything
+    for name in PARAMETERS:  # each classifier trains, or falls back to the placeholder rule, alone
         if name not in labels:
             raise KeyError(f"labels lack the parameter {name!r} (need {PARAMETERS})")
         y = np.asarray(labels[name], dtype=np.float64)
         if y.shape != (n,):
             raise ValueError(f"labels[{name!r}] must be ({n},), got {y.shape}")
         usable = ok & np.isfinite(y)
-        train = usable & ~holdout
+        train, test = usable & ~holdout, usable & holdout
         n_good, n_bad = int(np.sum(y[train] == 1)), int(np.sum(y[train] == 0))
-        for cls_name, count in (("good", n_good), ("bad", n_bad)):
-            if count < settings.min_per_class:
-                raise TooFewLabelsError(
-                    f"confidence classifier {name!r}: only {count} {cls_name} training stars "
-                    f"(chi^2_eps {'< 4' if cls_name == 'good' else '> 9'}), need at least {settings.min_per_class}; "
-                    "use more labelled validation stars"
-                )
-        ys[name], splits[name] = y, (train, usable & holdout, n_good, n_bad)
-    for name in PARAMETERS:
-        y = ys[name]
-        train, test, n_good, n_bad = splits[name]
+        counts = {"n_train_good": n_good, "n_train_bad": n_bad, "n_holdout_good": int(np.sum(y[test] == 1)),
+                  "n_holdout_bad": int(np.sum(y[test] == 0))}
+        short = [(c, k) for c, k in (("good", n_good), ("bad", n_bad)) if k < settings.min_per_class]
+        if short:
+            cls_name, count = short[0]
+            reason = (f"only {count} {cls_name} training stars (chi^2_eps {'< 4' if cls_name == 'good' else '> 9'}), "
+                      f"need at least {settings.min_per_class}")
+            logger.warning("confidence classifier %r not trained, it falls back to the placeholder rule: %s; "
+                           "more labelled stars would train it", name, reason)
+            report[name] = {"auc": float("nan"), "fallback": True, "reason": reason, **counts}
+            continue
         fit_idx = train & ~inner_val
         val_idx = train & inner_val
         if len(np.unique(y[fit_idx])) < 2:  # tiny sets: validate on the training part
@@ -231,10 +232,8 @@ def train_confidence_classifiers(
             auc = float(roc_auc_score(y[test], p))
         report[name] = {
             "auc": auc,
-            "n_train_good": n_good,
-            "n_train_bad": n_bad,
-            "n_holdout_good": int(np.sum(y[test] == 1)),
-            "n_holdout_bad": int(np.sum(y[test] == 0)),
+            "fallback": False,
+            **counts,
             "epochs_run": info["epochs_run"],
             "best_epoch": info["best_epoch"],
             "best_val_loss": info["best_val_loss"],
@@ -261,7 +260,8 @@ def predict_confidence(
     Returns
     -------
     (n, 3) float32 array: Teff, [Fe/H], logg confidence in [0, 1]; NaN for
-    stars whose fit-derived features are missing.
+    stars whose fit-derived features are missing, and the whole column of a
+    parameter without a classifier (it fell back to the placeholder rule).
     """
     if not isinstance(classifiers, ConfidenceClassifiers):
         classifiers = classifiers_from_arrays(classifiers)
@@ -269,23 +269,46 @@ def predict_confidence(
     out = np.full((x.shape[0], len(PARAMETERS)), np.nan, dtype=np.float32)
     if ok.any():
         for j, name in enumerate(PARAMETERS):
-            out[ok, j] = classifier_probability(classifiers.nets[name], x[ok])
+            if name in classifiers.nets:
+                out[ok, j] = classifier_probability(classifiers.nets[name], x[ok])
     return out
 
 
-def confidence_quality_bits(confidence: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+def trained_parameters(classifiers: ConfidenceClassifiers | Mapping[str, np.ndarray]) -> tuple[str, ...]:
+    """The parameters (of :data:`PARAMETERS`) that have a trained classifier."""
+    if isinstance(classifiers, ConfidenceClassifiers):
+        return tuple(p for p in PARAMETERS if p in classifiers.nets)
+    return tuple(p for p in PARAMETERS if f"{p}/W0" in classifiers)
+
+
+def confidence_quality_bits(confidence: np.ndarray, threshold: float = 0.5, fit_status: np.ndarray | None = None,
+                            trained: tuple[str, ...] = PARAMETERS) -> np.ndarray:
     """quality_flags bits 0-2 (Teff, [Fe/H], logg) from the confidences.
 
     Parameters
     ----------
     confidence : (n, 3) array (NaN allowed)
+    threshold : a confidence below it sets the bit.
+    fit_status : (n,) uint8, needed when a parameter has no classifier.
+    trained : the parameters with a classifier; the bit of any other follows
+        the placeholder rule (:data:`xpcat.model.uncertainty.PLACEHOLDER_CONFIDENCE_RULE`:
+        set exactly when ``fit_status != 0``).
 
     Returns
     -------
-    (n,) uint8: bit j set when confidence j < ``threshold`` or is NaN.
+    (n,) uint8: bit j set when confidence j < ``threshold`` or is NaN (trained
+    parameters), or when the fit failed (the others).
     """
     c = np.asarray(confidence, dtype=np.float64)
     low = ~(c >= threshold)  # NaN counts as low confidence
+    missing = [j for j, p in enumerate(PARAMETERS) if p not in trained]
+    if missing:
+        if fit_status is None:
+            raise ValueError(f"confidence_quality_bits: no classifier for {[PARAMETERS[j] for j in missing]}; "
+                             "pass fit_status for their placeholder bits")
+        failed = np.asarray(fit_status) != 0
+        for j in missing:
+            low[:, j] = failed
     return (low[:, 0] * 1 + low[:, 1] * 2 + low[:, 2] * 4).astype(np.uint8)
 
 
@@ -316,7 +339,8 @@ def classifiers_from_arrays(arrays: Mapping[str, np.ndarray]) -> ConfidenceClass
     Raises
     ------
     ValueError
-        When a classifier or the standardisation is missing or inconsistent.
+        When the standardisation is missing or a classifier is inconsistent (a classifier that is
+        absent is a parameter that fell back to the placeholder rule).
     """
     missing = [k for k in ("center", "scale") if k not in arrays]
     if missing:
@@ -333,8 +357,8 @@ def classifiers_from_arrays(arrays: Mapping[str, np.ndarray]) -> ConfidenceClass
         while f"{name}/W{i}" in arrays:
             layers.append({"W": np.asarray(arrays[f"{name}/W{i}"]), "b": np.asarray(arrays[f"{name}/b{i}"])})
             i += 1
-        if not layers:
-            raise ValueError(f"confidence component has no {name!r} classifier (keys {sorted(arrays)})")
+        if not layers:  # this parameter fell back to the placeholder rule
+            continue
         if layers[0]["W"].shape[0] != len(names):
             raise ValueError(f"confidence {name!r}: first layer takes {layers[0]['W'].shape[0]} inputs, not {len(names)}")
         nets[name] = layers

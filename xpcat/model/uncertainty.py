@@ -30,6 +30,7 @@ __all__ = [
     "PARAM_ORDER_FROM_X",
     "whitened_jacobian",
     "fisher_covariance",
+    "psd_inverse",
     "params5_from_x",
     "quality_flag_bits",
     "placeholder_confidence_bits",
@@ -92,15 +93,32 @@ def fisher_covariance(rj: np.ndarray, inv_plx_err: np.ndarray) -> tuple[np.ndarr
     icov = np.einsum("mki,mkj->mij", rj, rj)
     icov[:, 4, 4] += np.asarray(inv_plx_err, dtype=np.float64) ** 2
     icov = 0.5 * (icov + np.swapaxes(icov, 1, 2))
-    finite = np.all(np.isfinite(icov), axis=(1, 2))
-    cov = np.full_like(icov, np.nan)
+    return icov, psd_inverse(icov)
+
+
+def psd_inverse(mat: np.ndarray) -> np.ndarray:
+    """Inverse of symmetric positive semi-definite matrices, stable for nearly singular ones.
+
+    Parameters
+    ----------
+    mat : (m, k, k) symmetric matrices.
+
+    Returns
+    -------
+    (m, k, k) float64: the inverse from the eigen-decomposition with eigenvalues
+    clamped at ``1e-12 * max |eigenvalue|`` (and a tiny absolute floor), so it is
+    symmetric positive semi-definite; NaN where ``mat`` is not finite.
+    """
+    mat = np.asarray(mat, dtype=np.float64)
+    finite = np.all(np.isfinite(mat), axis=(1, 2))
+    out = np.full_like(mat, np.nan)
     if finite.any():
-        ev, vec = np.linalg.eigh(icov[finite])
+        ev, vec = np.linalg.eigh(mat[finite])
         floor = np.maximum(_REL_EIG_FLOOR * np.max(np.abs(ev), axis=1, keepdims=True), _ABS_EIG_FLOOR)
         inv = 1.0 / np.maximum(ev, floor)
         c = np.einsum("mik,mk,mjk->mij", vec, inv, vec)
-        cov[finite] = 0.5 * (c + np.swapaxes(c, 1, 2))
-    return icov, cov
+        out[finite] = 0.5 * (c + np.swapaxes(c, 1, 2))
+    return out
 
 
 def params5_from_x(x: np.ndarray) -> np.ndarray:

@@ -17,9 +17,20 @@ quality bit 0-5 set; a fit that did not converge gets ``fit_status = 1`` and
 keeps its last estimate.
 
 quality_flags bits 0-2 come from the confidence classifiers when the artifact
-has the ``confidence`` component; otherwise the confidences are null and bits
-0-2 follow :data:`xpcat.model.uncertainty.PLACEHOLDER_CONFIDENCE_RULE`, and the
-partition metadata says so (``confidence_source = "placeholder"``).
+has the ``confidence`` component; a parameter without a classifier (none in
+the artifact, or its classifier fell back for lack of good or bad stars) has
+null confidences and its bit follows
+:data:`xpcat.model.uncertainty.PLACEHOLDER_CONFIDENCE_RULE`; the partition
+metadata says which, per parameter (``confidence_source``, ``confidence_fallback``).
+
+Uncertainties: ``[inference] uncertainty = "calibrated"`` (default) reports
+the Fisher covariance plus the model's own error (the artifact's
+``model_error`` component, :mod:`xpcat.model.model_error`) in
+``stellar_params_err`` and both covariance triangles; ``"paper"``, or a model
+without a learned model error, reports the Fisher covariance alone. The
+metadata's ``uncertainty`` says which was used and why. The estimates, chi^2,
+confidences and quality_flags do not depend on it (the classifiers see the
+Fisher errors).
 """
 
 from __future__ import annotations
@@ -46,6 +57,7 @@ from xpcat.catalog_schema import flags as qf
 from xpcat.config import RunConfig
 from xpcat.errors import InputError, StageError
 from xpcat.model.inference import Inference, InferenceSettings
+from xpcat.model.model_error import ModelError, calibrated_covariance, model_error_from_arrays
 from xpcat.model.prior import PRIOR_MASS
 from xpcat.model.uncertainty import (
     PLACEHOLDER_CONFIDENCE_RULE,
@@ -54,7 +66,7 @@ from xpcat.model.uncertainty import (
 )
 from xpcat.production.partitions import atomic_write_parquet
 
-__all__ = ["inference_for", "fit_table", "infer_partition", "CONDITIONED_INPUT_COLUMNS"]
+__all__ = ["inference_for", "uncertainty_for", "fit_table", "infer_partition", "CONDITIONED_INPUT_COLUMNS"]
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +122,8 @@ def _scalar_column(batch: pa.RecordBatch, name: str) -> np.ndarray:
     return batch.column(idx).to_numpy(zero_copy_only=False).astype(np.float64)
 
 
-def fit_table(batch: pa.RecordBatch | pa.Table, inference: Inference, confidence: Any = None) -> pa.Table:
+def fit_table(batch: pa.RecordBatch | pa.Table, inference: Inference, confidence: Any = None,
+              model_error: ModelError | None = None) -> pa.Table:
     """Fit the stars of a conditioned batch and return their catalog rows.
 
     Parameters
@@ -118,6 +131,8 @@ def fit_table(batch: pa.RecordBatch | pa.Table, inference: Inference, confidence
     batch : conditioned rows (schema ``CONDITIONED``).
     inference : Inference
     confidence : the artifact's ``confidence`` component arrays, or None for the placeholder rule.
+    model_error : the model's own error, added to the Fisher covariance of the
+        reported errors and triangles; None reports the Fisher covariance alone.
 
     Returns
     -------
@@ -134,7 +149,12 @@ def fit_table(batch: pa.RecordBatch | pa.Table, inference: Inference, confidence
     fit = inference.fit(flux, factor, plx, plx_err, flux_error)
     status = fit["fit_status"]
     p5 = fit["params5"]
-    err5 = np.sqrt(np.einsum("nii->ni", fit["cov5"]))
+    cov5, icov5 = fit["cov5"], fit["icov5"]
+    if model_error is not None:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            inv_plx = np.where(np.isfinite(plx) & np.isfinite(plx_err) & (plx_err > 0), 1.0 / plx_err, 0.0)
+        cov5, icov5 = calibrated_covariance(cov5, p5, inv_plx, model_error)
+    err5 = np.sqrt(np.einsum("nii->ni", cov5))
     bits = quality_flag_bits(fit["chi2"], fit["ln_prior"], p5[:, 4], plx, plx_err,
                              float(inference.objective.gmm.ln_prior_cut))
     if confidence is not None:
@@ -142,6 +162,7 @@ def fit_table(batch: pa.RecordBatch | pa.Table, inference: Inference, confidence
             confidence_features,
             confidence_quality_bits,
             predict_confidence,
+            trained_parameters,
         )
 
         cond = {"flux": flux, "flux_error": flux_error, "parallax": plx, "parallax_error": plx_err,
@@ -149,7 +170,7 @@ def fit_table(batch: pa.RecordBatch | pa.Table, inference: Inference, confidence
         for name in _AUX_COLUMNS:
             cond[name] = _scalar_column(batch, name)
         conf = predict_confidence(confidence, confidence_features(fit, cond)).astype(np.float32)
-        bits = bits | confidence_quality_bits(conf)
+        bits = bits | confidence_quality_bits(conf, fit_status=status, trained=trained_parameters(confidence))
     else:
         conf = np.full((n, 3), np.nan, dtype=np.float32)
         bits = bits | placeholder_confidence_bits(status)
@@ -175,8 +196,8 @@ def fit_table(batch: pa.RecordBatch | pa.Table, inference: Inference, confidence
         "feh_confidence": f32(conf[:, 1]),
         "logg_confidence": f32(conf[:, 2]),
         "quality_flags": pa.array(bits, type=pa.uint8()),
-        "stellar_params_icov_triu": fixed(pack_triu(fit["icov5"]), 15),
-        "stellar_params_cov_triu": fixed(pack_triu(fit["cov5"]), 15),
+        "stellar_params_icov_triu": fixed(pack_triu(icov5), 15),
+        "stellar_params_cov_triu": fixed(pack_triu(cov5), 15),
         "fit_status": pa.array(status.astype(np.uint8), type=pa.uint8()),
     }
     return pa.Table.from_arrays([cols[f.name] for f in CATALOG], schema=CATALOG)
@@ -185,6 +206,54 @@ def fit_table(batch: pa.RecordBatch | pa.Table, inference: Inference, confidence
 def _confidence_component(model: Any) -> Any:
     comps = getattr(model, "components", None) or {}
     return comps.get("confidence")
+
+
+def _confidence_info(model: Any, confidence: Any) -> dict[str, Any]:
+    """Metadata: per parameter "classifier" or "placeholder", and why a classifier fell back."""
+    from xpcat.model.confidence import PARAMETERS, trained_parameters
+
+    trained = trained_parameters(confidence) if confidence is not None else ()
+    meta = (getattr(model, "component_meta", None) or {}).get("confidence", {})
+    reasons = dict(meta.get("fallback") or {})
+    for p in PARAMETERS:
+        if p not in trained and p not in reasons:
+            reasons[p] = "no confidence classifiers in the model artifact (run `xpcat train-confidence`)"
+    per = {p: "classifier" if p in trained else "placeholder" for p in PARAMETERS}
+    source = "classifiers" if len(trained) == len(PARAMETERS) else "placeholder" if not trained else "mixed"
+    return {"confidence_source": source, "confidence_per_parameter": per, "confidence_fallback": reasons,
+            "confidence_rule": PLACEHOLDER_CONFIDENCE_RULE if reasons else None}
+
+
+def uncertainty_for(model: Any, config: RunConfig) -> tuple[ModelError | None, dict[str, Any]]:
+    """The model error to add to the Fisher covariance, and the metadata saying which errors are reported.
+
+    Returns
+    -------
+    model_error : ModelError or None (Fisher-only errors)
+    info : ``requested`` ([inference] uncertainty), ``used`` ("calibrated" or
+        "paper"), ``reason`` when they differ, and the component's summary
+        (what it was learned from, the pull sigmas before / after).
+    """
+    requested = config.inference.uncertainty
+    comps = getattr(model, "components", None) or {}
+    meta = (getattr(model, "component_meta", None) or {}).get("model_error")
+    info: dict[str, Any] = {"requested": requested, "used": "paper"}
+    if meta is not None:
+        rep = meta.get("report", {})
+        info["model_error"] = {"status": meta.get("status"), "learned_from": meta.get("learned_from"),
+                               "pull_sigma": {p: {k: rep[p].get(k) for k in ("pull_sigma_fisher",
+                                                                             "pull_sigma_calibrated", "learned")}
+                                              for p in ("teff", "feh", "logg", "e", "plx") if p in rep}}
+    if requested == "paper":
+        return None, info
+    if meta is None or "model_error" not in comps:
+        info["reason"] = "the model artifact has no model_error component (run `xpcat train-confidence`)"
+        return None, info
+    if meta.get("status") != "calibrated":
+        info["reason"] = meta.get("reason", "the model error could not be learned")
+        return None, info
+    info["used"] = "calibrated"
+    return model_error_from_arrays(comps["model_error"]), info
 
 
 def infer_partition(conditioned_path: str | Path, out_path: str | Path, model: Any, config: RunConfig) -> dict:
@@ -222,11 +291,12 @@ def infer_partition(conditioned_path: str | Path, out_path: str | Path, model: A
         raise InputError(f"infer: conditioned partition {src} lacks columns {missing}")
     inference = inference_for(model, config)
     confidence = None if isinstance(model, Inference) else _confidence_component(model)
+    model_error, uncertainty_info = uncertainty_for(model, config)
     columns = [c for c in CONDITIONED_INPUT_COLUMNS if c in names]
     pieces = []
     try:
         for batch in pf.iter_batches(batch_size=config.inference.batch_size, columns=columns):
-            pieces.append(fit_table(batch, inference, confidence))
+            pieces.append(fit_table(batch, inference, confidence, model_error))
     except (pa.ArrowInvalid, OSError) as err:
         raise InputError(f"infer: cannot read conditioned partition {src} (corrupt or truncated): {err}") from err
     table = pa.concat_tables(pieces) if pieces else CATALOG.empty_table()
@@ -256,8 +326,8 @@ def infer_partition(conditioned_path: str | Path, out_path: str | Path, model: A
         "inference": {"optimizer": s.optimizer, "start": s.start, "batch_size": s.batch_size,
                       "n_prior_samples": s.n_prior_samples, "n_refine": s.n_refine,
                       "max_iterations": s.max_iterations, "tolerance": s.tolerance, "seed": s.seed},
-        "confidence_source": "classifiers" if confidence is not None else "placeholder",
-        "confidence_rule": None if confidence is not None else PLACEHOLDER_CONFIDENCE_RULE,
+        **_confidence_info(model, confidence),
+        "uncertainty": uncertainty_info,
         "fit_status": {m.name: int(m.value) for m in qf.FitStatus},
         "params_units": ["kK", "dex", "dex", "mag", "mas"],
         "ln_prior_cut": float(inference.objective.gmm.ln_prior_cut),

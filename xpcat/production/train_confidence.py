@@ -19,9 +19,14 @@ Sec. 4.4 / Appendix B, SPEC §7:
    only stars passing the basic cut (quality_flags bits 3-5 clear) are used.
 3. 20 % (``[confidence] holdout_fraction``) are held out; the ROC AUC of each
    classifier on them is reported.
+   A classifier with too few good or bad stars (``min_per_class``) is not
+   trained and falls back to the placeholder rule alone; the others train.
 4. The classifiers are stored in the model artifact as the ``confidence``
-   component (:func:`xpcat.model.artifact.add_component`), with the report in
-   its metadata; the report is also written to ``RUN_DIR/state/confidence.json``.
+   component (:func:`xpcat.model.artifact.add_component`), with the report
+   (per parameter: AUC, or the fallback and its reason) in its metadata; the
+   report is also written to ``RUN_DIR/state/confidence.json``.
+5. The validation-split stars among them teach the model's own error, stored
+   as the ``model_error`` component (:mod:`xpcat.production.train_model_error`).
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from xpcat.fileio import atomic_path, write_text_atomic
 from xpcat.model import confidence as C
 from xpcat.production.run_dir import RunPaths
 from xpcat.production.run_lock import run_lock
+from xpcat.production.train_model_error import train_model_error
 from xpcat.progress import progress
 
 logger = logging.getLogger(__name__)
@@ -292,8 +298,9 @@ def train_confidence_run(run_dir: Path, config: RunConfig, *, model_dir: Path | 
     Raises
     ------
     StageError
-        Missing model, labels or conditioned partitions, or too few good / bad
-        stars for a classifier (the message names the class and the count).
+        Missing model, labels or conditioned partitions. A classifier with too
+        few good or bad stars is not an error: it falls back to the placeholder
+        rule alone (``fallback`` in the summary names it and why).
     RunLockedError
         When another process works in the run directory.
     """
@@ -328,14 +335,17 @@ def _train_confidence(paths: RunPaths, config: RunConfig, model_dir: Path, forwa
         logger.info("confidence: fitting %d labelled stars without their labels", len(cond["source_id"]))
         m = len(cond["source_id"])
         if m == 0:
-            return ({"est": np.zeros((0, 3)), "ref": np.zeros((0, 3))}, cond, np.zeros((0, C.N_FEATURES)),
+            return ({"est": np.zeros((0, 3)), "ref": np.zeros((0, 3)), "ref_err": np.zeros((0, 3)),
+                     "params5": np.zeros((0, 5)), "cov5": np.zeros((0, 5, 5))}, cond, np.zeros((0, C.N_FEATURES)),
                     {p: np.zeros(0) for p in C.PARAMETERS}, np.zeros(0, bool))
         fit = fit_stars(inference, cond, config.inference.batch_size)
         features, ylab, basic = training_set(fit, cond, ref, float(artifact.gmm.ln_prior_cut))
         core = [C.FEATURE_NAMES.index(k) for k in C.CORE_FEATURES]
         keep = basic & np.all(np.isfinite(features[:, core]), axis=1)
         est = np.asarray(fit["params5"], dtype=np.float64)[:, :3] * np.array([1000.0, 1.0, 1.0])
-        er = {"est": est, "ref": np.column_stack([ref["teff"], ref["feh"], ref["logg"]])}
+        er = {"est": est, "ref": np.column_stack([ref["teff"], ref["feh"], ref["logg"]]),
+              "ref_err": np.column_stack([ref["teff_error"], ref["feh_error"], ref["logg_error"]]),
+              "params5": np.asarray(fit["params5"], np.float64), "cov5": np.asarray(fit["cov5"], np.float64)}
         return er, cond, features, ylab, keep
 
     def enough(ylab: dict, keep: np.ndarray, sid: np.ndarray) -> bool:
@@ -367,13 +377,13 @@ def _train_confidence(paths: RunPaths, config: RunConfig, model_dir: Path, forwa
     n = len(cond["source_id"])
     if n == 0:
         raise StageError("none of the labelled stars is in the conditioned partitions; nothing to train on")
-    try:
-        clf, report = C.train_confidence_classifiers(
-            features[keep], {p: y[keep] for p, y in ylab.items()}, settings, seed=config.run.seed,
-            holdout=holdout_mask(cond["source_id"][keep], settings.holdout_fraction, config.run.seed),
-        )
-    except C.TooFewLabelsError as err:
-        raise StageError(f"{err} (of {int(keep.sum())} labelled stars passing the basic cut)") from err
+    clf, report = C.train_confidence_classifiers(  # a classifier without enough good / bad stars falls back alone
+        features[keep], {p: y[keep] for p, y in ylab.items()}, settings, seed=config.run.seed,
+        holdout=holdout_mask(cond["source_id"][keep], settings.holdout_fraction, config.run.seed),
+    )
+    refs = {k: er[a][:, j] for j, p in enumerate(C.PARAMETERS) for k, a in ((p, "ref"), (f"{p}_error", "ref_err"))}
+    model_error = train_model_error(paths, config, model_dir, cond["source_id"], er["params5"], er["cov5"], refs,
+                                    cond["parallax"], cond["parallax_error"], keep)
     _write_stars(paths.confidence_stars, cond["source_id"], features, er["est"], er["ref"], ylab, keep,
                  holdout_mask(cond["source_id"], settings.holdout_fraction, config.run.seed),
                  C.predict_confidence(clf, features))
@@ -383,10 +393,12 @@ def _train_confidence(paths: RunPaths, config: RunConfig, model_dir: Path, forwa
         "label_set": which,
         "n_features": C.N_FEATURES,
         **{f"auc_{p}": report[p]["auc"] for p in C.PARAMETERS},
+        "fallback": {p: report[p]["reason"] for p in C.PARAMETERS if report[p]["fallback"]},
         "classifiers": {p: report[p] for p in C.PARAMETERS},
+        "model_error": {k: model_error[k] for k in ("status", "reason", "learned_from", "report") if k in model_error},
         "settings": {k: getattr(settings, k) for k in settings.__dataclass_fields__},
     }
-    meta = {k: v for k, v in summary.items()}
+    meta = {k: v for k, v in summary.items() if k != "model_error"}
     meta["feature_names"] = list(C.FEATURE_NAMES)
     summary["content_hash"] = add_component(model_dir, COMPONENT, C.classifiers_to_arrays(clf), meta)
     summary["seconds"] = time.perf_counter() - t0

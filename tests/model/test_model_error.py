@@ -1,0 +1,102 @@
+"""The model error learned on validation stars: calibrated pulls, the propagation, the fallback."""
+
+import numpy as np
+import pytest
+
+from xpcat.model import model_error as ME
+from xpcat.model.uncertainty import psd_inverse
+
+
+def _universe(n: int, seed: int = 0, scale: float = 1.0):
+    """n stars with a known model error that grows with Teff and E, Fisher errors spread over 10x."""
+    rs = np.random.default_rng(seed)
+    teff = rs.uniform(4.0, 7.5, n)
+    est_true = np.column_stack([teff, rs.normal(-0.2, 0.3, n), rs.uniform(1.5, 4.8, n), rs.uniform(0.01, 1.0, n),
+                                rs.uniform(0.3, 3.0, n)])
+    fisher_sd = np.array([0.02, 0.03, 0.03, 0.01, 0.02]) * rs.uniform(0.3, 3.0, (n, 1))
+    cov = np.zeros((n, 5, 5))
+    cov[:, range(5), range(5)] = fisher_sd**2
+    s_model = scale * np.column_stack([0.05 + 0.04 * (teff - 4.0), 0.08 + 0 * teff, 0.10 + 0 * teff,
+                                       0.02 + 0.03 * est_true[:, 3], 0 * teff])
+    ref_sd = np.array([0.05, 0.05, 0.05, 0.02, 0.05]) * np.ones((n, 5))
+    noise = rs.standard_normal((n, 5)) * np.sqrt(fisher_sd**2 + s_model**2)
+    est = est_true + noise
+    ref = est_true + rs.standard_normal((n, 5)) * ref_sd
+    # the parallax: estimate = fit's own datum, ref = Gaia parallax; no model error, inv_plx_err = 0 here
+    ref[:, 4] = np.nan
+    return est, cov, np.zeros(n), ref, ref_sd**2, s_model
+
+
+def test_learned_model_error_calibrates_pulls_overall_and_in_bins():
+    est, cov, inv, ref, ref_var, s_true = _universe(3000)
+    me, report = ME.learn_model_error(est, cov, inv, ref, ref_var)
+    assert me is not None
+    for p in ("teff", "feh", "logg", "e"):
+        assert report[p]["learned"]
+        assert report[p]["pull_sigma_fisher"] > 1.5
+        assert abs(report[p]["pull_sigma_calibrated"] - 1.0) < 0.02
+    assert not report["plx"]["learned"] and "only 0 stars" in report["plx"]["reason"]
+    # held-out stars, in bins of Teff and of the Fisher error (the G proxy)
+    est2, cov2, inv2, ref2, ref_var2, _ = _universe(6000, seed=1)
+    cal, icov = ME.calibrated_covariance(cov2, est2, inv2, me)
+    assert np.allclose(np.einsum("nij,njk->nik", cal, icov)[:, :4, :4], np.eye(4), atol=1e-6)
+    pulls = (est2 - ref2) / np.sqrt(np.einsum("nii->ni", cal) + ref_var2)
+    sd0 = np.sqrt(cov2[:, 0, 0])
+    for mask in (est2[:, 0] < 5.0, est2[:, 0] > 6.5, sd0 < np.median(sd0), sd0 > np.median(sd0), est2[:, 3] > 0.6):
+        for j in range(4):
+            assert 0.85 <= ME.robust_sigma(pulls[mask, j]) <= 1.2, (j, ME.robust_sigma(pulls[mask, j]))
+
+
+def test_no_model_error_needed_gives_none_added():
+    est, cov, inv, ref, ref_var, _ = _universe(800, scale=0.0)
+    me, report = ME.learn_model_error(est, cov, inv, ref, ref_var)
+    for p in ("teff", "feh", "logg", "e"):
+        assert report[p]["pull_sigma_calibrated"] == pytest.approx(report[p]["pull_sigma_fisher"], abs=0.05)
+        assert report[p]["pull_sigma_calibrated"] < 1.1
+
+
+def test_too_few_stars_falls_back_with_a_reason():
+    est, cov, inv, ref, ref_var, _ = _universe(30)
+    me, report = ME.learn_model_error(est, cov, inv, ref, ref_var)
+    assert me is None
+    assert "only 30 stars" in report["teff"]["reason"]
+
+
+def test_nan_inputs_are_skipped_not_fatal():
+    est, cov, inv, ref, ref_var, _ = _universe(600)
+    est[:20] = np.nan
+    cov[20:40] = np.nan
+    ref[40:60, 0] = np.nan
+    ref_var[60:80, 1] = np.nan
+    me, report = ME.learn_model_error(est, cov, inv, ref, ref_var)
+    assert me is not None and report["n_fitted"] == 560
+    assert report["teff"]["n_used"] == 540
+    cal, icov = ME.calibrated_covariance(cov, est, inv, me)
+    assert np.all(np.isnan(cal[:40])) and np.all(np.isfinite(cal[40:]))
+
+
+def test_propagation_keeps_a_precise_gaia_parallax():
+    """A = 1 - C_F P: with a precise Gaia parallax the flux-only parallax error hardly reaches the estimate."""
+    cov_flux = np.diag([0.01, 0.01, 0.01, 0.001, 0.25])[None]
+    s_plx = 0.01
+    info = psd_inverse(cov_flux)
+    info[:, 4, 4] += 1 / s_plx**2
+    cov_f = psd_inverse(info)
+    me = ME.ModelError(beta=np.array([[0, 0, 0, 0, 0]] * 5, float), z_lo=np.full(ME.N_Z, -9.0),
+                       z_hi=np.full(ME.N_Z, 9.0), rho=np.eye(5))
+    est = np.array([[5.0, 0.0, 4.0, 0.1, 1.0]])
+    cal, _ = ME.calibrated_covariance(cov_f, est, np.array([1 / s_plx]), me)
+    s = ME.UNITS**2 * np.array([1, 1, 1, 1, 1.0])
+    assert cal[0, 0, 0] == pytest.approx(cov_f[0, 0, 0] + s[0])
+    assert cal[0, 4, 4] < cov_f[0, 4, 4] + 0.01 * s[4]  # w_phot ~ s_plx^2 / 0.25
+    cal0, _ = ME.calibrated_covariance(cov_f, est, np.array([0.0]), me)  # no parallax used: C_F + S
+    assert cal0[0, 4, 4] == pytest.approx(cov_f[0, 4, 4] + s[4])
+
+
+def test_arrays_round_trip_and_bad_shapes():
+    est, cov, inv, ref, ref_var, _ = _universe(400)
+    me, _ = ME.learn_model_error(est, cov, inv, ref, ref_var)
+    back = ME.model_error_from_arrays(ME.model_error_to_arrays(me))
+    assert np.allclose(back.variance(est), me.variance(est))
+    with pytest.raises(ValueError, match="beta"):
+        ME.model_error_from_arrays({"z_lo": np.zeros(ME.N_Z)})

@@ -1,0 +1,365 @@
+"""The forward model's own error, learned on the validation split (SPEC §5, "Beyond the paper").
+
+The Fisher covariance C_F (:mod:`xpcat.model.uncertainty`) knows only the
+measurement noise; the reported errors are then 1.5-3x too small because the
+forward model itself is wrong by more than the noise, most of all far from
+its training stars. This module learns that error as an additive covariance
+S(p) in the reported parameters p = (Teff kK, [Fe/H], logg, E mag, plx mas)
+that depends on where the star is, and propagates it to the estimate:
+
+    C = C_F + A S A^T,     A = 1 - C_F P,     P = diag(0, 0, 0, 0, 1 / s_plx^2)
+
+**Why in parameter space, and why A.** S is the covariance that an error of
+the flux model would give to the parameters if the fluxes alone were fitted
+(a per-wavelength variance added to the flux covariance would change the
+fit's weights, so the estimates, chi^2, quality flags and confidence features
+would all move; an additive term on the parameters changes only the reported
+covariance). The reported estimate combines the fluxes with the Gaia
+parallax, weighted by the Fisher information; its linear response to a
+flux-only parameter error is ``C_F I_flux = 1 - C_F P`` = A, so the
+estimate's extra covariance is A S A^T (the sandwich formula). Without a
+usable Gaia parallax A = 1 and C = C_F + S; with a very precise one the
+parallax error stays at Gaia's.
+
+**Form of S.** ``S = diag(s) rho diag(s)`` with, per parameter j,
+``s_j^2 = u_j^2 exp(beta_j . z)``, z = (1, t, t^2, g, ln(E + 0.05)) of the
+star's *estimate* (t = (Teff - 5.5 kK) / 1.5 kK, g = logg - 3.5), clipped to
+the range of the stars it was learned from (no extrapolation). For the
+parallax s_4 = plx * s_ln_plx (a flux-level error is a fractional parallax
+error). rho is the robust correlation of the excess residuals of the four
+parameters with a reference (the parallax row is uncorrelated).
+
+**Learning** (:func:`learn_model_error`): on stars the forward model did not
+train on (the training stage's validation split), fitted without their
+labels, the residual r_j = est_j - ref_j has variance
+``base_j + (A S A^T)_jj`` with base_j = C_F,jj + s_ref,j^2 (labels for
+Teff, [Fe/H], logg; the reddening prior for E). For the parallax the
+reference is the Gaia parallax the fit used, so base_4 = s_plx^2 - C_F,44
+(the residual of an estimate against its own datum). beta_j maximises a
+Student-t (nu = 5) likelihood of the residuals (robust to the catastrophic
+failures that the confidence classifiers are for), then one factor per
+parameter makes the robust sigma (1.4826 MAD) of the pulls exactly 1.
+
+Pure array code: numpy and scipy.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from scipy.optimize import brentq, minimize
+
+from xpcat.model.uncertainty import psd_inverse
+
+__all__ = [
+    "PARAMS",
+    "UNITS",
+    "N_Z",
+    "MIN_STARS",
+    "ModelError",
+    "model_error_z",
+    "propagation_matrix",
+    "calibrated_covariance",
+    "robust_sigma",
+    "pull_sigmas",
+    "learn_model_error",
+    "model_error_to_arrays",
+    "model_error_from_arrays",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Reported parameters, catalog order.
+PARAMS = ("teff", "feh", "logg", "e", "plx")
+#: Scale u_j of each parameter's model error (kK, dex, dex, mag, and ln plx for the parallax).
+UNITS = np.array([0.1, 0.1, 0.1, 0.03, 0.05])
+#: Terms of z: 1, t, t^2, g, ln(E + 0.05).
+N_Z = 5
+#: Fewest stars with a reference that a parameter's model error is learned from.
+MIN_STARS = 50
+_NU = 5.0
+_RIDGE = 0.1  # penalty on the non-constant beta (keeps few-star fits smooth)
+_BETA0 = (-30.0, 12.0)
+
+
+@dataclass(frozen=True)
+class ModelError:
+    """A learned model error S(p).
+
+    Attributes
+    ----------
+    beta : (5, N_Z) float64, coefficients of ln(s_j^2 / u_j^2); a row of -inf-like
+        (``beta[j, 0] <= -30``) means no model error for parameter j.
+    z_lo, z_hi : (N_Z,) float64, range of z of the learning stars (z is clipped to it).
+    rho : (5, 5) float64, correlation of the model errors (positive definite).
+    """
+
+    beta: np.ndarray
+    z_lo: np.ndarray
+    z_hi: np.ndarray
+    rho: np.ndarray
+
+    def variance(self, params5: np.ndarray) -> np.ndarray:
+        """(n, 5) s_j^2 in catalog units squared (kK^2, dex^2, dex^2, mag^2, mas^2) at the estimates."""
+        p = np.asarray(params5, dtype=np.float64)
+        z = np.clip(model_error_z(p), self.z_lo, self.z_hi)
+        with np.errstate(over="ignore", invalid="ignore"):
+            s2 = UNITS**2 * np.exp(np.clip(z @ self.beta.T, -60.0, 30.0))
+        s2[:, self.beta[:, 0] <= _BETA0[0]] = 0.0
+        s2[:, 4] *= p[:, 4] ** 2
+        return s2
+
+    def covariance(self, params5: np.ndarray) -> np.ndarray:
+        """(n, 5, 5) S = diag(s) rho diag(s) at the estimates (NaN rows where the estimate is not finite)."""
+        s = np.sqrt(self.variance(params5))
+        return s[:, :, None] * self.rho[None] * s[:, None, :]
+
+
+def model_error_z(params5: np.ndarray) -> np.ndarray:
+    """(n, N_Z) features z = (1, t, t^2, g, ln(E + 0.05)) of (n, 5) estimates (catalog units)."""
+    p = np.asarray(params5, dtype=np.float64)
+    t = (p[:, 0] - 5.5) / 1.5
+    with np.errstate(invalid="ignore", divide="ignore"):
+        le = np.log(np.maximum(p[:, 3], 0.0) + 0.05)
+    return np.column_stack([np.ones(len(p)), t, t * t, p[:, 2] - 3.5, le])
+
+
+def propagation_matrix(cov5: np.ndarray, inv_plx_err: np.ndarray) -> np.ndarray:
+    """(n, 5, 5) A = 1 - C_F P, the estimate's response to a flux-only parameter error.
+
+    Parameters
+    ----------
+    cov5 : (n, 5, 5) Fisher covariance (catalog units).
+    inv_plx_err : (n,) 1 / s_plx [1/mas], 0 where the parallax was not used.
+    """
+    cov5 = np.asarray(cov5, dtype=np.float64)
+    a = np.broadcast_to(np.eye(5), cov5.shape).copy()
+    a[:, :, 4] -= cov5[:, :, 4] * np.asarray(inv_plx_err, dtype=np.float64)[:, None] ** 2
+    return a
+
+
+def calibrated_covariance(cov5: np.ndarray, params5: np.ndarray, inv_plx_err: np.ndarray,
+                          model_error: ModelError) -> tuple[np.ndarray, np.ndarray]:
+    """The reported covariance C_F + A S A^T and its inverse.
+
+    Parameters
+    ----------
+    cov5 : (n, 5, 5) Fisher covariance, catalog units (NaN rows stay NaN).
+    params5 : (n, 5) estimates, catalog units.
+    inv_plx_err : (n,) 1 / s_plx of the Gaia parallax the fit used [1/mas], 0 where none.
+    model_error : ModelError
+
+    Returns
+    -------
+    cov, icov : (n, 5, 5) float64, symmetric; cov positive semi-definite.
+    """
+    cov5 = np.asarray(cov5, dtype=np.float64)
+    a = propagation_matrix(cov5, inv_plx_err)
+    s = model_error.covariance(params5)
+    cov = cov5 + np.einsum("nij,njk,nlk->nil", a, s, a)
+    cov = 0.5 * (cov + np.swapaxes(cov, 1, 2))
+    return cov, psd_inverse(cov)
+
+
+def robust_sigma(x: np.ndarray) -> float:
+    """1.4826 x the median absolute deviation of the finite values (NaN for fewer than 3)."""
+    x = np.asarray(x, dtype=np.float64)
+    x = x[np.isfinite(x)]
+    if x.size < 3:
+        return float("nan")
+    return float(1.4826 * np.median(np.abs(x - np.median(x))))
+
+
+def _pull_variance(base: np.ndarray, a: np.ndarray, s2: np.ndarray) -> np.ndarray:
+    """(n, 5) base + diag(A diag(s2) A^T)."""
+    return base + np.einsum("njk,nk->nj", a * a, s2)
+
+
+def pull_sigmas(resid: np.ndarray, base: np.ndarray, a: np.ndarray | None = None,
+                s2: np.ndarray | None = None) -> list[float]:
+    """Robust sigma of the pulls r_j / sqrt(base_j + (A S A^T)_jj) per parameter (5 floats, NaN when unknown)."""
+    var = base if s2 is None else _pull_variance(base, a, s2)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        pulls = resid / np.sqrt(var)
+    return [robust_sigma(pulls[:, j]) for j in range(resid.shape[1])]
+
+
+def _fit_beta(r: np.ndarray, base: np.ndarray, extra: np.ndarray, scale2: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """Student-t ML coefficients of ln(s^2 / u^2) for one parameter (var = base + extra + scale2 exp(z beta))."""
+
+    ridge = _RIDGE * len(r) / 100.0
+
+    def nll(beta: np.ndarray) -> tuple[float, np.ndarray]:
+        q = scale2 * np.exp(np.clip(z @ beta, -60.0, 30.0))
+        v = base + extra + q
+        val = np.sum(0.5 * np.log(v) + 0.5 * (_NU + 1) * np.log1p(r * r / (_NU * v))) + ridge * np.sum(beta[1:] ** 2)
+        dv = 0.5 / v - 0.5 * (_NU + 1) * r * r / (v * (_NU * v + r * r))
+        grad = z.T @ (dv * q)
+        grad[1:] += 2.0 * ridge * beta[1:]
+        return float(val), grad
+
+    best = None
+    for b0 in (-4.0, 0.0, 2.0):  # a few starts: the constant term can sit at either end
+        x0 = np.zeros(z.shape[1])
+        x0[0] = b0
+        res = minimize(nll, x0, jac=True, method="BFGS", options={"maxiter": 200})  # few parameters: dense BFGS
+        if best is None or res.fun < best.fun:
+            best = res
+    return np.concatenate([np.clip(best.x[:1], *_BETA0), np.clip(best.x[1:], -6.0, 6.0)])
+
+
+def _calibrate(r: np.ndarray, base: np.ndarray, extra: np.ndarray, s2: np.ndarray) -> float:
+    """ln c such that the robust sigma of r / sqrt(base + extra + c s2) is 1 (clamped to [-30, 12])."""
+
+    def excess(lnc: float) -> float:
+        return robust_sigma(r / np.sqrt(base + extra + np.exp(lnc) * s2)) - 1.0
+
+    lo, hi = -30.0, 12.0
+    if excess(lo) <= 0.0:
+        return lo  # the Fisher errors are already large enough
+    if excess(hi) > 0.0:
+        return hi
+    return float(brentq(excess, lo, hi, xtol=1e-4))
+
+
+def learn_model_error(est5: np.ndarray, cov5: np.ndarray, inv_plx_err: np.ndarray, ref5: np.ndarray,
+                      ref_var5: np.ndarray, min_stars: int = MIN_STARS) -> tuple[ModelError | None, dict[str, Any]]:
+    """Learn S from stars fitted without their labels (the validation split).
+
+    Parameters
+    ----------
+    est5 : (n, 5) estimates, catalog units (Teff kK, [Fe/H], logg, E, plx mas).
+    cov5 : (n, 5, 5) their Fisher covariances.
+    inv_plx_err : (n,) 1 / s_plx used in the fit [1/mas], 0 where none.
+    ref5 : (n, 5) references: labels (Teff kK), the E prior, the Gaia parallax; NaN where none.
+    ref_var5 : (n, 5) variances of the references (for the parallax: s_plx^2).
+    min_stars : fewest usable stars for a parameter's model error to be learned.
+
+    Returns
+    -------
+    model_error : ModelError, or None when no parameter has ``min_stars`` usable stars
+        (then the reported errors stay the Fisher ones).
+    report : dict (JSON-able): ``n_stars``, per parameter ``n_used``, ``learned``
+        (bool), ``reason`` when not, ``pull_sigma_fisher`` and ``pull_sigma_calibrated``
+        (robust sigma of the learning stars' pulls), ``model_error_median`` (median s_j,
+        catalog units), ``beta``; ``rho``.
+    """
+    est5, cov5, ref5, ref_var5 = (np.asarray(a, dtype=np.float64) for a in (est5, cov5, ref5, ref_var5))
+    inv_plx_err = np.asarray(inv_plx_err, dtype=np.float64)
+    n = est5.shape[0]
+    if est5.shape != (n, 5) or cov5.shape != (n, 5, 5) or ref5.shape != (n, 5) or ref_var5.shape != (n, 5):
+        raise ValueError(f"learn_model_error: est5 (n, 5), cov5 (n, 5, 5), ref5 and ref_var5 (n, 5) expected; got "
+                         f"{est5.shape}, {cov5.shape}, {ref5.shape}, {ref_var5.shape}")
+    diag = np.einsum("nii->ni", cov5)
+    base = diag + ref_var5
+    base[:, 4] = ref_var5[:, 4] - diag[:, 4]  # residual against the fit's own parallax datum
+    resid = est5 - ref5
+    ok_star = np.all(np.isfinite(est5), axis=1) & np.all(np.isfinite(diag), axis=1) & (diag[:, :4] > 0).all(axis=1)
+    usable = ok_star[:, None] & np.isfinite(resid) & np.isfinite(base) & (base > 0)
+    usable[:, 4] &= inv_plx_err > 0
+    a = propagation_matrix(np.where(ok_star[:, None, None], cov5, 0.0), inv_plx_err)
+    z = model_error_z(np.where(ok_star[:, None], est5, 0.0))
+    zu = z[ok_star] if ok_star.any() else z[:1] * 0
+    z_lo, z_hi = zu.min(axis=0), zu.max(axis=0)
+    zc = np.clip(z, z_lo, z_hi)
+    report: dict[str, Any] = {"n_stars": int(n), "n_fitted": int(ok_star.sum()), "min_stars": int(min_stars)}
+    beta = np.full((5, N_Z), 0.0)
+    beta[:, 0] = _BETA0[0]
+    learned = [int(usable[:, j].sum()) >= min_stars for j in range(5)]
+    unit2 = np.broadcast_to(UNITS**2, (n, 5)).copy()
+    unit2[:, 4] *= np.where(ok_star, est5[:, 4], 0.0) ** 2
+
+    def s2_of(b: np.ndarray) -> np.ndarray:
+        s2 = unit2 * np.exp(np.clip(zc @ b.T, -60.0, 30.0))
+        s2[:, b[:, 0] <= _BETA0[0]] = 0.0
+        return s2
+
+    for _sweep in range(2):  # the parallax error leaks into the others through A: two sweeps
+        for j in range(5):
+            if not learned[j]:
+                continue
+            u = usable[:, j]
+            others = beta.copy()
+            others[j, 0] = _BETA0[0]
+            extra = _pull_variance(np.zeros((n, 5)), a, s2_of(others))[:, j]
+            w2 = a[:, j, j] ** 2 * unit2[:, j]
+            beta[j] = _fit_beta(resid[u, j], base[u, j], extra[u], w2[u], zc[u])
+            s2j = w2 * np.exp(np.clip(zc @ beta[j], -60.0, 30.0))
+            beta[j, 0] += _calibrate(resid[u, j], base[u, j], extra[u], s2j[u])
+            beta[j, 0] = max(beta[j, 0], _BETA0[0])
+    s2 = s2_of(beta)
+    rho = _excess_correlation(resid, np.where(ok_star[:, None, None], cov5, 0.0), base, a, s2, usable)
+    me = ModelError(beta=beta, z_lo=z_lo, z_hi=z_hi, rho=rho)
+    before = pull_sigmas(np.where(usable, resid, np.nan), base)
+    after = pull_sigmas(np.where(usable, resid, np.nan), base, a, s2)
+    for j, p in enumerate(PARAMS):
+        entry = {"n_used": int(usable[:, j].sum()), "learned": bool(learned[j]),
+                 "pull_sigma_fisher": before[j], "pull_sigma_calibrated": after[j],
+                 "model_error_median": float(np.nanmedian(np.sqrt(s2[usable[:, j], j]))) if usable[:, j].any()
+                 else float("nan"),
+                 "beta": [float(b) for b in beta[j]]}
+        if not learned[j]:
+            entry["reason"] = (f"only {int(usable[:, j].sum())} stars with a usable reference (need {min_stars}); "
+                               "no model error added for this parameter")
+        report[p] = entry
+    report["rho"] = rho.tolist()
+    if not any(learned):
+        return None, report
+    logger.info("model error: pull sigma before %s, after %s", [round(x, 2) for x in before],
+                [round(x, 2) for x in after])
+    return me, report
+
+
+def _excess_correlation(resid: np.ndarray, cov5: np.ndarray, base: np.ndarray, a: np.ndarray, s2: np.ndarray,
+                        usable: np.ndarray) -> np.ndarray:
+    """Correlation of the model errors of Teff, [Fe/H], logg, E (parallax uncorrelated), PSD, |rho| <= 0.9.
+
+    From the residuals of stars with all four references, clipped at 4 sigma:
+    rho_jk = (mean(r_j r_k) - mean(Cov_F,jk)) / sqrt(mean s_j^2 mean s_k^2). The
+    label / prior errors are independent between parameters, so they drop out.
+    """
+    rho = np.eye(5)
+    var = _pull_variance(base, a, s2)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        pulls = resid / np.sqrt(var)
+    all4 = usable[:, :4].all(axis=1) & np.all(np.abs(pulls[:, :4]) < 4.0, axis=1)
+    if all4.sum() < MIN_STARS:
+        return rho
+    r = resid[all4, :4]
+    for j in range(4):
+        for k in range(j + 1, 4):
+            denom = np.sqrt(np.mean(s2[all4, j]) * np.mean(s2[all4, k]))
+            if denom > 0:
+                c = (np.mean((r[:, j] - r[:, j].mean()) * (r[:, k] - r[:, k].mean()))
+                     - np.mean(cov5[all4, j, k])) / denom
+                rho[j, k] = rho[k, j] = float(np.clip(c, -0.9, 0.9))
+    ev, vec = np.linalg.eigh(rho)
+    rho = (vec * np.maximum(ev, 1e-3)) @ vec.T
+    d = np.sqrt(np.diag(rho))
+    return rho / d[:, None] / d[None, :]
+
+
+def model_error_to_arrays(me: ModelError) -> dict[str, np.ndarray]:
+    """Flat arrays for the model artifact's ``model_error`` component."""
+    return {"beta": np.asarray(me.beta, np.float64), "z_lo": np.asarray(me.z_lo, np.float64),
+            "z_hi": np.asarray(me.z_hi, np.float64), "rho": np.asarray(me.rho, np.float64)}
+
+
+def model_error_from_arrays(arrays: dict[str, np.ndarray]) -> ModelError:
+    """Inverse of :func:`model_error_to_arrays`.
+
+    Raises
+    ------
+    ValueError
+        When an array is missing or has the wrong shape.
+    """
+    shapes = {"beta": (5, N_Z), "z_lo": (N_Z,), "z_hi": (N_Z,), "rho": (5, 5)}
+    for k, shape in shapes.items():
+        if k not in arrays:
+            raise ValueError(f"model_error component lacks {k!r}; has {sorted(arrays)}")
+        if np.shape(arrays[k]) != shape:
+            raise ValueError(f"model_error component: {k!r} has shape {np.shape(arrays[k])}, expected {shape}")
+    return ModelError(**{k: np.asarray(arrays[k], np.float64) for k in shapes})
