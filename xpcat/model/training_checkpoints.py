@@ -7,15 +7,15 @@ data and schedule, the checksum of the npz and the loss history, so that
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
+
+from xpcat.fileio import atomic_path, file_sha256, write_text_atomic
 
 __all__ = ["flatten_params", "unflatten_params", "save_checkpoint", "load_checkpoint"]
 
@@ -44,15 +44,10 @@ def save_checkpoint(directory: Path, phase: int, fingerprint: str, params, scale
                    "stars/theta": np.asarray(stars["theta"]), "stars/ln_plx": np.asarray(stars["ln_plx"]),
                    "stars/ln_e": np.asarray(stars["ln_e"]), "removed_param": clean[0], "removed_flux": clean[1]})
     npz = directory / f"phase{phase}.npz"
-    tmp = directory / f"phase{phase}.npz.tmp"
-    with tmp.open("wb") as fh:
+    with atomic_path(npz) as tmp, tmp.open("wb") as fh:
         np.savez(fh, **arrays)
-    os.replace(tmp, npz)
-    sha = hashlib.sha256(npz.read_bytes()).hexdigest()
-    marker = {"phase": phase, "fingerprint": fingerprint, "sha256": sha, "history": history}
-    tmpj = directory / f"phase{phase}.json.tmp"
-    tmpj.write_text(json.dumps(marker, allow_nan=True))
-    os.replace(tmpj, directory / f"phase{phase}.json")
+    marker = {"phase": phase, "fingerprint": fingerprint, "sha256": file_sha256(npz), "history": history}
+    write_text_atomic(directory / f"phase{phase}.json", json.dumps(marker, allow_nan=True))
     logger.info("checkpoint after phase %d written to %s", phase, npz)
 
 
@@ -70,7 +65,7 @@ def load_checkpoint(directory: Path, fingerprint: str, phases: tuple[int, ...]) 
         if marker.get("fingerprint") != fingerprint:
             logger.warning("checkpoint %s was made with other data or schedule; not resuming from it", mj)
             continue
-        if hashlib.sha256(npz.read_bytes()).hexdigest() != marker.get("sha256"):
+        if file_sha256(npz) != marker.get("sha256"):
             logger.warning("checkpoint %s does not match its checksum; ignoring it", npz)
             continue
         with np.load(npz, allow_pickle=False) as z:

@@ -44,6 +44,7 @@ import pyarrow.parquet as pq
 from xpcat.catalog_schema.raw import GAIA_SOURCE, XP_CONTINUOUS
 from xpcat.config import read_run_config
 from xpcat.errors import InputError
+from xpcat.fileio import write_text_atomic
 from xpcat.production.ingest.bulk_format import is_gzip, read_ecsv_header
 from xpcat.production.ingest.formats import BadRow, conform_rows
 from xpcat.production.partitions import (
@@ -371,7 +372,7 @@ def ingest_files(run_dir: Path, files: list[Path], *, block_size: int = 1 << 24,
         if r.status == "read":
             r.status = "done"
             doc = {"key": _file_key(Path(r.file)), **r.__dict__}
-            (state / f"{Path(r.file).name}.json").write_text(json.dumps(doc, indent=1, default=str))
+            write_text_atomic(state / f"{Path(r.file).name}.json", json.dumps(doc, indent=1, default=str))
     seconds = time.perf_counter() - t0
     rows_read = sum(r.rows for r in results if r.status == "done")
     summary = {
@@ -388,7 +389,7 @@ def ingest_files(run_dir: Path, files: list[Path], *, block_size: int = 1 << 24,
         "seconds": round(seconds, 3),
         "rows_per_s": round(rows_read / seconds, 1) if seconds > 0 else None,
     }
-    (state / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    write_text_atomic(state / "summary.json", json.dumps(summary, indent=1, default=str))
     return summary
 
 

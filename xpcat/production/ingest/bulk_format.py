@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from xpcat.errors import InputError
+from xpcat.fileio import write_bytes_atomic
 from xpcat.production.ingest.formats import java_float_strings
 
 __all__ = ["bulk_lines", "write_bulk_file", "is_gzip", "open_text", "read_ecsv_header"]
@@ -78,7 +79,7 @@ def write_bulk_file(table: pa.Table, path: str | os.PathLike, *, compresslevel: 
     path = Path(path)
     header, data = bulk_lines(table)
     text = ("\n".join(header + data) + "\n").encode()
-    path.write_bytes(gzip.compress(text, compresslevel=compresslevel) if path.name.endswith(".gz") else text)
+    write_bytes_atomic(path, gzip.compress(text, compresslevel=compresslevel) if path.name.endswith(".gz") else text)
     return path
 
 

@@ -31,9 +31,14 @@ from xpcat.catalog_schema import validate
 from xpcat.catalog_schema.raw import LABELS, REDDENING, TMASS, UNWISE
 from xpcat.config import RunConfig
 from xpcat.errors import InputError
+from xpcat.fileio import file_sha256, write_text_atomic
 from xpcat.production.ingest.formats import BadRow, astropy_to_arrow, conform_rows
-from xpcat.fileio import file_sha256
-from xpcat.production.partitions import atomic_write_parquet, is_done, partition_name, partition_of
+from xpcat.production.partitions import (
+    atomic_write_parquet,
+    is_done,
+    partition_name,
+    partition_of,
+)
 
 __all__ = ["PARTNER_SCHEMAS", "read_partner_file", "ingest_partner", "resolve_partner_paths", "ingest_partner_tables"]
 
@@ -220,8 +225,7 @@ def ingest_partner(run_dir: Path, table: str, path: str | os.PathLike, level: in
     summary = {"table": table, "file": str(path), "sha256": digest, "level": level, "rows": rows.num_rows,
                "partitions": names, "unreadable_rows": len(bad), "unreadable": [b.as_dict() for b in bad[:10]],
                "skipped": False}
-    state_path.parent.mkdir(parents=True, exist_ok=True)
-    state_path.write_text(json.dumps(summary, indent=1))
+    write_text_atomic(state_path, json.dumps(summary, indent=1))
     logger.info("%s: %d rows from %s into %d partition(s)%s", table, rows.num_rows, path, len(names),
                 f"; {len(bad)} unreadable row(s) left out" if bad else "")
     return summary
