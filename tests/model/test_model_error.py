@@ -76,7 +76,7 @@ def test_nan_inputs_are_skipped_not_fatal():
 
 
 def test_propagation_keeps_a_precise_gaia_parallax():
-    """A = 1 - C_F P: with a precise Gaia parallax the flux-only parallax error hardly reaches the estimate."""
+    """A = diag(1, 1, 1, 1, 1 - C_F,44 / s_plx^2): a precise Gaia parallax keeps the flux-only parallax error out."""
     cov_flux = np.diag([0.01, 0.01, 0.01, 0.001, 0.25])[None]
     s_plx = 0.01
     info = psd_inverse(cov_flux)
@@ -100,3 +100,21 @@ def test_arrays_round_trip_and_bad_shapes():
     assert np.allclose(back.variance(est), me.variance(est))
     with pytest.raises(ValueError, match="beta"):
         ME.model_error_from_arrays({"z_lo": np.zeros(ME.N_Z)})
+
+
+def test_pull_calibration_statement_and_bins():
+    rs = np.random.default_rng(3)
+    n = 4000
+    err = np.full((n, 5), 0.1)
+    resid = rs.standard_normal((n, 5)) * 0.1
+    resid[:, 2] *= 1.7  # logg's errors 1.7x too small
+    g = rs.uniform(8, 18, n)
+    out = ME.pull_calibration(resid, err, None, bins={"G": (g, [8, 12, 18])})
+    assert out["teff"]["calibrated"] and not out["logg"]["calibrated"] and not out["calibrated"]
+    assert out["worst"][0] == "logg" and out["worst"][1] == pytest.approx(0.5, abs=0.08)
+    assert "not calibrated for logg" in out["statement"]
+    assert [b["n"] for b in out["bins"]["G"]] == [int((g < 12).sum()), int((g >= 12).sum())]
+    three = ME.pull_calibration(resid[:, :3], err[:, :3], np.zeros((n, 3)))
+    assert set(three) >= {"teff", "feh", "logg"} and "e" not in three
+    resid[:, 2] /= 1.7
+    assert ME.pull_calibration(resid, err)["statement"].startswith("The error bars are calibrated")

@@ -208,3 +208,45 @@ def test_corrupt_or_missing_input_is_an_input_error(tmp_path, world, config):
 
     with pytest.raises(XpcatError, match="not found"):
         run_infer(tmp_path / "empty", config)
+
+
+def test_calibrated_errors_add_the_model_error_and_leave_flags_alone(world, config):
+    """[inference] uncertainty: the model error widens the errors and triangles; estimates and flags stay."""
+    from types import SimpleNamespace
+
+    from xpcat.catalog_schema import unpack_triu_symmetric
+    from xpcat.model.model_error import ModelError, model_error_to_arrays
+    from xpcat.production.infer import fit_table, uncertainty_for
+
+    model, gmm, prob, _ = world
+    inf = Inference(model, gmm, InferenceSettings.from_config(config))
+    batch = _conditioned_table(prob)
+    beta = np.zeros((5, 5))
+    beta[4, 0] = -30.0  # no parallax model error
+    me = ModelError(beta=beta, z_lo=np.full(5, -9.0), z_hi=np.full(5, 9.0), rho=np.eye(5))
+    paper = fit_table(batch, inf)
+    cal = fit_table(batch, inf, None, me)
+    for col in ("stellar_params_est", "quality_flags", "chi2_opt", "fit_status"):
+        a, b = (np.array(t.column(col).to_pylist(), float) for t in (paper, cal))
+        np.testing.assert_array_equal(a, b, err_msg=col)
+    e0 = np.array(paper.column("stellar_params_err").to_pylist()[2:], float)
+    e1 = np.array(cal.column("stellar_params_err").to_pylist()[2:], float)
+    np.testing.assert_allclose(e1[:, :4] ** 2, e0[:, :4] ** 2 + np.array([0.1, 0.1, 0.1, 0.03]) ** 2, rtol=2e-3)
+    cov = np.array(cal.column("stellar_params_cov_triu").to_pylist()[5], float)
+    icov = np.array(cal.column("stellar_params_icov_triu").to_pylist()[5], float)
+    np.testing.assert_allclose(unpack_triu_symmetric(cov) @ unpack_triu_symmetric(icov), np.eye(5), atol=2e-3)
+
+    # which errors are used, and why, from the artifact's component
+    meta = {"status": "calibrated", "learned_from": {"stars_basic_cut": 300}, "report": {}}
+    art = SimpleNamespace(components={"model_error": model_error_to_arrays(me)}, component_meta={"model_error": meta})
+    got, info = uncertainty_for(art, config)
+    assert got is not None and info["used"] == "calibrated" and info["requested"] == "calibrated"
+    paper_cfg = config.replace(inference={"uncertainty": "paper"})
+    got, info = uncertainty_for(art, paper_cfg)
+    assert got is None and info["used"] == "paper" and "reason" not in info
+    fallback = {"status": "fallback", "reason": "validation split too small to learn the model error: 3 ..."}
+    got, info = uncertainty_for(SimpleNamespace(components={"model_error": {}},
+                                                component_meta={"model_error": fallback}), config)
+    assert got is None and info["used"] == "paper" and "too small" in info["reason"]
+    got, info = uncertainty_for(inf, config)  # no artifact at all
+    assert got is None and "no model_error component" in info["reason"]
