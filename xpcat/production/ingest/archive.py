@@ -11,10 +11,10 @@ Each request (job submission, phase poll, result download, DataLink batch)
 is retried on HTTP 5xx, timeouts and dropped or short answers with
 exponential backoff up to ``FetchOptions.max_attempts``. A range that keeps
 failing, or whose answer is wrong, is recorded as failed with the reason and
-the run goes on. After the first pass, ranges that failed (not permanently)
-or left stars without XP get up to ``FetchOptions.resume_passes`` more passes
-(for the latter, only the missing ids are asked again): the resume a rerun
-would do. The summary says whether the fetch is ``complete``; when it is
+the run goes on. A range that failed (not permanently) or left stars without
+XP is queued again at once, up to ``FetchOptions.resume_attempts`` times (for
+the latter, only the missing ids are asked again): the resume a rerun would
+do. The summary says whether the fetch is ``complete``; when it is
 not, its ``incomplete`` line names how many stars are missing and the command
 that resumes (``xpcat fetch`` exits non-zero).
 
@@ -31,15 +31,15 @@ import logging
 import multiprocessing as mp
 import socket
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from collections import Counter, deque
+from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
 from xpcat.config import RunConfig
 from xpcat.errors import InputError
 from xpcat.fileio import write_json_atomic
-from xpcat.progress import progress
 from xpcat.production.ingest.client import (
     DEFAULT_WORKERS,
     FetchOptions,
@@ -64,6 +64,7 @@ from xpcat.production.ingest.ranges import (
     write_range_state,
 )
 from xpcat.production.partitions import partition_name
+from xpcat.progress import progress
 
 __all__ = [
     "GAIA_SOURCE_ADQL",
@@ -84,7 +85,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _Task = tuple[int, "int | None", tuple[int, ...]]  # (pixel, census count, XP ids to ask again; () = whole range)
-_Runner = Callable[[list[_Task]], Iterator[tuple[_Task, RangeResult]]]
 _WORKER_CLIENT: dict[tuple[str, bool], Any] = {}
 
 
@@ -112,57 +112,94 @@ def _worker_task(task: _Task, level: int, raw_root: Path, state_dir: Path, optio
     return _run_task(_WORKER_CLIENT[key], task, level, raw_root, state_dir, options, archive_url)
 
 
-@contextlib.contextmanager
-def _task_runner(client: Any, n_tasks: int, level: int, raw_root: Path, state_dir: Path, options: FetchOptions,
-                 archive_url: str, login: bool) -> Iterator[_Runner]:
-    """Run tasks here, or ``options.workers`` at a time in spawned processes (one pool for every pass)."""
-    args = (level, raw_root, state_dir, options, archive_url)
-    if options.workers == 1 or n_tasks <= 1:
-        yield lambda tasks: ((t, _run_task(client, t, *args)) for t in tasks)
-        return
-    with ProcessPoolExecutor(max_workers=min(options.workers, n_tasks), mp_context=mp.get_context("spawn")) as pool:
-        def run(tasks: list[_Task]) -> Iterator[tuple[_Task, RangeResult]]:
-            futures = {pool.submit(_worker_task, t, *args, login): t for t in tasks}
-            for fut in as_completed(futures):
-                task = futures[fut]
+class _Runner:
+    """Runs tasks here, or in a pool of spawned worker processes; results as they finish."""
+
+    def __init__(self, client: Any, pool: ProcessPoolExecutor | None, args: tuple, login: bool) -> None:
+        self._client, self._pool, self._args, self._login = client, pool, args, login
+        self._queue: deque[_Task] = deque()
+        self._futures: dict[Future, _Task] = {}
+
+    def submit(self, task: _Task) -> None:
+        if self._pool is None:
+            self._queue.append(task)
+        else:
+            self._futures[self._pool.submit(_worker_task, task, *self._args, self._login)] = task
+
+    def results(self) -> Iterator[tuple[_Task, RangeResult]]:
+        """(task, result) of every task submitted, also of those submitted while this runs."""
+        while self._queue or self._futures:
+            if self._pool is None:
+                task = self._queue.popleft()
+                yield task, _run_task(self._client, task, *self._args)
+                continue
+            done, _ = wait(self._futures, return_when=FIRST_COMPLETED)
+            for fut in done:
+                task = self._futures.pop(fut)
                 try:
                     yield task, fut.result()
                 except (OSError, RuntimeError, ValueError, EOFError) as err:  # a worker died: record the range, go on
-                    name, reason = partition_name(task[0], level), f"worker failed: {type(err).__name__}: {err}"
-                    if task[2]:  # the range itself stays done
-                        yield task, RangeResult(partition=name, status="done", missing_xp_ids=list(task[2]),
-                                                reason=reason)
-                        continue
-                    result = RangeResult(partition=name, status="failed", reason=reason)
-                    write_range_state(state_dir, name, result)
-                    yield task, result
+                    yield task, self._worker_died(task, err)
 
-        yield run
+    def _worker_died(self, task: _Task, err: BaseException) -> RangeResult:
+        level, state_dir = self._args[0], self._args[2]
+        name, reason = partition_name(task[0], level), f"worker failed: {type(err).__name__}: {err}"
+        if task[2]:  # asking again for missing XP: the range itself stays done
+            return RangeResult(partition=name, status="done", missing_xp_ids=list(task[2]), reason=reason)
+        result = RangeResult(partition=name, status="failed", reason=reason)
+        write_range_state(state_dir, name, result)
+        return result
 
 
-def _run_passes(run: _Runner, todo: list[_Task], options: FetchOptions,
-                summary: dict) -> dict[str, tuple[_Task, RangeResult]]:
-    """A pass over ``todo``, then up to ``options.resume_passes`` over what is left; the last result per range."""
+@contextlib.contextmanager
+def _task_runner(client: Any, n_tasks: int, level: int, raw_root: Path, state_dir: Path, options: FetchOptions,
+                 archive_url: str, login: bool) -> Iterator[_Runner]:
+    """Tasks run here, or ``options.workers`` at a time in spawned processes."""
+    args = (level, raw_root, state_dir, options, archive_url)
+    if options.workers == 1 or n_tasks <= 1:
+        yield _Runner(client, None, args, login)
+        return
+    with ProcessPoolExecutor(max_workers=min(options.workers, n_tasks), mp_context=mp.get_context("spawn")) as pool:
+        yield _Runner(client, pool, args, login)
+
+
+def _fetch_all(runner: _Runner, todo: list[_Task], options: FetchOptions,
+               summary: dict) -> dict[str, tuple[_Task, RangeResult]]:
+    """Every task to its end; the last result per range.
+
+    A range that failed (not permanently) or left stars without XP is queued
+    again as soon as its result comes (for the latter, only the missing ids),
+    up to ``options.resume_attempts`` times: the resume a rerun would do,
+    without waiting for the other ranges.
+    """
     final: dict[str, tuple[_Task, RangeResult]] = {}
-    for n in range(options.resume_passes + 1):
-        if not todo:
-            break
-        if n:
-            logger.warning("fetch: pass %d: %d range(s) failed or left stars without XP; asking again",
-                           n + 1, len(todo))
-        again: list[_Task] = []
-        stage = "fetch" if not n else f"fetch pass {n + 1}"
-        for task, res in progress(run(todo), stage, total=len(todo), unit="range"):
+
+    def finished() -> Iterator[RangeResult]:
+        rounds: Counter[str] = Counter()
+        for task in todo:
+            runner.submit(task)
+        for task, res in runner.results():
             final[res.partition] = (task, res)
             for t, k in res.rows.items():
                 summary["rows"][t] += k
             if res.status in ("done", "empty") and not task[2]:
                 summary[res.status] += 1
+            again = None
             if res.status == "failed" and not res.permanent:
-                again.append(task)
+                again = task
             elif res.missing_xp_ids:
-                again.append((task[0], task[1], tuple(res.missing_xp_ids)))
-        todo = again
+                again = (task[0], task[1], tuple(res.missing_xp_ids))
+            rounds[res.partition] += 1
+            if again is not None and rounds[res.partition] <= options.resume_attempts:
+                logger.warning("%s: %s; asking again (%d of %d)", res.partition,
+                               "failed" if res.status == "failed" else f"{len(res.missing_xp_ids)} star(s) without XP",
+                               rounds[res.partition], options.resume_attempts)
+                runner.submit(again)
+            else:
+                yield res
+
+    for _ in progress(finished(), "fetch", total=len(todo), unit="range"):
+        pass
     return final
 
 
@@ -226,10 +263,13 @@ def fetch_run(run_dir: Path, config: RunConfig, archive_url: str = "https://gea.
     InputError
         Missing or refused credentials, pixels out of range, a partner file
         that does not exist. A failing range raises nothing: it is recorded
-        (``failed`` in the summary, ``state/fetch/<partition>.json``), asked
-        again in the resume passes, and a rerun retries it.
+        (``failed`` in the summary, ``state/fetch/<partition>.json``), queued
+        again (``options.resume_attempts``), and a rerun retries it.
     """
-    from xpcat.production.ingest.partner_tables import ingest_partner_tables, resolve_partner_paths
+    from xpcat.production.ingest.partner_tables import (
+        ingest_partner_tables,
+        resolve_partner_paths,
+    )
 
     options = options or fetch_options(config)
     run_dir = Path(run_dir)
@@ -271,8 +311,8 @@ def fetch_run(run_dir: Path, config: RunConfig, archive_url: str = "https://gea.
                     todo.append((int(pix), None, tuple(int(i) for i in missing)))
             else:
                 todo.append((int(pix), None if census is None else census.get(int(pix), 0), ()))
-        with _task_runner(client, len(todo), level, raw_root, state_dir, options, archive_url, login) as run:
-            final = _run_passes(run, todo, options, summary)
+        with _task_runner(client, len(todo), level, raw_root, state_dir, options, archive_url, login) as runner:
+            final = _fetch_all(runner, todo, options, summary)
     for _, res in final.values():
         if res.status == "failed":
             summary["failed"].append({"partition": res.partition, "reason": res.reason})

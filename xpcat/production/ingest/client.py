@@ -60,10 +60,11 @@ __all__ = [
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
-DEFAULT_WORKERS = 4
+DEFAULT_WORKERS = 6
 """Ranges fetched at once by default. ESA publishes no concurrency limit for
 anonymous TAP/DataLink use (``recipes/gaia-archive.md``); each worker has at
-most one request in flight, so this is at most 4 open requests."""
+most one request in flight, so this is at most 6 open requests to the
+archive, the per-host connection count web browsers keep to."""
 MAX_WORKERS = 8
 """Upper bound on concurrent ranges, to stay polite to the shared archive."""
 
@@ -102,10 +103,10 @@ class FetchOptions:
         process when more than one (astroquery's DataLink unpacks under the
         working directory and the socket timeout is process-wide, so threads
         would interfere).
-    resume_passes : int
-        Further passes, within the same command, over the ranges that failed
-        (not permanently) or left stars without XP: the resume a rerun would
-        do, done at once.
+    resume_attempts : int
+        Times, within the same command, a range that failed (not permanently)
+        or left stars without XP is queued again (for the latter, only the
+        missing ids): the resume a rerun would do, done at once.
     """
 
     timeout_s: float = 300.0
@@ -120,13 +121,13 @@ class FetchOptions:
     output_format: str = "votable_gzip"
     census: bool = True
     workers: int = DEFAULT_WORKERS
-    resume_passes: int = 2
+    resume_attempts: int = 2
 
     def __post_init__(self) -> None:
         if not 1 <= self.workers <= MAX_WORKERS:
             raise ValueError(f"workers must be in 1..{MAX_WORKERS} (the archive is shared); got {self.workers}")
-        if self.resume_passes < 0:
-            raise ValueError(f"resume_passes must be >= 0; got {self.resume_passes}")
+        if self.resume_attempts < 0:
+            raise ValueError(f"resume_attempts must be >= 0; got {self.resume_attempts}")
         if not 1 <= self.datalink_batch <= 5000:
             raise ValueError(f"datalink_batch must be in 1..5000 (the archive's limit); got {self.datalink_batch}")
         if self.max_attempts < 1:
