@@ -16,11 +16,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _machine import machine_info  # noqa: E402
+from _machine import machine_info
 
-from xpcat.config import SimulationConfig  # noqa: E402
-from xpcat.model import truth  # noqa: E402
-from xpcat.production.synthetic.universe import simulate_universe  # noqa: E402
+from xpcat.config import SimulationConfig
+from xpcat.production.synthetic import truth_sed as truth
+from xpcat.production.synthetic.universe import simulate_universe
 
 
 def main() -> None:

@@ -27,6 +27,7 @@ import numpy as np
 
 from xpcat.config import SimulationConfig
 from xpcat.production.synthetic import noise as noise_mod
+from xpcat.production.synthetic import noise_dr3
 from xpcat.production.synthetic import truth_sed as truth_model
 from xpcat.production.synthetic.observe_partners import (
     label_columns,
@@ -37,7 +38,7 @@ from xpcat.production.synthetic.observe_partners import (
 )
 from xpcat.production.synthetic.observed_sed import ln_sed, observed_sed, sed_grid
 
-__all__ = ["N_COEF", "BASIS_ID", "BANDS", "chunk_observables", "chunk_light", "xp_spectra", "gaia_source_columns"]
+__all__ = ["BANDS", "BASIS_ID", "N_COEF", "chunk_light", "chunk_observables", "gaia_source_columns", "xp_spectra"]
 
 logger = logging.getLogger(__name__)
 
@@ -83,11 +84,16 @@ def chunk_observables(
     nf = proj.fine_wavelengths.size
     obs, norm_dg = chunk_light(rng, stars, proj, ext)
     flux_w = obs[:, :nf] * truth_model.FLUX_UNIT_W_M2_NM
-    coef = {"bp": flux_w @ proj.to_bp, "rp": flux_w @ proj.to_rp}
+    realistic = config.universe != "legacy"
+    xp_light = flux_w
+    if realistic:  # the per-star calibration error the published covariance does not contain
+        xp_light = flux_w * noise_dr3.systematic_factor(
+            rng, proj.fine_wavelengths, n, config.systematic_rms, config.systematic_tail_fraction)
+    coef = {"bp": xp_light @ proj.to_bp, "rp": xp_light @ proj.to_rp}
     phot = flux_w @ proj.to_phot  # G, BP, RP synthetic fluxes (W m^-2 nm^-1-weighted)
     mags = -2.5 * np.log10(np.maximum(phot, 1e-40)) + proj.phot_zero_points
     n_obs = {b: rng.integers(14, 80, n) for b in BANDS}
-    xp = xp_spectra(rng, coef, n_obs, stars)
+    xp = xp_spectra(rng, coef, n_obs, stars, realistic=realistic)
     missing = {"bp": stars["missing_bp"], "rp": stars["missing_rp"]}
     gaia = gaia_source_columns(rng, stars, mags, norm_dg, n_obs, missing)
     nir_obs, nir_err = nir_magnitudes(rng, obs[:, nf:] * truth_model.FLUX_UNIT_W_M2_NM)
@@ -144,7 +150,12 @@ def chunk_light(
 
 
 def xp_spectra(
-    rng: np.random.Generator, coef: dict[str, np.ndarray], n_obs: dict[str, np.ndarray], stars: dict[str, np.ndarray]
+    rng: np.random.Generator,
+    coef: dict[str, np.ndarray],
+    n_obs: dict[str, np.ndarray],
+    stars: dict[str, np.ndarray],
+    *,
+    realistic: bool = False,
 ) -> dict[str, dict[str, np.ndarray]]:
     """The archive's XP columns per band: noisy coefficients, errors, correlations, fit statistics.
 
@@ -153,6 +164,8 @@ def xp_spectra(
     coef : {"bp", "rp"} -> (n, 55) noiseless coefficients, W m^-2 nm^-1 basis units
     n_obs : {"bp", "rp"} -> (n,) int, transits per band
     stars : the chunk (``crowded``, ``is_outlier``, ``outlier_kind`` are used)
+    realistic : bool
+        DR3-like errors and correlations (:mod:`~xpcat.production.synthetic.noise_dr3`) instead of the legacy ones.
 
     Returns
     -------
@@ -163,7 +176,7 @@ def xp_spectra(
     xp: dict[str, dict[str, np.ndarray]] = {}
     noisy: dict[str, np.ndarray] = {}
     for b in BANDS:
-        xp[b], noisy[b] = _band_columns(rng, coef[b], n_obs[b], b, crowded | outlier)
+        xp[b], noisy[b] = _band_columns(rng, coef[b], n_obs[b], b, crowded | outlier, realistic)
     _corrupt_outliers(rng, noisy, coef, {b: xp[b]["coefficient_errors"] for b in BANDS}, outlier, stars["outlier_kind"])
     for b in BANDS:
         xp[b]["coefficients"] = noisy[b]
@@ -171,11 +184,12 @@ def xp_spectra(
 
 
 def _band_columns(
-    rng: np.random.Generator, coef: np.ndarray, n_obs: np.ndarray, band: str, poor_fit: np.ndarray
+    rng: np.random.Generator, coef: np.ndarray, n_obs: np.ndarray, band: str, poor_fit: np.ndarray, realistic: bool
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """One band's columns (all but ``coefficients``) and its noisy coefficients (n, 55)."""
     n = coef.shape[0]
-    nm = noise_mod.draw_xp_noise_model(rng, coef[:, 0], n_obs, band, N_COEF)
+    draw_model = noise_dr3.draw_dr3_noise_model if realistic else noise_mod.draw_xp_noise_model
+    nm = draw_model(rng, coef[:, 0], n_obs, band, N_COEF)
     noisy = coef + noise_mod.xp_noise_draw(rng, nm)
     n_meas = (n_obs * rng.uniform(18.0, 26.0, n)).astype(np.int64)
     n_rej = rng.poisson(0.006 * n_meas)

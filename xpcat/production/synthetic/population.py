@@ -27,7 +27,22 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["POPULATION_FRACTIONS", "Population", "draw_population", "dust_column", "field_centres"]
+__all__ = [
+    "DUST_GRID_KPC",
+    "GIANT_GAMMA",
+    "IMF_ALPHA",
+    "POPULATION_FRACTIONS",
+    "Population",
+    "draw_in_fields",
+    "draw_params",
+    "draw_params_weighted",
+    "draw_population",
+    "dust_column",
+    "field_centres",
+    "galactic_to_icrs",
+    "galactocentric",
+    "stellar_density",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +65,7 @@ DUST_H_R = 3.5
 
 _CHUNK = 20000
 #: Distance grid of the dust integral, kpc (fine near the Sun, where high-latitude dust lies).
-_DUST_GRID_KPC = np.concatenate([[0.0], np.geomspace(0.005, 40.0, 160)])
+DUST_GRID_KPC = np.concatenate([[0.0], np.geomspace(0.005, 40.0, 160)])
 
 _DENSITY = {  # (scale length kpc, scale height kpc) for disk-like populations
     "thin_disk": (2.6, 0.30),
@@ -100,7 +115,7 @@ def field_centres(rng: np.random.Generator, n_fields: int) -> tuple[np.ndarray, 
     return l, b
 
 
-def _draw_in_fields(rng, n, l0, b0, radius_deg):
+def draw_in_fields(rng, n, l0, b0, radius_deg):
     """Uniform positions in discs of ``radius_deg`` around the field centres."""
     k = rng.integers(0, l0.size, n)
     r = np.radians(radius_deg) * np.sqrt(rng.uniform(0.0, 1.0, n))
@@ -110,7 +125,7 @@ def _draw_in_fields(rng, n, l0, b0, radius_deg):
     return l, b, k
 
 
-def _galactocentric(d_kpc, l_deg, b_deg):
+def galactocentric(d_kpc, l_deg, b_deg):
     """Galactocentric cylindrical R and z (kpc) for distances (n, m) along sight lines (n,)."""
     lr, br = np.radians(l_deg)[:, None], np.radians(b_deg)[:, None]
     x = _R_SUN_KPC - d_kpc * np.cos(br) * np.cos(lr)
@@ -119,7 +134,7 @@ def _galactocentric(d_kpc, l_deg, b_deg):
     return np.hypot(x, y), z
 
 
-def _stellar_density(pop, big_r, z):
+def stellar_density(pop, big_r, z):
     if pop == "halo":
         r_sph = np.sqrt(big_r**2 + (z / 0.7) ** 2)
         return (np.maximum(r_sph, 0.5) / _R_SUN_KPC) ** -2.8 * 5e-3
@@ -140,16 +155,45 @@ def dust_column(d_kpc_grid: np.ndarray, l_deg: np.ndarray, b_deg: np.ndarray, cl
     -------
     (n, m) E in mag at each grid distance.
     """
-    big_r, z = _galactocentric(d_kpc_grid[None, :], l_deg, b_deg)
+    big_r, z = galactocentric(d_kpc_grid[None, :], l_deg, b_deg)
     rho = DUST_E_PER_KPC * np.exp(-(big_r - _R_SUN_KPC) / DUST_H_R - np.abs(z) / DUST_H_Z) * clump[:, None]
     step = np.diff(d_kpc_grid)
     cum = np.concatenate([np.zeros((rho.shape[0], 1)), np.cumsum(0.5 * (rho[:, 1:] + rho[:, :-1]) * step, axis=1)], axis=1)
     return cum
 
 
-def _draw_params(rng: np.random.Generator, pop: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def draw_params(rng: np.random.Generator, pop: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Teff [K], [Fe/H] [dex], logg [dex] of stars of the given populations, each (n,)."""
+    return draw_params_weighted(rng, pop, IMF_ALPHA, GIANT_GAMMA)[:3]
+
+
+#: Slope of the disks' mass function, dN/dM ~ M^-alpha over 0.35..1.5 (thin) or 0.35..1.1 (thick) Msun.
+IMF_ALPHA = 2.3
+#: Giant branch: logg = 3.6 - 2.8 u^GIANT_GAMMA, u uniform (more giants near the base of the branch).
+GIANT_GAMMA = 0.7
+
+
+def _ln_power_law_pdf(mass: np.ndarray, alpha: float, lo: float, hi: float) -> np.ndarray:
+    """ln of the normalised pdf M^-alpha on [lo, hi] (alpha != 1)."""
+    norm = (hi ** (1 - alpha) - lo ** (1 - alpha)) / (1 - alpha)
+    return -alpha * np.log(mass) - np.log(norm)
+
+
+def draw_params_weighted(
+    rng: np.random.Generator, pop: np.ndarray, imf_alpha: float, giant_gamma: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """As :func:`draw_params`, with proposal distributions: the disks' masses from slope ``imf_alpha``
+    (instead of :data:`IMF_ALPHA`) and the giants' branch position with ``giant_gamma`` (instead of
+    :data:`GIANT_GAMMA`).
+
+    Returns
+    -------
+    teff, feh, logg : (n,) K, dex, dex
+    ln_w : (n,) ln of the importance weight p / q that restores :func:`draw_params`'s distributions
+        (0 for the other populations).
+    """
     n = pop.size
-    teff, feh, logg = np.empty(n), np.empty(n), np.empty(n)
+    teff, feh, logg, ln_w = np.empty(n), np.empty(n), np.empty(n), np.zeros(n)
     for name in POPULATION_FRACTIONS:
         m = pop == name
         k = int(m.sum())
@@ -159,10 +203,12 @@ def _draw_params(rng: np.random.Generator, pop: np.ndarray) -> tuple[np.ndarray,
             mu, sd = (-0.05, 0.2) if name == "thin_disk" else (-0.6, 0.3)
             fe = np.clip(rng.normal(mu, sd, k), -2.5, 0.5)
             # mass from a Kroupa-like slope over 0.35..1.5 Msun, age-dependent expansion
-            alpha = 2.3
+            alpha = imf_alpha
             u = rng.uniform(0.0, 1.0, k)
-            lo, hi = 0.35 ** (1 - alpha), (1.5 if name == "thin_disk" else 1.1) ** (1 - alpha)
+            m_hi = 1.5 if name == "thin_disk" else 1.1
+            lo, hi = 0.35 ** (1 - alpha), m_hi ** (1 - alpha)
             mass = (lo + u * (hi - lo)) ** (1.0 / (1 - alpha))
+            ln_w[m] = _ln_power_law_pdf(mass, IMF_ALPHA, 0.35, m_hi) - _ln_power_law_pdf(mass, alpha, 0.35, m_hi)
             evol = rng.uniform(0.0, 1.0, k) ** 2
             radius = mass**0.85 * (1.0 + 0.6 * evol * (mass > 0.8))
             te = 5772.0 * mass**0.6 * (1.0 - 0.05 * fe) / (1.0 + 0.08 * evol)
@@ -178,7 +224,11 @@ def _draw_params(rng: np.random.Generator, pop: np.ndarray) -> tuple[np.ndarray,
             )
         elif name == "giant":
             fe = np.clip(rng.normal(-0.25, 0.3, k), -2.5, 0.5)
-            lg = 3.6 - 2.8 * rng.uniform(0.0, 1.0, k) ** 0.7
+            x = rng.uniform(0.0, 1.0, k) ** giant_gamma
+            lg = 3.6 - 2.8 * x
+            # x = u^gamma has pdf x^(1/gamma - 1) / gamma on (0, 1)
+            ln_w[m] = (1.0 / GIANT_GAMMA - 1.0 / giant_gamma) * np.log(np.maximum(x, 1e-300)) + np.log(
+                giant_gamma / GIANT_GAMMA)
             te = 4750.0 + 280.0 * (lg - 2.5) - 180.0 * fe
         elif name == "red_clump":
             fe = np.clip(rng.normal(-0.1, 0.2, k), -1.0, 0.5)
@@ -190,7 +240,7 @@ def _draw_params(rng: np.random.Generator, pop: np.ndarray) -> tuple[np.ndarray,
             lg = rng.uniform(3.7, 4.4, k)
         te = te + rng.normal(0.0, 60.0, k)
         teff[m], feh[m], logg[m] = te, fe, lg
-    return np.clip(teff, 3100.0, 30000.0), feh, np.clip(logg, 0.5, 5.2)
+    return np.clip(teff, 3100.0, 30000.0), feh, np.clip(logg, 0.5, 5.2), ln_w
 
 
 def draw_population(
@@ -223,10 +273,10 @@ def draw_population(
     names = np.array(list(POPULATION_FRACTIONS))
     probs = np.array(list(POPULATION_FRACTIONS.values()))
     pop = names[rng.choice(names.size, size=n, p=probs / probs.sum())]
-    teff, feh, logg = _draw_params(rng, pop)
+    teff, feh, logg = draw_params(rng, pop)
 
     l0, b0 = field_centres(rng, n_fields)
-    l, b, field = _draw_in_fields(rng, n, l0, b0, field_radius_deg)
+    l, b, field = draw_in_fields(rng, n, l0, b0, field_radius_deg)
     clump_field = np.exp(rng.normal(0.0, 0.4, n_fields))
     clump = clump_field[field] * np.exp(rng.normal(0.0, 0.1, n))
 
@@ -237,11 +287,11 @@ def draw_population(
     for lo in range(0, n, _CHUNK):
         sl = slice(lo, min(n, lo + _CHUNK))
         d_kpc[sl] = _draw_distance(pop[sl], l[sl], b[sl], d_max[sl], u_dist[sl])
-        e[sl] = _interp_rows(d_kpc[sl], _DUST_GRID_KPC, dust_column(_DUST_GRID_KPC, l[sl], b[sl], clump[sl]))
+        e[sl] = _interp_rows(d_kpc[sl], DUST_GRID_KPC, dust_column(DUST_GRID_KPC, l[sl], b[sl], clump[sl]))
     e = e * np.exp(rng.normal(0.0, 0.05, n)) + 0.002  # small per-star structure; E > 0 always
     r_v = np.clip(rng.normal(r_v_mean, r_v_scatter, n), 2.3, 5.6) if r_v_scatter > 0 else np.full(n, float(r_v_mean))
 
-    ra, dec = _galactic_to_icrs(l, b)
+    ra, dec = galactic_to_icrs(l, b)
     return Population(teff, feh, logg, pop, l, b, ra, dec, d_kpc * 1000.0, e, r_v, field)
 
 
@@ -250,12 +300,12 @@ def _draw_distance(pop, l, b, d_max, u):
     n = pop.size
     frac = np.linspace(0.0, 1.0, 160)
     d_grid = 0.01 + (d_max[:, None] - 0.01) * frac[None, :] ** 1.5
-    big_r, z = _galactocentric(d_grid, l, b)
+    big_r, z = galactocentric(d_grid, l, b)
     dens = np.empty_like(d_grid)
     for name in POPULATION_FRACTIONS:
         sel = pop == name
         if sel.any():
-            dens[sel] = _stellar_density(name, big_r[sel], z[sel])
+            dens[sel] = stellar_density(name, big_r[sel], z[sel])
     w = dens * d_grid**2
     cdf = np.concatenate([np.zeros((n, 1)), np.cumsum(0.5 * (w[:, 1:] + w[:, :-1]) * np.diff(d_grid, axis=1), axis=1)], axis=1)
     cdf /= cdf[:, -1:]
@@ -274,7 +324,7 @@ def _interp_rows(x: np.ndarray, grid: np.ndarray, rows: np.ndarray) -> np.ndarra
     return rows[i, j] * (1.0 - t) + rows[i, j + 1] * t
 
 
-def _galactic_to_icrs(l_deg: np.ndarray, b_deg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def galactic_to_icrs(l_deg: np.ndarray, b_deg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     import astropy.units as u
     from astropy.coordinates import SkyCoord
 

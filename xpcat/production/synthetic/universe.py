@@ -50,18 +50,23 @@ from xpcat.production.synthetic.observe import chunk_observables
 from xpcat.production.synthetic.observed_sed import (
     abs_g_at_1kpc,
     extinction_terms,
+    g_and_extinction_table,
     noiseless_fluxes,
 )
 from xpcat.production.synthetic.population import POPULATION_FRACTIONS, draw_population
 from xpcat.production.synthetic.raw_tables import chunk_tables, truth_table
+from xpcat.production.synthetic.selection import (
+    density_weights,
+    draw_selected_population,
+)
 
 __all__ = [
-    "simulate_universe",
+    "CHUNK_SIZE",
+    "companion_teff_logg",
     "draw_universe",
     "noiseless_fluxes",
+    "simulate_universe",
     "source_ids",
-    "companion_teff_logg",
-    "CHUNK_SIZE",
 ]
 
 logger = logging.getLogger(__name__)
@@ -131,16 +136,29 @@ def draw_universe(config: SimulationConfig, proj: truth_model.ProjectionArrays) 
     seq = np.random.SeedSequence(config.seed)
     rng = np.random.default_rng(seq.spawn(1)[0])
     n = config.n_stars
-    pop = draw_population(
-        rng,
-        n,
-        abs_g=abs_g_at_1kpc(proj),
-        n_fields=config.n_fields,
-        field_radius_deg=config.field_radius_deg,
-        g_limit=config.g_limit,
-        r_v_mean=config.r_v_mean,
-        r_v_scatter=config.r_v_scatter,
-    )
+    if config.universe == "legacy":
+        pop = draw_population(
+            rng,
+            n,
+            abs_g=abs_g_at_1kpc(proj),
+            n_fields=config.n_fields,
+            field_radius_deg=config.field_radius_deg,
+            g_limit=config.g_limit,
+            r_v_mean=config.r_v_mean,
+            r_v_scatter=config.r_v_scatter,
+        )
+    else:
+        pop = draw_selected_population(
+            rng,
+            n,
+            g_and_extinction=g_and_extinction_table(proj, extinction_terms(proj), config.r_v_mean),
+            n_fields=config.n_fields,
+            field_radius_deg=config.field_radius_deg,
+            g_limit=config.g_limit,
+            r_v_mean=config.r_v_mean,
+            r_v_scatter=config.r_v_scatter,
+            weights=config.population_weights,
+        )
     sid = source_ids(rng, pop.ra, pop.dec)
     order = np.argsort(sid, kind="stable")
     u: dict[str, np.ndarray] = {k: np.asarray(v)[order] for k, v in asdict(pop).items()}
@@ -190,10 +208,12 @@ def simulate_universe(out_dir: Path, config: SimulationConfig) -> dict:
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"output directory {out_dir} exists and is not a directory")
-    logger.info("simulating %d stars, seed %d", config.n_stars, config.seed)
+    logger.info("simulating %d stars, seed %d (%s universe)", config.n_stars, config.seed, config.universe)
+    if config.universe != "legacy":
+        density_weights(config.population_weights)  # unknown names: InputError before anything is drawn
     proj = truth_model.projection_arrays()
     ext = extinction_terms(proj)
-    u = draw_universe(config, proj)
+    u = draw_universe(config, proj)  # zero or too few visible stars: InputError before any file is written
     n = config.n_stars
     seeds = np.random.SeedSequence([config.seed, 1]).spawn((n + CHUNK_SIZE - 1) // CHUNK_SIZE)
     paths = {name: out_dir / "raw" / name / "part-0000.parquet" for name in raw_schema.RAW_TABLES}
@@ -221,7 +241,10 @@ def simulate_universe(out_dir: Path, config: SimulationConfig) -> dict:
         "seed": config.seed,
         "n_stars": n,
         "config": asdict(config),
-        "population_fractions": POPULATION_FRACTIONS,
+        "universe": config.universe,
+        "population_fractions": POPULATION_FRACTIONS if config.universe == "legacy"
+        else {k: float(np.mean(u["population"] == k)) for k in POPULATION_FRACTIONS},
+        "population_weights": density_weights(config.population_weights) if config.universe != "legacy" else None,
         "population_counts": {k: int(np.count_nonzero(u["population"] == k)) for k in POPULATION_FRACTIONS},
         "binary_fraction": float(np.mean(u["is_binary"])),
         "outlier_fraction": float(np.mean(u["is_outlier"])),
