@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
-#: Library source_ids in the run (a random subset: the run takes ~6 min on 2 cores).
+#: Library source_ids in the run (a random subset: 7 min on 2 cores with the local profile, less with threads).
 N_STARS = 3000
 #: Of those, source_ids written to --holdout-ids (drawn from the training side of the split).
 N_HOLDOUT = 100
