@@ -271,7 +271,7 @@ def learn_model_error(est5: np.ndarray, cov5: np.ndarray, inv_plx_err: np.ndarra
     usable[:, 4] &= inv_plx_err > 0
     a = propagation_matrix(np.where(ok_star[:, None, None], cov5, 0.0), inv_plx_err)
     z = model_error_z(np.where(ok_star[:, None], est5, 0.0))
-    zu = z[ok_star] if ok_star.any() else z[:1] * 0
+    zu = z[ok_star] if ok_star.any() else np.zeros((1, z.shape[1]))  # no fitted star (or none at all)
     z_lo, z_hi = zu.min(axis=0), zu.max(axis=0)
     zc = np.clip(z, z_lo, z_hi)
     report: dict[str, Any] = {"n_stars": int(n), "n_fitted": int(ok_star.sum()), "min_stars": int(min_stars)}
