@@ -55,6 +55,7 @@ def _fabricate(run: Path, rng: np.random.Generator) -> dict:
         "teff_confidence": conf[:, 0], "feh_confidence": conf[:, 1], "logg_confidence": conf[:, 2],
         "quality_flags": qf, "stellar_params_icov_triu": [np.ones(15, np.float32)] * N,
         "stellar_params_cov_triu": [np.ones(15, np.float32)] * N, "fit_status": status,
+        "condition_flags": np.zeros(N, np.uint16),
     }
     table = pa.Table.from_pydict(cat, schema=CATALOG)
     (run / "fitted").mkdir(parents=True)
@@ -280,6 +281,15 @@ def test_page_escapes_values():
                                       "fig7": {p: empty for p in ("teff", "feh", "logg", "extinction", "parallax")}}
     validation["extinction_curve_comparison"] = {k: {"curve": f"<{k}>", "max_rel_dev": None}
                                                  for k in ("xp_extinction_toolkit", "ccm89_rv3.1", "truth")}
+    validation["error_calibration"] = {
+        "statement": "<b>not calibrated</b>", "uncertainty_statement": "paper & Fisher", "band": [0.85, 1.2],
+        "selection": "basic", "stars": 3, "reference": "truth", "parameters": ["teff"],
+        "teff": {"pull_sigma": 2.0, "calibrated": False, "n": 3}, "bins": {}, "bin_values": {}}
+    validation["catastrophic_failures"] = {"definition": "|Teff| > 500 K", "reference": "truth", "selection": "all",
+                                           "statements": ["<i>x</i>"], "thresholds": {"teff": 500, "logg": 0.5,
+                                                                                      "feh": 0.5}, "cuts": {}}
+    validation["confidence_status"] = {"any_fallback": True, "all_fallback": True, "all_trained": False, "statements": ["<why>"]}
+    validation["confidence_scatter"] = {}
     figures = {k: f"{k}.png" for k in ("kiel", "residuals", "residuals_normalised", "pulls", "flux_residuals",
                                        "extinction_curve", "sky", "confidence", "residuals_fig7", "residuals_fig16")}
     text = R.render_page(validation, [("a & b", 1, 0.5)], [("run directory", "/runs/<x>")], figures)
@@ -288,3 +298,5 @@ def test_page_escapes_values():
     assert "<td>/runs/&lt;x&gt;</td>" in text
     assert "<td>teff</td><td>1</td><td>n/a</td>" in text
     assert "<td>&lt;ccm89_rv3.1&gt;</td><td>n/a</td>" in text
+    assert "&lt;b&gt;not calibrated&lt;/b&gt;" in text and "paper &amp; Fisher" in text
+    assert "<li>&lt;i&gt;x&lt;/i&gt;</li>" in text and "<li>&lt;why&gt;</li>" in text

@@ -3,6 +3,7 @@
 - :func:`load_catalog`: ``fitted/*.parquet``, else the HATS catalog in ``catalog/``;
 - :func:`load_reference`: the truth table (synthetic universes), else the
   labels, the reddening table and the Gaia parallaxes;
+- :func:`load_g_mag`: the Gaia G magnitudes (``raw/gaia_source``) of the catalog stars;
 - :class:`ReportData`: both, aligned on source_id, in report units (Teff in K).
 """
 
@@ -27,9 +28,11 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "CATALOG_COLUMNS",
+    "REPORTED_METADATA",
     "REPORT_SCALE",
     "ReportData",
     "load_catalog",
+    "load_g_mag",
     "load_reference",
 ]
 
@@ -39,6 +42,9 @@ REPORT_SCALE = {"teff": 1000.0, "feh": 1.0, "logg": 1.0, "extinction": 1.0, "par
 CATALOG_COLUMNS = ["gdr3_source_id", "ra", "dec", "stellar_params_est", "stellar_params_err", "chi2_opt",
                    "ln_prior", "teff_confidence", "feh_confidence", "logg_confidence", "quality_flags",
                    "fit_status"]
+#: The catalog metadata keys saying how its numbers were made (which errors, which confidences) the report states.
+REPORTED_METADATA = ("uncertainty", "confidence_source", "confidence_per_parameter", "confidence_fallback",
+                     "confidence_rule")
 
 
 def _catalog_files(run_dir: Path) -> tuple[list[Path], str]:
@@ -67,7 +73,9 @@ def load_catalog(run_dir: Path) -> tuple[pa.Table, dict[str, Any]]:
     table : pyarrow.Table
         The :data:`CATALOG_COLUMNS` (n rows), sorted by ``gdr3_source_id``.
     info : dict
-        ``{"source": "fitted" | "catalog", "files": int, "model_hashes": sorted list of str}``.
+        ``{"source": "fitted" | "catalog", "files": int, "model_hashes": sorted list of str,
+        "metadata": dict}``: ``metadata`` holds the :data:`REPORTED_METADATA` keys of the
+        first file that has any ({} for a catalog written before they existed).
 
     Raises
     ------
@@ -85,7 +93,7 @@ def load_catalog(run_dir: Path) -> tuple[pa.Table, dict[str, Any]]:
             f"no catalog in {run_dir}: neither fitted/*.parquet nor a catalog/ exists; "
             f"run the inference stage first (`xpcat infer {run_dir}` or `xpcat run {run_dir}`)"
         )
-    tables, hashes = [], set()
+    tables, hashes, reported = [], set(), {}
     for f in files:
         try:
             pf = pq.ParquetFile(f)
@@ -97,10 +105,12 @@ def load_catalog(run_dir: Path) -> tuple[pa.Table, dict[str, Any]]:
             raise InputError(f"catalog file {f} lacks column {err}") from err
         if meta.get("model_hash"):
             hashes.add(str(meta["model_hash"]))
+        if not reported:
+            reported = {k: meta[k] for k in REPORTED_METADATA if k in meta}
         tables.append(t.select(CATALOG_COLUMNS).cast(pa.schema([CATALOG.field(c) for c in CATALOG_COLUMNS])))
     table = pa.concat_tables(tables).sort_by("gdr3_source_id")
     logger.debug("report: %d catalog rows from %d %s files", table.num_rows, len(files), source)
-    return table, {"source": source, "files": len(files), "model_hashes": sorted(hashes)}
+    return table, {"source": source, "files": len(files), "model_hashes": sorted(hashes), "metadata": reported}
 
 
 def _read_dir(path: Path, columns: list[str]) -> pa.Table | None:
@@ -179,6 +189,32 @@ def load_reference(run_dir: Path, sid: np.ndarray) -> tuple[dict[str, np.ndarray
     ref.update(_align(sid, _read_dir(raw / "gaia_source", ["source_id", "parallax", "parallax_error"]), "source_id",
                       {"parallax": "parallax", "parallax_error": "parallax_error"}))
     return ref, "labels"
+
+
+def load_g_mag(run_dir: Path, sid: np.ndarray) -> np.ndarray:
+    """Gaia G (``phot_g_mean_mag``, mag) of the catalog stars from ``raw/gaia_source`` (the catalog has no G).
+
+    Parameters
+    ----------
+    run_dir : Path
+        The run directory (its ``config.toml`` names the raw folder; the default ``raw/`` without one).
+    sid : (n,) int64 array
+        The catalog's source_ids.
+
+    Returns
+    -------
+    (n,) float64 array, mag; NaN where the star is not in ``gaia_source``, or everywhere when the
+    run has no ``gaia_source`` or it lacks ``phot_g_mean_mag`` (the G bins are then left out, with a warning).
+    """
+    paths = RunPaths.of(run_dir, read_run_config(Path(run_dir)))
+    try:
+        table = _read_dir(paths.raw_table("gaia_source"), ["source_id", "phot_g_mean_mag"])
+    except InputError as err:
+        logger.warning("report: no G for the error calibration's G bins (%s)", err)
+        table = None
+    if table is None:
+        logger.info("report: no raw/gaia_source in %s: no G for the error calibration's G bins", run_dir)
+    return _align(sid, table, "source_id", {"g": "phot_g_mean_mag"})["g"]
 
 
 @dataclass

@@ -18,6 +18,12 @@ inline CSS, PNG figures beside it; rendered from the Jinja template
   XP curve, CCM89 R_V = 3.1 and the truth law;
 - the sky map of the median E;
 - Table 3: stars passing each cut;
+- in words: whether the error bars are calibrated (pull robust sigma per
+  parameter against the 0.85-1.2 band, also in bins of G, E and Teff;
+  ``error_calibration``) and which errors the catalog reports, the fraction
+  of catastrophic failures per cut (``catastrophic_failures``), and per
+  confidence parameter whether its classifier was trained or fell back and
+  why (``confidence_status``);
 - pull distributions;
 - run facts: stars, partitions, model hash, timings.
 
@@ -43,7 +49,16 @@ from xpcat.catalog_schema import PARAM_NAMES
 from xpcat.fileio import write_json_atomic, write_text_atomic
 from xpcat.production.report.binned_figures import fig7_figure, fig16_figure
 from xpcat.production.report.binned_residuals import binned_residual_numbers
-from xpcat.production.report.data import ReportData, load_catalog, load_reference
+from xpcat.production.report.confidence_status import (
+    confidence_status,
+    read_confidence_summary,
+)
+from xpcat.production.report.data import (
+    ReportData,
+    load_catalog,
+    load_g_mag,
+    load_reference,
+)
 from xpcat.production.report.evaluation import (
     extinction_comparison,
     flux_residuals,
@@ -59,6 +74,7 @@ from xpcat.production.report.figures import (
     residuals_figure,
     sky_figure,
 )
+from xpcat.production.report.reliability import catastrophic_failures, error_calibration
 from xpcat.production.report.statistics import (
     cut_counts,
     format_number,
@@ -203,15 +219,6 @@ def render_page(validation: dict[str, Any], counts: list[tuple[str, int, float]]
     )
 
 
-def _confidence_aucs(run_dir: Path, artifact: Any) -> dict[str, Any]:
-    """``auc_teff``, ``auc_feh``, ``auc_logg`` from ``state/confidence.json``, else the artifact (None when absent)."""
-    conf_state = RunPaths.of(run_dir).confidence_state
-    conf_doc: dict = {}
-    if conf_state.is_file():
-        conf_doc = json.loads(conf_state.read_text())
-    elif artifact is not None:
-        conf_doc = artifact.component_meta.get("confidence", {})
-    return {f"auc_{p}": conf_doc.get(f"auc_{p}") for p in ("teff", "feh", "logg")}
 
 
 def write_report(run_dir: Path) -> Path:
@@ -257,7 +264,12 @@ def write_report(run_dir: Path) -> Path:
     validation["extinction_curve_max_rel_dev_xp_toolkit"] = comparison["xp_extinction_toolkit"]["max_rel_dev"]
     validation["extinction_curve_max_rel_dev_ccm89_rv31"] = comparison["ccm89_rv3.1"]["max_rel_dev"]
     validation["binned_residuals"] = binned_residual_numbers(data)
-    validation.update(_confidence_aucs(run_dir, artifact))
+    conf_summary, conf_source = read_confidence_summary(run_dir, artifact)
+    validation.update({f"auc_{p}": (conf_summary or {}).get(f"auc_{p}") for p in ("teff", "feh", "logg")})
+    validation["error_calibration"] = error_calibration(data, load_g_mag(run_dir, sid),
+                                                        cat_info["metadata"].get("uncertainty"))
+    validation["catastrophic_failures"] = catastrophic_failures(data)
+    validation["confidence_status"] = confidence_status(cat_info["metadata"], conf_summary, conf_source)
     counts = cut_counts(data)
     validation["cuts"] = {name: {"stars": c, "fraction": f} for name, c, f in counts}
     validation["model_hash"] = artifact.content_hash if artifact is not None else None
