@@ -85,3 +85,15 @@ def test_bad_files(tmp_path):
     p.write_text("[model]\nwidth = 3\n")
     with pytest.raises(ConfigError, match=r"bad.toml: \[model\] unknown key\(s\) width"):
         load_config(p)
+
+
+def test_fetch_workers_bounded():
+    """[fetch] workers: ranges fetched at once, polite to the shared archive (1..8, default 6)."""
+    from xpcat.config import ConfigError, RunConfig, config_from_dict
+    from xpcat.production.ingest.archive import fetch_options
+
+    assert RunConfig().fetch.workers == 6
+    assert fetch_options(config_from_dict({"fetch": {"workers": 2}})).workers == 2
+    for bad in (0, 9):
+        with pytest.raises(ConfigError, match=r"\[fetch\] workers"):
+            config_from_dict({"fetch": {"workers": bad}})

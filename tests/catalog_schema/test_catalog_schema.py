@@ -38,6 +38,7 @@ def _catalog_table(rng: np.random.Generator, n: int = 50) -> pa.Table:
             pa.array(cs.pack_triu(cov).ravel().astype(np.float32)), 15
         ),
         "fit_status": pa.array(rng.integers(0, 3, n).astype(np.uint8)),
+        "condition_flags": pa.array(rng.integers(0, 1 << 13, n).astype(np.uint16)),
     }
     return pa.table(cols).cast(CATALOG)
 
@@ -51,6 +52,7 @@ def test_table2_columns_in_order():
     assert CATALOG.field("stellar_params_est").type == pa.list_(pa.float32(), 5)
     assert CATALOG.field("stellar_params_cov_triu").type == pa.list_(pa.float32(), 15)
     assert CATALOG.field("quality_flags").type == pa.uint8()
+    assert cs.catalog.EXTRA_COLUMNS == ("fit_status", "condition_flags")  # documented extras after Table 2
     assert cs.catalog.PARAM_UNITS[0] == "kK"
     for f in CATALOG:
         assert b"unit" in f.metadata and b"description" in f.metadata

@@ -125,3 +125,13 @@ def test_local_profile_cluster_and_more_processes_refused():
         cluster_kwargs(load_profile("slurm"), ClusterConfig(profile="slurm", options={"processes": 4}))
     with pytest.raises(ConfigError, match="memory_limit = 'lots'"):
         ClusterConfig(profile="slurm", memory_limit="lots")
+
+
+def test_threads_profile_has_no_per_worker_memory_limit():
+    """In-process workers see the whole process's memory: a limit would pause them and hang the run."""
+    from xpcat.config import ClusterConfig
+    from xpcat.jobs.clusters import cluster_kwargs, load_profile
+
+    kw = cluster_kwargs(load_profile("threads"), ClusterConfig(profile="threads", memory_limit="1GiB"))
+    assert kw["processes"] is False and kw["memory_limit"] == 0
+    assert cluster_kwargs(load_profile("local"), ClusterConfig(memory_limit="1GiB"))["memory_limit"] == 1 << 30

@@ -91,6 +91,7 @@ def fake_infer(ctx, part) -> dict:
         "stellar_params_icov_triu": fsl(np.ones((n, 15)), 15),
         "stellar_params_cov_triu": fsl(np.ones((n, 15)), 15),
         "fit_status": pa.array(np.zeros(n, np.uint8)),
+        "condition_flags": pa.array((sid % 3).astype(np.uint16)),
     }
     t = pa.table(cols).cast(CATALOG)
     out = Path(run_dir) / "fitted" / f"{part.name}.parquet"

@@ -278,6 +278,19 @@ def test_xpcat_run_real_stages_local(tmp_path):
     assert json.loads((rd / "state" / "run.json").read_text())["model_hash"] == h
     # the workers kept their compiled inference kernels for later workers
     assert any((rd / "state" / "jax-cache").iterdir())
+    # the catalog says how its numbers were made (the fitted partitions' metadata), and marks each star's inputs
+    from xpcat.catalog_schema import read_metadata
+
+    pixel = next((rd / "catalog" / "dataset").rglob("*.parquet"))
+    meta = read_metadata(pq.read_schema(pixel))
+    assert meta["model_hash"] == h and meta["uncertainty"]["used"] in ("calibrated", "paper")
+    assert meta["confidence_source"] == "placeholder" and set(meta["confidence_fallback"]) == {"teff", "feh", "logg"}
+    assert meta["ln_prior_cut_mass"] == 0.999
+    cat = pq.read_table(rd / "catalog" / "dataset", columns=["gdr3_source_id", "condition_flags"])
+    cond = pa.concat_tables([pq.read_table(f, columns=["source_id", "condition_flags"])
+                             for f in sorted((rd / "conditioned").glob("*.parquet"))])
+    flags = dict(zip(cond.column(0).to_pylist(), cond.column(1).to_pylist()))
+    assert [flags[i] for i in cat.column(0).to_pylist()] == cat.column(1).to_pylist()
     res = runner.invoke(cli, ["validate", str(rd)])
     assert res.exit_code == 0 and "exactly once" in res.output
     res = runner.invoke(cli, ["status", str(rd)])

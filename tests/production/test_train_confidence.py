@@ -238,7 +238,8 @@ def universe_run(tmp_path_factory):
 
     run = tmp_path_factory.mktemp("confidence_universe") / "run"
     cfg = config_from_dict({
-        "simulate": {"n_stars": 200_000, "seed": 3, "binary_fraction": 0.2, "outlier_fraction": 0.1, "label_fraction": 1.0},
+        "simulate": {"n_stars": 200_000, "seed": 3, "binary_fraction": 0.2, "outlier_fraction": 0.1, "label_fraction": 1.0,
+                     "universe": "legacy"},  # the universe issue 7's figures were measured on
         "confidence": {"preset": "quick"}, "training": {"preset": "quick"}, "data": {"partition_level": 1},
     })
     simulate_universe(run, cfg.simulate)

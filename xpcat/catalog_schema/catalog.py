@@ -10,6 +10,13 @@ Extras (after the Table 2 columns):
 
 - ``fit_status`` (uint8): :class:`~xpcat.catalog_schema.flags.FitStatus`
   (0 converged, 1 not converged, 2 no usable data).
+- ``condition_flags`` (uint16): :class:`~xpcat.catalog_schema.flags.ConditionFlag`,
+  what conditioning found in the star's inputs, carried from its conditioned
+  partition: bit 0 no BP (or its coefficients dropped: NaN, not finite),
+  1 no RP, 2 no 2MASS, 3 2MASS crowded, 4 no unWISE, 5 unWISE crowded,
+  6 covariance repaired, 7 non-positive flux, 8 no parallax, 9 bad XP input,
+  10 no XP at all, 11 XP from sampled spectra, 12 sampled spectra given but
+  unused. ``quality_flags`` stays the paper's.
 """
 
 from __future__ import annotations
@@ -46,6 +53,8 @@ _TABLE2 = [
 
 _EXTRAS = [
     field("fit_status", pa.uint8(), "", "FitStatus: 0 converged, 1 not converged, 2 no usable data", nullable=False),
+    field("condition_flags", pa.uint16(), "", "ConditionFlag bits of the star's inputs (bit 0 no BP, 1 no RP, "
+          "2 no 2MASS, ..., 11 XP from sampled spectra)", nullable=False),
 ]
 
 #: Names of the Table 2 columns, in order.

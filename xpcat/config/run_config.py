@@ -21,6 +21,7 @@ from xpcat.config.sections import (
     ConditioningConfig,
     ConfidenceConfig,
     DataConfig,
+    FetchConfig,
     InferenceConfig,
     ModelConfig,
     RunSection,
@@ -46,6 +47,7 @@ class RunConfig:
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     confidence: ConfidenceConfig = field(default_factory=ConfidenceConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    fetch: FetchConfig = field(default_factory=FetchConfig)
     catalog: CatalogConfig = field(default_factory=CatalogConfig)
 
     def replace(self, **sections: dict[str, Any]) -> RunConfig:

@@ -15,6 +15,7 @@ from xpcat.config.cluster_values import check_cluster_values
 from xpcat.config.fields import Section, config_field
 
 __all__ = [
+    "FetchConfig",
     "RunSection",
     "DataConfig",
     "SimulationConfig",
@@ -254,6 +255,21 @@ class ClusterConfig(Section):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_cluster_values(self)
+
+
+@dataclass(frozen=True)
+class FetchConfig(Section):
+    """[fetch]: how ``xpcat fetch`` talks to the Gaia archive."""
+
+    _section = "fetch"
+    workers: int = config_field(
+        6,
+        "Source_id ranges fetched at once, each in its own process with at most one request to the archive in "
+        "flight (the Gaia archive is shared; ESA publishes no limit, 6 is the per-host connection count of web "
+        "browsers).",
+        min=1,
+        max=8,
+    )
 
 
 @dataclass(frozen=True)

@@ -176,6 +176,10 @@ def cluster_kwargs(profile: Profile, cfg: ClusterConfig, *, log_dir: Path | None
             kw["resources"] = {"GPU": 1}
         kw.update(profile.cluster)
         kw.update(cfg.options)
+        if not kw.get("processes", True):
+            # in-process workers measure the whole process's memory (the client's, every thread's): a per-worker
+            # limit would pause them as soon as the process holds more than it, with tasks left waiting forever
+            kw["memory_limit"] = 0
         return kw
     kw = {"cores": cfg.threads_per_worker, "memory": cfg.memory_limit, "processes": 1}
     kw.update({k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in profile.cluster.items()})

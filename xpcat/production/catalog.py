@@ -182,6 +182,22 @@ def pixel_task(run_dir: str, in_dir: str, sources: list[str], order: int, pix: i
 
 
 # ---------------------------------------------------------------- driver
+#: What the fitted partitions' metadata says about how the catalog's numbers were made, carried to the catalog.
+CARRIED_METADATA = ("uncertainty", "confidence_source", "confidence_per_parameter", "confidence_fallback",
+                    "confidence_rule", "ln_prior_cut", "ln_prior_cut_mass", "params_units", "fit_status", "inference")
+
+
+def _fitted_metadata(path: Path) -> dict[str, Any]:
+    """The keys of :data:`CARRIED_METADATA` in one fitted partition's metadata (they are the same in every one)."""
+    from xpcat.catalog_schema import read_metadata
+
+    try:
+        doc = read_metadata(pq.read_schema(path))
+    except (OSError, pa.ArrowInvalid, ValueError):
+        return {}
+    return {k: doc[k] for k in CARRIED_METADATA if k in doc}
+
+
 def _map(client, fn, calls: list[tuple], label: str, retries: int) -> None:
     """Run ``fn(*args)`` for each call on the cluster; any task still failing after its retries fails the step."""
     errors = [o.error for o in run_tasks(client, fn, list(enumerate(calls)), label, retries=retries) if not o.ok]
@@ -295,7 +311,8 @@ def build_catalog(run_dir: Path, config: RunConfig, in_dir: str = "fitted", *, c
         shutil.rmtree(RunPaths.of(run_dir).state / _STATE / "pixels", ignore_errors=True)
         write_json_atomic(align_path, align_doc)
     meta = {"model_hash": (S.stage_done(run_dir, "infer") or {}).get("model_hash"),
-            "xpcat_version": package_version("xpcat"), "run": config.run.name, "config": config_to_dict(config)}
+            "xpcat_version": package_version("xpcat"), "run": config.run.name, "config": config_to_dict(config),
+            **_fitted_metadata(RunPaths.of(run_dir).output(in_dir, names[0]))}
     run_json = RunPaths.of(run_dir).run_record
     if meta["model_hash"] is None and run_json.exists():
         meta["model_hash"] = json.loads(run_json.read_text()).get("model_hash")

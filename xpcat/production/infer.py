@@ -199,6 +199,7 @@ def fit_table(batch: pa.RecordBatch | pa.Table, inference: Inference, confidence
         "stellar_params_icov_triu": fixed(pack_triu(icov5), 15),
         "stellar_params_cov_triu": fixed(pack_triu(cov5), 15),
         "fit_status": pa.array(status.astype(np.uint8), type=pa.uint8()),
+        "condition_flags": batch.column(batch.schema.get_field_index("condition_flags")).cast(pa.uint16()),
     }
     return pa.Table.from_arrays([cols[f.name] for f in CATALOG], schema=CATALOG)
 

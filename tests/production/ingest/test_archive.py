@@ -6,7 +6,6 @@ import json
 import shutil
 import socket
 import time
-from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
@@ -284,10 +283,9 @@ def test_fetch_options_are_checked():
 
 
 def test_fetch_concurrency_comes_from_the_run_config():
-    """``[fetch] workers`` when the configuration has it (read defensively), else the bounded default."""
-    assert fetch_options(RunConfig()).workers == getattr(getattr(RunConfig(), "fetch", None), "workers", DEFAULT_WORKERS)
-    assert fetch_options(SimpleNamespace(fetch=SimpleNamespace(workers=3))).workers == 3
-    assert fetch_options(SimpleNamespace()).workers == DEFAULT_WORKERS == FetchOptions().workers
+    """``[fetch] workers`` of the run config, bounded by the archive's politeness limit."""
+    assert fetch_options(RunConfig()).workers == RunConfig().fetch.workers == DEFAULT_WORKERS == FetchOptions().workers
+    assert fetch_options(RunConfig().replace(fetch={"workers": 3})).workers == 3
     assert 1 < DEFAULT_WORKERS <= MAX_WORKERS
 
 

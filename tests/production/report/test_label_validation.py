@@ -85,6 +85,7 @@ def _labels_run(run: Path) -> dict:
         "teff_confidence": conf, "feh_confidence": conf, "logg_confidence": conf, "quality_flags": qf,
         "stellar_params_icov_triu": [np.ones(15, np.float32)] * n, "stellar_params_cov_triu": [np.ones(15, np.float32)] * n,
         "fit_status": np.where(group == "D", 1, 0).astype(np.uint8),
+        "condition_flags": np.zeros(len(group), np.uint16),
     }
     (run / "fitted").mkdir(parents=True)
     pq.write_table(pa.Table.from_pydict(cat, schema=CATALOG), run / "fitted" / "L05-000001.parquet")

@@ -41,7 +41,6 @@ from xpcat.config import RunConfig
 from xpcat.errors import InputError
 from xpcat.fileio import write_json_atomic
 from xpcat.production.ingest.client import (
-    DEFAULT_WORKERS,
     FetchOptions,
     RangeFailed,
     build_client,
@@ -89,8 +88,8 @@ _WORKER_CLIENT: dict[tuple[str, bool], Any] = {}
 
 
 def fetch_options(config: RunConfig) -> FetchOptions:
-    """The run's :class:`FetchOptions`: ``[fetch] workers`` when the configuration has it, defaults otherwise."""
-    return FetchOptions(workers=int(getattr(getattr(config, "fetch", None), "workers", DEFAULT_WORKERS)))
+    """The run's :class:`FetchOptions` (``[fetch] workers``)."""
+    return FetchOptions(workers=config.fetch.workers)
 
 
 def _run_task(client: Any, task: _Task, level: int, raw_root: Path, state_dir: Path, options: FetchOptions,
