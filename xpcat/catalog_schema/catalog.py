@@ -25,12 +25,14 @@ import pyarrow as pa
 
 from xpcat.catalog_schema._fields import field, flist
 
-__all__ = ["PARAM_NAMES", "PARAM_UNITS", "TABLE2_COLUMNS", "EXTRA_COLUMNS", "CATALOG"]
+__all__ = ["PARAM_NAMES", "PARAM_UNITS", "TEFF_K_PER_UNIT", "TABLE2_COLUMNS", "EXTRA_COLUMNS", "CATALOG"]
 
 #: Order of the 5 stellar parameters in the list columns.
 PARAM_NAMES = ("teff", "feh", "logg", "extinction", "parallax")
 #: Their units in the catalog (Teff in kK, as the paper's Table 2).
 PARAM_UNITS = ("kK", "dex", "dex(cm / s2)", "mag", "mas")
+#: Kelvin per catalog Teff unit (kK): labels and the type prior's Theta are in K.
+TEFF_K_PER_UNIT = 1000.0
 
 f32 = pa.float32()
 _p = "Teff [kK], [Fe/H] [dex], logg [dex], E [mag], parallax [mas]"

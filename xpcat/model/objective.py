@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from xpcat.catalog_schema.catalog import TEFF_K_PER_UNIT
 from xpcat.model.prior import GMMParams, gmm_log_density
 
 __all__ = [
@@ -53,7 +54,7 @@ logger = logging.getLogger(__name__)
 JAXArray = jax.Array
 
 #: Teff of the internal variable is in units of this many K (kK).
-TEFF_SCALE_K = 1000.0
+TEFF_SCALE_K = TEFF_K_PER_UNIT
 #: Number of fitted variables per star.
 N_VAR = 5
 

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from xpcat.catalog_schema.catalog import TEFF_K_PER_UNIT
 from xpcat.catalog_schema.triangle import unpack_triu
 from xpcat.errors import InputError
 from xpcat.model.forward import N_OUT
@@ -33,7 +34,7 @@ __all__ = ["THETA_UNIT", "E_FLOOR", "TrainingData", "TrainingDataError", "StarSt
 logger = logging.getLogger(__name__)
 
 #: Scale from the star-variable units (kK, dex, dex) to the model's (K, dex, dex).
-THETA_UNIT = np.array([1000.0, 1.0, 1.0])
+THETA_UNIT = np.array([TEFF_K_PER_UNIT, 1.0, 1.0])
 #: Floor on the starting reddening (E = 0 has no logarithm), mag.
 E_FLOOR = 1e-3
 

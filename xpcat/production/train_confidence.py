@@ -42,6 +42,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from xpcat.catalog_schema.catalog import TEFF_K_PER_UNIT
 from xpcat.config import RunConfig, config_to_dict
 from xpcat.errors import InputError, StageError
 from xpcat.fileio import atomic_path, write_text_atomic
@@ -221,7 +222,7 @@ def training_set(
     bits = quality_flag_bits(fit["chi2"], fit["ln_prior"], params5[:, 4], cond["parallax"], cond["parallax_error"],
                              ln_prior_cut)
     basic = (bits == 0) & (np.asarray(fit["fit_status"]) == FitStatus.CONVERGED) & np.all(np.isfinite(params5), axis=1)
-    unit = {"teff": 1000.0, "feh": 1.0, "logg": 1.0}  # catalog Teff is kK, labels K
+    unit = {"teff": TEFF_K_PER_UNIT, "feh": 1.0, "logg": 1.0}  # catalog Teff is kK, labels K
     col = {"teff": 0, "feh": 1, "logg": 2}
     labels = {}
     for p in C.PARAMETERS:

@@ -62,6 +62,7 @@ from xpcat.production.ingest.ranges import (
     read_range_state,
     write_range_state,
 )
+from xpcat.production.run_dir import RunPaths
 from xpcat.production.partitions import partition_name
 from xpcat.progress import progress
 
@@ -273,8 +274,9 @@ def fetch_run(run_dir: Path, config: RunConfig, archive_url: str = "https://gea.
     options = options or fetch_options(config)
     run_dir = Path(run_dir)
     level = config.data.partition_level
-    raw_root = Path(config.data.raw_dir) if Path(config.data.raw_dir).is_absolute() else run_dir / config.data.raw_dir
-    state_dir = run_dir / "state" / "fetch"
+    paths = RunPaths.of(run_dir, config)
+    raw_root = paths.raw
+    state_dir = paths.state / "fetch"
     state_dir.mkdir(parents=True, exist_ok=True)
     resolve_partner_paths(run_dir, config)  # a missing partner file fails before any fetching
     chosen = list(pixels if pixels is not None else config.data.pixels)

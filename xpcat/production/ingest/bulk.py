@@ -47,6 +47,7 @@ from xpcat.errors import InputError
 from xpcat.fileio import write_text_atomic
 from xpcat.production.ingest.bulk_format import is_gzip, read_ecsv_header
 from xpcat.production.ingest.formats import BadRow, conform_rows
+from xpcat.production.run_dir import RunPaths
 from xpcat.production.partitions import (
     atomic_write_parquet,
     is_done,
@@ -324,9 +325,9 @@ def ingest_files(run_dir: Path, files: list[Path], *, block_size: int = 1 << 24,
     is_sampled = [sampled_kind(f) is not None for f in files]
     sampled, files = [f for f, s in zip(files, is_sampled) if s], [f for f, s in zip(files, is_sampled) if not s]
     level = config.data.partition_level
-    raw_dir = Path(config.data.raw_dir)
-    raw_root = raw_dir if raw_dir.is_absolute() else run_dir / raw_dir
-    state = run_dir / "state" / "ingest"
+    paths = RunPaths.of(run_dir, config)
+    raw_root = paths.raw
+    state = paths.state / "ingest"
     spool_root = state / "spool"
     state.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

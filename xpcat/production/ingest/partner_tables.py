@@ -33,6 +33,7 @@ from xpcat.config import RunConfig
 from xpcat.errors import InputError
 from xpcat.fileio import file_sha256, write_text_atomic
 from xpcat.production.ingest.formats import BadRow, astropy_to_arrow, conform_rows
+from xpcat.production.run_dir import RunPaths
 from xpcat.production.partitions import (
     atomic_write_parquet,
     is_done,
@@ -190,9 +191,9 @@ def ingest_partner(run_dir: Path, table: str, path: str | os.PathLike, level: in
         ten), skipped (True when this exact file was already ingested).
     """
     run_dir = Path(run_dir)
-    raw_root = raw_root or run_dir / "raw"
+    raw_root = raw_root or RunPaths.of(run_dir).raw
     out_dir = raw_root / table
-    state_path = run_dir / "state" / "partners" / f"{table}.json"
+    state_path = RunPaths.of(run_dir).state / "partners" / f"{table}.json"
     digest = file_sha256(path)
     try:
         previous = json.loads(state_path.read_text())
@@ -234,6 +235,5 @@ def ingest_partner(run_dir: Path, table: str, path: str | os.PathLike, level: in
 def ingest_partner_tables(run_dir: Path, config: RunConfig) -> dict[str, dict]:
     """Ingest every partner file named in ``[data]`` (none named: empty dict)."""
     paths = resolve_partner_paths(run_dir, config)
-    raw_dir = Path(config.data.raw_dir)
-    raw_root = raw_dir if raw_dir.is_absolute() else Path(run_dir) / raw_dir
+    raw_root = RunPaths.of(run_dir, config).raw
     return {t: ingest_partner(run_dir, t, p, config.data.partition_level, raw_root=raw_root) for t, p in paths.items()}

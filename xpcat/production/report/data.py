@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from xpcat.catalog_schema import CATALOG, PARAM_NAMES, read_metadata
+from xpcat.catalog_schema.catalog import TEFF_K_PER_UNIT
 from xpcat.catalog_schema.flags import BASIC_CUT_MAX
 from xpcat.config import read_run_config
 from xpcat.errors import InputError, StageError
@@ -37,7 +38,7 @@ __all__ = [
 ]
 
 #: Factor from catalog units to report units per parameter: Teff is reported in K (the catalog stores kK).
-REPORT_SCALE = {"teff": 1000.0, "feh": 1.0, "logg": 1.0, "extinction": 1.0, "parallax": 1.0}
+REPORT_SCALE = {"teff": TEFF_K_PER_UNIT, "feh": 1.0, "logg": 1.0, "extinction": 1.0, "parallax": 1.0}
 #: Catalog columns the report reads.
 CATALOG_COLUMNS = ["gdr3_source_id", "ra", "dec", "stellar_params_est", "stellar_params_err", "chi2_opt",
                    "ln_prior", "teff_confidence", "feh_confidence", "logg_confidence", "quality_flags",

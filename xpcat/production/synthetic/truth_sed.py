@@ -58,6 +58,9 @@ import jax.numpy as jnp
 import numpy as np
 from astropy import constants
 
+from xpcat.catalog_schema import conditioned as cs_conditioned
+from xpcat.catalog_schema.conditioned import FLUX_UNIT_W_M2_NM
+
 __all__ = [
     "FLUX_UNIT_W_M2_NM",
     "FINE_WAVELENGTHS_NM",
@@ -79,14 +82,12 @@ logger = logging.getLogger(__name__)
 
 JAXArray = jax.Array
 
-#: Internal flux unit, W m^-2 nm^-1 (same as ``catalog_schema.FLUX_UNIT_W_M2_NM``).
-FLUX_UNIT_W_M2_NM = 1e-18
 #: Fine grid on which the SED is evaluated and projected, nm.
 FINE_WAVELENGTHS_NM = np.arange(330.0, 1021.0, 1.0)
 #: The 61 XP samples, nm.
-XP_WAVELENGTHS_NM = np.arange(392.0, 993.0, 10.0)
+XP_WAVELENGTHS_NM = np.asarray(cs_conditioned.XP_WAVELENGTHS_NM)
 #: Reference wavelengths of J, H, Ks, W1, W2 (SPEC §1), nm.
-NIR_WAVELENGTHS_NM = np.array([1235.0, 1662.0, 2159.0, 3352.6, 4602.8])
+NIR_WAVELENGTHS_NM = 1000.0 * np.asarray(cs_conditioned.NIR_WAVELENGTHS_UM)
 #: Wavelength ranges over which the SED is projected onto the BP / RP bases, nm.
 BP_FIT_RANGE_NM = (330.0, 643.0)
 RP_FIT_RANGE_NM = (635.0, 1020.0)
