@@ -7,8 +7,11 @@ from xpcat.model import model_error as ME
 from xpcat.model.uncertainty import psd_inverse
 
 
-def _universe(n: int, seed: int = 0, scale: float = 1.0):
-    """n stars with a known model error that grows with Teff and E, Fisher errors spread over 10x."""
+def _universe(n: int, seed: int = 0, scale: float = 1.0, fisher_scale: float = 1.0):
+    """n stars with a known model error that grows with Teff and E, Fisher errors spread over 10x.
+
+    ``fisher_scale``: the true errors are that factor times the Fisher ones (plus the model error).
+    """
     rs = np.random.default_rng(seed)
     teff = rs.uniform(4.0, 7.5, n)
     est_true = np.column_stack([teff, rs.normal(-0.2, 0.3, n), rs.uniform(1.5, 4.8, n), rs.uniform(0.01, 1.0, n),
@@ -19,7 +22,7 @@ def _universe(n: int, seed: int = 0, scale: float = 1.0):
     s_model = scale * np.column_stack([0.05 + 0.04 * (teff - 4.0), 0.08 + 0 * teff, 0.10 + 0 * teff,
                                        0.02 + 0.03 * est_true[:, 3], 0 * teff])
     ref_sd = np.array([0.05, 0.05, 0.05, 0.02, 0.05]) * np.ones((n, 5))
-    noise = rs.standard_normal((n, 5)) * np.sqrt(fisher_sd**2 + s_model**2)
+    noise = rs.standard_normal((n, 5)) * np.sqrt((fisher_scale * fisher_sd) ** 2 + s_model**2)
     est = est_true + noise
     ref = est_true + rs.standard_normal((n, 5)) * ref_sd
     # the parallax: estimate = fit's own datum, ref = Gaia parallax; no model error, inv_plx_err = 0 here
@@ -45,6 +48,32 @@ def test_learned_model_error_calibrates_pulls_overall_and_in_bins():
     for mask in (est2[:, 0] < 5.0, est2[:, 0] > 6.5, sd0 < np.median(sd0), sd0 > np.median(sd0), est2[:, 3] > 0.6):
         for j in range(4):
             assert 0.85 <= ME.robust_sigma(pulls[mask, j]) <= 1.2, (j, ME.robust_sigma(pulls[mask, j]))
+
+
+def test_fisher_errors_too_small_by_a_factor_are_scaled_not_absorbed_in_s():
+    """Errors that are 2x the Fisher ones (e.g. a noise systematic) grow with the Fisher error: K, not S."""
+    est, cov, inv, ref, ref_var, _ = _universe(4000, scale=0.3, fisher_scale=2.0)
+    me, report = ME.learn_model_error(est, cov, inv, ref, ref_var)
+    assert me is not None
+    for j, p in enumerate(("teff", "feh", "logg", "e")):
+        assert report[p]["fisher_scale"] == pytest.approx(2.0, rel=0.2), p
+    assert me.fisher_scale[4] == 1.0  # the parallax's Fisher error is Gaia's
+    est2, cov2, inv2, ref2, ref_var2, _ = _universe(8000, seed=3, scale=0.3, fisher_scale=2.0)
+    sd = np.sqrt(np.einsum("nii->ni", cov2))
+    cal, _ = ME.calibrated_covariance(cov2, est2, inv2, me)
+    unscaled = ME.ModelError(me.beta, me.z_lo, me.z_hi, me.rho)  # the same S without K
+    cal1, _ = ME.calibrated_covariance(cov2, est2, inv2, unscaled)
+    for j in range(4):
+        faint = sd[:, j] > np.quantile(sd[:, j], 0.8)  # the largest Fisher errors: the faint stars
+        for c, ok in ((cal, True), (cal1, False)):
+            pull = ME.robust_sigma(((est2 - ref2) / np.sqrt(np.einsum("nii->ni", c) + ref_var2))[faint, j])
+            assert (0.85 <= pull <= 1.2) == ok, (j, pull, ok)
+    arrays = ME.model_error_to_arrays(me)
+    assert np.array_equal(ME.model_error_from_arrays(arrays).fisher_scale, me.fisher_scale)
+    old = {k: v for k, v in arrays.items() if k != "fisher_scale"}  # an artifact made before K existed
+    assert np.array_equal(ME.model_error_from_arrays(old).fisher_scale, np.ones(5))
+    with pytest.raises(ValueError, match="fisher_scale"):
+        ME.model_error_from_arrays({**arrays, "fisher_scale": np.array([1.0, -1.0, 1.0, 1.0, 1.0])})
 
 
 def test_no_model_error_needed_gives_none_added():

@@ -168,7 +168,7 @@ def test_model_error_learned_from_the_validation_split(tmp_path, rng, monkeypatc
 
     art = load_artifact(tmp_path / "model")
     assert art.component_meta["model_error"]["status"] == "calibrated"
-    assert set(art.components["model_error"]) == {"beta", "z_lo", "z_hi", "rho"}
+    assert set(art.components["model_error"]) == {"beta", "z_lo", "z_hi", "rho", "fisher_scale"}
 
 
 def test_model_error_falls_back_on_a_tiny_validation_split(tmp_path, rng, monkeypatch):
