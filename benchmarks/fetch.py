@@ -1,12 +1,12 @@
 """Throughput of archive ingest: astroquery through the local archive, and bulk files.
 
-    python benchmarks/fetch.py [--stars 2000] [--level 3] [--structure RAW]
+    python benchmarks/fetch.py [--stars 2000] [--level 3] [--structure RAW] [--xp continuous|sampled]
 
 1. Simulates a universe of ``--stars`` stars (``xpcat simulate``; not timed as
    part of the fetch).
 2. Serves it with the local archive and runs ``fetch_run`` through
    astroquery (census, Appendix A async ADQL jobs, DataLink XP_CONTINUOUS
-   batches) at partition level ``--level``: rows/s of gaia_source and of XP
+   batches, or XP_SAMPLED with ``--xp sampled``: ``[fetch] xp``) at partition level ``--level``: rows/s of gaia_source and of XP
    spectra. The local archive runs in the same process, so its own work
    (DuckDB, formatting the archive's CSV) is included: a lower bound on what
    the client alone sustains.
@@ -78,6 +78,7 @@ def _faulty_fetch(tmp: Path, config, args) -> dict:
     import numpy as np
 
     from xpcat.config import write_config
+    from xpcat.production.ingest.ranges import fetched_tables
 
     port = _free_port()
     env = {**os.environ, "XPCAT_PROGRESS": "0"}
@@ -120,7 +121,7 @@ def _faulty_fetch(tmp: Path, config, args) -> dict:
                               or [np.array([], dtype=np.int64)])
 
     want = np.unique(source_ids(tmp / "universe" / "raw" / "xp_continuous_mean_spectrum"))
-    got = source_ids(run / "raw" / "xp_continuous_mean_spectrum")
+    got = source_ids(run / "raw" / fetched_tables(config.fetch.xp)[2])
     lines = [ln for ln in err.splitlines() if ln.strip()]
     return {
         "code": str(args.code or Path(__file__).resolve().parents[1]),
@@ -142,6 +143,8 @@ def main() -> None:
     ap.add_argument("--level", type=int, default=3)
     ap.add_argument("--structure", choices=["RAW", "INDIVIDUAL"], default="RAW")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--xp", choices=["continuous", "sampled"], default="continuous",
+                    help="[fetch] xp: the DataLink XP product fetched (XP_CONTINUOUS or XP_SAMPLED)")
     ap.add_argument("--faulty", action="store_true", help="CLI fetch against a fault-injecting archive (see above).")
     ap.add_argument("--error-rate", type=float, default=0.2)
     ap.add_argument("--short-rate", type=float, default=0.3)
@@ -153,15 +156,17 @@ def main() -> None:
 
     from xpcat.config import RunConfig, SimulationConfig, config_from_dict, config_to_dict, write_config
     from xpcat.production.ingest.archive import FetchOptions, fetch_run
+    from xpcat.production.ingest.ranges import fetched_tables
     from xpcat.production.synthetic.archive_server import LocalArchive
     from xpcat.production.ingest.bulk_format import write_bulk_file
     from xpcat.production.synthetic.universe import simulate_universe
 
     d = config_to_dict(RunConfig())
     d["data"]["partition_level"] = args.level
+    d["fetch"]["xp"] = args.xp
     config = config_from_dict(d)
     out: dict = {"benchmark": "fetch", "stars": args.stars, "partition_level": args.level,
-                 "datalink_structure": args.structure}
+                 "datalink_structure": args.structure, "xp": args.xp}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         t0 = time.perf_counter()
@@ -176,11 +181,11 @@ def main() -> None:
         with LocalArchive(tmp / "universe") as archive:
             t0 = time.perf_counter()
             s = fetch_run(tmp / "run", config, archive_url=archive.url, login=False,
-                          options=FetchOptions(data_structure=args.structure))
+                          options=FetchOptions(data_structure=args.structure, xp=args.xp))
             dt = time.perf_counter() - t0
             stats = archive.stats
         n_gaia = s["rows"]["gaia_source"]
-        n_xp = s["rows"]["xp_continuous_mean_spectrum"]
+        n_xp = s["rows"][fetched_tables(args.xp)[2]]
         out["archive"] = {
             "seconds": round(dt, 3), "ranges": s["ranges"], "failed": len(s["failed"]),
             "gaia_source_rows": n_gaia, "xp_rows": n_xp, "tmass_rows": s["rows"]["tmass"],

@@ -97,3 +97,14 @@ def test_fetch_workers_bounded():
     for bad in (0, 9):
         with pytest.raises(ConfigError, match=r"\[fetch\] workers"):
             config_from_dict({"fetch": {"workers": bad}})
+
+
+def test_fetch_xp_product():
+    """[fetch] xp: the DataLink product `xpcat fetch` asks for, continuous by default, sampled on request."""
+    from xpcat.config import ConfigError
+    from xpcat.production.ingest.archive import fetch_options
+
+    assert RunConfig().fetch.xp == "continuous" and fetch_options(RunConfig()).xp == "continuous"
+    assert fetch_options(config_from_dict({"fetch": {"xp": "sampled"}})).xp == "sampled"
+    with pytest.raises(ConfigError, match=r"\[fetch\] xp = 'coefficients'"):
+        config_from_dict({"fetch": {"xp": "coefficients"}})

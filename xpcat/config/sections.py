@@ -270,6 +270,13 @@ class FetchConfig(Section):
         min=1,
         max=8,
     )
+    xp: Literal["continuous", "sampled"] = config_field(
+        "continuous",
+        "DataLink XP product fetched: 'continuous' (XP_CONTINUOUS coefficients with their correlations, raw "
+        "xp_continuous_mean_spectrum) or 'sampled' (XP_SAMPLED, 343 samples 336-1020 nm, diagonal errors only, raw "
+        "xp_sampled_spectrum as `xpcat ingest` writes it; conditioned with the XP_SAMPLED flag).",
+        choices=("continuous", "sampled"),
+    )
 
 
 @dataclass(frozen=True)

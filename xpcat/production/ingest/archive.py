@@ -52,12 +52,12 @@ from xpcat.production.ingest.client import (
 from xpcat.production.ingest.ranges import (
     CENSUS_ADQL,
     GAIA_SOURCE_ADQL,
-    RAW_TABLES,
     TMASS_ADQL,
     RangeResult,
     census_counts,
     fetch_missing_xp,
     fetch_range,
+    fetched_tables,
     range_done,
     read_range_state,
     write_range_state,
@@ -89,8 +89,8 @@ _WORKER_CLIENT: dict[tuple[str, bool], Any] = {}
 
 
 def fetch_options(config: RunConfig) -> FetchOptions:
-    """The run's :class:`FetchOptions` (``[fetch] workers``)."""
-    return FetchOptions(workers=config.fetch.workers)
+    """The run's :class:`FetchOptions` (``[fetch] workers`` and ``xp``)."""
+    return FetchOptions(workers=config.fetch.workers, xp=config.fetch.xp)
 
 
 def _run_task(client: Any, task: _Task, level: int, raw_root: Path, state_dir: Path, options: FetchOptions,
@@ -287,7 +287,8 @@ def fetch_run(run_dir: Path, config: RunConfig, archive_url: str = "https://gea.
     t0 = time.perf_counter()
     summary: dict[str, Any] = {"archive": archive_url, "level": level, "failed": [], "skipped": 0, "done": 0,
                                "empty": 0, "missing_xp": 0, "unreadable_xp": 0, "workers": options.workers,
-                               "rows": {t: 0 for t in RAW_TABLES}, "census": None}
+                               "rows": {t: 0 for t in fetched_tables(options.xp)}, "census": None,
+                               "xp": options.xp}
     census: dict[int, int] | None = None
     with socket_timeout(options.timeout_s):
         check_reachable(archive_url, options.timeout_s)  # a wrong URL or no network: one line, now
@@ -305,7 +306,7 @@ def fetch_run(run_dir: Path, config: RunConfig, archive_url: str = "https://gea.
         todo: list[_Task] = []
         for pix in chosen:
             name = partition_name(pix, level)
-            if range_done(raw_root, state_dir, name):
+            if range_done(raw_root, state_dir, name, options.xp):
                 summary["skipped"] += 1
                 missing = read_range_state(state_dir, name).get("missing_xp_ids") or []
                 if missing:

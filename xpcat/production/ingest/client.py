@@ -107,6 +107,10 @@ class FetchOptions:
         Times, within the same command, a range that failed (not permanently)
         or left stars without XP is queued again (for the latter, only the
         missing ids): the resume a rerun would do, done at once.
+    xp : str
+        The DataLink XP product: ``"continuous"`` (``XP_CONTINUOUS``, raw
+        ``xp_continuous_mean_spectrum``) or ``"sampled"`` (``XP_SAMPLED``, raw
+        ``xp_sampled_spectrum``; :mod:`xpcat.production.ingest.sampled_fetch`).
     """
 
     timeout_s: float = 300.0
@@ -122,10 +126,13 @@ class FetchOptions:
     census: bool = True
     workers: int = DEFAULT_WORKERS
     resume_attempts: int = 2
+    xp: str = "continuous"
 
     def __post_init__(self) -> None:
         if not 1 <= self.workers <= MAX_WORKERS:
             raise ValueError(f"workers must be in 1..{MAX_WORKERS} (the archive is shared); got {self.workers}")
+        if self.xp not in ("continuous", "sampled"):
+            raise ValueError(f"xp must be 'continuous' or 'sampled'; got {self.xp!r}")
         if self.resume_attempts < 0:
             raise ValueError(f"resume_attempts must be >= 0; got {self.resume_attempts}")
         if not 1 <= self.datalink_batch <= 5000:

@@ -7,15 +7,17 @@ range ``[lo, hi)`` of :func:`xpcat.production.partitions.source_id_range`),
 1. the Appendix A gaia_source + astrometric-fidelity query (:data:`GAIA_SOURCE_ADQL`)
    and the 2MASS best-neighbour query with its ph_qual / ext_key cuts
    (:data:`TMASS_ADQL`) as async ADQL jobs (``launch_job_async``);
-2. the XP continuous mean spectra of the returned sources through DataLink
-   (``load_data(retrieval_type="XP_CONTINUOUS", format="csv")``) in batches
-   of at most 5000 ids. Returned ids are compared with the requested ones;
+2. the XP spectra of the returned sources through DataLink in batches of at
+   most 5000 ids: ``XP_CONTINUOUS`` coefficients, or with ``FetchOptions.xp =
+   "sampled"`` the ``XP_SAMPLED`` product
+   (:func:`~xpcat.production.ingest.sampled_fetch.load_xp_sampled`, raw
+   ``xp_sampled_spectrum``; ``[fetch] xp`` of the run config). Returned ids are compared with the requested ones;
    the missing ones are asked again (``FetchOptions.missing_rounds`` times)
    and those still missing are recorded (marker ``info`` and
    ``RUN_DIR/state/fetch/<partition>.json``). :func:`fetch_missing_xp` asks
    for those ids alone later and merges what comes into the partition; stars
    still without XP reach the catalog as sources without XP data;
-3. the three tables are written as ``RUN_DIR/raw/<table>/<partition>.parquet``
+3. the three tables (:func:`fetched_tables`) are written as ``RUN_DIR/raw/<table>/<partition>.parquet``
    with :func:`~xpcat.production.partitions.atomic_write_parquet` (verified,
    done marker); :func:`range_done` tells a range that needs no fetching.
 
@@ -39,7 +41,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from xpcat.catalog_schema.raw import GAIA_SOURCE, TMASS, XP_CONTINUOUS
+from xpcat.catalog_schema.raw import GAIA_SOURCE, TMASS, XP_CONTINUOUS, XP_SAMPLED, XP_SAMPLED_TABLE
 from xpcat.fileio import write_json_atomic
 from xpcat.production.ingest.client import (
     FetchOptions,
@@ -69,6 +71,7 @@ __all__ = [
     "census_counts",
     "fetch_missing_xp",
     "fetch_range",
+    "fetched_tables",
     "range_done",
     "range_paths",
     "read_range_state",
@@ -124,6 +127,13 @@ WHERE g.has_xp_continuous = 'True'
 GROUP BY gaia_healpix_index({level}, g.source_id)"""
 
 RAW_TABLES = ("gaia_source", "tmass", "xp_continuous_mean_spectrum")
+#: The raw XP table and its schema of each ``FetchOptions.xp``.
+XP_FETCHED = {"continuous": ("xp_continuous_mean_spectrum", XP_CONTINUOUS), "sampled": (XP_SAMPLED_TABLE, XP_SAMPLED)}
+
+
+def fetched_tables(xp: str = "continuous") -> tuple[str, str, str]:
+    """The raw tables a range fetch writes: gaia_source, tmass and the XP table of ``xp``."""
+    return ("gaia_source", "tmass", XP_FETCHED[xp][0])
 
 
 def _conform_answer(table: pa.Table, schema: pa.Schema, what: str, lo: int, hi: int) -> pa.Table:
@@ -161,9 +171,9 @@ class RangeResult:
     permanent: bool = False  # failed for a reason retrying cannot fix
 
 
-def range_paths(raw_root: Path, name: str) -> dict[str, Path]:
-    """``RUN_DIR/raw/<table>/<name>.parquet`` for each raw table."""
-    return {t: raw_root / t / f"{name}.parquet" for t in RAW_TABLES}
+def range_paths(raw_root: Path, name: str, xp: str = "continuous") -> dict[str, Path]:
+    """``RUN_DIR/raw/<table>/<name>.parquet`` for each table of :func:`fetched_tables`."""
+    return {t: raw_root / t / f"{name}.parquet" for t in fetched_tables(xp)}
 
 
 def read_range_state(state_dir: Path, name: str) -> dict:
@@ -174,10 +184,10 @@ def read_range_state(state_dir: Path, name: str) -> dict:
         return {}
 
 
-def range_done(raw_root: Path, state_dir: Path, name: str) -> bool:
-    """Whether the range was fetched (done or empty) and its three partitions are intact."""
+def range_done(raw_root: Path, state_dir: Path, name: str, xp: str = "continuous") -> bool:
+    """Whether the range was fetched (done or empty) and its three partitions (``xp``'s XP table) are intact."""
     ok = read_range_state(state_dir, name).get("status") in ("done", "empty")
-    return ok and all(is_done(p) for p in range_paths(raw_root, name).values())
+    return ok and all(is_done(p) for p in range_paths(raw_root, name, xp).values())
 
 
 def fetch_range(client: Any, pix: int, level: int, raw_root: Path, state_dir: Path, options: FetchOptions, *,
@@ -209,6 +219,7 @@ def fetch_range(client: Any, pix: int, level: int, raw_root: Path, state_dir: Pa
     lo, hi = source_id_range(pix, level)
     what = f"range {name} [{lo}, {hi})"
     result = RangeResult(partition=name, status="failed")
+    xp_table, xp_schema = XP_FETCHED[options.xp]
     try:
         def gaia() -> pa.Table:
             answer = run_query(client, GAIA_SOURCE_ADQL.format(lo=lo, hi=hi - 1), options, f"{what} gaia_source",
@@ -229,7 +240,7 @@ def fetch_range(client: Any, pix: int, level: int, raw_root: Path, state_dir: Pa
                 raise PermanentFailure(f"{what}: tmass answer has {strays.size} source_id(s) not in gaia_source, e.g. {strays[0]}")
             xp, missing, unreadable = _fetch_xp(client, ids, options, state_dir, what)
         else:
-            tm, xp, missing, unreadable = TMASS.empty_table(), XP_CONTINUOUS.empty_table(), [], []
+            tm, xp, missing, unreadable = TMASS.empty_table(), xp_schema.empty_table(), [], []
     except RangeFailed as err:
         result.reason = str(err)
         result.permanent = isinstance(err, PermanentFailure)
@@ -238,13 +249,13 @@ def fetch_range(client: Any, pix: int, level: int, raw_root: Path, state_dir: Pa
         write_range_state(state_dir, name, result)
         return result
     info = {"pixel": int(pix), "level": int(level), "source_id_range": [lo, hi], "archive": archive_url,
-            "missing_xp_ids": [int(i) for i in missing]}
-    paths = range_paths(raw_root, name)
-    for table, key, schema in ((xp, "xp_continuous_mean_spectrum", XP_CONTINUOUS), (tm, "tmass", TMASS),
+            "missing_xp_ids": [int(i) for i in missing], "xp": options.xp}
+    paths = range_paths(raw_root, name, options.xp)
+    for table, key, schema in ((xp, xp_table, xp_schema), (tm, "tmass", TMASS),
                                (g, "gaia_source", GAIA_SOURCE)):
         atomic_write_parquet(table, paths[key], schema=schema, expected_rows=table.num_rows, info=info)
     result.status = "done" if g.num_rows else "empty"
-    result.rows = {"gaia_source": g.num_rows, "tmass": tm.num_rows, "xp_continuous_mean_spectrum": xp.num_rows}
+    result.rows = {"gaia_source": g.num_rows, "tmass": tm.num_rows, xp_table: xp.num_rows}
     result.missing_xp_ids = [int(i) for i in missing]
     result.unreadable_xp = unreadable
     result.seconds = time.perf_counter() - t0
@@ -257,7 +268,10 @@ def fetch_range(client: Any, pix: int, level: int, raw_root: Path, state_dir: Pa
 
 def _fetch_xp(client: Any, ids: np.ndarray, options: FetchOptions, state_dir: Path,
               what: str) -> tuple[pa.Table, list[int], list[dict]]:
-    """XP rows for ``ids`` with reconciliation: re-ask what DataLink left out."""
+    """XP rows for ``ids`` (``options.xp``'s product) with reconciliation: re-ask what DataLink left out."""
+    from xpcat.production.ingest.sampled_fetch import load_xp_sampled
+
+    load = load_xp_sampled if options.xp == "sampled" else load_xp
     wanted = {int(i) for i in ids}
     got: dict[int, int] = {}
     parts: list[pa.Table] = []
@@ -270,7 +284,7 @@ def _fetch_xp(client: Any, ids: np.ndarray, options: FetchOptions, state_dir: Pa
             for start in range(0, len(pending), options.datalink_batch):
                 batch = pending[start:start + options.datalink_batch]
                 rows, bad = with_retries(f"{what} DataLink batch of {len(batch)}",
-                                          lambda b=batch: load_xp(client, b, options, Path(tmp)), options)
+                                          lambda b=batch: load(client, b, options, Path(tmp)), options)
                 for b in bad:
                     with contextlib.suppress(ValueError):  # a source_id that is not even a number
                         unreadable[int(b["source_id"])] = b
@@ -289,7 +303,7 @@ def _fetch_xp(client: Any, ids: np.ndarray, options: FetchOptions, state_dir: Pa
                 break
             if round_ < options.missing_rounds:
                 logger.info("%s: DataLink left out %d source(s); asking again", what, len(pending))
-    xp = pa.concat_tables(parts) if parts else XP_CONTINUOUS.empty_table()
+    xp = pa.concat_tables(parts) if parts else XP_FETCHED[options.xp][1].empty_table()
     xp = xp.sort_by("source_id")
     return xp, [int(i) for i in pending], [unreadable[k] for k in sorted(unreadable) if k in set(pending.tolist())]
 
@@ -325,20 +339,21 @@ def fetch_missing_xp(client: Any, pix: int, level: int, raw_root: Path, state_di
         result.reason, result.seconds = str(err), time.perf_counter() - t0
         logger.warning("%s: %s", what, err)
         return result
-    paths = range_paths(raw_root, name)
+    xp_table, xp_schema = XP_FETCHED[options.xp]
+    paths = range_paths(raw_root, name, options.xp)
     if xp_new.num_rows:
-        xp_path = paths["xp_continuous_mean_spectrum"]
-        old = read_table(xp_path, what="raw xp_continuous_mean_spectrum").cast(XP_CONTINUOUS)
-        merged = pa.concat_tables([old, xp_new.cast(XP_CONTINUOUS)]).sort_by("source_id")
+        xp_path = paths[xp_table]
+        old = read_table(xp_path, what=f"raw {xp_table}").cast(xp_schema)
+        merged = pa.concat_tables([old, xp_new.cast(xp_schema)]).sort_by("source_id")
         info = {**((read_marker(xp_path) or {}).get("info") or {}), "missing_xp_ids": still}
-        atomic_write_parquet(merged, xp_path, schema=XP_CONTINUOUS, expected_rows=merged.num_rows, info=info)
+        atomic_write_parquet(merged, xp_path, schema=xp_schema, expected_rows=merged.num_rows, info=info)
         for t in ("gaia_source", "tmass"):
             stamp_marker(paths[t], missing_xp_ids=still)
-    result.rows = {"xp_continuous_mean_spectrum": xp_new.num_rows}
+    result.rows = {xp_table: xp_new.num_rows}
     result.missing_xp_ids, result.unreadable_xp = still, unreadable
     result.seconds = time.perf_counter() - t0
     rows = dict(state.get("rows") or {})
-    rows["xp_continuous_mean_spectrum"] = rows.get("xp_continuous_mean_spectrum", 0) + xp_new.num_rows
+    rows[xp_table] = rows.get(xp_table, 0) + xp_new.num_rows
     write_range_state(state_dir, name, RangeResult(partition=name, status=state.get("status", "done"), rows=rows,
                                                missing_xp_ids=still, unreadable_xp=unreadable,
                                                seconds=result.seconds))

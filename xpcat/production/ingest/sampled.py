@@ -55,6 +55,7 @@ from xpcat.catalog_schema.raw import (
 from xpcat.config import RunConfig
 from xpcat.errors import InputError
 from xpcat.fileio import file_sha256, write_json_atomic
+from xpcat.production.ingest.sampled_format import long_form_records
 from xpcat.production.partitions import (
     atomic_write_parquet,
     is_done,
@@ -70,6 +71,7 @@ __all__ = [
     "TMASS_ERROR_FLOOR_MAG",
     "XP_TAKE",
     "SampledInput",
+    "datalink_input",
     "healpix_positions",
     "ingest_sampled_files",
     "read_datalink",
@@ -298,41 +300,28 @@ def _datalink_tables(path: Path, name: str, data: bytes) -> list[dict]:
         t = pcsv.read_csv(pa.BufferReader(data), parse_options=pcsv.ParseOptions(), read_options=pcsv.ReadOptions())
         if "source_id" not in t.column_names:
             raise InputError(f"{path} ({name}): XP_SAMPLED CSV without a source_id column")
-        cols = {c: np.asarray(t.column(c).to_numpy(zero_copy_only=False)) for c in t.column_names}
-        for sid in dict.fromkeys(cols["source_id"].tolist()):
-            r = cols["source_id"] == sid
-            pos = {c: float(cols[c][r][0]) if c in cols else np.nan for c in ("ra", "dec")}
-            out.append({"source_id": sid, "solution_id": int(cols["solution_id"][r][0]) if "solution_id" in cols else None,
-                        **pos,
-                        **{c: cols[c][r].astype(np.float64) for c in ("wavelength", "flux", "flux_error")}})
+        out = long_form_records({c: np.asarray(t.column(c).to_numpy(zero_copy_only=False)) for c in t.column_names})
     for rec in out:
         if rec["source_id"] is None:
             raise InputError(f"{path} ({name}): an XP_SAMPLED table without a source_id")
     return out
 
 
-def read_datalink(path: str | os.PathLike) -> SampledInput:
-    """A DataLink XP_SAMPLED file (CSV, ECSV, FITS, VOTable) or DataLink zip -> raw rows.
+def datalink_input(records: list[dict]) -> SampledInput:
+    """Per-source DataLink XP_SAMPLED records -> raw rows (``xp_sampled_spectrum``, ``gaia_source``).
 
-    Raises
-    ------
-    InputError
-        An unreadable file, or a table without a source_id.
+    A source on another grid than the 343 samples (336-1020 nm every 2 nm) or met
+    again is flagged and left out (reason ``wrong_grid: ...`` or
+    ``duplicate_source_id: ...``); NaN fluxes or non-positive errors are flagged
+    and kept. Positions missing from a record come from the source_id
+    (:func:`healpix_positions`).
+
+    Parameters
+    ----------
+    records : list of dict
+        ``{source_id, solution_id, ra, dec, wavelength, flux, flux_error}`` each,
+        as :func:`long_form_records` or the per-file readers give them.
     """
-    path = Path(path)
-    members: list[tuple[str, bytes]] = []
-    try:
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as zf:
-                members = [(n, zf.read(n)) for n in zf.namelist() if "XP_SAMPLED" in n]
-        else:
-            import gzip
-
-            data = path.read_bytes()
-            members = [(path.name.removesuffix(".gz"), gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data)]
-        records = [rec for name, data in members for rec in _datalink_tables(path, name, data)]
-    except (OSError, ValueError, KeyError, pa.ArrowInvalid) as err:
-        raise InputError(f"{path}: unreadable XP_SAMPLED product ({type(err).__name__}: {err})") from err
     flagged, kept, seen = [], [], set()
     for rec in records:
         sid = int(rec["source_id"])
@@ -361,6 +350,31 @@ def read_datalink(path: str | os.PathLike) -> SampledInput:
         "gaia_source": _typed(GAIA_SOURCE, m, source_id=ids, ra=ra, dec=dec, parallax=np.full(m, np.nan)),
     }
     return SampledInput("datalink_xp_sampled", tables, flagged)
+
+
+def read_datalink(path: str | os.PathLike) -> SampledInput:
+    """A DataLink XP_SAMPLED file (CSV, ECSV, FITS, VOTable) or DataLink zip -> raw rows.
+
+    Raises
+    ------
+    InputError
+        An unreadable file, or a table without a source_id.
+    """
+    path = Path(path)
+    members: list[tuple[str, bytes]] = []
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as zf:
+                members = [(n, zf.read(n)) for n in zf.namelist() if "XP_SAMPLED" in n]
+        else:
+            import gzip
+
+            data = path.read_bytes()
+            members = [(path.name.removesuffix(".gz"), gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data)]
+        records = [rec for name, data in members for rec in _datalink_tables(path, name, data)]
+    except (OSError, ValueError, KeyError, pa.ArrowInvalid) as err:
+        raise InputError(f"{path}: unreadable XP_SAMPLED product ({type(err).__name__}: {err})") from err
+    return datalink_input(records)
 
 
 def _write(paths: RunPaths, table: str, rows: pa.Table, level: int, source: str, new_wins: bool) -> dict:

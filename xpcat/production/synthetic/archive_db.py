@@ -11,7 +11,10 @@ Tables (:data:`ARCHIVE_TABLES`): ``gaiadr3.gaia_source``,
 ``= 'True'`` on booleans) is DuckDB SQL as is. The tables are loaded into
 memory and DuckDB's file access is then switched off, so a query reads
 nothing but the universe. XP spectra are not in the database (as at ESA, only
-DataLink serves them): :meth:`ArchiveDatabase.xp_rows` reads them from Parquet.
+DataLink serves them): :meth:`ArchiveDatabase.xp_rows` reads them from Parquet,
+and :meth:`ArchiveDatabase.xp_sampled` samples them as DataLink ``XP_SAMPLED``
+does (GaiaXPy's bases on :data:`SAMPLED_GRID_NM`, flux_error from the
+coefficient errors and correlations; a missing band's samples are NaN).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +32,9 @@ import pyarrow.dataset as pads
 
 from xpcat.catalog_schema.raw import GAIA_SOURCE, TMASS, XP_CONTINUOUS
 from xpcat.errors import InputError, XpcatError
+from xpcat.production.ingest.sampled import SAMPLED_GRID_NM  # the grid served (tests replace it to serve a wrong one)
 
-__all__ = ["ARCHIVE_TABLES", "AdqlError", "ArchiveDatabase", "adql_to_duckdb"]
+__all__ = ["ARCHIVE_TABLES", "AdqlError", "ArchiveDatabase", "SAMPLED_GRID_NM", "SampledRows", "adql_to_duckdb"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +49,27 @@ ARCHIVE_TABLES = (
 )
 
 _SPURIOUS_COLS = ("fidelity_v2", "norm_dg")
+
+
+@dataclass(frozen=True)
+class SampledRows:
+    """XP spectra as DataLink ``XP_SAMPLED`` serves them.
+
+    Attributes
+    ----------
+    source_id, solution_id : (n,) int64
+    ra, dec : (n,) float64, deg (gaia_source)
+    wavelength : (m,) float64, nm
+    flux, flux_error : (n, m) float64, W m^-2 nm^-1
+    """
+
+    source_id: np.ndarray
+    solution_id: np.ndarray
+    ra: np.ndarray
+    dec: np.ndarray
+    wavelength: np.ndarray
+    flux: np.ndarray
+    flux_error: np.ndarray
 
 
 class AdqlError(XpcatError, ValueError):
@@ -128,6 +154,8 @@ class ArchiveDatabase:
         if tmass is None:
             tmass = TMASS.empty_table()
         self.n_sources = gaia.num_rows
+        order = np.argsort(gaia.column("source_id").to_numpy())
+        self._pos = {c: gaia.column(c).to_numpy(zero_copy_only=False)[order] for c in ("source_id", "ra", "dec")}
         xp_dir = root / "xp_continuous_mean_spectrum"
         xp_files = sorted(xp_dir.glob("*.parquet")) if xp_dir.is_dir() else []
         self._xp = pads.dataset([str(f) for f in xp_files], format="parquet", schema=XP_CONTINUOUS) if xp_files else None
@@ -209,3 +237,33 @@ class ArchiveDatabase:
         rows = self._xp.to_table(filter=pc.field("source_id").isin(ids))
         position = pc.index_in(rows.column("source_id"), value_set=ids).to_numpy(zero_copy_only=False)
         return rows.take(pa.array(np.argsort(position, kind="stable")))
+
+    def xp_sampled(self, rows: pa.Table) -> SampledRows:
+        """XP continuous rows sampled on :data:`SAMPLED_GRID_NM`, with their gaia_source positions.
+
+        Parameters
+        ----------
+        rows : pyarrow.Table in the XP_CONTINUOUS schema (e.g. :meth:`xp_rows`)
+
+        Returns
+        -------
+        SampledRows
+            Flux and flux_error as ``gaiaxpy.calibrate`` gives them on that grid
+            (:func:`xpcat.sample_xp`), NaN where a band is missing.
+        """
+        from xpcat.production.condition.xp_sampling import sample_xp
+
+        grid = np.asarray(SAMPLED_GRID_NM, dtype=np.float64)
+        sid = rows.column("source_id").to_numpy(zero_copy_only=False).astype(np.int64)
+        if not sid.size:
+            empty = np.zeros((0, grid.size))
+            return SampledRows(sid, sid.copy(), np.zeros(0), np.zeros(0), grid, empty, empty.copy())
+        with self._lock:  # one at a time: the BLAS thread limit sample_xp sets is process-wide
+            smp = sample_xp(rows, wavelengths_nm=grid, with_covariance=False, threads=1)
+        known = self._pos["source_id"]
+        at = np.clip(np.searchsorted(known, sid), 0, max(known.size - 1, 0))
+        hit = known[at] == sid
+        ra = np.where(hit, self._pos["ra"][at], np.nan)
+        dec = np.where(hit, self._pos["dec"][at], np.nan)
+        sol = pc.fill_null(rows.column("solution_id"), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+        return SampledRows(sid, sol, ra, dec, grid, smp.flux, smp.flux_error)

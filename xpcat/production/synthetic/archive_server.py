@@ -13,8 +13,10 @@ A loopback HTTP server that answers the requests astroquery's
 - DataLink (``/data-server/data``): ``RETRIEVAL_TYPE=XP_CONTINUOUS`` answers a
   zip of CSVs in the archive's format (arrays as ``"(a, b, ...)"``), one file
   per source (``DATA_STRUCTURE=INDIVIDUAL``, ``XP_CONTINUOUS-Gaia DR3 <id>.csv``)
-  or one file for all (``RAW``, ``XP_CONTINUOUS_RAW.csv``). Unknown ids are
-  left out, as the archive does.
+  or one file for all (``RAW``, ``XP_CONTINUOUS_RAW.csv``); ``XP_SAMPLED``
+  the same for the sampled spectra (long form, 343 samples 336-1020 nm,
+  :meth:`ArchiveDatabase.xp_sampled`). Unknown ids are left out, as the
+  archive does.
 
 The incoming ADQL is run by DuckDB over the universe's tables under the
 archive's names (:mod:`xpcat.production.synthetic.archive_db`); XP spectra are served
@@ -49,6 +51,7 @@ import pyarrow.compute as pc
 
 from xpcat.production.synthetic.archive_db import ARCHIVE_TABLES, AdqlError, ArchiveDatabase, adql_to_duckdb
 from xpcat.production.ingest.formats import xp_to_archive_csv
+from xpcat.production.ingest.sampled_format import xp_sampled_to_archive_csv
 
 __all__ = [
     "ARCHIVE_TABLES",
@@ -177,15 +180,22 @@ def _encode_table(table: pa.Table, fmt: str) -> tuple[bytes, str]:
     raise AdqlError(f"unsupported FORMAT {fmt!r}; use votable, votable_gzip, votable_plain, csv or ecsv")
 
 
-def _datalink_zip(rows: pa.Table, structure: str) -> bytes:
+def _datalink_zip(rows: pa.Table, structure: str, rtype: str = "XP_CONTINUOUS",
+                  db: ArchiveDatabase | None = None) -> bytes:
+    if rtype == "XP_SAMPLED":
+        s = db.xp_sampled(rows)
+        csv = lambda i: xp_sampled_to_archive_csv(s.source_id[i], s.solution_id[i], s.ra[i], s.dec[i], s.wavelength,
+                                                  s.flux[i], s.flux_error[i])
+    else:
+        csv = lambda i: xp_to_archive_csv(rows.take(pa.array(np.atleast_1d(i))))
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
         if structure in ("RAW", "COMBINED", "DATAMODEL_GAIA"):
             if rows.num_rows:
-                zf.writestr("XP_CONTINUOUS_RAW.csv", xp_to_archive_csv(rows))
+                zf.writestr(f"{rtype}_RAW.csv", csv(np.arange(rows.num_rows)))
         else:
             for i, sid in enumerate(rows.column("source_id").to_pylist()):
-                zf.writestr(f"XP_CONTINUOUS-Gaia DR3 {sid}.csv", xp_to_archive_csv(rows.slice(i, 1)))
+                zf.writestr(f"{rtype}-Gaia DR3 {sid}.csv", csv(np.array([i])))
     return buf.getvalue()
 
 
@@ -332,8 +342,9 @@ def _make_handler(state: _State) -> type[BaseHTTPRequestHandler]:
             rtype = params.get("RETRIEVAL_TYPE", "")
             fmt = params.get("FORMAT", "").lower()
             structure = params.get("DATA_STRUCTURE", "INDIVIDUAL").upper()
-            if rtype.upper() != "XP_CONTINUOUS":
-                raise AdqlError(f"the local archive serves RETRIEVAL_TYPE=XP_CONTINUOUS only; got {rtype!r}")
+            rtype = rtype.upper()
+            if rtype not in ("XP_CONTINUOUS", "XP_SAMPLED"):
+                raise AdqlError(f"the local archive serves RETRIEVAL_TYPE=XP_CONTINUOUS or XP_SAMPLED; got {rtype!r}")
             if fmt != "csv":
                 raise AdqlError(f"the local archive serves FORMAT=csv only; got {fmt!r}")
             try:
@@ -354,7 +365,7 @@ def _make_handler(state: _State) -> type[BaseHTTPRequestHandler]:
                 rows = rows.filter(pa.array(keep))
                 state.bump("short_answers")
             state.bump("datalink_sources", rows.num_rows)
-            self._send(200, _datalink_zip(rows, structure), "application/zip")
+            self._send(200, _datalink_zip(rows, structure, rtype, state.db), "application/zip")
 
     return Handler
 
