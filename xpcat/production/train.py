@@ -50,7 +50,8 @@ from xpcat.production.partitions import read_table
 from xpcat.production.run_dir import RunPaths
 from xpcat.production.run_lock import run_lock
 
-__all__ = ["split_is_validation", "stable_unit_hash", "build_training_set", "train_run", "LABEL_RANGE"]
+__all__ = ["split_is_validation", "stable_unit_hash", "validation_hash_range", "in_hash_range", "build_training_set",
+           "train_run", "LABEL_RANGE"]
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +88,40 @@ def stable_unit_hash(source_id: np.ndarray) -> np.ndarray:
 def split_is_validation(source_id: np.ndarray, fraction: float) -> np.ndarray:
     """True for the validation stars: the split depends only on each star's own source_id."""
     return stable_unit_hash(source_id) < fraction
+
+
+def validation_hash_range(label_source_id: np.ndarray, fraction: float) -> tuple[float, float]:
+    """The interval [lo, hi) of :func:`stable_unit_hash` that is the training stage's validation split.
+
+    Normally [0, fraction): the project's validation split
+    (:func:`split_is_validation`). When the labels given hold none of it (a
+    benchmark that holds that split out of the labels to score on it,
+    ``benchmarks/real_apogee.py``), the training carves its validation split
+    from the labels given: [fraction, fraction + fraction (1 - fraction)), the
+    same share of them. The model then still has validation stars and
+    ``xpcat train-confidence`` still learns the model error, on stars that are
+    neither trained on nor scored.
+
+    Parameters
+    ----------
+    label_source_id : (n,) int64, every source_id of the labels table.
+    fraction : ``[training] validation_fraction``.
+
+    Returns
+    -------
+    (lo, hi) : floats in [0, 1].
+    """
+    h = stable_unit_hash(np.asarray(label_source_id, dtype=np.int64))
+    if fraction <= 0 or not h.size or (h < fraction).any():
+        return 0.0, float(fraction)
+    return float(fraction), float(min(1.0, fraction + fraction * (1.0 - fraction)))
+
+
+def in_hash_range(source_id: np.ndarray, hash_range: tuple[float, float] | list[float]) -> np.ndarray:
+    """(n,) bool: the stars whose :func:`stable_unit_hash` lies in [lo, hi) (:func:`validation_hash_range`)."""
+    lo, hi = (float(v) for v in hash_range)
+    h = stable_unit_hash(np.asarray(source_id, dtype=np.int64))
+    return (h >= lo) & (h < hi)
 
 
 def _read_dir(folder: Path, what: str, columns: list[str] | None) -> Any:
@@ -257,6 +292,11 @@ def build_training_set(run_dir: Path, config: RunConfig) -> tuple[dict[str, np.n
         plx_hq = np.where(has_plx, plx / np.where(has_plx, plx_err, 1.0) > 10, not has_plx.any())
     hq = (th_err[:, 0] < 200) & (th_err[:, 1] < 0.2) & (th_err[:, 2] < 0.2) & plx_hq & (e_e < t.hq_e_error_max)
     sub = cond.take(rows)
+    val_range = validation_hash_range(lab_sid, t.validation_fraction)
+    counts["validation_hash_range"] = list(val_range)  # read back by train-confidence's model error
+    if val_range[0] > 0:
+        logger.warning("the labels hold none of the validation split (hash < %g); the validation split is carved "
+                       "from the labels given: hash in [%g, %g)", t.validation_fraction, *val_range)
     arrays = {
         "source_id": lab_sid[li],
         "flux": _fixed_list(sub, "flux", N_FLUX),
@@ -269,7 +309,7 @@ def build_training_set(run_dir: Path, config: RunConfig) -> tuple[dict[str, np.n
         "e_obs": e_o.astype(np.float32),
         "e_err": e_e.astype(np.float32),
         "hq": hq,
-        "validation": split_is_validation(lab_sid[li], t.validation_fraction),
+        "validation": in_hash_range(lab_sid[li], val_range),
         "label_source": src[li],
     }
     arrays["flux_error"] = np.where(np.isfinite(arrays["flux_error"]), arrays["flux_error"], np.inf).astype(np.float32)

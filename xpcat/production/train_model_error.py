@@ -1,8 +1,10 @@
 """The model-error part of ``xpcat train-confidence``: calibrated uncertainties (SPEC §5, beyond the paper).
 
 ``xpcat train-confidence`` fits every labelled star without its label. Of
-those, the stars of the training stage's validation split
-(:func:`xpcat.production.train.split_is_validation`) are stars the forward
+those, the stars of the training stage's validation split (the hash interval
+the training recorded in the artifact's data summary,
+:func:`xpcat.production.train.validation_hash_range`; normally the project's
+:func:`xpcat.production.train.split_is_validation`) are stars the forward
 model never saw; their residuals against the references (labels for Teff,
 [Fe/H], logg; the reddening prior for E; the Gaia parallax) teach the model's
 own error (:func:`xpcat.model.model_error.learn_model_error`). It is stored in
@@ -28,12 +30,27 @@ from xpcat.config import RunConfig
 from xpcat.model import model_error as ME
 from xpcat.production.run_dir import RunPaths
 
-__all__ = ["COMPONENT", "read_reddening_prior", "reference_arrays", "train_model_error"]
+__all__ = ["COMPONENT", "read_reddening_prior", "reference_arrays", "train_model_error", "validation_range"]
 
 logger = logging.getLogger(__name__)
 
 #: Name of the artifact component holding the model error.
 COMPONENT = "model_error"
+
+
+def validation_range(model_dir: Path, config: RunConfig) -> tuple[float, float]:
+    """The hash interval of the training stage's validation split, as ``xpcat train`` recorded it.
+
+    From the artifact's data summary (``validation_hash_range``); an artifact
+    made before it was recorded used the project's split, [0, validation_fraction).
+    """
+    from xpcat.model.artifact import load_artifact
+
+    got = (load_artifact(model_dir).data_summary or {}).get("validation_hash_range")
+    if got is None:
+        return 0.0, float(config.training.validation_fraction)
+    lo, hi = (float(v) for v in got)
+    return lo, hi
 
 
 def read_reddening_prior(run_dir: Path, config: RunConfig, source_id: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -121,17 +138,20 @@ def train_model_error(paths: RunPaths, config: RunConfig, model_dir: Path, sourc
     ``learned_from`` (what and how many), the learning report and the new content hash.
     """
     from xpcat.model.artifact import add_component
-    from xpcat.production.train import split_is_validation
+    from xpcat.production.train import in_hash_range
 
-    val = np.asarray(split_is_validation(source_id, config.training.validation_fraction), bool)
+    hash_range = validation_range(model_dir, config)
+    val = np.asarray(in_hash_range(source_id, hash_range), bool)
     sel = val & np.asarray(usable, bool)
     e_prior, e_err = read_reddening_prior(paths.root, config, np.asarray(source_id)[sel])
     ref_sel = {k: np.asarray(v)[sel] for k, v in ref.items()}
     ref5, ref_var5, inv = reference_arrays(ref_sel, e_prior, e_err, np.asarray(parallax)[sel],
                                            np.asarray(parallax_error)[sel])
     learned_from = {
-        "split": "the training stage's validation split (xpcat.production.train.split_is_validation, "
-                 f"fraction {config.training.validation_fraction}), fitted without their labels",
+        "split": "the training stage's validation split (stable hash of source_id in "
+                 f"[{hash_range[0]:g}, {hash_range[1]:g}), xpcat.production.train.validation_hash_range), "
+                 "fitted without their labels",
+        "hash_range": list(hash_range),
         "stars_validation": int(val.sum()),
         "stars_basic_cut": int(sel.sum()),
         "references": {"teff": "labels", "feh": "labels", "logg": "labels", "e": "reddening prior",
