@@ -250,3 +250,75 @@ def test_calibrated_errors_add_the_model_error_and_leave_flags_alone(world, conf
     assert got is None and info["used"] == "paper" and "too small" in info["reason"]
     got, info = uncertainty_for(inf, config)  # no artifact at all
     assert got is None and "no model_error component" in info["reason"]
+
+
+@pytest.mark.parametrize("batch_size", [16, 100, 4096])
+def test_fit_pieces_cover_every_star_and_bound_the_padding(batch_size):
+    from xpcat.production.infer import fit_pieces
+
+    for m in [0, 1, 63, 64, 65, 100, 1500, 2200, 4095, 4096, 4097, 10_000]:
+        pieces = fit_pieces(m, batch_size)
+        assert sum(pieces) == m and all(0 < p <= max(batch_size, 64) for p in pieces), (m, pieces)
+        # every piece but the last is a full batch or a power of two; the padded total wastes at most a quarter + 64
+        assert all(p == batch_size or p & (p - 1) == 0 for p in pieces[:-1]), (m, pieces)
+        padded = sum(p if p >= batch_size else max(64, 1 << (p - 1).bit_length()) for p in pieces)
+        assert padded <= 1.25 * m + 64, (m, pieces, padded)
+    assert fit_pieces(2200, 4096) == [2048, 128, 24]  # one 4096-star fit before
+
+
+@pytest.mark.slow  # three new fit shapes to compile: about a minute on 2 loaded cores
+def test_pieces_fit_the_same_stars_as_one_batch_and_time_each_step(world):
+    """80 stars in pieces of 64 + 16 against one fit of 80 (padded to 128): same rows, same status, same estimates."""
+    from xpcat.production.infer import INFER_STEPS, fit_table
+
+    model, gmm, prob, _ = world
+    one = _conditioned_table(prob)
+    two = pa.concat_tables([one, _conditioned_table(prob, first_id=(1 << 40) + 7 * N)]).combine_chunks()
+    inf = Inference(model, gmm, InferenceSettings(batch_size=4096, seed=2))
+    times: dict[str, float] = {}
+    got = fit_table(two, inf, times=times)
+    assert got.column("gdr3_source_id").to_pylist() == two.column("source_id").to_pylist()
+    whole = inf.fit(*(np.asarray(two.column(c).combine_chunks().flatten().to_numpy(zero_copy_only=False), float)
+                      .reshape(2 * N, -1) for c in ("flux", "flux_factor_triu")),
+                    two.column("parallax").to_numpy(zero_copy_only=False).astype(float),
+                    two.column("parallax_error").to_numpy(zero_copy_only=False).astype(float),
+                    np.asarray(two.column("flux_error").combine_chunks().flatten().to_numpy(), float).reshape(2 * N, 66))
+    np.testing.assert_array_equal(got.column("fit_status").to_numpy(), whole["fit_status"])
+    est = np.array(got.column("stellar_params_est").to_pylist(), dtype=float)
+    np.testing.assert_allclose(est, whole["params5"], rtol=1e-3, atol=1e-4, equal_nan=True)
+    assert set(times) <= set(INFER_STEPS)
+    assert all(times[k] > 0 for k in ("columns", "fit_prepare", "fit_start", "fit_optimise", "fit_summary", "table"))
+
+
+def test_classifiers_see_a_power_of_two_of_defined_rows_and_give_the_same_confidences(world, config, monkeypatch):
+    """The jitted classifiers compile once per shape: every batch gives them 64, 128, ... defined rows."""
+    import xpcat.model.confidence as conf_mod
+    from xpcat.model.confidence import FEATURE_NAMES, ConfidenceClassifiers
+    from xpcat.model.confidence_network import init_classifier
+    from xpcat.production.infer import fit_table
+
+    model, gmm, prob, _ = world
+    f = len(FEATURE_NAMES)
+    clf = ConfidenceClassifiers(FEATURE_NAMES, np.zeros(f), np.ones(f),
+                                {p: init_classifier(i, f, hidden_width=8, n_hidden=1)
+                                 for i, p in enumerate(("teff", "feh", "logg"))})
+    inf = Inference(model, gmm, InferenceSettings.from_config(config))
+    batch = _conditioned_table(prob)
+    seen, calls = [], []
+    real = conf_mod.predict_confidence
+
+    def spy(classifiers, features):
+        seen.append(int(classifiers.standardise(features)[1].sum()))
+        out = real(classifiers, features)
+        calls.append((features, out))
+        return out
+
+    monkeypatch.setattr(conf_mod, "predict_confidence", spy)
+    got = fit_table(batch, inf, clf)
+    assert seen == [64]  # 39 defined rows (row 0 has no data) padded to 64
+    features, padded_out = calls[0]
+    direct = real(clf, features[:N])  # the classifiers on the batch's own rows, unpadded
+    conf = np.stack([got.column(c).to_numpy(zero_copy_only=False) for c in
+                     ("teff_confidence", "feh_confidence", "logg_confidence")], axis=1)
+    np.testing.assert_allclose(conf, direct, rtol=1e-6, atol=1e-7, equal_nan=True)
+    assert np.isnan(conf[0]).all() and np.isfinite(conf[1:]).all()

@@ -35,8 +35,10 @@ Fisher errors).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +58,7 @@ from xpcat.catalog_schema import (
 from xpcat.catalog_schema import flags as qf
 from xpcat.config import RunConfig
 from xpcat.errors import InputError, StageError
-from xpcat.model.inference import Inference, InferenceSettings
+from xpcat.model.inference import Inference, InferenceSettings, prepare_stars
 from xpcat.model.model_error import ModelError, calibrated_covariance, model_error_from_arrays
 from xpcat.model.prior import PRIOR_MASS
 from xpcat.model.uncertainty import (
@@ -66,7 +68,8 @@ from xpcat.model.uncertainty import (
 )
 from xpcat.production.partitions import atomic_write_parquet
 
-__all__ = ["inference_for", "uncertainty_for", "fit_table", "infer_partition", "CONDITIONED_INPUT_COLUMNS"]
+__all__ = ["inference_for", "uncertainty_for", "classifiers_for", "fit_pieces", "fit_table", "infer_partition",
+           "CONDITIONED_INPUT_COLUMNS", "INFER_STEPS"]
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +87,25 @@ CONDITIONED_INPUT_COLUMNS = (
 
 _ALL_QUALITY_BITS = 0b111111
 _CACHE: dict[tuple, Inference] = {}
+_CLASSIFIERS: dict[Any, Any] = {}
+#: Smallest padded size of a fit (``xpcat.model.inference`` pads fewer stars to 64).
+_MIN_PIECE = 64
+#: The steps of :func:`infer_partition` whose seconds ``times`` collects (``benchmarks/pipeline.py``'s profile).
+INFER_STEPS = ("setup", "read", "columns", "fit_prepare", "fit_start", "fit_optimise", "fit_summary", "model_error",
+               "confidence", "flags", "table", "write")
+
+
+@contextlib.contextmanager
+def _timed(times: dict[str, float] | None, step: str) -> Iterator[None]:
+    """Add the seconds of the block to ``times[step]`` (nothing when ``times`` is None)."""
+    if times is None:
+        yield
+        return
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        times[step] = times.get(step, 0.0) + time.perf_counter() - t0
 
 
 def inference_for(model: Any, config: RunConfig) -> Inference:
@@ -102,6 +124,28 @@ def inference_for(model: Any, config: RunConfig) -> Inference:
         dtype = np.float64 if config.model.dtype == "float64" else np.float32
         _CACHE[key] = Inference(model.forward_model(dtype=dtype), model.gmm, settings)
     return _CACHE[key]
+
+
+def classifiers_for(confidence: Any) -> Any:
+    """The (cached, per process) :class:`xpcat.model.confidence.ConfidenceClassifiers` of a ``confidence`` component.
+
+    Converting the artifact's flat arrays into networks once per worker, not once per batch.
+
+    Parameters
+    ----------
+    confidence : the artifact's ``confidence`` component (mapping of arrays), already converted
+        classifiers, or None.
+    """
+    from xpcat.model.confidence import ConfidenceClassifiers, classifiers_from_arrays
+
+    if confidence is None or isinstance(confidence, ConfidenceClassifiers):
+        return confidence
+    key = id(confidence)
+    hit = _CLASSIFIERS.get(key)
+    if hit is None or hit[0] is not confidence:  # keep the component alive with its conversion: ids are not reused
+        hit = (confidence, classifiers_from_arrays(confidence))
+        _CLASSIFIERS[key] = hit
+    return hit[1]
 
 
 def _list_column(batch: pa.RecordBatch, name: str, width: int, dtype: Any = np.float64) -> np.ndarray:
@@ -123,7 +167,7 @@ def _scalar_column(batch: pa.RecordBatch, name: str) -> np.ndarray:
 
 
 def fit_table(batch: pa.RecordBatch | pa.Table, inference: Inference, confidence: Any = None,
-              model_error: ModelError | None = None) -> pa.Table:
+              model_error: ModelError | None = None, times: dict[str, float] | None = None) -> pa.Table:
     """Fit the stars of a conditioned batch and return their catalog rows.
 
     Parameters
@@ -133,6 +177,8 @@ def fit_table(batch: pa.RecordBatch | pa.Table, inference: Inference, confidence
     confidence : the artifact's ``confidence`` component arrays, or None for the placeholder rule.
     model_error : the model's own error, added to the Fisher covariance of the
         reported errors and triangles; None reports the Fisher covariance alone.
+    times : dict, optional
+        Seconds per step (:data:`INFER_STEPS`) are added to it.
 
     Returns
     -------
@@ -141,40 +187,131 @@ def fit_table(batch: pa.RecordBatch | pa.Table, inference: Inference, confidence
     if isinstance(batch, pa.Table):
         batch = batch.combine_chunks().to_batches()[0] if batch.num_rows else pa.RecordBatch.from_pylist([], batch.schema)
     n = batch.num_rows
-    flux = _list_column(batch, "flux", 66)
-    flux_error = _list_column(batch, "flux_error", 66)
-    factor = _list_column(batch, "flux_factor_triu", N_FACTOR, inference.dtype)  # the fit's dtype, one copy
-    plx = _scalar_column(batch, "parallax")
-    plx_err = _scalar_column(batch, "parallax_error")
-    fit = inference.fit(flux, factor, plx, plx_err, flux_error)
+    with _timed(times, "columns"):
+        flux = _list_column(batch, "flux", 66)
+        flux_error = _list_column(batch, "flux_error", 66)
+        factor = _list_column(batch, "flux_factor_triu", N_FACTOR, inference.dtype)  # the fit's dtype, one copy
+        plx = _scalar_column(batch, "parallax")
+        plx_err = _scalar_column(batch, "parallax_error")
+    fit = _fit(inference, flux, factor, plx, plx_err, flux_error, times)
     status = fit["fit_status"]
     p5 = fit["params5"]
     cov5, icov5 = fit["cov5"], fit["icov5"]
-    if model_error is not None:
-        with np.errstate(divide="ignore", invalid="ignore"):
-            inv_plx = np.where(np.isfinite(plx) & np.isfinite(plx_err) & (plx_err > 0), 1.0 / plx_err, 0.0)
-        cov5, icov5 = calibrated_covariance(cov5, p5, inv_plx, model_error)
-    err5 = np.sqrt(np.einsum("nii->ni", cov5))
-    bits = quality_flag_bits(fit["chi2"], fit["ln_prior"], p5[:, 4], plx, plx_err,
-                             float(inference.objective.gmm.ln_prior_cut))
-    if confidence is not None:
-        from xpcat.model.confidence import (
-            confidence_features,
-            confidence_quality_bits,
-            predict_confidence,
-            trained_parameters,
-        )
+    with _timed(times, "model_error"):
+        if model_error is not None:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                inv_plx = np.where(np.isfinite(plx) & np.isfinite(plx_err) & (plx_err > 0), 1.0 / plx_err, 0.0)
+            cov5, icov5 = calibrated_covariance(cov5, p5, inv_plx, model_error)
+        err5 = np.sqrt(np.einsum("nii->ni", cov5))
+    with _timed(times, "flags"):
+        bits = quality_flag_bits(fit["chi2"], fit["ln_prior"], p5[:, 4], plx, plx_err,
+                                 float(inference.objective.gmm.ln_prior_cut))
+    with _timed(times, "confidence"):
+        if confidence is not None:
+            from xpcat.model.confidence import (
+                confidence_features,
+                confidence_quality_bits,
+                predict_confidence,
+                trained_parameters,
+            )
 
-        cond = {"flux": flux, "flux_error": flux_error, "parallax": plx, "parallax_error": plx_err,
-                "n_valid_flux": fit["n_valid_flux"].astype(np.float64)}
-        for name in _AUX_COLUMNS:
-            cond[name] = _scalar_column(batch, name)
-        conf = predict_confidence(confidence, confidence_features(fit, cond)).astype(np.float32)
-        bits = bits | confidence_quality_bits(conf, fit_status=status, trained=trained_parameters(confidence))
-    else:
-        conf = np.full((n, 3), np.nan, dtype=np.float32)
-        bits = bits | placeholder_confidence_bits(status)
+            classifiers = classifiers_for(confidence)
+            cond = {"flux": flux, "flux_error": flux_error, "parallax": plx, "parallax_error": plx_err,
+                    "n_valid_flux": fit["n_valid_flux"].astype(np.float64)}
+            for name in _AUX_COLUMNS:
+                cond[name] = _scalar_column(batch, name)
+            conf = _confidences(predict_confidence, classifiers, confidence_features(fit, cond))
+            bits = bits | confidence_quality_bits(conf, fit_status=status, trained=trained_parameters(classifiers))
+        else:
+            conf = np.full((n, 3), np.nan, dtype=np.float32)
+            bits = bits | placeholder_confidence_bits(status)
     bits = np.where(status == qf.FitStatus.NO_USABLE_DATA, _ALL_QUALITY_BITS, bits).astype(np.uint8)
+
+    with _timed(times, "table"):
+        return _catalog_table(batch, n, p5, err5, fit, conf, bits, cov5, icov5, status)
+
+
+def fit_pieces(m: int, batch_size: int) -> list[int]:
+    """Sizes of the pieces m stars are fitted in, so that padding wastes little.
+
+    The fit pads a piece of fewer than ``batch_size`` stars to the next power
+    of two (at least 64): 2200 stars would be fitted as 4096. A piece is split
+    off as the largest power of two below the rest while padding the rest
+    would waste more than a quarter of it: 2200 -> 2048 + 152 (-> 128 + 24),
+    all shapes the fit's optimiser compiles anyway.
+
+    Parameters
+    ----------
+    m : int
+        Stars of the batch.
+    batch_size : int
+        ``[inference] batch_size``.
+
+    Returns
+    -------
+    list of int, summing to m.
+    """
+    pieces = []
+    while m > 0:
+        if m >= batch_size:
+            take = batch_size
+        else:
+            padded = max(_MIN_PIECE, 1 << (m - 1).bit_length())
+            take = m if padded == _MIN_PIECE or 4 * (padded - m) <= m else padded // 2
+        pieces.append(take)
+        m -= take
+    return pieces
+
+
+def _confidences(predict: Any, classifiers: Any, features: np.ndarray) -> np.ndarray:
+    """(n, 3) float32 confidences, the classifiers run on a power-of-two number of rows.
+
+    ``predict_confidence`` evaluates the rows whose features are defined, a
+    count that differs from batch to batch, and its jitted network compiles
+    once per count: every batch paid a compilation. The rows are padded here
+    with copies of a defined row, so that count is a power of two (at least 64)
+    and the few shapes compile once per worker; the padding rows are dropped.
+
+    Parameters
+    ----------
+    predict : :func:`xpcat.model.confidence.predict_confidence`
+    classifiers : ConfidenceClassifiers
+    features : (n, F) confidence features.
+    """
+    n = features.shape[0]
+    ok = np.flatnonzero(classifiers.standardise(features)[1])
+    if ok.size:
+        size = max(_MIN_PIECE, 1 << (int(ok.size) - 1).bit_length())
+        features = np.concatenate([features, np.repeat(features[ok[:1]], size - ok.size, axis=0)])
+    return np.asarray(predict(classifiers, features)[:n], dtype=np.float32)
+
+
+def _fit(inference: Inference, flux: np.ndarray, factor: np.ndarray, plx: np.ndarray, plx_err: np.ndarray,
+         flux_error: np.ndarray, times: dict[str, float] | None) -> dict[str, np.ndarray]:
+    """:meth:`Inference.fit` in :func:`fit_pieces` pieces, step by step (same calls per star), each step timed."""
+    outs, lo = [], 0
+    for size in fit_pieces(flux.shape[0], inference.settings.batch_size) or [0]:  # an empty batch: one empty fit
+        sl = slice(lo, lo + size)
+        lo += size
+        with _timed(times, "fit_prepare"):
+            prep = prepare_stars(flux[sl], factor[sl], plx[sl], plx_err[sl], flux_error[sl], dtype=inference.dtype)
+        with _timed(times, "fit_start"):
+            x0 = inference.start(prep)
+        with _timed(times, "fit_optimise"):
+            opt = inference.optimise(prep, x0)
+        with _timed(times, "fit_summary"):
+            out = inference.summarise(prep, opt["x"], opt["loss"], opt["converged"], opt["n_iter"])
+        out["x0"] = x0
+        outs.append(out)
+    if len(outs) == 1:
+        return outs[0]
+    return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+
+
+def _catalog_table(batch: pa.RecordBatch, n: int, p5: np.ndarray, err5: np.ndarray, fit: dict[str, np.ndarray],
+                   conf: np.ndarray, bits: np.ndarray, cov5: np.ndarray, icov5: np.ndarray,
+                   status: np.ndarray) -> pa.Table:
+    """The ``CATALOG`` rows of a fitted batch (shapes as in :func:`fit_table`)."""
 
     def fixed(a: np.ndarray, k: int) -> pa.FixedSizeListArray:
         a = np.ascontiguousarray(a, dtype=np.float32).reshape(n * k)
@@ -257,7 +394,8 @@ def uncertainty_for(model: Any, config: RunConfig) -> tuple[ModelError | None, d
     return model_error_from_arrays(comps["model_error"]), info
 
 
-def infer_partition(conditioned_path: str | Path, out_path: str | Path, model: Any, config: RunConfig) -> dict:
+def infer_partition(conditioned_path: str | Path, out_path: str | Path, model: Any, config: RunConfig,
+                    times: dict[str, float] | None = None) -> dict:
     """Fit one conditioned partition and write its catalog partition atomically.
 
     Parameters
@@ -266,6 +404,8 @@ def infer_partition(conditioned_path: str | Path, out_path: str | Path, model: A
     out_path : ``RUN_DIR/fitted/<name>.parquet``.
     model : ModelArtifact (or a ready :class:`Inference`, then without classifiers).
     config : RunConfig (``[inference]`` settings, ``run.seed``).
+    times : dict, optional
+        Seconds per step (:data:`INFER_STEPS`) are added to it (the benchmark's profile).
 
     Returns
     -------
@@ -290,14 +430,20 @@ def infer_partition(conditioned_path: str | Path, out_path: str | Path, model: A
     missing = [c for c in CONDITIONED_INPUT_COLUMNS[:8] if c not in names]
     if missing:
         raise InputError(f"infer: conditioned partition {src} lacks columns {missing}")
-    inference = inference_for(model, config)
-    confidence = None if isinstance(model, Inference) else _confidence_component(model)
-    model_error, uncertainty_info = uncertainty_for(model, config)
+    with _timed(times, "setup"):
+        inference = inference_for(model, config)
+        confidence = None if isinstance(model, Inference) else classifiers_for(_confidence_component(model))
+        model_error, uncertainty_info = uncertainty_for(model, config)
     columns = [c for c in CONDITIONED_INPUT_COLUMNS if c in names]
     pieces = []
     try:
-        for batch in pf.iter_batches(batch_size=config.inference.batch_size, columns=columns):
-            pieces.append(fit_table(batch, inference, confidence, model_error))
+        batches = pf.iter_batches(batch_size=config.inference.batch_size, columns=columns)
+        while True:
+            with _timed(times, "read"):
+                batch = next(batches, None)
+            if batch is None:
+                break
+            pieces.append(fit_table(batch, inference, confidence, model_error, times))
     except (pa.ArrowInvalid, OSError) as err:
         raise InputError(f"infer: cannot read conditioned partition {src} (corrupt or truncated): {err}") from err
     table = pa.concat_tables(pieces) if pieces else CATALOG.empty_table()
@@ -334,11 +480,12 @@ def infer_partition(conditioned_path: str | Path, out_path: str | Path, model: A
         "ln_prior_cut": float(inference.objective.gmm.ln_prior_cut),
         "ln_prior_cut_mass": PRIOR_MASS,
     }
-    table = with_metadata(table, info)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    marker = atomic_write_parquet(table, out, schema=CATALOG, expected_rows=n,
-                                  info={k: summary[k] for k in ("rows", "converged", "not_converged",
-                                                                 "no_usable_data", "basic_cut")})
+    with _timed(times, "write"):
+        table = with_metadata(table, info)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        marker = atomic_write_parquet(table, out, schema=CATALOG, expected_rows=n,
+                                      info={k: summary[k] for k in ("rows", "converged", "not_converged",
+                                                                     "no_usable_data", "basic_cut")})
     summary["sha256"] = marker.get("sha256")
     logger.info("infer %s: %d stars in %.1f s (%d not converged, %d no data)", src.name, n, seconds,
                 summary["not_converged"], summary["no_usable_data"])
