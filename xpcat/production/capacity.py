@@ -4,6 +4,13 @@ The rates come from the JSON printed by ``benchmarks/pipeline.py`` (stars/s
 per worker for each stage, bytes per star on disk, peak memory per worker, the
 machine it ran on). Nothing is assumed that was not measured: without a
 benchmark file the plan refuses to guess.
+
+Which file: ``--benchmark FILE``, else ``$XPCAT_BENCHMARK_JSON``, else the
+10^6-star run (:data:`MILLION_BENCHMARK`, ``benchmarks/results/pipeline_1e6.json``)
+when it is there and valid, else :data:`DEFAULT_BENCHMARK`
+(``benchmarks/results/pipeline.json``, 10^5 stars). A 10^6-star file that
+cannot be used (unreadable, not the benchmark's JSON, or its stars check
+failed) is skipped with a warning, never half-used.
 """
 
 from __future__ import annotations
@@ -19,10 +26,14 @@ from xpcat.errors import InputError, XpcatError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["plan_run", "plan_numbers", "check_plan_stars", "DEFAULT_BENCHMARK", "PLAN_MAX_STARS"]
+__all__ = ["plan_run", "plan_numbers", "check_plan_stars", "load_benchmark", "DEFAULT_BENCHMARK",
+           "MILLION_BENCHMARK", "PLAN_MAX_STARS"]
 
-#: Where ``benchmarks/pipeline.py --out`` saves its result in a source checkout.
-DEFAULT_BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "pipeline.json"
+_RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+#: Where ``benchmarks/pipeline.py --out`` saves its result in a source checkout (10^5 stars).
+DEFAULT_BENCHMARK = _RESULTS / "pipeline.json"
+#: Where ``benchmarks/pipeline.py --million`` saves its 10^6-star result; preferred when present.
+MILLION_BENCHMARK = _RESULTS / "pipeline_1e6.json"
 _STAGES = ("condition", "infer", "catalog")
 #: Most stars a plan takes: well above any Gaia release (DR3: 1,811,709,771 sources, 219,197,643 with XP spectra).
 PLAN_MAX_STARS = 5_000_000_000
@@ -51,24 +62,61 @@ def check_plan_stars(stars: int, level: int) -> None:
                          f"needs at least one star per partition; run a small set directly (`xpcat demo`, `xpcat run`)")
 
 
-def _load_benchmark(path: Path | None) -> tuple[dict, Path]:
-    if path is None:
-        env = os.environ.get("XPCAT_BENCHMARK_JSON")
-        path = Path(env) if env else DEFAULT_BENCHMARK
-        if not path.is_file():
-            raise XpcatError(
-                f"no measured rates: {path} does not exist. Run `python benchmarks/pipeline.py --out {DEFAULT_BENCHMARK}` "
-                "(or pass --benchmark FILE with its JSON)"
-            )
+def _read_benchmark(path: Path) -> dict:
+    """The benchmark JSON of ``path``.
+
+    Raises
+    ------
+    InputError
+        Unreadable, not the JSON of ``benchmarks/pipeline.py``, or a run whose stars check failed.
+    """
     try:
         text = Path(path).read_text().strip().splitlines()
         doc = json.loads(text[-1]) if text and text[-1].startswith("{") else json.loads("\n".join(text))
     except (OSError, ValueError, IndexError) as err:
         raise InputError(f"benchmark file {path}: not the JSON of benchmarks/pipeline.py ({err})") from err
+    if not isinstance(doc, dict):
+        raise InputError(f"benchmark file {path}: not the JSON of benchmarks/pipeline.py (a {type(doc).__name__})")
     for key in ("stages", "bytes_per_star", "machine"):
         if key not in doc:
             raise InputError(f"benchmark file {path}: missing {key!r}; expected the JSON of benchmarks/pipeline.py")
-    return doc, Path(path)
+    check = doc.get("stars_check")
+    if isinstance(check, dict) and check.get("ok") is False:
+        raise InputError(f"benchmark file {path}: its run did not hold every star exactly once (stars_check: "
+                         f"{ {k: check.get(k) for k in ('expected', 'fitted', 'catalog')} }); its rates are not used")
+    return doc
+
+
+def load_benchmark(path: Path | None = None) -> tuple[dict, Path]:
+    """The measured rates a plan uses, and the file they came from.
+
+    Parameters
+    ----------
+    path : Path, optional
+        An explicit file; otherwise ``$XPCAT_BENCHMARK_JSON``, else :data:`MILLION_BENCHMARK`
+        when present and usable, else :data:`DEFAULT_BENCHMARK`.
+
+    Raises
+    ------
+    XpcatError
+        No benchmark file; InputError for a malformed explicit one.
+    """
+    if path is not None:
+        return _read_benchmark(Path(path)), Path(path)
+    env = os.environ.get("XPCAT_BENCHMARK_JSON")
+    if env:
+        return _read_benchmark(Path(env)), Path(env)
+    if MILLION_BENCHMARK.is_file():
+        try:
+            return _read_benchmark(MILLION_BENCHMARK), MILLION_BENCHMARK
+        except InputError as err:
+            logger.warning("not using the 10^6-star benchmark: %s; falling back to %s", err, DEFAULT_BENCHMARK)
+    if not DEFAULT_BENCHMARK.is_file():
+        raise XpcatError(
+            f"no measured rates: {DEFAULT_BENCHMARK} does not exist. Run `python benchmarks/pipeline.py --out "
+            f"{DEFAULT_BENCHMARK}` (or pass --benchmark FILE with its JSON)"
+        )
+    return _read_benchmark(DEFAULT_BENCHMARK), DEFAULT_BENCHMARK
 
 
 def plan_numbers(stars: int, profile_name: str, bench: dict, config: RunConfig | None = None) -> dict:
@@ -159,8 +207,8 @@ def plan_run(stars: int, profile: str, benchmark_json: Path | None) -> str:
     profile : str
         Cluster profile name or path.
     benchmark_json : Path or None
-        JSON printed by ``benchmarks/pipeline.py`` (default: ``$XPCAT_BENCHMARK_JSON`` or
-        ``benchmarks/results/pipeline.json``).
+        JSON printed by ``benchmarks/pipeline.py`` (default: ``$XPCAT_BENCHMARK_JSON``, else
+        ``benchmarks/results/pipeline_1e6.json`` when present, else ``benchmarks/results/pipeline.json``).
 
     Returns
     -------
@@ -174,7 +222,7 @@ def plan_run(stars: int, profile: str, benchmark_json: Path | None) -> str:
         out of range (:func:`check_plan_stars`).
     """
     check_plan_stars(stars, RunConfig().data.partition_level)
-    bench, path = _load_benchmark(benchmark_json)
+    bench, path = load_benchmark(benchmark_json)
     n = plan_numbers(stars, profile, bench)
     lines = [
         f"plan for {stars:,} stars on profile {n['profile']!r} (rates measured by {path} on "
