@@ -6,7 +6,8 @@
    part of the fetch).
 2. Serves it with the local archive and runs ``fetch_run`` through
    astroquery (census, Appendix A async ADQL jobs, DataLink XP_CONTINUOUS
-   batches, or XP_SAMPLED with ``--xp sampled``: ``[fetch] xp``) at partition level ``--level``: rows/s of gaia_source and of XP
+   batches, or XP_SAMPLED with ``--xp sampled``: ``[fetch] xp``) at partition
+   level ``--level``: rows/s of gaia_source and of XP
    spectra. The local archive runs in the same process, so its own work
    (DuckDB, formatting the archive's CSV) is included: a lower bound on what
    the client alone sustains.
