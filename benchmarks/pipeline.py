@@ -15,14 +15,44 @@ the last stdout line:
   (``RUN_DIR/state/jax-cache``), as every worker but the first of a long run
   does; ``stages.infer_first_pass`` is the first pass, whose workers compile
   the inference kernels themselves (``--no-second-pass`` skips the second);
-- ``peak_memory_mib_per_worker``: largest ru_maxrss reported by a task;
+- ``peak_memory_mib_per_worker``: largest peak RSS reported by a task
+  (``peak_memory_ok``: under ``--memory-limit``);
 - ``bytes_per_star``: on-disk bytes of raw, conditioned, fitted and catalog
-  products divided by the number of stars.
+  products divided by the number of stars;
+- ``stars_check``: the fitted partitions and the catalog hold every simulated
+  star exactly once (rows, unique ``gdr3_source_id``, the truth's ids);
+- ``infer_profile``: ``benchmarks/infer_profile.py`` on the finished run, in a
+  fresh process per worker, side by side, each pinned to its own
+  ``threads_per_worker`` CPUs: the infer stage step by
+  step (``infer_profile_s``: read, columns, fit_prepare, fit_start,
+  fit_optimise, fit_summary, model_error, confidence, flags, table, write) and
+  the fit kernel on the same stars and model (``kernel_stars_per_s``),
+  side by side; ``worker_start_s`` is what a fresh worker pays once;
+- ``infer_vs_kernel``: ``stages.infer.stars_per_s_per_worker`` over the
+  kernel's stars/s on the same number of threads (the issue's figure: it
+  includes each worker's start, ``worker_start_s``, and the load of the
+  moment, so compare it at 10^5 stars or more), and
+  ``infer_steady_vs_kernel``: the stage (partitions already compiled) over the
+  kernel in the same processes;
+- ``scaling``: per stage, task-seconds per star of this run and of the other
+  ``pipeline_1e<k>.json`` files beside ``--out`` (10^4, 10^5, 10^6), each
+  relative to the smallest run: 1.0 everywhere means linear cost;
+- ``wall_seconds_total`` and ``under_one_hour``.
+
+``--million`` (10^6 stars) writes ``benchmarks/results/pipeline_1e6.json`` unless
+``--out`` says otherwise, skips the second inference pass (the first pass's
+compilation is a small part of 10^6 fits) and partitions at HEALPix level 2 (the
+universe's fields fill about 10 level-1 pixels: 10^5 stars, ~1 GB of
+conditioned rows, per partition), for memory per worker under
+``--memory-limit`` (4 GiB); it needs about 36 GB of disk (raw ~26 kB, conditioned
+~9.5 kB per star) in the work folder. ``xpcat plan`` reads its JSON first
+when it is there.
 
 Usage::
 
     python benchmarks/pipeline.py                  # 10^5 stars
-    python benchmarks/pipeline.py --million        # 10^6 stars
+    python benchmarks/pipeline.py --million        # 10^6 stars -> benchmarks/results/pipeline_1e6.json
+    python benchmarks/pipeline.py --stars 10000 --train-batch-size 128 --out benchmarks/results/pipeline_1e4.json
     python benchmarks/pipeline.py --stars 2000 --out benchmarks/results/pipeline.json
 """
 
@@ -31,7 +61,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -40,8 +72,45 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _machine import machine_info  # noqa: E402
+from pipeline_checks import scaling, stars_check  # noqa: E402
 
 logger = logging.getLogger("benchmarks.pipeline")
+
+
+RESULTS = Path(__file__).resolve().parent / "results"
+#: Where ``--million`` writes its JSON (``xpcat plan`` reads it first, see xpcat.production.capacity).
+MILLION_JSON = RESULTS / "pipeline_1e6.json"
+
+
+def _infer_profile(work: Path, stars: int, threads: int, workers: int, batch_size: int, seed: int) -> dict:
+    """``benchmarks/infer_profile.py`` on the finished run: one fresh process per worker, side by side.
+
+    Each process is pinned to its own ``threads`` CPUs and profiles the same
+    stars, so the kernel shares the machine as the stage's workers did. Returns
+    the first process's profile with ``kernel_stars_per_s`` and
+    ``stage_vs_kernel`` averaged over the processes (each process's in ``per_process``).
+    """
+    procs = []
+    for w in range(workers):
+        cmd = [sys.executable, str(Path(__file__).with_name("infer_profile.py")), str(work), "--stars", str(stars),
+               "--threads", str(threads), "--batch-size", str(batch_size), "--seed", str(seed),
+               "--cpu-offset", str(w * threads)]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    docs = []
+    for proc in procs:
+        out, err = proc.communicate()
+        lines = out.strip().splitlines()
+        if proc.returncode != 0 or not lines:
+            logger.error("infer profile failed (exit %d): %s", proc.returncode, err[-2000:])
+            return {"error": f"exit {proc.returncode}", "stderr_tail": err[-2000:]}
+        docs.append(json.loads(lines[-1]))
+    result = dict(docs[0])
+    for key in ("kernel_stars_per_s", "stage_stars_per_s", "stage_vs_kernel", "worker_start_s"):
+        result[key] = round(sum(d[key] for d in docs) / len(docs), 3)
+    result["processes"] = len(docs)
+    result["per_process"] = [{k: d[k] for k in ("cpus", "kernel_stars_per_s", "stage_stars_per_s", "stage_vs_kernel",
+                                                "worker_start_s", "load_average")} for d in docs]
+    return result
 
 
 def _dir_bytes(path: Path) -> int:
@@ -98,8 +167,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--workdir", type=Path, default=None, help="work folder (default: a temporary one, removed)")
     ap.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     ap.add_argument("--no-second-pass", action="store_true",
-                    help="report the first inference pass only (workers compiling their kernels)")
+                    help="report the first inference pass only (workers compiling their kernels; --million's default)")
+    ap.add_argument("--profile-stars", type=int, default=20_000,
+                    help="stars (whole partitions) of the infer-vs-kernel profile (0 skips it)")
     args = ap.parse_args(argv)
+    if args.million:
+        args.no_second_pass = True
+        if args.out is None:
+            args.out = MILLION_JSON
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("distributed", "jax", "hats", "lsdb"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -117,12 +192,15 @@ def main(argv: list[str] | None = None) -> dict:
         level = 1
         while 12 * 4**level < 8 * args.workers and level < 6:
             level += 1
+        if n >= 1_000_000:  # the universe's fields fill ~10 level-1 pixels: 10^5 stars each would be 1 GB a partition
+            level = max(level, 2)
     cfg = RunConfig().replace(
         data={"partition_level": level},
         training={"preset": "quick", "batch_size": args.train_batch_size},
         cluster={"n_workers": args.workers, "memory_limit": args.memory_limit, "threads_per_worker": 1},
     )
     timings: dict[str, float] = {}
+    t_all = time.perf_counter()
     t0 = time.perf_counter()
     simulate_universe(work, SimulationConfig(n_stars=n, seed=args.seed))
     timings["simulate"] = time.perf_counter() - t0
@@ -171,6 +249,17 @@ def main(argv: list[str] | None = None) -> dict:
         }
     peak = max(float(summary["stages"][s].get("peak_rss_mib") or 0.0) for s in stages if s != "catalog")
     sizes = {k: _dir_bytes(work / k) for k in ("raw", "conditioned", "fitted", "catalog")}
+    check = stars_check(work, n)
+    profile = {}
+    if args.profile_stars > 0:
+        t0 = time.perf_counter()
+        profile = _infer_profile(work, args.profile_stars, 1, args.workers, cfg.inference.batch_size, cfg.run.seed)
+        timings["infer_profile"] = time.perf_counter() - t0
+    kernel_rate = profile.get("kernel_stars_per_s")
+    stage_rate = stages.get("infer", {}).get("stars_per_s_per_worker")
+    from dask.utils import parse_bytes
+
+    limit_mib = parse_bytes(args.memory_limit) / 2**20
     result = {
         "benchmark": "pipeline",
         "stars": n,
@@ -183,9 +272,20 @@ def main(argv: list[str] | None = None) -> dict:
         "compilation_cache": cfg.inference.compilation_cache,
         "stages": stages,
         "peak_memory_mib_per_worker": peak,
+        "memory_limit_mib": limit_mib,
+        "peak_memory_ok": bool(peak < limit_mib),
         "bytes_per_star": {k: v / n for k, v in sizes.items()},
+        "stars_check": check,
+        "infer_vs_kernel": round(stage_rate / kernel_rate, 3) if stage_rate and kernel_rate else None,
+        "infer_steady_vs_kernel": profile.get("stage_vs_kernel"),
+        "infer_profile_s": profile.get("infer_profile_s"),
+        "infer_profile": profile,
+        "wall_seconds_total": time.perf_counter() - t_all,
+        "load_average": [round(x, 2) for x in os.getloadavg()],
         "machine": machine_info(),
     }
+    result["under_one_hour"] = result["wall_seconds_total"] < 3600.0
+    result["scaling"] = scaling(result, args.out.parent if args.out is not None else RESULTS)
     if args.workdir is None:
         shutil.rmtree(work, ignore_errors=True)
     if args.out is not None:
