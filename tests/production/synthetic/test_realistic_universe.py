@@ -29,8 +29,11 @@ from xpcat.production.synthetic.observed_sed import (
     g_and_extinction_table,
 )
 from xpcat.production.synthetic.selection import draw_selected_population
+from xpcat.production.synthetic.truth_sed_empirical import sed_for_universe
 from xpcat.production.synthetic.universe import draw_universe, simulate_universe
 
+#: The realistic universe's truth SED.
+SED = sed_for_universe("realistic")
 #: (G_lo, G_hi) -> median relative flux error of the library (0.9 < BP-RP < 1.6; stars per bin 20..4233).
 LIBRARY_REL_ERROR = {
     (8, 9): 0.00611,
@@ -55,7 +58,7 @@ def realistic(proj):
 
 
 def _reddened_g(proj, u):
-    g0, a_g = g_and_extinction_table(proj, extinction_terms(proj), 3.1)(u["theta"][:, [0, 1, 2]], u["r_v"])
+    g0, a_g = g_and_extinction_table(proj, extinction_terms(proj), 3.1, SED)(u["theta"][:, [0, 1, 2]], u["r_v"])
     return g0 + 5.0 * np.log10(u["distance"] / 1000.0) + a_g[:, 0] * u["e"] + a_g[:, 1] * u["e"] ** 2
 
 
@@ -74,7 +77,7 @@ def test_mix_at_the_g_limit_is_gaia_like(proj, realistic):
 def test_observed_g_is_the_selection_g(proj, realistic):
     _, u = realistic
     sub = {k: v[:300] for k, v in u.items()}
-    obs, _ = chunk_light(np.random.default_rng(0), sub, proj, extinction_terms(proj))
+    obs, _ = chunk_light(np.random.default_rng(0), sub, proj, extinction_terms(proj), SED)
     nf = proj.fine_wavelengths.size
     g = -2.5 * np.log10((obs[:, :nf] * truth.FLUX_UNIT_W_M2_NM) @ proj.to_phot[:, 0]) + proj.phot_zero_points[0]
     assert np.abs(g - _reddened_g(proj, sub)).max() < 0.05
@@ -94,7 +97,7 @@ def test_relative_flux_errors_match_dr3(proj, realistic):
     _, u = realistic
     rng = np.random.default_rng(3)
     sub = {k: v[:1500] for k, v in u.items()}
-    obs, _ = chunk_light(rng, sub, proj, extinction_terms(proj))
+    obs, _ = chunk_light(rng, sub, proj, extinction_terms(proj), SED)
     nf = proj.fine_wavelengths.size
     fw = obs[:, :nf] * truth.FLUX_UNIT_W_M2_NM
     mags = -2.5 * np.log10(fw @ proj.to_phot) + proj.phot_zero_points

