@@ -13,6 +13,9 @@ Pipeline per batch (:meth:`Inference.fit`):
    get ``fit_status = NO_USABLE_DATA`` and NaN results, never an exception;
 2. start (:mod:`.start`): ``screen`` (default) or ``paper``;
 3. optimise Eq. 19 (:mod:`.optimise`): ``lm`` (default) or ``paper``;
+   after ``lm``, the stars it leaves unconverged get a float64 exact-Hessian
+   polish and, if still unconverged, the paper optimiser (:mod:`.refit`;
+   ``refit = False`` turns this off);
 4. Fisher uncertainties (:mod:`.uncertainty`).
 
 Stars are processed in padded chunks of fixed shapes, so memory is bounded by
@@ -36,6 +39,7 @@ from xpcat.catalog_schema.triangle import n_triu, unpack_triu
 from xpcat.model.objective import N_VAR, TEFF_SCALE_K, ForwardModelLike, Objective, StarData
 from xpcat.model.optimise import PaperSchedule, lm_fit, paper_fit
 from xpcat.model.prior import GMMParams
+from xpcat.model.refit import Refit
 from xpcat.model.start import StartGrid, build_start_grid, full_band_stars, paper_start, screen_start
 from xpcat.model.uncertainty import fisher_covariance, params5_from_x, whitened_jacobian
 
@@ -69,7 +73,10 @@ class InferenceSettings:
     n_refine : start candidates re-scored with the full chi^2 (screen start).
     max_iterations, tolerance : LM stopping rule.
     seed : seed of the GMM samples of the start grid.
-    paper_schedule : step counts of the paper optimiser.
+    paper_schedule : step counts of the paper optimiser (also that of the refit's fallback).
+    refit : after ``lm``, polish the unconverged stars in float64 and fall back to the
+        paper optimiser for those still unconverged (:class:`xpcat.model.refit.Refit`).
+    polish_iterations : iteration cap of each float64 polish.
     """
 
     optimizer: str = "lm"
@@ -84,6 +91,8 @@ class InferenceSettings:
     tolerance: float = 1e-6
     seed: int = 0
     paper_schedule: PaperSchedule = PaperSchedule()
+    refit: bool = True
+    polish_iterations: int = 100
 
     def __post_init__(self) -> None:
         if self.optimizer not in ("lm", "paper"):
@@ -92,6 +101,8 @@ class InferenceSettings:
             raise ValueError(f"inference start must be 'screen' or 'paper', got {self.start!r}")
         if self.batch_size < 1:
             raise ValueError(f"inference batch_size must be >= 1, got {self.batch_size!r}")
+        if self.polish_iterations < 1:
+            raise ValueError(f"inference polish_iterations must be >= 1, got {self.polish_iterations!r}")
 
     @classmethod
     def from_config(cls, config: Any, **overrides: Any) -> InferenceSettings:
@@ -237,6 +248,7 @@ class Inference:
         self.objective = Objective(model, gmm, dtype=dtype)
         self.dtype = self.objective.dtype
         self._grid: StartGrid | None = None
+        self._refit: Refit | None = None
 
     @property
     def grid(self) -> StartGrid:
@@ -248,6 +260,14 @@ class Inference:
                                               e_min=s.e_min, e_max=s.e_max, e_log10_step=s.e_log10_step,
                                               seed=s.seed, dtype=self.dtype)
         return self._grid
+
+    @property
+    def refit(self) -> Refit:
+        """The refit of unconverged LM stars (built on first use; its float64 model is cast once)."""
+        if self._refit is None:
+            s = self.settings
+            self._refit = Refit(self.objective, s.polish_iterations, s.tolerance, s.paper_schedule)
+        return self._refit
 
     # ------------------------------------------------------------------------------ stages
     def start(self, prep: PreparedStars, mode: str | None = None) -> np.ndarray:
@@ -277,11 +297,15 @@ class Inference:
 
     def optimise(self, prep: PreparedStars, x0: np.ndarray, optimizer: str | None = None,
                  schedule: PaperSchedule | None = None) -> dict[str, np.ndarray]:
-        """Optimise Eq. 19 from x0; returns x, loss, converged, n_iter (numpy, length m)."""
+        """Optimise Eq. 19 from x0; returns x, loss, converged, n_iter, refit (numpy, length m).
+
+        ``refit`` is the :class:`~xpcat.model.refit.RefitStage` of each star (0 when not refitted);
+        ``n_iter`` counts the iterations and optimiser steps of every stage.
+        """
         optimizer = optimizer or self.settings.optimizer
         m = x0.shape[0]
         size = _padded_size(m, self.settings.batch_size)
-        res = {k: [] for k in ("x", "loss", "converged", "n_iter")}
+        res = {k: [] for k in ("x", "loss", "converged", "n_iter", "refit")}
         with jax.default_matmul_precision("highest"):
             for lo in range(0, m, size):
                 hi = min(lo + size, m)
@@ -296,11 +320,16 @@ class Inference:
                     r = paper_fit(self.objective, xs, stars, active, schedule or self.settings.paper_schedule)
                 else:
                     raise ValueError(f"optimizer must be 'lm' or 'paper', got {optimizer!r}")
+                part = {k: np.asarray(getattr(r, k))[: hi - lo] for k in ("x", "loss", "converged", "n_iter")}
+                part["refit"] = np.zeros(hi - lo, dtype=np.uint8)
+                if optimizer == "lm" and self.settings.refit:
+                    part = self.refit(np.asarray(xs)[: hi - lo], part["x"], part["loss"], part["converged"],
+                                      part["n_iter"], _rows(prep, lo, hi), np.asarray(active)[: hi - lo])
                 for k in res:
-                    res[k].append(np.asarray(getattr(r, k))[: hi - lo])
+                    res[k].append(part[k])
         return {k: np.concatenate(v) for k, v in res.items()}
 
-    def _stars(self, prep: PreparedStars, lo: int, hi: int, size: int) -> StarData:
+    def _stars(self, prep: PreparedStars, lo: int, hi: int, size: int) -> StarData:  # padded, on device
         return StarData(*(jnp.asarray(_pad_rows(a[lo:hi], size))
                           for a in (prep.flux, prep.factor, prep.plx_obs, prep.inv_plx_err)))
 
@@ -358,6 +387,7 @@ class Inference:
         opt = self.optimise(prep, x0, optimizer, schedule)
         out = self.summarise(prep, opt["x"], opt["loss"], opt["converged"], opt["n_iter"])
         out["x0"] = x0
+        out["refit"] = opt["refit"]
         return out
 
     def with_settings(self, **changes: Any) -> Inference:
@@ -368,7 +398,16 @@ class Inference:
         new.dtype = self.dtype
         grid_keys = {"n_prior_samples", "e_min", "e_max", "e_log10_step", "seed"}
         new._grid = None if grid_keys & set(changes) else self._grid
+        new._refit = None
+        if self._refit is not None:  # keep its float64 model (cast once)
+            s = new.settings
+            new._refit = self._refit.with_options(s.polish_iterations, s.tolerance, s.paper_schedule)
         return new
+
+
+def _rows(prep: PreparedStars, lo: int, hi: int) -> StarData:
+    """Rows lo:hi of the prepared stars as a (numpy) StarData."""
+    return StarData(*(a[lo:hi] for a in (prep.flux, prep.factor, prep.plx_obs, prep.inv_plx_err)))
 
 
 def _summary(obj: Objective, xs, stars):
@@ -402,7 +441,8 @@ def fit_batch(model: ForwardModelLike, gmm: GMMParams, flux: np.ndarray, factor:
     ``e`` [mag], ``params5`` (n, 5) catalog order (Teff kK, [Fe/H], logg, E, plx),
     ``cov5`` / ``icov5`` (n, 5, 5) in the same units, ``chi2``, ``ln_prior``,
     ``loss`` (Eq. 19), ``f_pred`` (n, 66) internal unit, ``fit_status`` (uint8
-    :class:`~xpcat.catalog_schema.flags.FitStatus`), ``n_iter``, ``n_valid_flux``
-    and ``x0`` (n, 5) the internal start variables. Rows with no usable data are NaN.
+    :class:`~xpcat.catalog_schema.flags.FitStatus`), ``n_iter``, ``n_valid_flux``,
+    ``x0`` (n, 5) the internal start variables and ``refit`` (uint8
+    :class:`~xpcat.model.refit.RefitStage`). Rows with no usable data are NaN.
     """
     return Inference(model, gmm, settings).fit(flux, factor, parallax, parallax_error, flux_error)

@@ -81,11 +81,14 @@ class _LMState(NamedTuple):
     h: JAXArray
 
 
-def _system(obj: Objective, x: JAXArray, star: StarData):
+def _system(obj: Objective, x: JAXArray, star: StarData, exact: bool = False):
     """Loss (Eq. 19), its gradient and the Gauss-Newton + exact-prior Hessian at x, from one forward pass.
 
     The loss is ``obj.loss`` evaluated from the residuals the Jacobian pass
-    already has (same terms, same order of summation).
+    already has (same terms, same order of summation). With ``exact`` the
+    Hessian is the loss's exact one (``jax.hessian``), which keeps the
+    residual-curvature term ``2 sum_k r_k grad^2 r_k`` Gauss-Newton drops: it
+    matters when the residuals are large (stars the model fits badly).
     """
     r, jac = obj.residuals_and_jacobian(x, star)
     # the prior term is -2 ln p_gmm(Theta) - 2 ln plx - 2 ln E: only the Theta block is curved
@@ -98,6 +101,9 @@ def _system(obj: Objective, x: JAXArray, star: StarData):
     g_p = jnp.concatenate([g_t, jnp.full((2,), -2.0, x.dtype)])
     h_p = jnp.zeros((5, 5), x.dtype).at[:3, :3].set(jax.hessian(neg2lnp)(t))
     loss = r @ r + (v_p - 2.0 * x[3] - 2.0 * x[4])
+    if exact:
+        h = jax.hessian(obj.loss)(x, star)
+        return loss, 2.0 * jac.T @ r + g_p, 0.5 * (h + h.T)
     return loss, 2.0 * jac.T @ r + g_p, 2.0 * jac.T @ jac + h_p
 
 
@@ -109,14 +115,16 @@ def _converged(g, h, loss, tol):
     return 0.5 * nd <= jnp.maximum(tol * jnp.maximum(1.0, jnp.abs(loss)), _ABS_TOL)
 
 
-def _lm_init_one(obj: Objective, tol: float, x0: JAXArray, star: StarData, active: JAXArray) -> _LMState:
-    loss0, g0, h0 = _system(obj, x0, star)
+def _lm_init_one(obj: Objective, exact: bool, tol: JAXArray, x0: JAXArray, star: StarData,
+                 active: JAXArray) -> _LMState:
+    loss0, g0, h0 = _system(obj, x0, star, exact)
     conv0 = _converged(g0, h0, loss0, tol) & active
     return _LMState(x0, loss0, jnp.asarray(_LAMBDA0, x0.dtype), jnp.asarray(0, jnp.int32),
                     conv0 | ~active | ~jnp.isfinite(loss0), conv0, g0, h0)
 
 
-def _lm_run_one(obj: Objective, max_iter: int, tol: float, state: _LMState, star: StarData, stop: JAXArray):
+def _lm_run_one(obj: Objective, exact: bool, max_iter: JAXArray, tol: JAXArray, state: _LMState, star: StarData,
+                stop: JAXArray):
     max_step = jnp.asarray(_MAX_STEP, dtype=state.x.dtype)
 
     def cond(st):
@@ -129,7 +137,7 @@ def _lm_run_one(obj: Objective, max_iter: int, tol: float, state: _LMState, star
         step = -jax.scipy.linalg.cho_solve((c, True), st.g)
         step = step / jnp.maximum(1.0, jnp.max(jnp.abs(step) / max_step))
         x_new = st.x + step
-        loss_new, g_new, h_new = _system(obj, x_new, star)
+        loss_new, g_new, h_new = _system(obj, x_new, star, exact)
         accept = ok & jnp.isfinite(loss_new) & (loss_new < st.loss) & jnp.all(jnp.isfinite(step))
         x = jnp.where(accept, x_new, st.x)
         loss = jnp.where(accept, loss_new, st.loss)
@@ -143,14 +151,15 @@ def _lm_run_one(obj: Objective, max_iter: int, tol: float, state: _LMState, star
     return jax.lax.while_loop(cond, body, state)
 
 
+# the iteration cap and tolerance are traced: other settings reuse the compiled loop
 @partial(jax.jit, static_argnums=(0, 1))
-def _lm_init(obj, tol, x0, stars, active):
-    return jax.vmap(partial(_lm_init_one, obj, tol))(x0, stars, active)
+def _lm_init(obj, exact, tol, x0, stars, active):
+    return jax.vmap(partial(_lm_init_one, obj, exact, tol))(x0, stars, active)
 
 
-@partial(jax.jit, static_argnums=(0, 1, 2))
-def _lm_run(obj, max_iter, tol, state, stars, stop):
-    return jax.vmap(partial(_lm_run_one, obj, max_iter, tol), in_axes=(0, 0, None))(state, stars, stop)
+@partial(jax.jit, static_argnums=(0, 1))
+def _lm_run(obj, exact, max_iter, tol, state, stars, stop):
+    return jax.vmap(partial(_lm_run_one, obj, exact, max_iter, tol), in_axes=(0, 0, None))(state, stars, stop)
 
 
 def _take(tree, idx):
@@ -158,7 +167,7 @@ def _take(tree, idx):
 
 
 def lm_fit(obj: Objective, x0: JAXArray, stars: StarData, active: JAXArray, *, max_iterations: int = 50,
-           tolerance: float = 1e-6, block: int = 3) -> LMResult:
+           tolerance: float = 1e-6, block: int = 3, exact_hessian: bool = False) -> LMResult:
     """Levenberg-Marquardt fit of m stars from their start points.
 
     The vectorised loop runs ``block`` iterations on the whole batch; then the
@@ -175,13 +184,16 @@ def lm_fit(obj: Objective, x0: JAXArray, stars: StarData, active: JAXArray, *, m
     max_iterations : iteration cap per star.
     tolerance : convergence when the expected remaining decrease < max(tolerance * max(1, |L|), 1e-3).
     block : iterations between compactions.
+    exact_hessian : use the loss's exact Hessian instead of Gauss-Newton's (dearer per
+        iteration; for the few stars whose residuals are large, see :mod:`xpcat.model.refit`).
 
     Returns
     -------
     LMResult
     """
-    max_iter, tol = int(max_iterations), float(tolerance)
-    state = _lm_init(obj, tol, x0, stars, active)
+    max_iter, exact = int(max_iterations), bool(exact_hessian)
+    tol = jnp.asarray(tolerance, x0.dtype)
+    state = _lm_init(obj, exact, tol, x0, stars, active)
     m = x0.shape[0]
     state = jax.device_get(state)
     idx_all = np.arange(m)
@@ -189,7 +201,8 @@ def lm_fit(obj: Objective, x0: JAXArray, stars: StarData, active: JAXArray, *, m
     sub_state, sub_stars = state, stars
     stop = block
     while True:
-        sub_state = jax.device_get(_lm_run(obj, max_iter, tol, sub_state, sub_stars, jnp.asarray(stop, jnp.int32)))
+        sub_state = jax.device_get(_lm_run(obj, exact, jnp.asarray(max_iter, jnp.int32), tol, sub_state, sub_stars,
+                                           jnp.asarray(stop, jnp.int32)))
         # write back the real (non-padding) rows
         n_real = len(sub_idx)
         state = jax.tree_util.tree_map(lambda full, part: _scatter(full, sub_idx, part[:n_real]), state, sub_state)
