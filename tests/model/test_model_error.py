@@ -7,7 +7,7 @@ from xpcat.model import model_error as ME
 from xpcat.model.uncertainty import psd_inverse
 
 
-def _universe(n: int, seed: int = 0, scale: float = 1.0, fisher_scale: float = 1.0):
+def _universe(n: int, seed: int = 0, scale: float = 1.0, fisher_scale: float = 1.0, ref_scale: float = 1.0):
     """n stars with a known model error that grows with Teff and E, Fisher errors spread over 10x.
 
     ``fisher_scale``: the true errors are that factor times the Fisher ones (plus the model error).
@@ -21,7 +21,7 @@ def _universe(n: int, seed: int = 0, scale: float = 1.0, fisher_scale: float = 1
     cov[:, range(5), range(5)] = fisher_sd**2
     s_model = scale * np.column_stack([0.05 + 0.04 * (teff - 4.0), 0.08 + 0 * teff, 0.10 + 0 * teff,
                                        0.02 + 0.03 * est_true[:, 3], 0 * teff])
-    ref_sd = np.array([0.05, 0.05, 0.05, 0.02, 0.05]) * np.ones((n, 5))
+    ref_sd = ref_scale * np.array([0.05, 0.05, 0.05, 0.02, 0.05]) * np.ones((n, 5))
     noise = rs.standard_normal((n, 5)) * np.sqrt((fisher_scale * fisher_sd) ** 2 + s_model**2)
     est = est_true + noise
     ref = est_true + rs.standard_normal((n, 5)) * ref_sd
@@ -80,8 +80,23 @@ def test_no_model_error_needed_gives_none_added():
     est, cov, inv, ref, ref_var, _ = _universe(800, scale=0.0)
     me, report = ME.learn_model_error(est, cov, inv, ref, ref_var)
     for p in ("teff", "feh", "logg", "e"):
-        assert report[p]["pull_sigma_calibrated"] == pytest.approx(report[p]["pull_sigma_fisher"], abs=0.05)
-        assert report[p]["pull_sigma_calibrated"] < 1.1
+        assert report[p]["pull_sigma_fisher"] == pytest.approx(1.0, abs=0.1)
+        assert report[p]["pull_sigma_calibrated"] == pytest.approx(1.0, abs=0.02)
+        assert report[p]["fisher_scale"] == pytest.approx(1.0, abs=0.2)
+        assert report[p]["model_error_median"] < 0.2 * np.median(np.sqrt(ref_var[:, 0]))
+
+
+def test_fisher_errors_too_large_are_scaled_down_within_bounds():
+    """Errors half the Fisher ones (Eq. 2's inflation overstating the noise): k ~ 0.5, never below."""
+    est, cov, inv, ref, ref_var, _ = _universe(3000, scale=0.0, fisher_scale=0.6, ref_scale=0.1)
+    me, report = ME.learn_model_error(est, cov, inv, ref, ref_var)
+    for p in ("teff", "feh", "logg", "e"):
+        assert report[p]["pull_sigma_fisher"] < 0.75
+        assert report[p]["fisher_scale"] == pytest.approx(0.6, abs=0.08)
+        assert report[p]["pull_sigma_calibrated"] == pytest.approx(1.0, abs=0.02)
+    est, cov, inv, ref, ref_var, _ = _universe(3000, scale=0.0, fisher_scale=0.2, ref_scale=0.1)
+    me, report = ME.learn_model_error(est, cov, inv, ref, ref_var)
+    assert all(report[p]["fisher_scale"] >= 0.5 - 1e-9 for p in ("teff", "feh", "logg", "e"))
 
 
 def test_too_few_stars_falls_back_with_a_reason():
