@@ -41,11 +41,13 @@ the last stdout line:
 
 ``--million`` (10^6 stars) writes ``benchmarks/results/pipeline_1e6.json`` unless
 ``--out`` says otherwise, skips the second inference pass (the first pass's
-compilation is a small part of 10^6 fits) and partitions at HEALPix level 2 (the
-universe's fields fill about 10 level-1 pixels: 10^5 stars, ~1 GB of
-conditioned rows, per partition), for memory per worker under
-``--memory-limit`` (4 GiB); it needs about 36 GB of disk (raw ~26 kB, conditioned
-~9.5 kB per star) in the work folder. ``xpcat plan`` reads its JSON first
+compilation is a small part of 10^6 fits) and partitions at HEALPix level 6:
+the synthetic universe's densest field holds ~60 % of its stars in one pixel
+up to level 3 (59,499 of 10^5 at levels 1-3; 7,074 at level 6, 128
+partitions), so at level 1 one worker would condition and fit ~600,000 stars
+alone, beyond the 4 GiB per worker of ``--memory-limit`` (the 59,499-star
+partition peaked at 2.7 GiB) and the hour. It needs about 36 GB of disk (raw
+~26 kB, conditioned ~9.5 kB per star) in the work folder. ``xpcat plan`` reads its JSON first
 when it is there.
 
 Usage::
@@ -105,7 +107,7 @@ def _infer_profile(work: Path, stars: int, threads: int, workers: int, batch_siz
             return {"error": f"exit {proc.returncode}", "stderr_tail": err[-2000:]}
         docs.append(json.loads(lines[-1]))
     result = dict(docs[0])
-    for key in ("kernel_stars_per_s", "stage_stars_per_s", "stage_vs_kernel", "worker_start_s"):
+    for key in ("kernel_stars_per_s", "stage_stars_per_s", "stage_vs_kernel", "worker_start_s", "first_pass_seconds"):
         result[key] = round(sum(d[key] for d in docs) / len(docs), 3)
     result["processes"] = len(docs)
     result["per_process"] = [{k: d[k] for k in ("cpus", "kernel_stars_per_s", "stage_stars_per_s", "stage_vs_kernel",
@@ -192,8 +194,8 @@ def main(argv: list[str] | None = None) -> dict:
         level = 1
         while 12 * 4**level < 8 * args.workers and level < 6:
             level += 1
-        if n >= 1_000_000:  # the universe's fields fill ~10 level-1 pixels: 10^5 stars each would be 1 GB a partition
-            level = max(level, 2)
+        if n >= 1_000_000:  # the universe's densest field holds ~60 % of the stars in one pixel up to level 3
+            level = max(level, 6)
     cfg = RunConfig().replace(
         data={"partition_level": level},
         training={"preset": "quick", "batch_size": args.train_batch_size},

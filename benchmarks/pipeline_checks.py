@@ -92,18 +92,23 @@ def scaling(result: dict, results_dir: Path) -> dict:
 
     Returns
     -------
-    dict: ``runs`` (stars -> {stage: task-seconds per star, load}), ``relative``
-    (stars -> {stage: per-star cost over the smallest run's}): linear cost is 1.0.
+    dict: ``task_seconds_per_star`` (stars -> {stage: task-seconds per star, load, partition
+    level and count}), ``relative_to_smallest`` (stars -> {stage: per-star cost over the
+    smallest run's}): linear cost is 1.0; below 1, fixed costs (each worker's start, each
+    partition's) were a larger share of the smaller run.
     """
     runs: dict[int, dict] = {}
     for f in sorted(results_dir.glob("pipeline_1e*.json")):
         try:
             doc = json.loads(f.read_text())
-            runs[int(doc["stars"])] = {"file": f.name, "load_average": doc.get("load_average"), **_per_star(doc)}
+            runs[int(doc["stars"])] = {"file": f.name, "load_average": doc.get("load_average"),
+                                       "partition_level": doc.get("partition_level"),
+                                       "partitions": doc.get("partitions"), **_per_star(doc)}
         except (OSError, ValueError, KeyError, TypeError) as err:
             logger.warning("scaling: skipping %s (%s)", f, err)
     runs[int(result["stars"])] = {"file": "this run", "load_average": result.get("load_average"),
-                                  **_per_star(result)}
+                                  "partition_level": result.get("partition_level"),
+                                  "partitions": result.get("partitions"), **_per_star(result)}
     smallest = runs[min(runs)]
     relative = {n: {st: round(r[st] / smallest[st], 3) for st in SCALING_STAGES if st in r and smallest.get(st)}
                 for n, r in sorted(runs.items())}
