@@ -274,3 +274,19 @@ def test_confident_stars_scatter_half_as_much(universe_run, p):
     assert (sel & ~conf).sum() >= 10, (p, int((sel & ~conf).sum()), "held-out stars labelled not confident")
     s_good, s_bad = robust_sigma(res[sel & conf]), robust_sigma(res[sel & ~conf])
     assert s_bad >= 2 * s_good, (p, s_good, s_bad)
+
+
+def test_validation_label_set_follows_the_split_train_recorded():
+    """label_set = "validation" uses the hash range `xpcat train` recorded (a benchmark's carved split)."""
+    from types import SimpleNamespace
+
+    from xpcat.production.train import in_hash_range, split_is_validation
+
+    sid = np.arange(1, 20001, dtype=np.int64) * 7919
+    config = _config()
+    old = SimpleNamespace(data_summary={})  # an artifact made before the range was recorded
+    assert np.array_equal(S._validation_mask(sid, config, old), split_is_validation(sid, 0.2))
+    carved = SimpleNamespace(data_summary={"validation_hash_range": [0.2, 0.36]})
+    got = S._validation_mask(sid, config, carved)
+    assert np.array_equal(got, in_hash_range(sid, (0.2, 0.36)))
+    assert not (got & split_is_validation(sid, 0.2)).any() and 0.14 < got.mean() < 0.18

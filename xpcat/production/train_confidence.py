@@ -268,10 +268,16 @@ def _write_stars(path: Path, source_id: np.ndarray, features: np.ndarray, est: n
 
 
 def _validation_mask(source_id: np.ndarray, config: RunConfig, artifact: Any) -> np.ndarray | None:
-    """Which labelled stars the model did not train on: the training stage's validation split (by source_id)."""
-    from xpcat.production.train import split_is_validation
+    """Which labelled stars the model did not train on: the training stage's validation split (by source_id).
 
-    return np.asarray(split_is_validation(source_id, config.training.validation_fraction), dtype=bool)
+    The split ``xpcat train`` recorded in the artifact (``validation_hash_range``; the project's
+    [0, validation_fraction) for artifacts made before it was recorded).
+    """
+    from xpcat.production.train import in_hash_range
+
+    got = (getattr(artifact, "data_summary", None) or {}).get("validation_hash_range")
+    hash_range = (0.0, float(config.training.validation_fraction)) if got is None else got
+    return np.asarray(in_hash_range(source_id, hash_range), dtype=bool)
 
 
 def train_confidence_run(run_dir: Path, config: RunConfig, *, model_dir: Path | None = None,
