@@ -108,3 +108,13 @@ def test_fetch_xp_product():
     assert fetch_options(config_from_dict({"fetch": {"xp": "sampled"}})).xp == "sampled"
     with pytest.raises(ConfigError, match=r"\[fetch\] xp = 'coefficients'"):
         config_from_dict({"fetch": {"xp": "coefficients"}})
+
+
+def test_inference_refit_settings_reach_the_fit():
+    from xpcat.model.inference import InferenceSettings
+
+    assert InferenceSettings.from_config(RunConfig()).refit is True
+    s = InferenceSettings.from_config(RunConfig().replace(inference={"refit": False, "polish_iterations": 7}))
+    assert (s.refit, s.polish_iterations) == (False, 7)
+    with pytest.raises(ConfigError, match="polish_iterations"):
+        RunConfig().replace(inference={"polish_iterations": 0})

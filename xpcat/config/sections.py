@@ -204,6 +204,11 @@ class InferenceConfig(Section):
     n_refine: int = config_field(32, "Start candidates kept after the diagonal screen.", min=1)
     max_iterations: int = config_field(50, "Iterations of the second-order optimiser.", min=1)
     tolerance: float = config_field(1e-6, "Convergence: relative decrease of the loss.", min=0.0)
+    refit: bool = config_field(
+        True, "After 'lm', polish the stars that did not converge in float64 with the exact Hessian and, where that "
+        "fails, try the paper optimiser, keeping the lower loss (xpcat.model.refit; issue 15 item 4)."
+    )
+    polish_iterations: int = config_field(100, "Iteration cap of the refit's float64 polish.", min=1)
     uncertainty: Literal["calibrated", "paper"] = config_field(
         "calibrated", "Reported errors: 'calibrated' = Fisher covariance plus the model's own error learned on the "
         "validation split by `xpcat train-confidence` (xpcat.model.model_error; Fisher-only when the model has "

@@ -109,7 +109,8 @@ class InferenceSettings:
         """From a :class:`xpcat.config.RunConfig` (its ``inference`` section and ``run.seed``)."""
         inf = config.inference
         kw = {k: getattr(inf, k) for k in ("optimizer", "start", "batch_size", "n_prior_samples", "e_min", "e_max",
-                                           "e_log10_step", "n_refine", "max_iterations", "tolerance")}
+                                           "e_log10_step", "n_refine", "max_iterations", "tolerance", "refit",
+                                           "polish_iterations")}
         kw["seed"] = config.run.seed
         kw.update(overrides)
         return cls(**kw)
