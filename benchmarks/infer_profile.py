@@ -91,25 +91,22 @@ def _kernel_inputs(files: list[Path]) -> dict:
 def _kernel(inference, data: dict, batch_size: int, times: dict | None) -> float:
     """Seconds to fit every star of ``data`` in chunks of ``batch_size`` (the four steps of Inference.fit)."""
     from xpcat.model.inference import prepare_stars
-
-    def step(name, fn):
-        t0 = time.perf_counter()
-        out = fn()
-        if times is not None:
-            times[name] = times.get(name, 0.0) + time.perf_counter() - t0
-        return out
+    from xpcat.production.infer_steps import timed
 
     n = data["flux"].shape[0]
     factor = data["flux_factor_triu"].astype(inference.dtype, copy=False)
     t0 = time.perf_counter()
     for lo in range(0, n, batch_size):
         sl = slice(lo, min(lo + batch_size, n))
-        prep = step("fit_prepare", lambda: prepare_stars(data["flux"][sl], factor[sl], data["parallax"][sl],
-                                                         data["parallax_error"][sl], data["flux_error"][sl],
-                                                         dtype=inference.dtype))
-        x0 = step("fit_start", lambda: inference.start(prep))
-        opt = step("fit_optimise", lambda: inference.optimise(prep, x0))
-        step("fit_summary", lambda: inference.summarise(prep, opt["x"], opt["loss"], opt["converged"], opt["n_iter"]))
+        with timed(times, "fit_prepare"):
+            prep = prepare_stars(data["flux"][sl], factor[sl], data["parallax"][sl], data["parallax_error"][sl],
+                                 data["flux_error"][sl], dtype=inference.dtype)
+        with timed(times, "fit_start"):
+            x0 = inference.start(prep)
+        with timed(times, "fit_optimise"):
+            opt = inference.optimise(prep, x0)
+        with timed(times, "fit_summary"):
+            inference.summarise(prep, opt["x"], opt["loss"], opt["converged"], opt["n_iter"])
     return time.perf_counter() - t0
 
 

@@ -73,8 +73,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _machine import machine_info  # noqa: E402
-from pipeline_checks import scaling, stars_check  # noqa: E402
+from _machine import machine_info
+from pipeline_checks import scaling, stars_check
 
 logger = logging.getLogger("benchmarks.pipeline")
 

@@ -13,16 +13,23 @@ import pyarrow.parquet as pq
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "model"))
-from inference_problem import draw_labels, make_gmm, make_problem  # noqa: E402
+from inference_problem import draw_labels, make_gmm, make_problem
 
-from xpcat.catalog_schema import CATALOG, CONDITIONED, conform, pack_triu, read_metadata, validate  # noqa: E402
-from xpcat.catalog_schema import flags as qf  # noqa: E402
-from xpcat.config import config_from_dict  # noqa: E402
-from xpcat.errors import InputError  # noqa: E402
-from xpcat.model.forward import ForwardModel, init_params, make_scaler  # noqa: E402
-from xpcat.model.inference import Inference, InferenceSettings  # noqa: E402
-from xpcat.production.infer import infer_partition  # noqa: E402
-from xpcat.production.partitions import is_done, marker_path  # noqa: E402
+from xpcat.catalog_schema import (
+    CATALOG,
+    CONDITIONED,
+    conform,
+    pack_triu,
+    read_metadata,
+    validate,
+)
+from xpcat.catalog_schema import flags as qf
+from xpcat.config import config_from_dict
+from xpcat.errors import InputError
+from xpcat.model.forward import ForwardModel, init_params, make_scaler
+from xpcat.model.inference import Inference, InferenceSettings
+from xpcat.production.infer import infer_partition
+from xpcat.production.partitions import is_done, marker_path
 
 N = 40
 
@@ -202,9 +209,8 @@ def test_corrupt_or_missing_input_is_an_input_error(tmp_path, world, config):
         infer_partition(src, tmp_path / "out.parquet", inf, config)
     with pytest.raises(InputError, match="not found"):
         infer_partition(tmp_path / "nope.parquet", tmp_path / "out.parquet", inf, config)
-    from xpcat.production.run import run_infer
-
     from xpcat.errors import XpcatError
+    from xpcat.production.run import run_infer
 
     with pytest.raises(XpcatError, match="not found"):
         run_infer(tmp_path / "empty", config)
@@ -284,6 +290,15 @@ def test_pieces_fit_the_same_stars_as_one_batch_and_time_each_step(world):
                     two.column("parallax_error").to_numpy(zero_copy_only=False).astype(float),
                     np.asarray(two.column("flux_error").combine_chunks().flatten().to_numpy(), float).reshape(2 * N, 66))
     np.testing.assert_array_equal(got.column("fit_status").to_numpy(), whole["fit_status"])
+    from xpcat.production.infer import (
+        fit_steps,  # the step-by-step fit returns what Inference.fit does
+    )
+    cols = {c: np.asarray(two.column(c).combine_chunks().flatten().to_numpy(zero_copy_only=False), float)
+            .reshape(2 * N, -1) for c in ("flux", "flux_error", "flux_factor_triu")}
+    steps = fit_steps(inf, cols["flux"], cols["flux_factor_triu"], two.column("parallax").to_numpy(zero_copy_only=False)
+                 .astype(float), two.column("parallax_error").to_numpy(zero_copy_only=False).astype(float),
+                 cols["flux_error"], None)
+    assert set(steps) == set(whole) and all(len(v) == 2 * N for v in steps.values())
     est = np.array(got.column("stellar_params_est").to_pylist(), dtype=float)
     np.testing.assert_allclose(est, whole["params5"], rtol=1e-3, atol=1e-4, equal_nan=True)
     assert set(times) <= set(INFER_STEPS)
@@ -316,7 +331,7 @@ def test_classifiers_see_a_power_of_two_of_defined_rows_and_give_the_same_confid
     monkeypatch.setattr(conf_mod, "predict_confidence", spy)
     got = fit_table(batch, inf, clf)
     assert seen == [64]  # 39 defined rows (row 0 has no data) padded to 64
-    features, padded_out = calls[0]
+    features, _ = calls[0]
     direct = real(clf, features[:N])  # the classifiers on the batch's own rows, unpadded
     conf = np.stack([got.column(c).to_numpy(zero_copy_only=False) for c in
                      ("teff_confidence", "feh_confidence", "logg_confidence")], axis=1)

@@ -26,8 +26,15 @@ from xpcat.errors import InputError, XpcatError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["plan_run", "plan_numbers", "check_plan_stars", "load_benchmark", "DEFAULT_BENCHMARK",
-           "MILLION_BENCHMARK", "PLAN_MAX_STARS"]
+__all__ = [
+    "DEFAULT_BENCHMARK",
+    "MILLION_BENCHMARK",
+    "PLAN_MAX_STARS",
+    "check_plan_stars",
+    "load_benchmark",
+    "plan_numbers",
+    "plan_run",
+]
 
 _RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 #: Where ``benchmarks/pipeline.py --out`` saves its result in a source checkout (10^5 stars).

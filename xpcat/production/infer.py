@@ -35,10 +35,8 @@ Fisher errors).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -58,18 +56,38 @@ from xpcat.catalog_schema import (
 from xpcat.catalog_schema import flags as qf
 from xpcat.config import RunConfig
 from xpcat.errors import InputError, StageError
-from xpcat.model.inference import Inference, InferenceSettings, prepare_stars
-from xpcat.model.model_error import ModelError, calibrated_covariance, model_error_from_arrays
+from xpcat.model.inference import Inference, InferenceSettings
+from xpcat.model.model_error import (
+    ModelError,
+    calibrated_covariance,
+    model_error_from_arrays,
+)
 from xpcat.model.prior import PRIOR_MASS
 from xpcat.model.uncertainty import (
     PLACEHOLDER_CONFIDENCE_RULE,
     placeholder_confidence_bits,
     quality_flag_bits,
 )
+from xpcat.production.infer_steps import (
+    INFER_STEPS,
+    MIN_PIECE,
+    fit_pieces,
+    fit_steps,
+    timed,
+)
 from xpcat.production.partitions import atomic_write_parquet
 
-__all__ = ["inference_for", "uncertainty_for", "classifiers_for", "fit_pieces", "fit_table", "infer_partition",
-           "CONDITIONED_INPUT_COLUMNS", "INFER_STEPS"]
+__all__ = [
+    "CONDITIONED_INPUT_COLUMNS",
+    "INFER_STEPS",
+    "classifiers_for",
+    "fit_pieces",
+    "fit_steps",
+    "fit_table",
+    "infer_partition",
+    "inference_for",
+    "uncertainty_for",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -88,24 +106,6 @@ CONDITIONED_INPUT_COLUMNS = (
 _ALL_QUALITY_BITS = 0b111111
 _CACHE: dict[tuple, Inference] = {}
 _CLASSIFIERS: dict[Any, Any] = {}
-#: Smallest padded size of a fit (``xpcat.model.inference`` pads fewer stars to 64).
-_MIN_PIECE = 64
-#: The steps of :func:`infer_partition` whose seconds ``times`` collects (``benchmarks/pipeline.py``'s profile).
-INFER_STEPS = ("setup", "read", "columns", "fit_prepare", "fit_start", "fit_optimise", "fit_summary", "model_error",
-               "confidence", "flags", "table", "write")
-
-
-@contextlib.contextmanager
-def _timed(times: dict[str, float] | None, step: str) -> Iterator[None]:
-    """Add the seconds of the block to ``times[step]`` (nothing when ``times`` is None)."""
-    if times is None:
-        yield
-        return
-    t0 = time.perf_counter()
-    try:
-        yield
-    finally:
-        times[step] = times.get(step, 0.0) + time.perf_counter() - t0
 
 
 def inference_for(model: Any, config: RunConfig) -> Inference:
@@ -187,26 +187,26 @@ def fit_table(batch: pa.RecordBatch | pa.Table, inference: Inference, confidence
     if isinstance(batch, pa.Table):
         batch = batch.combine_chunks().to_batches()[0] if batch.num_rows else pa.RecordBatch.from_pylist([], batch.schema)
     n = batch.num_rows
-    with _timed(times, "columns"):
+    with timed(times, "columns"):
         flux = _list_column(batch, "flux", 66)
         flux_error = _list_column(batch, "flux_error", 66)
         factor = _list_column(batch, "flux_factor_triu", N_FACTOR, inference.dtype)  # the fit's dtype, one copy
         plx = _scalar_column(batch, "parallax")
         plx_err = _scalar_column(batch, "parallax_error")
-    fit = _fit(inference, flux, factor, plx, plx_err, flux_error, times)
+    fit = fit_steps(inference, flux, factor, plx, plx_err, flux_error, times)
     status = fit["fit_status"]
     p5 = fit["params5"]
     cov5, icov5 = fit["cov5"], fit["icov5"]
-    with _timed(times, "model_error"):
+    with timed(times, "model_error"):
         if model_error is not None:
             with np.errstate(divide="ignore", invalid="ignore"):
                 inv_plx = np.where(np.isfinite(plx) & np.isfinite(plx_err) & (plx_err > 0), 1.0 / plx_err, 0.0)
             cov5, icov5 = calibrated_covariance(cov5, p5, inv_plx, model_error)
         err5 = np.sqrt(np.einsum("nii->ni", cov5))
-    with _timed(times, "flags"):
+    with timed(times, "flags"):
         bits = quality_flag_bits(fit["chi2"], fit["ln_prior"], p5[:, 4], plx, plx_err,
                                  float(inference.objective.gmm.ln_prior_cut))
-    with _timed(times, "confidence"):
+    with timed(times, "confidence"):
         if confidence is not None:
             from xpcat.model.confidence import (
                 confidence_features,
@@ -227,40 +227,8 @@ def fit_table(batch: pa.RecordBatch | pa.Table, inference: Inference, confidence
             bits = bits | placeholder_confidence_bits(status)
     bits = np.where(status == qf.FitStatus.NO_USABLE_DATA, _ALL_QUALITY_BITS, bits).astype(np.uint8)
 
-    with _timed(times, "table"):
+    with timed(times, "table"):
         return _catalog_table(batch, n, p5, err5, fit, conf, bits, cov5, icov5, status)
-
-
-def fit_pieces(m: int, batch_size: int) -> list[int]:
-    """Sizes of the pieces m stars are fitted in, so that padding wastes little.
-
-    The fit pads a piece of fewer than ``batch_size`` stars to the next power
-    of two (at least 64): 2200 stars would be fitted as 4096. A piece is split
-    off as the largest power of two below the rest while padding the rest
-    would waste more than a quarter of it: 2200 -> 2048 + 152 (-> 128 + 24),
-    all shapes the fit's optimiser compiles anyway.
-
-    Parameters
-    ----------
-    m : int
-        Stars of the batch.
-    batch_size : int
-        ``[inference] batch_size``.
-
-    Returns
-    -------
-    list of int, summing to m.
-    """
-    pieces = []
-    while m > 0:
-        if m >= batch_size:
-            take = batch_size
-        else:
-            padded = max(_MIN_PIECE, 1 << (m - 1).bit_length())
-            take = m if padded == _MIN_PIECE or 4 * (padded - m) <= m else padded // 2
-        pieces.append(take)
-        m -= take
-    return pieces
 
 
 def _confidences(predict: Any, classifiers: Any, features: np.ndarray) -> np.ndarray:
@@ -281,31 +249,9 @@ def _confidences(predict: Any, classifiers: Any, features: np.ndarray) -> np.nda
     n = features.shape[0]
     ok = np.flatnonzero(classifiers.standardise(features)[1])
     if ok.size:
-        size = max(_MIN_PIECE, 1 << (int(ok.size) - 1).bit_length())
+        size = max(MIN_PIECE, 1 << (int(ok.size) - 1).bit_length())
         features = np.concatenate([features, np.repeat(features[ok[:1]], size - ok.size, axis=0)])
     return np.asarray(predict(classifiers, features)[:n], dtype=np.float32)
-
-
-def _fit(inference: Inference, flux: np.ndarray, factor: np.ndarray, plx: np.ndarray, plx_err: np.ndarray,
-         flux_error: np.ndarray, times: dict[str, float] | None) -> dict[str, np.ndarray]:
-    """:meth:`Inference.fit` in :func:`fit_pieces` pieces, step by step (same calls per star), each step timed."""
-    outs, lo = [], 0
-    for size in fit_pieces(flux.shape[0], inference.settings.batch_size) or [0]:  # an empty batch: one empty fit
-        sl = slice(lo, lo + size)
-        lo += size
-        with _timed(times, "fit_prepare"):
-            prep = prepare_stars(flux[sl], factor[sl], plx[sl], plx_err[sl], flux_error[sl], dtype=inference.dtype)
-        with _timed(times, "fit_start"):
-            x0 = inference.start(prep)
-        with _timed(times, "fit_optimise"):
-            opt = inference.optimise(prep, x0)
-        with _timed(times, "fit_summary"):
-            out = inference.summarise(prep, opt["x"], opt["loss"], opt["converged"], opt["n_iter"])
-        out["x0"] = x0
-        outs.append(out)
-    if len(outs) == 1:
-        return outs[0]
-    return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
 
 
 def _catalog_table(batch: pa.RecordBatch, n: int, p5: np.ndarray, err5: np.ndarray, fit: dict[str, np.ndarray],
@@ -430,7 +376,7 @@ def infer_partition(conditioned_path: str | Path, out_path: str | Path, model: A
     missing = [c for c in CONDITIONED_INPUT_COLUMNS[:8] if c not in names]
     if missing:
         raise InputError(f"infer: conditioned partition {src} lacks columns {missing}")
-    with _timed(times, "setup"):
+    with timed(times, "setup"):
         inference = inference_for(model, config)
         confidence = None if isinstance(model, Inference) else classifiers_for(_confidence_component(model))
         model_error, uncertainty_info = uncertainty_for(model, config)
@@ -439,7 +385,7 @@ def infer_partition(conditioned_path: str | Path, out_path: str | Path, model: A
     try:
         batches = pf.iter_batches(batch_size=config.inference.batch_size, columns=columns)
         while True:
-            with _timed(times, "read"):
+            with timed(times, "read"):
                 batch = next(batches, None)
             if batch is None:
                 break
@@ -480,7 +426,7 @@ def infer_partition(conditioned_path: str | Path, out_path: str | Path, model: A
         "ln_prior_cut": float(inference.objective.gmm.ln_prior_cut),
         "ln_prior_cut_mass": PRIOR_MASS,
     }
-    with _timed(times, "write"):
+    with timed(times, "write"):
         table = with_metadata(table, info)
         out.parent.mkdir(parents=True, exist_ok=True)
         marker = atomic_write_parquet(table, out, schema=CATALOG, expected_rows=n,
