@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["stars_check", "scaling", "SCALING_STAGES"]
+__all__ = ["SCALING_STAGES", "scaling", "stars_check"]
 
 logger = logging.getLogger("benchmarks.pipeline_checks")
 
