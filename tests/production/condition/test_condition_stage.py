@@ -86,6 +86,36 @@ def test_sample_xp_matches_gaiaxpy_calibrate(ref, ref_df, form):
         np.testing.assert_array_equal(np.isnan(s.covariance[i]), np.isnan(ref["covariance_propagated"][i]))
 
 
+def test_concurrent_first_samplings_leave_stdout_alone(ref_df):
+    """Two partitions sampled at once by one process's threads (the `threads` profile), bases not yet built."""
+    import sys
+    import threading
+
+    from xpcat.production.condition import bases
+
+    serial = xpcat.sample_xp(ref_df).flux
+    bases._design_cached.cache_clear()
+    stdout = sys.stdout
+    out, errors = [], []
+
+    def work():
+        try:
+            for _ in range(3):
+                out.append(xpcat.sample_xp(ref_df).flux)
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sys.stdout is stdout  # was left a StringIO of GaiaXPy's "Reading input file..." before the lock
+    assert not errors and len(out) == 12
+    for flux in out:
+        np.testing.assert_array_equal(flux, serial)
+
+
 def test_missing_bp_source_has_bp_samples_missing(ref, ref_df):
     s = xpcat.sample_xp(ref_df)
     i = int(np.flatnonzero(~ref["has_bp"])[0])

@@ -15,6 +15,7 @@ import contextlib
 import functools
 import io
 import logging
+import threading
 from dataclasses import dataclass
 from os.path import join
 
@@ -75,8 +76,20 @@ def merge_weights(wavelengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return w_bp, w_rp
 
 
-@functools.lru_cache(maxsize=16)
+#: Serialises the design-matrix builds: ``redirect_stdout`` swaps the process-wide ``sys.stdout``, and two
+#: threads building at once (two partitions conditioned by one ``threads``-profile worker) restored each
+#: other's StringIO, leaving the whole process's stdout captured (everything printed after it was lost).
+_DESIGN_LOCK = threading.Lock()
+
+
 def _design(band: str, model: str, wavelengths: tuple[float, ...], weights: tuple[float, ...]) -> np.ndarray:
+    """GaiaXPy's sampled design matrix of one band (built once per band, model, grid and weights)."""
+    with _DESIGN_LOCK:
+        return _design_cached(band, model, wavelengths, weights)
+
+
+@functools.lru_cache(maxsize=16)
+def _design_cached(band: str, model: str, wavelengths: tuple[float, ...], weights: tuple[float, ...]) -> np.ndarray:
     from gaiaxpy.calibrator.external_instrument_model import ExternalInstrumentModel
     from gaiaxpy.config.paths import config_path
     from gaiaxpy.spectrum.sampled_basis_functions import SampledBasisFunctions
