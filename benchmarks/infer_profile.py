@@ -89,24 +89,14 @@ def _kernel_inputs(files: list[Path]) -> dict:
 
 
 def _kernel(inference, data: dict, batch_size: int, times: dict | None) -> float:
-    """Seconds to fit every star of ``data`` in chunks of ``batch_size`` (the four steps of Inference.fit)."""
-    from xpcat.model.inference import prepare_stars
-    from xpcat.production.infer_steps import timed
-
+    """Seconds to fit every star of ``data`` with :meth:`Inference.fit` in chunks of ``batch_size`` (steps timed)."""
     n = data["flux"].shape[0]
     factor = data["flux_factor_triu"].astype(inference.dtype, copy=False)
     t0 = time.perf_counter()
     for lo in range(0, n, batch_size):
         sl = slice(lo, min(lo + batch_size, n))
-        with timed(times, "fit_prepare"):
-            prep = prepare_stars(data["flux"][sl], factor[sl], data["parallax"][sl], data["parallax_error"][sl],
-                                 data["flux_error"][sl], dtype=inference.dtype)
-        with timed(times, "fit_start"):
-            x0 = inference.start(prep)
-        with timed(times, "fit_optimise"):
-            opt = inference.optimise(prep, x0)
-        with timed(times, "fit_summary"):
-            inference.summarise(prep, opt["x"], opt["loss"], opt["converged"], opt["n_iter"])
+        inference.fit(data["flux"][sl], factor[sl], data["parallax"][sl], data["parallax_error"][sl],
+                      data["flux_error"][sl], times=times)
     return time.perf_counter() - t0
 
 

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import time
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
 from tqdm.auto import tqdm
 
-__all__ = ["progress", "progress_enabled"]
+__all__ = ["progress", "progress_enabled", "timed"]
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -34,3 +36,16 @@ def progress(iterable: Iterable[T], stage: str, total: int | None = None, unit: 
             dynamic_ncols=True,
         )
     )
+
+
+@contextlib.contextmanager
+def timed(times: dict[str, float] | None, step: str) -> Iterator[None]:
+    """Add the seconds of the block to ``times[step]`` (nothing when ``times`` is None)."""
+    if times is None:
+        yield
+        return
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        times[step] = times.get(step, 0.0) + time.perf_counter() - t0

@@ -42,6 +42,7 @@ from xpcat.model.prior import GMMParams
 from xpcat.model.refit import Refit
 from xpcat.model.start import StartGrid, build_start_grid, full_band_stars, paper_start, screen_start
 from xpcat.model.uncertainty import fisher_covariance, params5_from_x, whitened_jacobian
+from xpcat.progress import timed
 
 __all__ = [
     "MIN_VALID_FLUX",
@@ -381,12 +382,20 @@ class Inference:
     def fit(self, flux: np.ndarray, factor: np.ndarray, parallax: np.ndarray | None,
             parallax_error: np.ndarray | None, flux_error: np.ndarray | None = None, *,
             start: str | None = None, optimizer: str | None = None,
-            schedule: PaperSchedule | None = None) -> dict[str, np.ndarray]:
-        """Fit m stars: start, optimise, uncertainties. See :func:`fit_batch` for the arrays."""
-        prep = prepare_stars(flux, factor, parallax, parallax_error, flux_error, dtype=self.dtype)
-        x0 = self.start(prep, start)
-        opt = self.optimise(prep, x0, optimizer, schedule)
-        out = self.summarise(prep, opt["x"], opt["loss"], opt["converged"], opt["n_iter"])
+            schedule: PaperSchedule | None = None, times: dict[str, float] | None = None) -> dict[str, np.ndarray]:
+        """Fit m stars: start, optimise, uncertainties. See :func:`fit_batch` for the arrays.
+
+        ``times``, when given, collects the seconds of each step (``fit_prepare``, ``fit_start``,
+        ``fit_optimise``, ``fit_summary``; added to what it holds).
+        """
+        with timed(times, "fit_prepare"):
+            prep = prepare_stars(flux, factor, parallax, parallax_error, flux_error, dtype=self.dtype)
+        with timed(times, "fit_start"):
+            x0 = self.start(prep, start)
+        with timed(times, "fit_optimise"):
+            opt = self.optimise(prep, x0, optimizer, schedule)
+        with timed(times, "fit_summary"):
+            out = self.summarise(prep, opt["x"], opt["loss"], opt["converged"], opt["n_iter"])
         out["x0"] = x0
         out["refit"] = opt["refit"]
         return out

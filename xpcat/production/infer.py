@@ -73,9 +73,9 @@ from xpcat.production.infer_steps import (
     MIN_PIECE,
     fit_pieces,
     fit_steps,
-    timed,
 )
 from xpcat.production.partitions import atomic_write_parquet
+from xpcat.progress import timed
 
 __all__ = [
     "CONDITIONED_INPUT_COLUMNS",

@@ -2,23 +2,20 @@
 
 :func:`fit_steps` is :meth:`xpcat.model.inference.Inference.fit` (prepare,
 start, optimise, summarise: the same calls per star) over the pieces
-:func:`fit_pieces` cuts a batch into; :func:`timed` adds a block's seconds to
-the step dict that ``benchmarks/pipeline.py``'s profile of the infer stage
-(:mod:`xpcat.production.infer`) reads.
+:func:`fit_pieces` cuts a batch into, each step's seconds added to the step
+dict (:func:`xpcat.progress.timed`) that ``benchmarks/pipeline.py``'s profile
+of the infer stage (:mod:`xpcat.production.infer`) reads.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import time
-from collections.abc import Iterator
 
 import numpy as np
 
-from xpcat.model.inference import Inference, prepare_stars
+from xpcat.model.inference import Inference
 
-__all__ = ["INFER_STEPS", "MIN_PIECE", "fit_pieces", "fit_steps", "timed"]
+__all__ = ["INFER_STEPS", "MIN_PIECE", "fit_pieces", "fit_steps"]
 
 logger = logging.getLogger(__name__)
 
@@ -27,19 +24,6 @@ INFER_STEPS = ("setup", "read", "columns", "fit_prepare", "fit_start", "fit_opti
                "confidence", "flags", "table", "write")
 #: Smallest padded size of a fit (``xpcat.model.inference`` pads fewer stars to 64).
 MIN_PIECE = 64
-
-
-@contextlib.contextmanager
-def timed(times: dict[str, float] | None, step: str) -> Iterator[None]:
-    """Add the seconds of the block to ``times[step]`` (nothing when ``times`` is None)."""
-    if times is None:
-        yield
-        return
-    t0 = time.perf_counter()
-    try:
-        yield
-    finally:
-        times[step] = times.get(step, 0.0) + time.perf_counter() - t0
 
 
 def fit_pieces(m: int, batch_size: int) -> list[int]:
@@ -76,7 +60,7 @@ def fit_pieces(m: int, batch_size: int) -> list[int]:
 
 def fit_steps(inference: Inference, flux: np.ndarray, factor: np.ndarray, plx: np.ndarray, plx_err: np.ndarray,
               flux_error: np.ndarray, times: dict[str, float] | None = None) -> dict[str, np.ndarray]:
-    """:meth:`Inference.fit` in :func:`fit_pieces` pieces, step by step (same calls per star), each step timed.
+    """:meth:`Inference.fit` over the :func:`fit_pieces` pieces of a batch, each step timed.
 
     Parameters
     ----------
@@ -94,18 +78,7 @@ def fit_steps(inference: Inference, flux: np.ndarray, factor: np.ndarray, plx: n
     for size in fit_pieces(flux.shape[0], inference.settings.batch_size) or [0]:  # an empty batch: one empty fit
         sl = slice(lo, lo + size)
         lo += size
-        with timed(times, "fit_prepare"):
-            prep = prepare_stars(flux[sl], factor[sl], plx[sl], plx_err[sl], flux_error[sl], dtype=inference.dtype)
-        with timed(times, "fit_start"):
-            x0 = inference.start(prep)
-        with timed(times, "fit_optimise"):
-            opt = inference.optimise(prep, x0)
-        with timed(times, "fit_summary"):
-            out = inference.summarise(prep, opt["x"], opt["loss"], opt["converged"], opt["n_iter"])
-        out["x0"] = x0
-        # the optimiser's per-star extras (refit stage) as Inference.fit passes them on
-        out.update({k: v for k, v in opt.items() if k not in out and k not in ("x", "converged", "n_iter")})
-        outs.append(out)
+        outs.append(inference.fit(flux[sl], factor[sl], plx[sl], plx_err[sl], flux_error[sl], times=times))
     if len(outs) == 1:
         return outs[0]
     return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
