@@ -50,7 +50,8 @@ from xpcat.production.partitions import read_table
 from xpcat.production.run_dir import RunPaths
 from xpcat.production.run_lock import run_lock
 
-__all__ = ["split_is_validation", "stable_unit_hash", "validation_hash_range", "in_hash_range", "build_training_set",
+__all__ = ["split_is_validation", "stable_unit_hash", "validation_hash_range", "recorded_validation_range",
+           "in_hash_range", "build_training_set",
            "train_run", "LABEL_RANGE"]
 
 logger = logging.getLogger(__name__)
@@ -115,6 +116,18 @@ def validation_hash_range(label_source_id: np.ndarray, fraction: float) -> tuple
     if fraction <= 0 or not h.size or (h < fraction).any():
         return 0.0, float(fraction)
     return float(fraction), float(min(1.0, fraction + fraction * (1.0 - fraction)))
+
+
+def recorded_validation_range(data_summary: dict | None, fraction: float) -> tuple[float, float]:
+    """The validation hash range ``xpcat train`` recorded in an artifact's data summary.
+
+    An artifact made before the range was recorded used the project's split, [0, fraction).
+    """
+    got = (data_summary or {}).get("validation_hash_range")
+    if got is None:
+        return 0.0, float(fraction)
+    lo, hi = (float(v) for v in got)
+    return lo, hi
 
 
 def in_hash_range(source_id: np.ndarray, hash_range: tuple[float, float] | list[float]) -> np.ndarray:

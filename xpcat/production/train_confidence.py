@@ -273,10 +273,9 @@ def _validation_mask(source_id: np.ndarray, config: RunConfig, artifact: Any) ->
     The split ``xpcat train`` recorded in the artifact (``validation_hash_range``; the project's
     [0, validation_fraction) for artifacts made before it was recorded).
     """
-    from xpcat.production.train import in_hash_range
+    from xpcat.production.train import in_hash_range, recorded_validation_range
 
-    got = (getattr(artifact, "data_summary", None) or {}).get("validation_hash_range")
-    hash_range = (0.0, float(config.training.validation_fraction)) if got is None else got
+    hash_range = recorded_validation_range(artifact.data_summary, config.training.validation_fraction)
     return np.asarray(in_hash_range(source_id, hash_range), dtype=bool)
 
 

@@ -39,18 +39,12 @@ COMPONENT = "model_error"
 
 
 def validation_range(model_dir: Path, config: RunConfig) -> tuple[float, float]:
-    """The hash interval of the training stage's validation split, as ``xpcat train`` recorded it.
-
-    From the artifact's data summary (``validation_hash_range``); an artifact
-    made before it was recorded used the project's split, [0, validation_fraction).
-    """
+    """The hash interval of the training stage's validation split, as ``xpcat train`` recorded it
+    (:func:`xpcat.production.train.recorded_validation_range` of the artifact's data summary)."""
     from xpcat.model.artifact import load_artifact
+    from xpcat.production.train import recorded_validation_range
 
-    got = (load_artifact(model_dir).data_summary or {}).get("validation_hash_range")
-    if got is None:
-        return 0.0, float(config.training.validation_fraction)
-    lo, hi = (float(v) for v in got)
-    return lo, hi
+    return recorded_validation_range(load_artifact(model_dir).data_summary, config.training.validation_fraction)
 
 
 def read_reddening_prior(run_dir: Path, config: RunConfig, source_id: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
