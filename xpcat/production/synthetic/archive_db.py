@@ -258,8 +258,7 @@ class ArchiveDatabase:
         if not sid.size:
             empty = np.zeros((0, grid.size))
             return SampledRows(sid, sid.copy(), np.zeros(0), np.zeros(0), grid, empty, empty.copy())
-        with self._lock:  # one at a time: the BLAS thread limit sample_xp sets is process-wide
-            smp = sample_xp(rows, wavelengths_nm=grid, with_covariance=False, threads=1)
+        smp = sample_xp(rows, wavelengths_nm=grid, with_covariance=False, threads=1)  # thread-safe (condition.bases)
         known = self._pos["source_id"]
         at = np.clip(np.searchsorted(known, sid), 0, max(known.size - 1, 0))
         hit = known[at] == sid
