@@ -162,3 +162,40 @@ def test_pull_calibration_statement_and_bins():
     assert set(three) >= {"teff", "feh", "logg"} and "e" not in three
     resid[:, 2] /= 1.7
     assert ME.pull_calibration(resid, err)["statement"].startswith("The error bars are calibrated")
+
+
+def _parallax_universe(n: int, seed: int, k: float):
+    """Flux parallaxes with noise k x the Fisher one, combined with Gaia's by the Fisher weights."""
+    rs = np.random.default_rng(seed)
+    plx = rs.uniform(0.3, 3.0, n)
+    s_gaia = rs.uniform(0.01, 0.1, n)
+    c_flux = (plx * rs.uniform(0.01, 0.15, n)) ** 2  # the fit's flux-only parallax variance
+    gaia = plx + s_gaia * rs.standard_normal(n)
+    flux = plx + k * np.sqrt(c_flux) * rs.standard_normal(n)
+    c_f = 1.0 / (1.0 / c_flux + 1.0 / s_gaia**2)
+    est5 = np.column_stack([rs.uniform(4.0, 7.0, n), np.zeros(n), np.full(n, 4.0), np.full(n, 0.1),
+                            c_f * (flux / c_flux + gaia / s_gaia**2)])
+    cov = np.zeros((n, 5, 5))
+    cov[:, range(4), range(4)] = 0.01
+    cov[:, 4, 4] = c_f
+    ref = np.full((n, 5), np.nan)
+    ref[:, 4] = gaia
+    ref_var = np.ones((n, 5))
+    ref_var[:, 4] = s_gaia**2
+    return est5, cov, 1.0 / s_gaia, ref, ref_var, plx
+
+
+def test_parallax_fisher_scale_acts_on_the_fluxes_share_only():
+    """Flux noise 2x the assumed: k_4 ~ 2 on A_44 C_F,44, so the pulls hold where the fluxes or Gaia dominate."""
+    me, report = ME.learn_model_error(*_parallax_universe(4000, 0, 2.0)[:5])
+    assert report["plx"]["learned"] and report["plx"]["fisher_scale"] == pytest.approx(2.0, rel=0.15)
+    est, cov, inv, _, _, plx = _parallax_universe(8000, 1, 2.0)
+    a44 = ME.propagation_matrix(cov, inv)[:, 4, 4]
+    for model_error, ok in ((me, True), (ME.ModelError(me.beta, me.z_lo, me.z_hi, me.rho), False)):
+        cal, _ = ME.calibrated_covariance(cov, est, inv, model_error)
+        pulls = (est[:, 4] - plx) / np.sqrt(cal[:, 4, 4])
+        flux_led = ME.robust_sigma(pulls[a44 > 0.7])
+        assert (0.85 <= flux_led <= 1.2) == ok, (flux_led, ok)
+        assert 0.85 <= ME.robust_sigma(pulls[a44 < 0.2]) <= 1.2  # Gaia-led: k never touches Gaia's share
+    k = ME.fisher_scale_per_star(np.array([1, 1, 1, 1, 2.0]), ME.propagation_matrix(cov[:2], np.zeros(2)))
+    assert np.allclose(k[:, 4], 2.0)  # no Gaia parallax used: the whole Fisher variance is the fluxes'

@@ -32,9 +32,11 @@ diagonal, each parameter's pulls are calibrated directly.
 real noise is not the inflated covariance of SPEC Eq. 2 (per-star systematics,
 calibration errors), so part of the excess scales with C_F itself: it grows
 with magnitude where S, a function of the star's parameters, cannot. One
-factor k_j per parameter (Teff, [Fe/H], logg, E; k = 1 for the parallax, whose
-Fisher error is pinned by Gaia's) is learned with S. On the 6,000-star demo,
-without K the [Fe/H] pulls ran from 0.6 at G < 12 to 1.6 at G > 17.
+factor k_j per parameter is learned with S. For the parallax it scales only
+the fluxes' share of the Fisher variance, A_44 C_F,44, never Gaia's
+(:func:`fisher_part`): K is per star there. On the 6,000-star demo, without K
+the [Fe/H] pulls ran from 0.6 at G < 12 to 1.6 at G > 17; with k_4 = 1 the
+parallax pulls ran from 0.6 at G < 12 to 1.3 at G > 17.
 
 **Form of S.** ``S = diag(s) rho diag(s)`` with, per parameter j,
 ``s_j^2 = u_j^2 exp(beta_j . z)``, z = (1, t, t^2, g, ln(E + 0.05)) of the
@@ -50,13 +52,15 @@ labels, the residual r_j = est_j - ref_j has variance
 ``base_j + (A S A^T)_jj`` with base_j = C_F,jj + s_ref,j^2 (labels for
 Teff, [Fe/H], logg; the reddening prior for E). For the parallax the
 reference is the Gaia parallax the fit used, so base_4 = s_plx^2 - C_F,44
-(the residual of an estimate against its own datum). For Teff, [Fe/H], logg
-and E the C_F,jj part of the variance is scaled by k_j^2. (ln k_j^2, beta_j)
+(the residual of an estimate against its own datum). The part of the variance
+that K scales (:func:`fisher_part`) is multiplied by k_j^2. (ln k_j^2, beta_j)
 maximise a Student-t (nu = 5) likelihood of the residuals (robust to the
 catastrophic failures that the confidence classifiers are for), then one
-factor per parameter, on k_j^2 C_F,jj + s_j^2 together, makes the robust sigma
-(1.4826 MAD) of the pulls exactly 1 (on s_j^2 alone where k_j would leave
-[0.5, 3]). k_j < 1 is allowed: the Fisher errors are the Cramer-Rao bound of
+factor per parameter, on k_j^2 C_F,jj + s_j^2 together (on s_j^2 alone where
+k_j would leave [0.5, 3]), makes the robust sigma (1.4826 MAD) of the pulls
+against the *truth* 1, the references' own noise deconvolved
+(:mod:`xpcat.model.pull_deconvolution`; matching the pulls against the labels
+instead left the demo's logg pulls against the truth at 0.85). k_j < 1 is allowed: the Fisher errors are the Cramer-Rao bound of
 the *assumed* noise, and SPEC Eq. 2 inflates that noise on purpose (on the
 real APOGEE stars the Teff pulls with Fisher errors alone are 0.75).
 
@@ -70,8 +74,15 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
-from scipy.optimize import brentq, minimize
+from scipy.optimize import minimize
 
+from xpcat.model.pull_deconvolution import deconvolved_scale
+from xpcat.model.pull_statistics import (
+    PARAMS,
+    PULL_SIGMA_BAND,
+    pull_calibration,
+    robust_sigma,
+)
 from xpcat.model.uncertainty import psd_inverse
 
 __all__ = [
@@ -83,6 +94,8 @@ __all__ = [
     "model_error_z",
     "propagation_matrix",
     "calibrated_covariance",
+    "fisher_part",
+    "fisher_scale_per_star",
     "robust_sigma",
     "pull_sigmas",
     "learn_model_error",
@@ -94,8 +107,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Reported parameters, catalog order.
-PARAMS = ("teff", "feh", "logg", "e", "plx")
 #: Scale u_j of each parameter's model error (kK, dex, dex, mag, and ln plx for the parallax).
 UNITS = np.array([0.1, 0.1, 0.1, 0.03, 0.05])
 #: Terms of z: 1, t, t^2, g, ln(E + 0.05).
@@ -118,8 +129,8 @@ class ModelError:
         (``beta[j, 0] <= -30``) means no model error for parameter j.
     z_lo, z_hi : (N_Z,) float64, range of z of the learning stars (z is clipped to it).
     rho : (5, 5) float64, correlation of the model errors (positive definite).
-    fisher_scale : (5,) float64, k_j: the factor on the Fisher errors (1 for the parallax;
-        ones for artifacts made before it existed).
+    fisher_scale : (5,) float64, k_j: the factor on the Fisher errors (for the parallax on the
+        fluxes' share, :func:`fisher_scale_per_star`; ones for artifacts made before it existed).
     """
 
     beta: np.ndarray
@@ -185,19 +196,10 @@ def calibrated_covariance(cov5: np.ndarray, params5: np.ndarray, inv_plx_err: np
     cov5 = np.asarray(cov5, dtype=np.float64)
     a = propagation_matrix(cov5, inv_plx_err)
     s = model_error.covariance(params5)
-    k = np.asarray(model_error.fisher_scale, dtype=np.float64)
-    cov = cov5 * k[:, None] * k[None, :] + np.einsum("nij,njk,nlk->nil", a, s, a)
+    k = fisher_scale_per_star(model_error.fisher_scale, a)
+    cov = cov5 * k[:, :, None] * k[:, None, :] + np.einsum("nij,njk,nlk->nil", a, s, a)
     cov = 0.5 * (cov + np.swapaxes(cov, 1, 2))
     return cov, psd_inverse(cov)
-
-
-def robust_sigma(x: np.ndarray) -> float:
-    """1.4826 x the median absolute deviation of the finite values (NaN for fewer than 3)."""
-    x = np.asarray(x, dtype=np.float64)
-    x = x[np.isfinite(x)]
-    if x.size < 3:
-        return float("nan")
-    return float(1.4826 * np.median(np.abs(x - np.median(x))))
 
 
 def _pull_variance(base: np.ndarray, a: np.ndarray, s2: np.ndarray) -> np.ndarray:
@@ -246,20 +248,35 @@ def _fit_beta(r: np.ndarray, base: np.ndarray, fisher: np.ndarray, scale2: np.nd
 
 
 def _calibrate(r: np.ndarray, base: np.ndarray, extra: np.ndarray, s2: np.ndarray) -> float:
-    """ln c such that the robust sigma of r / sqrt(base + c extra + c s2) is 1 (clamped to [-30, 12]).
+    """ln c such that the estimate's own pulls, against the truth, have robust sigma 1 under
+    var = base + c (extra + s2) (:func:`xpcat.model.pull_deconvolution.deconvolved_scale`).
 
-    ``extra`` is the scaled part that the factor multiplies with s2 (k^2 C_F), ``base`` the fixed one.
+    ``base`` is the reference's own variance (labels, the prior; deconvolved), ``extra`` the
+    scaled Fisher part (k^2 C_F) that the factor multiplies with s2.
     """
+    return deconvolved_scale(r, base, extra + s2)[0]
 
-    def excess(lnc: float) -> float:
-        return robust_sigma(r / np.sqrt(base + np.exp(lnc) * (extra + s2))) - 1.0
 
-    lo, hi = -30.0, 12.0
-    if excess(lo) <= 0.0:
-        return lo  # the Fisher errors are already large enough
-    if excess(hi) > 0.0:
-        return hi
-    return float(brentq(excess, lo, hi, xtol=1e-4))
+def fisher_part(cov5: np.ndarray, a: np.ndarray) -> np.ndarray:
+    """(n, 5) the part of each estimate's variance that K scales: C_F,jj, and A_44 C_F,44 for the parallax.
+
+    The estimate's parallax weighs the fluxes' parallax (variance C_f) against Gaia's (s_plx^2) with
+    the Fisher weight A_44 = C_F,44 / C_f = 1 - C_F,44 / s_plx^2. If the flux noise is k^2 times what
+    the fit assumes, the estimate's variance is A_44^2 k^2 C_f + (1 - A_44)^2 s_plx^2
+    = C_F,44 (1 + (k^2 - 1) A_44): the Fisher scale acts on A_44 C_F,44 only, never on Gaia's part.
+    """
+    part = np.einsum("nii->ni", np.asarray(cov5, dtype=np.float64)).copy()
+    part[:, 4] *= a[:, 4, 4]
+    return part
+
+
+def fisher_scale_per_star(fisher_scale: np.ndarray, a: np.ndarray) -> np.ndarray:
+    """(n, 5) the factor on each star's Fisher errors: k_j, and sqrt(1 + (k_4^2 - 1) A_44) for the parallax
+    (see :func:`fisher_part`; k_4 itself where no Gaia parallax was used, A_44 = 1)."""
+    k = np.broadcast_to(np.asarray(fisher_scale, dtype=np.float64), (a.shape[0], 5)).copy()
+    with np.errstate(invalid="ignore"):
+        k[:, 4] = np.sqrt(np.maximum(1.0 + (k[:, 4] ** 2 - 1.0) * a[:, 4, 4], 0.0))
+    return k
 
 
 def learn_model_error(est5: np.ndarray, cov5: np.ndarray, inv_plx_err: np.ndarray, ref5: np.ndarray,
@@ -315,26 +332,27 @@ def learn_model_error(est5: np.ndarray, cov5: np.ndarray, inv_plx_err: np.ndarra
         return s2
 
     k2 = np.ones(5)
+    scaled_part = fisher_part(np.where(ok_star[:, None, None], cov5, 0.0), a)
     # A is diagonal: each parameter's variance is its own (ref + k^2 C_F,jj + A_jj^2 s_j^2); learned one by one
     for j in range(5):
         if not learned[j]:
             continue
         u = usable[:, j]
-        fisher = diag[:, j] if j < 4 else np.zeros(n)  # the parallax's Fisher part is not scaled
-        fixed = base[:, j] - fisher  # the reference's variance (the parallax: s_plx^2 - C_F,44)
+        fisher = scaled_part[:, j]
+        fixed = base[:, j] - fisher  # the reference's variance (the parallax: A_44^2 s_plx^2, see fisher_part)
         w2 = a[:, j, j] ** 2 * unit2[:, j]
         lnk2, beta[j] = _fit_beta(resid[u, j], fixed[u], fisher[u], w2[u], zc[u])
         s2j = w2 * np.exp(np.clip(zc @ beta[j], -60.0, 30.0))
         lnc = _calibrate(resid[u, j], fixed[u], np.exp(lnk2) * fisher[u], s2j[u])
-        if j < 4 and _LN_K2[0] <= lnk2 + lnc <= _LN_K2[1]:
+        if _LN_K2[0] <= lnk2 + lnc <= _LN_K2[1]:
             k2[j] = float(np.exp(lnk2 + lnc))
             beta[j, 0] += lnc
-        else:  # k = 1 (the parallax, or K would leave its range): the factor goes on s^2 alone
+        else:  # k = 1 (K would leave its range): the factor goes on s^2 alone
             beta[j, 0] += _calibrate(resid[u, j], base[u, j], np.zeros(int(u.sum())), s2j[u])
         beta[j, 0] = max(beta[j, 0], _BETA0[0])
     kscale = np.sqrt(k2)
     s2 = s2_of(beta)
-    base_k = base + (k2 - 1.0) * np.where(np.arange(5) < 4, diag, 0.0)
+    base_k = base + (k2 - 1.0) * scaled_part
     cov_k = np.where(ok_star[:, None, None], cov5, 0.0) * kscale[:, None] * kscale[None, :]
     rho = _excess_correlation(resid, cov_k, base_k, a, s2, usable)
     me = ModelError(beta=beta, z_lo=z_lo, z_hi=z_hi, rho=rho, fisher_scale=kscale)
@@ -415,65 +433,3 @@ def model_error_from_arrays(arrays: dict[str, np.ndarray]) -> ModelError:
             raise ValueError(f"model_error component: 'fisher_scale' must be 5 positive numbers, got {k!r}")
         me = replace(me, fisher_scale=k)
     return me
-
-
-#: The band a pull robust sigma must fall in for the error bars to count as calibrated (issue 15).
-PULL_SIGMA_BAND = (0.85, 1.2)
-
-
-def pull_calibration(resid: np.ndarray, err: np.ndarray, ref_err: np.ndarray | None = None,
-                     bins: dict[str, tuple[np.ndarray, list[float]]] | None = None,
-                     band: tuple[float, float] = PULL_SIGMA_BAND) -> dict[str, Any]:
-    """Are the reported error bars calibrated? validation.json's numbers and the report's sentence.
-
-    Parameters
-    ----------
-    resid : (n, k) estimate - reference, catalog units (k = 5 for the synthetic truth, 3 for labels).
-    err : (n, k) reported errors (``stellar_params_err``).
-    ref_err : (n, k) reference errors (0 / None for a truth).
-    bins : optional ``{"G": (values (n,), edges), "E": ..., "Teff": ...}``: the same per bin.
-    band : the calibrated band of the pull robust sigma.
-
-    Returns
-    -------
-    dict (JSON-able): ``band``, per parameter (``PARAMS[:k]``) ``{"n", "pull_sigma",
-    "calibrated"}``, ``calibrated`` (every parameter in the band), ``worst`` (the
-    parameter furthest out and by how much), ``bins`` (per bin: lo, hi, n and
-    the pull sigma per parameter) and ``statement`` (one sentence).
-    """
-    resid = np.asarray(resid, dtype=np.float64)
-    k = resid.shape[1]
-    var = np.asarray(err, dtype=np.float64) ** 2
-    if ref_err is not None:
-        var = var + np.asarray(ref_err, dtype=np.float64) ** 2
-    with np.errstate(invalid="ignore", divide="ignore"):
-        pulls = resid / np.sqrt(var)
-    names = PARAMS[:k]
-    out: dict[str, Any] = {"band": list(band)}
-    off = {}
-    for j, p in enumerate(names):
-        sig = robust_sigma(pulls[:, j])
-        ok = bool(band[0] <= sig <= band[1])
-        out[p] = {"n": int(np.isfinite(pulls[:, j]).sum()), "pull_sigma": sig, "calibrated": ok}
-        if np.isfinite(sig) and not ok:
-            off[p] = sig - (band[1] if sig > band[1] else band[0])
-    out["calibrated"] = all(out[p]["calibrated"] for p in names)
-    out["worst"] = max(off.items(), key=lambda kv: abs(kv[1])) if off else None
-    out["bins"] = {}
-    for name, (values, edges) in (bins or {}).items():
-        values = np.asarray(values, dtype=np.float64)
-        rows = []
-        for lo, hi in zip(edges[:-1], edges[1:]):
-            m = (values >= lo) & (values < hi)
-            rows.append({"lo": float(lo), "hi": float(hi), "n": int(m.sum()),
-                         "pull_sigma": {p: robust_sigma(pulls[m, j]) for j, p in enumerate(names)}})
-        out["bins"][name] = rows
-    sig_txt = ", ".join(f"{p} {out[p]['pull_sigma']:.2f}" for p in names)
-    if out["calibrated"]:
-        out["statement"] = (f"The error bars are calibrated: the pull robust sigma is within "
-                            f"{band[0]}-{band[1]} for every parameter ({sig_txt}).")
-    else:
-        bad = ", ".join(p for p in names if not out[p]["calibrated"])
-        out["statement"] = (f"The error bars are not calibrated for {bad}: pull robust sigma {sig_txt} "
-                            f"(calibrated band {band[0]}-{band[1]}).")
-    return out

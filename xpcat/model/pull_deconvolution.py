@@ -1,0 +1,157 @@
+"""The scale of an error model whose references are noisy themselves: calibrate against the truth, not the labels.
+
+The model error (:mod:`xpcat.model.model_error`) is learned from residuals
+``r = estimate - reference`` whose reference (an APOGEE/LAMOST label, the
+reddening prior) carries its own Gaussian noise of known variance ``f``
+("fixed"). The estimate's own error has variance ``c v`` (``v``: the shape the
+model error gives it, per star; ``c``: one factor to find). What a user checks
+is the pull against the *truth*, ``(estimate - truth) / sqrt(c v)``, and its
+robust sigma (1.4826 MAD) should be 1.
+
+Setting the robust sigma of ``r / sqrt(f + c v)`` to 1 does that only when the
+estimate's own error is Gaussian. It is not: the forward model's residuals are
+heavy-tailed (a narrow core and wide wings), and where the label noise is as
+large as the estimate's error (logg: 0.14 dex labels, 0.06-0.25 dex errors)
+their sum is nearly Gaussian, so its robust sigma follows the *variance* of the
+estimate's error, which the heavy wings make larger than the core's robust
+width: on the 6,000-star demo the logg pulls against the truth were 0.85 when
+those against the labels were exactly 1.
+
+So the factor is found in two steps (:func:`deconvolved_scale`):
+
+1. **Shape.** ``r_i = sqrt(c v_i) a_nu t_i + sqrt(f_i) g_i`` with ``t_i``
+   Student-t with ``nu`` degrees of freedom scaled to unit robust sigma by
+   ``a_nu`` and ``g_i`` standard normal. The Student-t is a Gaussian scale
+   mixture (``t | lam ~ N(0, 1 / lam)``, ``lam ~ Gamma(nu / 2, rate nu / 2)``),
+   so the likelihood of ``r_i`` is a one-dimensional mixture of Gaussians,
+   evaluated on :data:`N_NODES` quantiles of ``lam``; ``(nu, c)`` maximise it,
+   ``nu`` on the grid :data:`NU_GRID`.
+2. **Scale.** With that ``nu``, ``c`` is moved until the robust sigma of the
+   observed ``r / sqrt(f + c v)`` equals that of draws from the model
+   (common random numbers, a fixed seed: deterministic). Under the model the
+   estimate's pulls against the truth then have robust sigma 1, and the
+   criterion stays a robust one (the maximum-likelihood ``c`` of step 1 is
+   pulled by the wings and left the demo's Teff pulls at 1.16).
+
+With no reference noise (``f = 0``) step 2 is the plain condition "robust sigma
+of r / sqrt(c v) is 1", whatever ``nu`` is.
+
+Pure numpy / scipy.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from scipy import stats
+from scipy.optimize import brentq, minimize_scalar
+
+from xpcat.model.pull_statistics import robust_sigma
+
+__all__ = ["NU_GRID", "N_NODES", "LN_C_RANGE", "unit_t_variance_nodes", "shape_fit", "deconvolved_scale"]
+
+logger = logging.getLogger(__name__)
+
+#: Degrees of freedom tried for the estimate's own error (1e4: Gaussian).
+NU_GRID = (1.0, 1.5, 2.0, 3.0, 5.0, 8.0, 15.0, 30.0, 1e4)
+#: Quantile nodes of the Gamma mixing distribution.
+N_NODES = 64
+#: Range of ln c searched.
+LN_C_RANGE = (-30.0, 12.0)
+_REPLICAS = 20
+_SEED = 20261203
+
+
+def unit_t_variance_nodes(nu: float, n_nodes: int = N_NODES) -> np.ndarray:
+    """(n_nodes,) variances of the Gaussian components of a Student-t of unit robust sigma.
+
+    Parameters
+    ----------
+    nu : degrees of freedom (> 0).
+    n_nodes : quantiles of the Gamma(nu / 2, rate nu / 2) mixing distribution used.
+
+    Returns
+    -------
+    (n_nodes,) ``a_nu^2 / lam_k``: equal-weight components whose mixture is the
+    Student-t scaled so that 1.4826 x its median absolute value is 1.
+    """
+    lam = stats.gamma.ppf((np.arange(n_nodes) + 0.5) / n_nodes, a=nu / 2.0, scale=2.0 / nu)
+    a = 1.0 / (1.4826 * stats.t.ppf(0.75, nu))
+    return a * a / lam
+
+
+def _neg_log_likelihood(lnc: float, r: np.ndarray, fixed: np.ndarray, scaled: np.ndarray, nodes: np.ndarray) -> float:
+    v = fixed[:, None] + np.exp(lnc) * scaled[:, None] * nodes[None, :]
+    lp = -0.5 * np.log(2.0 * np.pi * v) - 0.5 * r[:, None] ** 2 / v
+    top = lp.max(axis=1)
+    return float(-np.sum(top + np.log(np.mean(np.exp(lp - top[:, None]), axis=1))))
+
+
+def shape_fit(r: np.ndarray, fixed: np.ndarray, scaled: np.ndarray) -> tuple[float, float]:
+    """Maximum-likelihood (ln c, nu) of ``r = sqrt(c scaled) t_nu + sqrt(fixed) g`` (step 1).
+
+    Parameters
+    ----------
+    r : (n,) residuals against the references.
+    fixed : (n,) the references' variances (>= 0).
+    scaled : (n,) the estimate's error variance shape v (> 0).
+
+    Returns
+    -------
+    ln_c, nu : floats.
+    """
+    fits = []
+    for nu in NU_GRID:
+        res = minimize_scalar(_neg_log_likelihood, bounds=LN_C_RANGE, args=(r, fixed, scaled, unit_t_variance_nodes(nu)),
+                              method="bounded", options={"xatol": 1e-4})
+        fits.append((float(res.fun), float(res.x), nu))
+    _, ln_c, nu = min(fits)
+    return ln_c, nu
+
+
+def deconvolved_scale(r: np.ndarray, fixed: np.ndarray, scaled: np.ndarray) -> tuple[float, float]:
+    """ln c such that the estimate's own pulls, ``(estimate - truth) / sqrt(c scaled)``, have robust sigma 1.
+
+    Parameters
+    ----------
+    r : (n,) residuals estimate - reference (finite).
+    fixed : (n,) variances of the references' noise (>= 0; 0 for an exact reference).
+    scaled : (n,) shape of the estimate's error variance (>= 0, with fixed + scaled > 0); the reported
+        variance is ``c scaled``.
+
+    Returns
+    -------
+    ln_c : float in :data:`LN_C_RANGE` (its lower end: the shape alone already over-covers the
+        residuals; its upper end: no factor is large enough).
+    nu : the degrees of freedom of the fitted shape (step 1 of the module's description).
+    """
+    r, fixed, scaled = (np.asarray(x, dtype=np.float64) for x in (r, fixed, scaled))
+    if not (r.shape == fixed.shape == scaled.shape and r.ndim == 1):
+        raise ValueError(f"deconvolved_scale: r, fixed, scaled must be (n,) each, got {r.shape}, {fixed.shape}, "
+                         f"{scaled.shape}")
+    if r.size < 3 or not np.all(np.isfinite(r) & np.isfinite(fixed) & np.isfinite(scaled)):
+        raise ValueError(f"deconvolved_scale: need >= 3 finite residuals and variances, got {r.size} "
+                         f"({int(np.sum(~np.isfinite(r)))} non-finite residuals)")
+    if np.any(fixed < 0) or np.any(scaled < 0) or np.any(fixed + scaled <= 0):
+        raise ValueError(f"deconvolved_scale: variances must be >= 0 (fixed: min {fixed.min():g}; scaled: min "
+                         f"{scaled.min():g}) and not both 0 for a star")
+    _, nu = shape_fit(r, fixed, scaled)
+    rng = np.random.default_rng(_SEED)
+    own = rng.standard_t(nu, size=(_REPLICAS, r.size))
+    own /= robust_sigma(own.ravel())  # exactly unit robust sigma: with f = 0 the plain condition, exactly
+    ref = rng.standard_normal((_REPLICAS, r.size))
+
+    def gap(lnc: float) -> float:
+        """Robust sigma of the simulated minus the observed combined pulls (rises with c)."""
+        c = np.exp(lnc)
+        sd = np.sqrt(fixed + c * scaled)
+        simulated = (np.sqrt(c * scaled) * own + np.sqrt(fixed) * ref) / sd
+        return robust_sigma(simulated.ravel()) - robust_sigma(r / sd)
+
+    lo, hi = LN_C_RANGE
+    if gap(lo) >= 0.0:
+        return lo, nu
+    if gap(hi) <= 0.0:
+        return hi, nu
+    return float(brentq(gap, lo, hi, xtol=1e-4)), nu
