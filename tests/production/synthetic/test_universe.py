@@ -83,7 +83,15 @@ def test_extinction_grows_with_distance(universe):
     t = t.merge(g[["source_id", "ra", "dec"]], on="source_id")
     # within a sight line (stars of one field) E increases with distance; a field's stars look along
     # different sight lines (a low-latitude field's dust columns differ by more than its depth gives),
-    # so each field's rank correlation is only required to be positive, their star-weighted mean > 0.3
+    # so each field's rank correlation is only required to be positive, their star-weighted mean > 0.3.
+    # A field whose nearest quarter already lies beyond the dust layer (|z| > 0.25 kpc, two scale
+    # heights) has the full column for every star: E then only has to stay level within the per-star
+    # clumpiness and the map's gradient across the field (far >= 0.75 near).
+    import astropy.units as u
+    from astropy.coordinates import SkyCoord
+
+    sin_b = np.abs(np.sin(np.radians(SkyCoord(ra=t.ra.values * u.deg, dec=t.dec.values * u.deg).galactic.b.deg)))
+    t["z_kpc"] = t.distance / 1000.0 * sin_b
     t["field"] = (np.round(t.ra / 5.0).astype(int) * 1000 + np.round(t.dec / 5.0).astype(int))
     rhos, sizes = [], []
     for _, grp in t.groupby("field"):
@@ -91,7 +99,10 @@ def test_extinction_grows_with_distance(universe):
             rho = grp[["e", "distance"]].rank().corr().iloc[0, 1]
             near = grp.distance < grp.distance.quantile(0.25)
             far = grp.distance > grp.distance.quantile(0.75)
-            assert rho > 0.1 and grp.e[far].median() > grp.e[near].median()
+            if grp.z_kpc[near].median() < 0.25:
+                assert rho > 0.1 and grp.e[far].median() > grp.e[near].median()
+            else:
+                assert grp.e[far].median() >= 0.75 * grp.e[near].median()
             rhos.append(rho)
             sizes.append(len(grp))
     assert len(rhos) >= 2 and np.average(rhos, weights=sizes) > 0.3

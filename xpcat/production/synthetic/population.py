@@ -33,6 +33,7 @@ __all__ = [
     "IMF_ALPHA",
     "POPULATION_FRACTIONS",
     "Population",
+    "R_SUN_KPC",
     "draw_in_fields",
     "draw_params",
     "draw_params_weighted",
@@ -56,7 +57,9 @@ POPULATION_FRACTIONS: dict[str, float] = {
     "hot": 0.10,
 }
 
-_R_SUN_KPC = 8.2
+#: Galactocentric radius of the Sun, kpc.
+R_SUN_KPC = 8.2
+_R_SUN_KPC = R_SUN_KPC
 _Z_SUN_KPC = 0.02
 #: Dust: E per kpc in the mid-plane at the solar circle, scale height and length (kpc).
 DUST_E_PER_KPC = 0.35
@@ -134,11 +137,17 @@ def galactocentric(d_kpc, l_deg, b_deg):
     return np.hypot(x, y), z
 
 
-def stellar_density(pop, big_r, z):
+def stellar_density(pop: str, big_r: np.ndarray, z: np.ndarray,
+                    scales: dict[str, tuple[float, float]] | None = None) -> np.ndarray:
+    """Number density of population ``pop`` at Galactocentric (R, z) [kpc], 1 at the Sun for the disks.
+
+    ``scales`` maps disk populations to (scale length, scale height) in kpc (default: the legacy
+    universe's table); the halo is a flattened power law normalised to 5e-3 at the Sun.
+    """
     if pop == "halo":
         r_sph = np.sqrt(big_r**2 + (z / 0.7) ** 2)
         return (np.maximum(r_sph, 0.5) / _R_SUN_KPC) ** -2.8 * 5e-3
-    h_r, h_z = _DENSITY[pop]
+    h_r, h_z = (_DENSITY if scales is None else scales)[pop]
     return np.exp(-(big_r - _R_SUN_KPC) / h_r - np.abs(z) / h_z)
 
 

@@ -11,7 +11,9 @@ selection is made the way a survey makes it:
 2. For every candidate, along a distance grid out to the dust-free limit,
    the reddened G is ``G(d) = G_1kpc + 5 log10(d / kpc) + A_G(E(d))``,
    with ``A_G`` from the star's own SED at its own R_V (quadratic in E,
-   fitted at E = 0.5 and 2) and E the dust column of the sight line. The
+   fitted at E = 0.5 and 2) and E the dust column of the sight line
+   (:func:`xpcat.production.synthetic.dust.dust_column`: the real SFD column
+   spread along the line by a disk with a Local Bubble). The
    star can be seen out to the distance ``d_lim`` where ``G(d_lim) = g_limit``.
 3. Each candidate's weight is the number of such stars a survey sees:
    ``w = (n_pop / q_pop) \\int_0^{d_lim} rho_pop(d) d^2 dd`` (local density
@@ -27,8 +29,11 @@ selection is made the way a survey makes it:
    crowded sources, extra light).
 
 The local density weights :data:`LOCAL_DENSITY_WEIGHTS` are tuned so that the
-mix at G < 17.65 matches Gaia's XP sample (see the tests in
-``tests/production/synthetic/test_selection.py`` and ``data/PROVENANCE.md``).
+mix at G < 17.65 matches Gaia's XP sample (``tests/production/synthetic/test_realistic_universe.py``);
+the dust columns and the sky density are compared with real references (SFD and
+Planck13 maps, APOGEE AK_TARG, DR3 counts at G < 10) in
+``tests/production/synthetic/test_sky_dust_reference.py``
+(``tests/data/sky_dust_reference/PROVENANCE.md``).
 """
 
 from __future__ import annotations
@@ -39,9 +44,11 @@ from collections.abc import Callable, Mapping
 import numpy as np
 
 from xpcat.errors import InputError
+from xpcat.production.synthetic import dust
 from xpcat.production.synthetic import population as pop_mod
 
 __all__ = [
+    "DISK_SCALES",
     "LOCAL_DENSITY_WEIGHTS",
     "POOL_FACTOR",
     "PROPOSAL_FRACTIONS",
@@ -61,6 +68,17 @@ LOCAL_DENSITY_WEIGHTS: dict[str, float] = {
     "giant": 0.009,
     "red_clump": 0.003,
     "hot": 0.035,
+}
+#: (scale length, scale height) in kpc of the disk populations. As the legacy universe's, except the
+#: giants and the red clump: thin-disk scale height 0.30 kpc (Juric et al. 2008, ApJ 673, 864) instead
+#: of 0.45 and 0.35 kpc; with 0.45 kpc the fraction of G < 10 stars at |b| < 10 deg was 0.24-0.28,
+#: against 0.333 in Gaia DR3 (``tests/data/sky_dust_reference``), now 0.31-0.33.
+DISK_SCALES: dict[str, tuple[float, float]] = {
+    "thin_disk": (2.6, 0.30),
+    "thick_disk": (2.0, 0.90),
+    "giant": (2.6, 0.30),
+    "red_clump": (2.6, 0.30),
+    "hot": (3.0, 0.10),
 }
 #: Proposal fractions of the candidate pool (importance sampling; close to the selected mix).
 PROPOSAL_FRACTIONS: dict[str, float] = {
@@ -165,7 +183,7 @@ def _seen_volume(
     cdf : (m, k) kpc^3 (density-weighted, unnormalised); total : (m,) kpc^3 (0: never brighter than the limit).
     """
     m = pop.size
-    column = pop_mod.dust_column(pop_mod.DUST_GRID_KPC, l, b, clump)
+    column = dust.dust_column(pop_mod.DUST_GRID_KPC, l, b, clump)
 
     def g_at(d: np.ndarray) -> np.ndarray:
         e = _column_at(column, d)
@@ -189,7 +207,7 @@ def _seen_volume(
     for name in pop_mod.POPULATION_FRACTIONS:
         sel = pop == name
         if sel.any():
-            dens[sel] = pop_mod.stellar_density(name, big_r[sel], z[sel])
+            dens[sel] = pop_mod.stellar_density(name, big_r[sel], z[sel], DISK_SCALES)
     w = dens * d_grid**2
     steps = 0.5 * (w[:, 1:] + w[:, :-1]) * np.diff(d_grid, axis=1)
     cdf = np.concatenate([np.zeros((m, 1)), np.cumsum(steps, axis=1)], axis=1)
@@ -252,8 +270,8 @@ def draw_selected_population(
     teff, feh, logg, ln_imf = pop_mod.draw_params_weighted(rng, pop, PROPOSAL_IMF_ALPHA, PROPOSAL_GIANT_GAMMA)
     l0, b0 = pop_mod.field_centres(rng, n_fields)
     l, b, field = pop_mod.draw_in_fields(rng, m, l0, b0, field_radius_deg)
-    clump_field = np.exp(rng.normal(0.0, 0.4, n_fields))
-    clump = clump_field[field] * np.exp(rng.normal(0.0, 0.1, m))
+    clump_field = np.exp(rng.normal(0.0, dust.CLUMP_LN_SIGMA, n_fields))
+    clump = clump_field[field] * np.exp(rng.normal(0.0, dust.STAR_CLUMP_LN_SIGMA, m))
     r_v = np.clip(rng.normal(r_v_mean, r_v_scatter, m), 2.3, 5.6) if r_v_scatter > 0 else np.full(m, float(r_v_mean))
     theta = np.stack([teff, feh, logg], axis=1)
     g0, a_g = g_and_extinction(theta, r_v)
