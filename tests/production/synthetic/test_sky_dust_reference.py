@@ -122,6 +122,10 @@ def test_apogee_sight_lines_are_reddened_like_the_real_stars(proj):
         # measured: 0.81, 0.66, 0.62, 0.78, 0.91, 0.82 (the legacy dust: 0.70, 0.46, 0.37, 0.69, 1.22, 2.52)
         ratio = np.median(e_univ[sel]) / np.median(e_real[sel])
         assert 0.55 <= ratio <= 1.3, (lo, hi, ratio)
+        # per star, as a fraction of its own sight line's column (the sight lines' spread cancels):
+        # measured 0.88, 0.87, 0.85, 0.93, 0.99, 0.96
+        in_front = np.median(e_univ[sel] / sfd[sel]) / np.median(e_real[sel] / sfd[sel])
+        assert 0.75 <= in_front <= 1.25, (lo, hi, in_front)
         if lo >= 5.0:  # the two real references agree: these stars lie beyond nearly all the dust
             assert 0.8 <= np.median(e_real[sel]) / np.median(sfd[sel]) <= 1.35, (lo, hi)
 
