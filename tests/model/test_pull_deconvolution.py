@@ -76,3 +76,15 @@ def test_bad_input_is_named(bad):
         scaled = np.ones(9)
     with pytest.raises(ValueError, match="deconvolved_scale"):
         deconvolved_scale(r, fixed, scaled)
+
+
+def test_a_gaussian_part_of_the_truth_error_that_the_residuals_lack_is_calibrated_too():
+    """The parallax: own error heavy-tailed, Gaia's share Gaussian and absent from estimate - Gaia."""
+    rs = np.random.default_rng(5)
+    own, r, fixed, shape = _heavy_tailed(4000, seed=6, nu=2.0, ref_sd=0.5)
+    extra = np.full(own.size, 1.0)
+    truth_err = own + rs.standard_normal(own.size)
+    ln_c, _ = deconvolved_scale(r, fixed, shape, extra)
+    assert _robust_sigma(truth_err / np.sqrt(np.exp(ln_c) * shape + extra)) == pytest.approx(1.0, abs=0.05)
+    ln_c0, _ = deconvolved_scale(r, fixed, shape)  # ignoring it: the own part alone is calibrated
+    assert _robust_sigma(truth_err / np.sqrt(np.exp(ln_c0) * shape + extra)) > 1.05

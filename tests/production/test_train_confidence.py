@@ -20,6 +20,7 @@ from xpcat.errors import StageError
 from xpcat.model import confidence as C
 from xpcat.production import train_confidence as S
 from xpcat.production.run_dir import RunPaths
+
 WL = np.concatenate([np.asarray(XP_WAVELENGTHS_NM), [1235.0, 1662.0, 2159.0, 3352.6, 4602.8]])
 N = 900
 
@@ -290,3 +291,29 @@ def test_validation_label_set_follows_the_split_train_recorded():
     got = S._validation_mask(sid, config, carved)
     assert np.array_equal(got, in_hash_range(sid, (0.2, 0.36)))
     assert not (got & split_is_validation(sid, 0.2)).any() and 0.14 < got.mean() < 0.18
+
+
+def test_model_error_of_e_also_learns_from_stars_without_labels(tmp_path, rng, monkeypatch):
+    """Unlabelled conditioned stars (never trained on) add their reddening prior to E's model error only."""
+    from xpcat.production.train_model_error import unlabelled_sample
+
+    truth = _write_run(tmp_path, rng)
+    unlabelled = truth["sid"][~truth["labelled"]]
+    sample = unlabelled_sample(tmp_path, truth["sid"][truth["labelled"]], 50)
+    assert sample.size == 50 and np.all(np.isin(sample, unlabelled)) and np.all(np.diff(sample) > 0)
+    assert np.array_equal(sample, unlabelled_sample(tmp_path, truth["sid"][truth["labelled"]], 50))
+    assert unlabelled_sample(tmp_path, truth["sid"], 50).size == 0  # every star labelled
+    (tmp_path / "raw" / "reddening").mkdir(parents=True)
+    prior = {"source_id": truth["sid"], "e": 0.1 + 0.02 * rng.standard_normal(N), "e_error": np.full(N, 0.02)}
+    pq.write_table(pa.table(prior), tmp_path / "raw" / "reddening" / "part-0000.parquet")
+    monkeypatch.setattr(S, "fit_stars", _fake_fit_factory(truth, bad_rate=0.0))
+    learned = {}
+    for n_unlabelled in (0, 1000):
+        cfg = _config("all").replace(confidence={"model_error_unlabelled": n_unlabelled})
+        learned[n_unlabelled] = S.train_confidence_run(tmp_path, cfg)["model_error"]
+    assert learned[0]["learned_from"]["stars_unlabelled_basic_cut"] == 0
+    n_u = learned[1000]["learned_from"]["stars_unlabelled_basic_cut"]
+    assert 0.9 * unlabelled.size <= n_u <= unlabelled.size  # the basic cut: a few not converged
+    assert learned[1000]["report"]["e"]["n_used"] == learned[0]["report"]["e"]["n_used"] + n_u
+    for p in ("teff", "feh", "logg", "plx"):  # labels and parallaxes: the validation split only
+        assert learned[1000]["report"][p]["n_used"] == learned[0]["report"][p]["n_used"]

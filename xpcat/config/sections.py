@@ -239,6 +239,11 @@ class ConfidenceConfig(Section):
         "all", "Labelled stars the classifiers learn from, each fitted without its label: 'all' (Sec. 4.4: every "
         "LAMOST source, 20 % held out) or 'validation' (only the forward model's validation split; all labelled "
         "stars are added when it has too few good or bad stars).", choices=("all", "validation"))
+    model_error_unlabelled: int = config_field(
+        3000, "Conditioned stars without labels (never trained on) also fitted by train-confidence, spread over the "
+        "partitions, so that the model error of E (against the reddening prior) is learned from stars like the "
+        "catalog's and not only from the validation split (0 = off; "
+        "xpcat.production.train_model_error).", min=0)
 
 
 @dataclass(frozen=True)

@@ -247,14 +247,15 @@ def _fit_beta(r: np.ndarray, base: np.ndarray, fisher: np.ndarray, scale2: np.nd
     return float(best.x[0]), best.x[1:]
 
 
-def _calibrate(r: np.ndarray, base: np.ndarray, extra: np.ndarray, s2: np.ndarray) -> float:
-    """ln c such that the estimate's own pulls, against the truth, have robust sigma 1 under
-    var = base + c (extra + s2) (:func:`xpcat.model.pull_deconvolution.deconvolved_scale`).
+def _calibrate(r: np.ndarray, base: np.ndarray, extra: np.ndarray, s2: np.ndarray, truth_extra: np.ndarray) -> float:
+    """ln c such that the pulls against the truth have robust sigma 1 under the reported variance
+    c (extra + s2) + truth_extra (:func:`xpcat.model.pull_deconvolution.deconvolved_scale`).
 
-    ``base`` is the reference's own variance (labels, the prior; deconvolved), ``extra`` the
-    scaled Fisher part (k^2 C_F) that the factor multiplies with s2.
+    ``base`` is the variance in r that is not the estimate's own scaled error (the reference's noise,
+    deconvolved), ``extra`` the scaled Fisher part (k^2 C_F) that the factor multiplies with s2, and
+    ``truth_extra`` the Gaussian variance of estimate - truth that r does not show.
     """
-    return deconvolved_scale(r, base, extra + s2)[0]
+    return deconvolved_scale(r, base, extra + s2, truth_extra)[0]
 
 
 def fisher_part(cov5: np.ndarray, a: np.ndarray) -> np.ndarray:
@@ -343,12 +344,12 @@ def learn_model_error(est5: np.ndarray, cov5: np.ndarray, inv_plx_err: np.ndarra
         w2 = a[:, j, j] ** 2 * unit2[:, j]
         lnk2, beta[j] = _fit_beta(resid[u, j], fixed[u], fisher[u], w2[u], zc[u])
         s2j = w2 * np.exp(np.clip(zc @ beta[j], -60.0, 30.0))
-        lnc = _calibrate(resid[u, j], fixed[u], np.exp(lnk2) * fisher[u], s2j[u])
+        lnc = _calibrate(resid[u, j], fixed[u], np.exp(lnk2) * fisher[u], s2j[u], diag[u, j] - fisher[u])
         if _LN_K2[0] <= lnk2 + lnc <= _LN_K2[1]:
             k2[j] = float(np.exp(lnk2 + lnc))
             beta[j, 0] += lnc
         else:  # k = 1 (K would leave its range): the factor goes on s^2 alone
-            beta[j, 0] += _calibrate(resid[u, j], base[u, j], np.zeros(int(u.sum())), s2j[u])
+            beta[j, 0] += _calibrate(resid[u, j], base[u, j], np.zeros(int(u.sum())), s2j[u], diag[u, j])
         beta[j, 0] = max(beta[j, 0], _BETA0[0])
     kscale = np.sqrt(k2)
     s2 = s2_of(beta)

@@ -17,7 +17,7 @@ estimate's error, which the heavy wings make larger than the core's robust
 width: on the 6,000-star demo the logg pulls against the truth were 0.85 when
 those against the labels were exactly 1.
 
-So the factor is found in two steps (:func:`deconvolved_scale`):
+So the factor is found in two or three steps (:func:`deconvolved_scale`):
 
 1. **Shape.** ``r_i = sqrt(c v_i) a_nu t_i + sqrt(f_i) g_i`` with ``t_i``
    Student-t with ``nu`` degrees of freedom scaled to unit robust sigma by
@@ -33,8 +33,17 @@ So the factor is found in two steps (:func:`deconvolved_scale`):
    criterion stays a robust one (the maximum-likelihood ``c`` of step 1 is
    pulled by the wings and left the demo's Teff pulls at 1.16).
 
+3. **Truth.** Where ``estimate - truth`` holds a Gaussian part that ``r``
+   does not (the parallax: compared with Gaia's parallax, the estimate's
+   share of Gaia's noise cancels), the reported variance is
+   ``c' v + truth_extra`` with ``c'`` chosen so that the simulated pulls
+   against the truth have robust sigma 1 (a heavy-tailed own error plus a
+   Gaussian part has a wider core than the two in quadrature: with ``c`` the
+   demo's parallax pulls were 1.16).
+
 With no reference noise (``f = 0``) step 2 is the plain condition "robust sigma
-of r / sqrt(c v) is 1", whatever ``nu`` is.
+of r / sqrt(c v) is 1", whatever ``nu`` is; without ``truth_extra`` there is no
+step 3.
 
 Pure numpy / scipy.
 """
@@ -42,6 +51,7 @@ Pure numpy / scipy.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import numpy as np
 from scipy import stats
@@ -110,15 +120,30 @@ def shape_fit(r: np.ndarray, fixed: np.ndarray, scaled: np.ndarray) -> tuple[flo
     return ln_c, nu
 
 
-def deconvolved_scale(r: np.ndarray, fixed: np.ndarray, scaled: np.ndarray) -> tuple[float, float]:
-    """ln c such that the estimate's own pulls, ``(estimate - truth) / sqrt(c scaled)``, have robust sigma 1.
+def _root_of_increasing(f: Callable[[float], float]) -> float:
+    """The root of an increasing f on :data:`LN_C_RANGE`, or the end where f keeps its sign."""
+    lo, hi = LN_C_RANGE
+    if f(lo) >= 0.0:
+        return lo
+    if f(hi) <= 0.0:
+        return hi
+    return float(brentq(f, lo, hi, xtol=1e-4))
+
+
+def deconvolved_scale(r: np.ndarray, fixed: np.ndarray, scaled: np.ndarray,
+                      truth_extra: np.ndarray | None = None) -> tuple[float, float]:
+    """ln c such that the pulls against the truth, ``(estimate - truth) / sqrt(c scaled + truth_extra)``,
+    have robust sigma 1.
 
     Parameters
     ----------
     r : (n,) residuals estimate - reference (finite).
     fixed : (n,) variances of the references' noise (>= 0; 0 for an exact reference).
-    scaled : (n,) shape of the estimate's error variance (>= 0, with fixed + scaled > 0); the reported
-        variance is ``c scaled``.
+    scaled : (n,) shape of the estimate's error variance (>= 0, with fixed + scaled > 0): the part of
+        ``estimate - reference`` that is the estimate's own error.
+    truth_extra : (n,) optional Gaussian variance in ``estimate - truth`` that is not in ``r`` (the
+        parallax: Gaia's share (1 - A_44) C_F,44 of an estimate compared with Gaia's parallax itself);
+        default 0. The reported variance is ``c scaled + truth_extra``.
 
     Returns
     -------
@@ -127,15 +152,16 @@ def deconvolved_scale(r: np.ndarray, fixed: np.ndarray, scaled: np.ndarray) -> t
     nu : the degrees of freedom of the fitted shape (step 1 of the module's description).
     """
     r, fixed, scaled = (np.asarray(x, dtype=np.float64) for x in (r, fixed, scaled))
-    if not (r.shape == fixed.shape == scaled.shape and r.ndim == 1):
-        raise ValueError(f"deconvolved_scale: r, fixed, scaled must be (n,) each, got {r.shape}, {fixed.shape}, "
-                         f"{scaled.shape}")
-    if r.size < 3 or not np.all(np.isfinite(r) & np.isfinite(fixed) & np.isfinite(scaled)):
+    extra = np.zeros_like(r) if truth_extra is None else np.asarray(truth_extra, dtype=np.float64)
+    if not (r.shape == fixed.shape == scaled.shape == extra.shape and r.ndim == 1):
+        raise ValueError(f"deconvolved_scale: r, fixed, scaled, truth_extra must be (n,) each, got {r.shape}, "
+                         f"{fixed.shape}, {scaled.shape}, {extra.shape}")
+    if r.size < 3 or not np.all(np.isfinite(r) & np.isfinite(fixed) & np.isfinite(scaled) & np.isfinite(extra)):
         raise ValueError(f"deconvolved_scale: need >= 3 finite residuals and variances, got {r.size} "
                          f"({int(np.sum(~np.isfinite(r)))} non-finite residuals)")
-    if np.any(fixed < 0) or np.any(scaled < 0) or np.any(fixed + scaled <= 0):
+    if np.any(fixed < 0) or np.any(scaled < 0) or np.any(extra < 0) or np.any(fixed + scaled <= 0):
         raise ValueError(f"deconvolved_scale: variances must be >= 0 (fixed: min {fixed.min():g}; scaled: min "
-                         f"{scaled.min():g}) and not both 0 for a star")
+                         f"{scaled.min():g}; truth_extra: min {extra.min():g}) and fixed + scaled > 0 for a star")
     _, nu = shape_fit(r, fixed, scaled)
     rng = np.random.default_rng(_SEED)
     own = rng.standard_t(nu, size=(_REPLICAS, r.size))
@@ -143,15 +169,19 @@ def deconvolved_scale(r: np.ndarray, fixed: np.ndarray, scaled: np.ndarray) -> t
     ref = rng.standard_normal((_REPLICAS, r.size))
 
     def gap(lnc: float) -> float:
-        """Robust sigma of the simulated minus the observed combined pulls (rises with c)."""
+        """Robust sigma of the simulated minus the observed pulls against the references (rises with c)."""
         c = np.exp(lnc)
         sd = np.sqrt(fixed + c * scaled)
         simulated = (np.sqrt(c * scaled) * own + np.sqrt(fixed) * ref) / sd
         return robust_sigma(simulated.ravel()) - robust_sigma(r / sd)
 
-    lo, hi = LN_C_RANGE
-    if gap(lo) >= 0.0:
-        return lo, nu
-    if gap(hi) <= 0.0:
-        return hi, nu
-    return float(brentq(gap, lo, hi, xtol=1e-4)), nu
+    ln_c = _root_of_increasing(gap)
+    if not np.any(extra > 0):
+        return ln_c, nu
+    own_error = np.sqrt(np.exp(ln_c) * scaled) * own + np.sqrt(extra) * ref  # estimate - truth under the model
+
+    def truth_gap(lnc: float) -> float:
+        """1 minus the robust sigma of the simulated pulls against the truth (rises with c)."""
+        return 1.0 - robust_sigma((own_error / np.sqrt(np.exp(lnc) * scaled + extra)).ravel())
+
+    return _root_of_increasing(truth_gap), nu

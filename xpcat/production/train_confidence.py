@@ -49,7 +49,11 @@ from xpcat.fileio import atomic_path, write_text_atomic
 from xpcat.model import confidence as C
 from xpcat.production.run_dir import RunPaths
 from xpcat.production.run_lock import run_lock
-from xpcat.production.train_model_error import train_model_error
+from xpcat.production.train_model_error import (
+    read_reddening_prior,
+    train_model_error,
+    unlabelled_sample,
+)
 from xpcat.progress import progress
 
 logger = logging.getLogger(__name__)
@@ -267,6 +271,30 @@ def _write_stars(path: Path, source_id: np.ndarray, features: np.ndarray, est: n
                  confidence=confidence, feature_names=np.asarray(C.FEATURE_NAMES))
 
 
+def _fit_unlabelled(run_dir: Path, config: RunConfig, inference: Any, ln_prior_cut: float,
+                    labelled: np.ndarray) -> dict[str, np.ndarray] | None:
+    """Fit ``[confidence] model_error_unlabelled`` stars without labels for the model error of E.
+
+    Returns
+    -------
+    None when there are none, else ``source_id``, ``params5``, ``cov5``, ``parallax``,
+    ``parallax_error`` and ``usable`` (basic cut, converged) of the fitted stars.
+    """
+    sid = unlabelled_sample(run_dir, labelled, config.confidence.model_error_unlabelled)
+    if sid.size:  # only stars with a reddening prior teach E's model error: fit no others
+        sid = sid[np.isfinite(read_reddening_prior(run_dir, config, sid)[0])]
+    cond = read_conditioned(run_dir, sid) if sid.size else {"source_id": sid}
+    n = len(cond["source_id"])
+    if n == 0:
+        return None
+    logger.info("model error: fitting %d stars without labels (their reddening prior: E only)", n)
+    fit = fit_stars(inference, cond, config.inference.batch_size)
+    _, _, basic = training_set(fit, cond, {c: np.full(n, np.nan) for c in _LABEL_COLUMNS[1:]}, ln_prior_cut)
+    return {"source_id": cond["source_id"], "params5": np.asarray(fit["params5"], np.float64),
+            "cov5": np.asarray(fit["cov5"], np.float64), "parallax": cond["parallax"],
+            "parallax_error": cond["parallax_error"], "usable": basic}
+
+
 def _validation_mask(source_id: np.ndarray, config: RunConfig, artifact: Any) -> np.ndarray | None:
     """Which labelled stars the model did not train on: the training stage's validation split (by source_id).
 
@@ -388,8 +416,9 @@ def _train_confidence(paths: RunPaths, config: RunConfig, model_dir: Path, forwa
         holdout=holdout_mask(cond["source_id"][keep], settings.holdout_fraction, config.run.seed),
     )
     refs = {k: er[a][:, j] for j, p in enumerate(C.PARAMETERS) for k, a in ((p, "ref"), (f"{p}_error", "ref_err"))}
+    unlabelled = _fit_unlabelled(run_dir, config, inference, float(artifact.gmm.ln_prior_cut), sid_all)
     model_error = train_model_error(paths, config, model_dir, cond["source_id"], er["params5"], er["cov5"], refs,
-                                    cond["parallax"], cond["parallax_error"], keep)
+                                    cond["parallax"], cond["parallax_error"], keep, unlabelled=unlabelled)
     _write_stars(paths.confidence_stars, cond["source_id"], features, er["est"], er["ref"], ylab, keep,
                  holdout_mask(cond["source_id"], settings.holdout_fraction, config.run.seed),
                  C.predict_confidence(clf, features))
