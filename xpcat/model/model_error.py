@@ -56,8 +56,8 @@ reference is the Gaia parallax the fit used, so base_4 = s_plx^2 - C_F,44
 that K scales (:func:`fisher_part`) is multiplied by k_j^2. (ln k_j^2, beta_j)
 maximise a Student-t (nu = 5) likelihood of the residuals (robust to the
 catastrophic failures that the confidence classifiers are for), then one
-factor per parameter, on k_j^2 C_F,jj + s_j^2 together (on s_j^2 alone where
-k_j would leave [0.5, 3]), makes the robust sigma (1.4826 MAD) of the pulls
+factor per parameter, on k_j^2 C_F,jj + s_j^2 together (on s_j^2 alone, k_j at
+the nearer bound, where k_j would leave [0.5, 3]), makes the robust sigma (1.4826 MAD) of the pulls
 against the *truth* 1, the references' own noise deconvolved
 (:mod:`xpcat.model.pull_deconvolution`; matching the pulls against the labels
 instead left the demo's logg pulls against the truth at 0.85). k_j < 1 is allowed: the Fisher errors are the Cramer-Rao bound of
@@ -348,8 +348,11 @@ def learn_model_error(est5: np.ndarray, cov5: np.ndarray, inv_plx_err: np.ndarra
         if _LN_K2[0] <= lnk2 + lnc <= _LN_K2[1]:
             k2[j] = float(np.exp(lnk2 + lnc))
             beta[j, 0] += lnc
-        else:  # k = 1 (K would leave its range): the factor goes on s^2 alone
-            beta[j, 0] += _calibrate(resid[u, j], base[u, j], np.zeros(int(u.sum())), s2j[u], diag[u, j])
+        else:  # K would leave its range: k at the nearer bound, the factor on s^2 alone
+            k2[j] = float(np.exp(np.clip(lnk2 + lnc, *_LN_K2)))
+            fk = k2[j] * fisher[u]
+            beta[j, 0] += _calibrate(resid[u, j], fixed[u] + fk, np.zeros(int(u.sum())), s2j[u],
+                                     fk + diag[u, j] - fisher[u])
         beta[j, 0] = max(beta[j, 0], _BETA0[0])
     kscale = np.sqrt(k2)
     s2 = s2_of(beta)
