@@ -42,6 +42,12 @@ coefficients with full covariance in ``tests/data/gaiaxpy_reference``),
 conditioned by :func:`xpcat.production.condition.tables.condition_tables`
 (XP only, no parallax) and fitted with the trained model.
 
+Levers (default: the quick preset and the config's model, the ingest's selection): ``--epochs``,
+``--hidden-width``, ``--n-hidden`` set [training] / [model] for the run; ``--min-snr``, ``--error-floor``,
+``--ak-sigma`` the labels' SNR cut, error floors and the reddening prior's width
+(:func:`xpcat.production.ingest.apogee.apogee_tables`); ``--clean-sigma`` the self-cleaning threshold. The
+JSON's ``options`` records the values used and which were given.
+
 Prints one JSON line (the last stdout line); ``--out`` also writes it.
 
 Usage::
@@ -159,24 +165,46 @@ def best_rows(sid: np.ndarray, snr: np.ndarray) -> np.ndarray:
     return order[first]
 
 
+def schedule_override(preset_cfg: Any, epochs: int | None) -> dict[str, Any]:
+    """[training] values for ``--epochs N``: epochs = N, the preset's lr drops and temper_epochs scaled by N / its epochs.
+
+    ``preset_cfg`` is the run's :class:`~xpcat.config.RunConfig` with the preset applied; empty when ``epochs`` is None.
+    """
+    if epochs is None:
+        return {}
+    t = preset_cfg.training
+    scale = epochs / t.epochs
+    return {"epochs": epochs, "lr_drop_epochs": tuple(int(round(e * scale)) for e in t.lr_drop_epochs),
+            "temper_epochs": int(round(t.temper_epochs * scale))}
+
+
 def make_config(run_dir: Path, args: argparse.Namespace) -> Any:
     """The run's configuration (written to RUN_DIR/config.toml before ingest, which reads it)."""
     from xpcat.config import RunConfig
 
+    base = RunConfig().replace(training={"preset": args.preset})
+    model = {k: v for k, v in (("hidden_width", args.hidden_width), ("n_hidden", args.n_hidden)) if v is not None}
     return RunConfig().replace(
         run={"name": "apogee-library", "seed": args.seed},
         data={"partition_level": args.partition_level, "labels": "inputs/labels.parquet",
               "reddening": "inputs/reddening.parquet"},
-        training={"preset": args.preset, "hq_e_error_max": HQ_E_ERROR_MAX,
-                  **({} if args.clean_sigma is None else {"clean_sigma": args.clean_sigma})},
+        training={"preset": args.preset, "hq_e_error_max": args.hq_e_error_max,
+                  **({} if args.clean_sigma is None else {"clean_sigma": args.clean_sigma}),
+                  **schedule_override(base, args.epochs)},
+        **({"model": model} if model else {}),
         confidence={"preset": args.preset},
         cluster={"profile": args.profile, "n_workers": args.workers, "threads_per_worker": 1,
                  "memory_limit": args.memory_limit},
     )
 
 
-def training_tables(rows: dict[str, np.ndarray], excluded: np.ndarray, inputs: Path) -> dict[str, int]:
-    """Labels (without the excluded source_ids) and reddening priors (all) -> ``inputs/``; counts."""
+def training_tables(rows: dict[str, np.ndarray], excluded: np.ndarray, inputs: Path,
+                    selection: dict[str, Any] | None = None) -> dict[str, int]:
+    """Labels (without the excluded source_ids) and reddening priors (all) -> ``inputs/``; counts.
+
+    ``selection``: keyword arguments of :func:`xpcat.production.ingest.apogee.apogee_tables` (``min_snr``,
+    ``error_floor``, ``ak_sigma``); None: its defaults.
+    """
     import pyarrow as pa
 
     from xpcat.production.ingest.apogee import (
@@ -185,7 +213,7 @@ def training_tables(rows: dict[str, np.ndarray], excluded: np.ndarray, inputs: P
         write_apogee_tables,
     )
 
-    tables = apogee_tables({c: rows[c] for c in LIBRARY_COLUMNS})
+    tables = apogee_tables({c: rows[c] for c in LIBRARY_COLUMNS}, **(selection or {}))
     lab_sid = tables.labels.column("source_id").to_numpy()
     keep = ~np.isin(lab_sid, excluded)
     tables.labels = tables.labels.filter(pa.array(keep))
@@ -193,6 +221,33 @@ def training_tables(rows: dict[str, np.ndarray], excluded: np.ndarray, inputs: P
     write_apogee_tables(tables, inputs)
     return {"label_rows_apogee": int(lab_sid.size), "label_rows_training": int(keep.sum()),
             "label_rows_held_out": int((~keep).sum()), "reddening_rows": tables.reddening.num_rows}
+
+
+def label_selection(args: argparse.Namespace) -> dict[str, Any]:
+    """Keyword arguments of ``apogee_tables`` from ``--min-snr``, ``--error-floor``, ``--ak-sigma`` (given ones only)."""
+    out: dict[str, Any] = {}
+    if args.min_snr is not None:
+        out["min_snr"] = args.min_snr
+    if args.error_floor is not None:
+        out["error_floor"] = dict(zip(("teff", "feh", "logg"), args.error_floor))
+    if args.ak_sigma is not None:
+        out["ak_sigma"] = args.ak_sigma
+    return out
+
+
+def options_used(args: argparse.Namespace, cfg: Any, selection: dict[str, Any]) -> dict[str, Any]:
+    """The run's settings that the benchmark's options can change, as used (defaults filled in)."""
+    from xpcat.production.ingest import apogee
+
+    return {"preset": args.preset, "epochs": cfg.training.epochs, "lr_drop_epochs": list(cfg.training.lr_drop_epochs),
+            "temper_epochs": cfg.training.temper_epochs, "hidden_width": cfg.model.hidden_width,
+            "n_hidden": cfg.model.n_hidden, "clean_sigma": cfg.training.clean_sigma,
+            "hq_e_error_max": cfg.training.hq_e_error_max,
+            "min_snr": selection.get("min_snr", apogee.MIN_SNR),
+            "error_floor": selection.get("error_floor", apogee.LABEL_ERROR_FLOOR),
+            "ak_sigma": selection.get("ak_sigma", apogee.AK_SIGMA),
+            "given": sorted(k for k in ("epochs", "hidden_width", "n_hidden", "min_snr", "error_floor", "ak_sigma",
+                                        "clean_sigma") if getattr(args, k) is not None)}
 
 
 def timed(timings: dict[str, float], name: str, fn: Any, *a: Any, **kw: Any) -> Any:
@@ -446,7 +501,8 @@ def evaluate(rows: dict[str, np.ndarray], cat: dict[str, np.ndarray], library_id
     return out
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The benchmark's options (``argv`` None: ``sys.argv``)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run-dir", type=Path, required=True, help="run directory (created; resumed if it exists)")
     ap.add_argument("--holdout-ids", type=Path, default=None, help="source_ids never trained on, one a line")
@@ -456,6 +512,19 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--preset", choices=("quick", "paper"), default="quick", help="[training]/[confidence] preset")
     ap.add_argument("--clean-sigma", type=float, default=None,
                     help="[training] clean_sigma (self-cleaning threshold; default the config's, 4)")
+    ap.add_argument("--epochs", type=int, default=None,
+                    help="[training] epochs (the preset's lr drops and temper_epochs scaled with it; default the "
+                         "preset's: quick 160)")
+    ap.add_argument("--hidden-width", type=int, default=None, help="[model] hidden_width (default the config's, 32)")
+    ap.add_argument("--n-hidden", type=int, default=None, help="[model] n_hidden (default the config's, 3)")
+    ap.add_argument("--min-snr", type=float, default=None,
+                    help="APOGEE SNR cut of the training labels (default apogee.MIN_SNR, 70)")
+    ap.add_argument("--error-floor", type=float, nargs=3, default=None, metavar=("TEFF", "FEH", "LOGG"),
+                    help="label error floors [K, dex, dex] (default apogee.LABEL_ERROR_FLOOR: 100 0.05 0.1)")
+    ap.add_argument("--ak-sigma", type=float, default=None,
+                    help="noise term of the AK_TARG reddening prior's width [mag] (default apogee.AK_SIGMA, 0.07)")
+    ap.add_argument("--hq-e-error-max", type=float, default=HQ_E_ERROR_MAX,
+                    help=f"[training] hq_e_error_max (default {HQ_E_ERROR_MAX}; see the module docstring)")
     ap.add_argument("--profile", default="threads",
                     help="[cluster] profile: threads (default; infer 7x faster than local processes on 2 cores, "
                          "measured on 3000 stars) or local")
@@ -467,7 +536,11 @@ def main(argv: list[str] | None = None) -> dict:
                     help="HEALPix level of the working partitions (1: 48 source_id ranges)")
     ap.add_argument("--seed", type=int, default=0, help="[run] seed and the --stars draw")
     ap.add_argument("--out", type=Path, default=None, help="also write the JSON here")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("distributed", "jax", "hats", "lsdb"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -492,7 +565,8 @@ def main(argv: list[str] | None = None) -> dict:
     holdout = read_holdout_ids(args.holdout_ids)
     heldout = np.union1d(library_ids[split_is_validation(library_ids, cfg.training.validation_fraction)], holdout)
     training_ids = np.setdiff1d(library_ids, heldout)
-    counts = training_tables(rows, heldout, run_dir / "inputs")
+    selection = label_selection(args)
+    counts = training_tables(rows, heldout, run_dir / "inputs", selection)
     write_config(cfg, run_dir)
     stages = run_stages(run_dir, cfg, library, timings)
     result: dict[str, Any] = {
@@ -500,7 +574,8 @@ def main(argv: list[str] | None = None) -> dict:
         "stars_requested": args.stars, "holdout_ids": int(holdout.size),
         "heldout_in_library": int(heldout.size), "preset": args.preset, "clean_sigma": cfg.training.clean_sigma,
         "profile": args.profile,
-        "partition_level": args.partition_level, "hq_e_error_max": HQ_E_ERROR_MAX, **counts, **stages,
+        "partition_level": args.partition_level, "hq_e_error_max": cfg.training.hq_e_error_max,
+        "options": options_used(args, cfg, selection), **counts, **stages,
     }
     result.update(timed(timings, "evaluate", evaluate, rows, read_catalog(run_dir), library_ids, heldout,
                         training_ids, args.seed, model_error_of(run_dir, cfg)))

@@ -157,3 +157,31 @@ def test_write_and_read_fits(tmp_path, rows, out):
     assert np.array_equal(back["gaiaedr3_source_id"], rows["gaiaedr3_source_id"])
     with pytest.raises(InputError, match="lacks column"):
         read_library_rows(tmp_path / "lib.fits", columns=("teff", "no_such"))
+
+
+def test_selection_options_change_cut_floor_and_width(rows, out):
+    """min_snr, error_floor and ak_sigma (the real-data benchmark's levers) act as documented and are recorded."""
+    looser = apogee_tables(rows, min_snr=50.0, error_floor={"feh": 0.02}, ak_sigma=0.1)
+    assert looser.labels.num_rows > out.labels.num_rows
+    assert (looser.summary["labels"]["reasons"]["snr_below_min"]
+            < out.summary["labels"]["reasons"]["snr_below_min"])
+    assert looser.summary["constants"]["min_snr"] == 50.0
+    lab = looser.labels.to_pandas()
+    assert lab.feh_error.min() >= 0.02 - 1e-6 and lab.feh_error.min() < LABEL_ERROR_FLOOR["feh"]
+    assert lab.teff_error.min() >= LABEL_ERROR_FLOOR["teff"] - 1e-3  # floors not given keep their defaults
+    assert looser.summary["constants"]["label_error_floor"]["feh"] == 0.02
+    red = looser.reddening.to_pandas()
+    assert red.e_error.min() == pytest.approx(0.1 / AKS_PER_E, rel=1e-5)
+    assert looser.summary["constants"]["ak_sigma"] == 0.1
+    # the implausibly-negative cut stays at the measured noise, not the chosen width
+    assert (looser.summary["reddening"]["reasons"]["ak_targ_implausibly_negative"]
+            == out.summary["reddening"]["reasons"]["ak_targ_implausibly_negative"])
+
+
+@pytest.mark.parametrize("kw, match", [({"error_floor": {"feh": -0.1}}, "error_floor"),
+                                       ({"error_floor": {"mh": 0.1}}, "error_floor"),
+                                       ({"ak_sigma": 0.0}, "ak_sigma"),
+                                       ({"min_snr": float("nan")}, "min_snr")])
+def test_bad_selection_options_named(rows, kw, match):
+    with pytest.raises(InputError, match=match):
+        apogee_tables(rows, **kw)

@@ -209,7 +209,7 @@ def _first_reason(tests: list[tuple[str, np.ndarray]], n: int, default: str) -> 
 
 
 def apogee_tables(rows: dict[str, Any], *, min_snr: float = MIN_SNR,
-                  error_floor: dict[str, float] | None = None) -> ApogeeTables:
+                  error_floor: dict[str, float] | None = None, ak_sigma: float = AK_SIGMA) -> ApogeeTables:
     """Library rows -> labels table, reddening table and the account of every row.
 
     Parameters
@@ -217,6 +217,8 @@ def apogee_tables(rows: dict[str, Any], *, min_snr: float = MIN_SNR,
     rows : dict of (n,) arrays with :data:`LIBRARY_COLUMNS` (e.g. from :func:`read_library_rows`).
     min_snr : smallest APOGEE SNR kept for the labels.
     error_floor : floors for ``teff`` [K], ``feh`` and ``logg`` [dex] (default :data:`LABEL_ERROR_FLOOR`).
+    ak_sigma : noise term [mag] of the reddening prior's width ``sqrt(ak_sigma^2 + (AK_FRACTION AK)^2)``
+        (default :data:`AK_SIGMA`, the measured noise; the implausibly-negative cut stays at ``-3 AK_SIGMA``).
 
     Returns
     -------
@@ -235,6 +237,11 @@ def apogee_tables(rows: dict[str, Any], *, min_snr: float = MIN_SNR,
     if len(set(lengths.values())) != 1:
         raise InputError(f"APOGEE library columns differ in length: {lengths}")
     floor = {**LABEL_ERROR_FLOOR, **(error_floor or {})}
+    bad = {k: v for k, v in floor.items() if k not in LABEL_ERROR_FLOOR or not (np.isfinite(v) and v >= 0)}
+    if bad:
+        raise InputError(f"error_floor {bad}: need finite floors >= 0 for teff, feh, logg")
+    if not (np.isfinite(min_snr) and np.isfinite(ak_sigma) and ak_sigma > 0):
+        raise InputError(f"min_snr {min_snr} must be finite and ak_sigma {ak_sigma} finite and > 0")
     sid_raw = np.ma.filled(np.ma.asarray(rows["gaiaedr3_source_id"]), 0)
     sid = np.asarray(sid_raw, dtype=np.int64).reshape(n)
     apogee_id = np.asarray(rows["apogee_id"]).astype(str).reshape(n)
@@ -280,7 +287,7 @@ def apogee_tables(rows: dict[str, Any], *, min_snr: float = MIN_SNR,
                                 ("duplicate_lower_snr", ~red_best), ("ak_targ_negative_clipped", clipped)], n, "ok")
     r = np.flatnonzero(np.isin(red_reason, ["ok", "ak_targ_negative_clipped"]))
     ak_used = np.maximum(ak[r], 0.0)
-    s_ak = np.hypot(AK_SIGMA, AK_FRACTION * ak_used)
+    s_ak = np.hypot(ak_sigma, AK_FRACTION * ak_used)
     reddening = pa.table({
         "source_id": pa.array(sid[r], pa.int64()),
         "e": pa.array((ak_used / AKS_PER_E).astype(np.float32)),
@@ -304,7 +311,7 @@ def apogee_tables(rows: dict[str, Any], *, min_snr: float = MIN_SNR,
         "labels": {"rows_out": labels.num_rows, "reasons": label_counts},
         "reddening": {"rows_out": reddening.num_rows, "reasons": red_counts},
         "constants": {"min_snr": min_snr, "label_error_floor": floor, "aks_per_e": AKS_PER_E,
-                      "ak_sigma": AK_SIGMA, "ak_fraction": AK_FRACTION, "ak_max": AK_MAX,
+                      "ak_sigma": ak_sigma, "ak_fraction": AK_FRACTION, "ak_max": AK_MAX,
                       "ak_min": -3.0 * AK_SIGMA},
     }
     _log_reasons("labels", label_counts, n)
