@@ -41,6 +41,7 @@ from xpcat.model.confidence_features import (
     N_FLUX,
     PARAMETERS,
     SCALAR_FEATURES,
+    START_FEATURES,
     chi2_eps,
     chi2_eps_labels,
     confidence_features,
@@ -73,6 +74,7 @@ __all__ = [
     "LN_FLOOR",
     "N_FLUX",
     "SCALAR_FEATURES",
+    "START_FEATURES",
     "FEATURE_NAMES",
     "N_FEATURES",
     "CORE_FEATURES",
@@ -112,19 +114,47 @@ class ConfidenceClassifiers:
     scale: np.ndarray
     nets: dict[str, list[dict[str, np.ndarray]]] = field(default_factory=dict)
 
+    def select(self, features: np.ndarray) -> np.ndarray:
+        """(n, F) features in :attr:`feature_names` order, from those or from (n, N_FEATURES) (picked by name).
+
+        Raises
+        ------
+        ValueError
+            When the width fits neither, or the classifier needs a feature this version does not compute.
+        """
+        features = np.asarray(features, dtype=np.float64)
+        names = self.feature_names
+        if features.ndim == 2 and features.shape[1] == len(names):
+            return features
+        if features.ndim != 2 or features.shape[1] != N_FEATURES:
+            raise ValueError(f"confidence features must be (n, {len(names)}) or (n, {N_FEATURES}), got shape "
+                             f"{features.shape}")
+        unknown = [nm for nm in names if nm not in FEATURE_NAMES]
+        if unknown:
+            raise ValueError(f"the confidence classifiers need features this version does not compute: {unknown}; "
+                             "retrain the confidence component (xpcat train-confidence) with this version")
+        return features[:, [FEATURE_NAMES.index(nm) for nm in names]]
+
     def standardise(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Standardised features with NaN imputed to 0, and the rows whose confidence is defined.
+
+        Parameters
+        ----------
+        features : (n, F) in this object's :attr:`feature_names` order, or (n, N_FEATURES) as
+            :func:`confidence_features` gives them, whose columns are then picked by name (a
+            classifier trained on fewer features, e.g. the paper's 86, keeps working).
 
         Returns
         -------
         x : (n, F) float32 array
         ok : (n,) bool array, False where a core (fit-derived) feature is missing
+
+        Raises
+        ------
+        ValueError
+            As :meth:`select`.
         """
-        features = np.asarray(features, dtype=np.float64)
-        if features.ndim != 2 or features.shape[1] != len(self.feature_names):
-            raise ValueError(
-                f"confidence features must be (n, {len(self.feature_names)}), got shape {features.shape}"
-            )
+        features = self.select(features)
         core = [self.feature_names.index(nm) for nm in CORE_FEATURES if nm in self.feature_names]
         ok = np.all(np.isfinite(features[:, core]), axis=1) & np.any(np.isfinite(features), axis=1)
         x = (features - self.center) / self.scale
@@ -345,8 +375,11 @@ def classifiers_from_arrays(arrays: Mapping[str, np.ndarray]) -> ConfidenceClass
     missing = [k for k in ("center", "scale") if k not in arrays]
     if missing:
         raise ValueError(f"confidence component lacks {missing}; has {sorted(arrays)}")
-    names = tuple(str(s) for s in np.asarray(arrays["feature_names"])) if "feature_names" in arrays else FEATURE_NAMES
     center = np.asarray(arrays["center"], dtype=np.float64)
+    if "feature_names" in arrays:
+        names = tuple(str(s) for s in np.asarray(arrays["feature_names"]))
+    else:  # an artifact without names: features were only ever appended, so it used the leading ones
+        names = FEATURE_NAMES[: center.shape[0]] if center.ndim == 1 else FEATURE_NAMES
     scale = np.asarray(arrays["scale"], dtype=np.float64)
     if center.shape != (len(names),) or scale.shape != (len(names),):
         raise ValueError(f"confidence component: center/scale shapes {center.shape}/{scale.shape} != ({len(names)},)")
