@@ -20,7 +20,7 @@ def _fake_batch(rng: np.random.Generator, n: int) -> tuple[dict, dict]:
     flux_error = 0.02 * flux
     f_pred = flux + flux_error * rng.normal(size=(n, 66))
     fit = {"params5": params5, "cov5": cov5, "chi2": rng.chisquare(61, n), "ln_prior": rng.normal(-2, 1, n),
-           "f_pred": f_pred, "start_alt_gap": rng.exponential(20.0, n), "start_alt_dteff": rng.normal(0, 900, n)}
+           "f_pred": f_pred}
     cond = {
         "flux": flux,
         "flux_error": flux_error,
@@ -47,8 +47,7 @@ def test_features_follow_appendix_b(rng):
     cond["flux_error"][3, 10] = np.inf
     cond["ruwe"][4] = 0.0  # ln floor
     X = C.confidence_features(fit, cond)
-    assert X.shape == (50, C.N_FEATURES) == (50, 20 + 66 + 2)
-    assert C.FEATURE_NAMES[-2:] == C.START_FEATURES  # appended: the paper's 86 keep their columns
+    assert X.shape == (50, C.N_FEATURES) == (50, 20 + 66)
     col = {n: X[:, i] for i, n in enumerate(C.FEATURE_NAMES)}
     np.testing.assert_allclose(col["ln_rchi2_opt"], np.log(fit["chi2"] / 61.0))
     np.testing.assert_allclose(
@@ -62,21 +61,7 @@ def test_features_follow_appendix_b(rng):
         X[:, 20 + 5], np.arcsinh((fit["f_pred"][:, 5] - cond["flux"][:, 5]) / cond["flux_error"][:, 5])
     )
     assert X[3, 20 + 10] == 0.0  # missing sample: no information, not NaN
-    np.testing.assert_allclose(col["asinh_start_alt_gap"], np.arcsinh(fit["start_alt_gap"]))
-    np.testing.assert_allclose(col["start_alt_dteff"], fit["start_alt_dteff"] / 1000.0)
     assert np.all(np.isfinite(X))
-
-
-def test_fit_without_start_ambiguity_leaves_those_features_missing(rng):
-    fit, cond = _fake_batch(rng, 6)
-    fit["start_alt_gap"][2] = np.nan  # no alternative scored for this star
-    X = C.confidence_features(fit, cond)
-    assert np.isnan(X[2, -2]) and np.all(np.isfinite(np.delete(X, 2, axis=0)))
-    old = {k: v for k, v in fit.items() if not k.startswith("start_")}
-    X_old = C.confidence_features(old, cond)
-    assert np.all(np.isnan(X_old[:, -2:])) and np.array_equal(X_old[:, :-2], X[:, :-2])
-    with pytest.raises(ValueError, match="start_alt_dteff"):
-        C.confidence_features({**fit, "start_alt_dteff": np.zeros(5)}, cond)
 
 
 def test_features_reject_bad_shapes(rng):
@@ -197,10 +182,10 @@ def test_from_arrays_missing_classifier_is_a_fallback(trained):
         C.predict_confidence({k: v for k, v in arrays.items() if k != "center"}, X)
 
 
-def test_classifier_on_the_papers_86_features_still_predicts(trained):
-    """An artifact trained before the start features: its columns are picked by name."""
+def test_classifier_on_fewer_features_still_predicts(trained):
+    """An artifact trained before features were appended: its columns are picked by name."""
     X, _, _, clf, _ = trained
-    n_old = C.N_FEATURES - len(C.START_FEATURES)
+    n_old = C.N_FEATURES - 2
     names = C.FEATURE_NAMES[:n_old]
     arrays = C.classifiers_to_arrays(clf)
     legacy = {"center": arrays["center"][:n_old], "scale": arrays["scale"][:n_old],
@@ -211,7 +196,7 @@ def test_classifier_on_the_papers_86_features_still_predicts(trained):
         elif "/" in k:
             legacy[k] = v
     x_new = X.copy()
-    x_new[:, n_old:] = 123.0  # the new columns must not reach the old classifier
+    x_new[:, n_old:] = 123.0  # the later columns must not reach the older classifier
     conf = C.predict_confidence(legacy, x_new)
     np.testing.assert_allclose(conf, C.predict_confidence(legacy, X[:, :n_old]), rtol=1e-6)
     assert np.all(np.isfinite(conf))

@@ -41,7 +41,6 @@ from xpcat.model.confidence_features import (
     N_FLUX,
     PARAMETERS,
     SCALAR_FEATURES,
-    START_FEATURES,
     chi2_eps,
     chi2_eps_labels,
     confidence_features,
@@ -74,7 +73,6 @@ __all__ = [
     "LN_FLOOR",
     "N_FLUX",
     "SCALAR_FEATURES",
-    "START_FEATURES",
     "FEATURE_NAMES",
     "N_FEATURES",
     "CORE_FEATURES",
@@ -142,7 +140,7 @@ class ConfidenceClassifiers:
         ----------
         features : (n, F) in this object's :attr:`feature_names` order, or (n, N_FEATURES) as
             :func:`confidence_features` gives them, whose columns are then picked by name (a
-            classifier trained on fewer features, e.g. the paper's 86, keeps working).
+            classifier trained on fewer features keeps working when features are added).
 
         Returns
         -------
@@ -378,7 +376,7 @@ def classifiers_from_arrays(arrays: Mapping[str, np.ndarray]) -> ConfidenceClass
     center = np.asarray(arrays["center"], dtype=np.float64)
     if "feature_names" in arrays:
         names = tuple(str(s) for s in np.asarray(arrays["feature_names"]))
-    else:  # an artifact without names: features were only ever appended, so it used the leading ones
+    else:  # an artifact without names: features are only ever appended, so it used the leading ones
         names = FEATURE_NAMES[: center.shape[0]] if center.ndim == 1 else FEATURE_NAMES
     scale = np.asarray(arrays["scale"], dtype=np.float64)
     if center.shape != (len(names),) or scale.shape != (len(names),):

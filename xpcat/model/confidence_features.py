@@ -14,20 +14,11 @@ phot_g_mean_mag, ln ruwe, fidelity_v2, norm_dg, ln bp/rp chi_squared, and
 asinh((f_pred - f_obs) / s_f) at each of the 66 flux samples.
 ln_X = ln(max(X, 1e-7)).
 
-Beyond the paper, :data:`START_FEATURES` (appended last, so a classifier
-trained on the paper's 86 keeps its column order) describe the start grid's
-second minimum in Teff (:class:`xpcat.model.start.StartResult`): asinh of the
-criterion gap to the best start whose Teff differs by > 500 K, and that
-start's Teff offset [kK]. Faint reddened stars whose fit lands in the wrong
-one of two Teff - E minima are invisible to the features at the optimum; a
-small gap says that another minimum was nearly as good.
-
 Missing values: a star whose fit-derived features (:data:`CORE_FEATURES`) are
 not all finite gets NaN confidences (:mod:`xpcat.model.confidence`). Other
 missing Gaia columns (e.g. no fidelity_v2) are replaced by the training-set
 median of that feature; a missing flux sample (NaN flux or infinite error)
-contributes a residual of 0. A fit without the start's ambiguity (no
-``start_alt_gap`` / ``start_alt_dteff``) leaves those features missing.
+contributes a residual of 0.
 
 Pure array code: numpy only.
 """
@@ -52,7 +43,6 @@ __all__ = [
     "LN_FLOOR",
     "N_FLUX",
     "SCALAR_FEATURES",
-    "START_FEATURES",
     "FEATURE_NAMES",
     "N_FEATURES",
     "CORE_FEATURES",
@@ -96,11 +86,8 @@ SCALAR_FEATURES = (
     "ln_bp_chi_squared",
     "ln_rp_chi_squared",
 )
-#: The start grid's Teff ambiguity (beyond the paper): asinh(crit gap), Teff offset [kK] of the alternative.
-START_FEATURES = ("asinh_start_alt_gap", "start_alt_dteff")
-#: All feature names: the scalars, the asinh residuals ``asinh_dflux_00`` .. ``asinh_dflux_65``, then
-#: :data:`START_FEATURES`.
-FEATURE_NAMES = SCALAR_FEATURES + tuple(f"asinh_dflux_{i:02d}" for i in range(N_FLUX)) + START_FEATURES
+#: All feature names: the scalars then asinh residuals ``asinh_dflux_00`` .. ``asinh_dflux_65``.
+FEATURE_NAMES = SCALAR_FEATURES + tuple(f"asinh_dflux_{i:02d}" for i in range(N_FLUX))
 #: Length of a feature vector.
 N_FEATURES = len(FEATURE_NAMES)
 #: Features that come from the fit: when one is not finite the confidence is NaN.
@@ -174,9 +161,7 @@ def confidence_features(fit: Mapping[str, Any], conditioned: Mapping[str, Any]) 
         Output of inference for ``n`` stars: ``params5`` (n, 5) in catalog
         order and units (Teff kK, [Fe/H] dex, logg dex, E mag, parallax mas),
         ``cov5`` (n, 5, 5) or ``err5`` (n, 5) (same units), ``chi2`` (n,),
-        ``ln_prior`` (n,), ``f_pred`` (n, 66) in the internal flux unit;
-        optionally ``start_alt_gap`` (n,) and ``start_alt_dteff`` (n,) [K]
-        (:meth:`xpcat.model.inference.Inference.fit`), else those features are NaN.
+        ``ln_prior`` (n,), ``f_pred`` (n, 66) in the internal flux unit.
     conditioned : mapping
         The same stars' conditioned columns (schema ``CONDITIONED``):
         ``flux``, ``flux_error`` (n, 66) internal unit (NaN / inf where missing),
@@ -254,21 +239,6 @@ def confidence_features(fit: Mapping[str, Any], conditioned: Mapping[str, Any]) 
     out = np.empty((n, N_FEATURES), dtype=np.float64)
     for i, name in enumerate(SCALAR_FEATURES):
         out[:, i] = scal[name]
-    n_scal = len(SCALAR_FEATURES)
-    out[:, n_scal : n_scal + N_FLUX] = dflux
-    out[:, n_scal + N_FLUX :] = _start_features(fit, n)
+    out[:, len(SCALAR_FEATURES) :] = dflux
     out[~np.isfinite(out)] = np.nan
-    return out
-
-
-def _start_features(fit: Mapping[str, Any], n: int) -> np.ndarray:
-    """(n, 2) :data:`START_FEATURES` from the fit's ``start_alt_gap`` and ``start_alt_dteff`` [K] (NaN if absent)."""
-    out = np.full((n, len(START_FEATURES)), np.nan)
-    for j, (key, f) in enumerate((("start_alt_gap", np.arcsinh), ("start_alt_dteff", lambda a: a / 1000.0))):
-        if key in fit:
-            a = np.asarray(fit[key], dtype=np.float64)
-            if a.shape != (n,):
-                raise ValueError(f"confidence_features: {key} must be ({n},), got {a.shape}")
-            with np.errstate(invalid="ignore"):
-                out[:, j] = f(a)
     return out

@@ -274,19 +274,11 @@ class Inference:
     # ------------------------------------------------------------------------------ stages
     def start(self, prep: PreparedStars, mode: str | None = None) -> np.ndarray:
         """(m, 5) start variables (internal) for prepared stars; chunked by :data:`_SCREEN_CHUNK` / batch."""
-        return self.start_ambiguity(prep, mode)[0]
-
-    def start_ambiguity(self, prep: PreparedStars, mode: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """The start variables (m, 5) and its Teff ambiguity (m, 2): ``alt_gap``, ``alt_dteff`` [K].
-
-        See :class:`xpcat.model.start.StartResult`; NaN where no alternative was scored.
-        """
         mode = mode or self.settings.start
         m = prep.flux.shape[0]
         chunk = _SCREEN_CHUNK if mode == "screen" else min(_SCREEN_CHUNK, _padded_size(m, self.settings.batch_size))
         chunk = min(chunk, _padded_size(m, self.settings.batch_size))
         out = np.empty((m, N_VAR), dtype=self.dtype)
-        alt = np.empty((m, 2), dtype=np.float64)
         # stars with the whole parallax-guess band first: their chunks take the cheaper path
         full = full_band_stars(self.grid, prep.flux, prep.weight)
         order = np.argsort(~full, kind="stable")
@@ -297,14 +289,13 @@ class Inference:
                 sel = np.concatenate([sel, np.full(chunk - len(sel), sel[0])])  # pad with a real star
                 args = [jnp.asarray(a[sel]) for a in (prep.flux, prep.weight, prep.factor)]
                 if mode == "screen":
-                    r = screen_start(self.grid, *args, n_refine=self.settings.n_refine)
+                    x0, _ = screen_start(self.grid, *args, n_refine=self.settings.n_refine)
                 elif mode == "paper":
-                    r = paper_start(self.grid, *args)
+                    x0, _ = paper_start(self.grid, *args)
                 else:
                     raise ValueError(f"start mode must be 'screen' or 'paper', got {mode!r}")
-                out[order[lo:hi]] = np.asarray(r.x0)[: hi - lo]
-                alt[order[lo:hi]] = np.stack([np.asarray(r.alt_gap), np.asarray(r.alt_dteff)], axis=1)[: hi - lo]
-        return out, alt
+                out[order[lo:hi]] = np.asarray(x0)[: hi - lo]
+        return out
 
     def optimise(self, prep: PreparedStars, x0: np.ndarray, optimizer: str | None = None,
                  schedule: PaperSchedule | None = None) -> dict[str, np.ndarray]:
@@ -400,15 +391,13 @@ class Inference:
         with timed(times, "fit_prepare"):
             prep = prepare_stars(flux, factor, parallax, parallax_error, flux_error, dtype=self.dtype)
         with timed(times, "fit_start"):
-            x0, alt = self.start_ambiguity(prep, start)
+            x0 = self.start(prep, start)
         with timed(times, "fit_optimise"):
             opt = self.optimise(prep, x0, optimizer, schedule)
         with timed(times, "fit_summary"):
             out = self.summarise(prep, opt["x"], opt["loss"], opt["converged"], opt["n_iter"])
         out["x0"] = x0
         out["refit"] = opt["refit"]
-        alt[~prep.usable] = np.nan
-        out["start_alt_gap"], out["start_alt_dteff"] = alt[:, 0], alt[:, 1]
         return out
 
     def with_settings(self, **changes: Any) -> Inference:
@@ -463,9 +452,7 @@ def fit_batch(model: ForwardModelLike, gmm: GMMParams, flux: np.ndarray, factor:
     ``cov5`` / ``icov5`` (n, 5, 5) in the same units, ``chi2``, ``ln_prior``,
     ``loss`` (Eq. 19), ``f_pred`` (n, 66) internal unit, ``fit_status`` (uint8
     :class:`~xpcat.catalog_schema.flags.FitStatus`), ``n_iter``, ``n_valid_flux``,
-    ``x0`` (n, 5) the internal start variables, ``refit`` (uint8
-    :class:`~xpcat.model.refit.RefitStage`), and the start's Teff ambiguity
-    ``start_alt_gap`` (chi^2 units) and ``start_alt_dteff`` [K]
-    (:class:`~xpcat.model.start.StartResult`). Rows with no usable data are NaN.
+    ``x0`` (n, 5) the internal start variables and ``refit`` (uint8
+    :class:`~xpcat.model.refit.RefitStage`). Rows with no usable data are NaN.
     """
     return Inference(model, gmm, settings).fit(flux, factor, parallax, parallax_error, flux_error)

@@ -31,24 +31,13 @@ For stars with the whole parallax-guess band and a positive flux sum there
 folded into the grid's tables (:attr:`StartGrid.screen_full`), so the product
 gives the score directly; other stars take the general path with the per-star
 band sums. A pair whose model flux is not finite is never chosen.
-
-Both starts also measure how ambiguous the start is in Teff (the Teff - E
-degeneracy of faint reddened stars: two minima, a hotter more reddened and a
-cooler less reddened solution): the *alternative* is the best pair whose Teff
-differs from the start's by more than :data:`ALT_TEFF_K`, and
-``alt_gap = crit(alternative) - crit(start)`` (chi^2 - 2 ln p units) and
-``alt_dteff = Teff(alternative) - Teff(start)`` [K] go to the confidence
-classifiers. The paper start takes it over every pair; the screen over its
-``n_refine`` re-scored candidates plus the screen's best far sample, re-scored
-with the full chi^2 (so ``alt_gap`` can be negative when the screen misranked
-it). Neither changes the chosen start.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -60,8 +49,6 @@ from xpcat.model.prior import GMMParams, gmm_log_density, sample_gmm
 
 __all__ = [
     "PLX_BAND_NM",
-    "ALT_TEFF_K",
-    "StartResult",
     "SCREEN_BIN",
     "screen_bins",
     "full_band_stars",
@@ -82,8 +69,6 @@ PLX_BAND_NM = (592.0, 782.0)
 #: The diagonal screen works on the mean fluxes of bins of this many consecutive XP samples
 #: (the NIR bands stay single), which cuts its cost ~2.5x; the full chi^2 re-scores the candidates.
 SCREEN_BIN = 3
-#: A start alternative differs from the start in Teff by more than this [K] (the catastrophic-failure size).
-ALT_TEFF_K = 500.0
 #: Smallest plx^2 guess (mas^2): keeps ln plx finite for stars with a non-positive band sum.
 _MIN_S = 1e-8
 #: Screen score of a pair that must never be chosen (finite, so no 0 * inf in the products).
@@ -113,24 +98,6 @@ def e_grid(e_min: float, e_max: float, log10_step: float) -> np.ndarray:
         )
     n = int(np.floor(np.log10(e_max / e_min) / log10_step + 1e-9)) + 1
     return e_min * 10.0 ** (log10_step * np.arange(n))
-
-
-class StartResult(NamedTuple):
-    """The start of m stars and its Teff ambiguity.
-
-    Attributes
-    ----------
-    x0 : (m, 5) internal start variables.
-    crit : (m,) chi^2 - 2 ln p_gmm of the start.
-    alt_gap : (m,) crit of the best alternative (Teff off by > :data:`ALT_TEFF_K`) minus ``crit``;
-        NaN when no scored pair is that far.
-    alt_dteff : (m,) Teff of that alternative minus the start's [K]; NaN likewise.
-    """
-
-    x0: JAXArray
-    crit: JAXArray
-    alt_gap: JAXArray
-    alt_dteff: JAXArray
 
 
 @dataclass(frozen=True)
@@ -314,48 +281,22 @@ def _screen_chunk(grid: StartGrid, n_refine: int, full_band: bool, flux, weight,
         return (jnp.where(better, sc, best), jnp.where(better, j, best_j), j + 1), None
 
     init = (jnp.full((m, n_k), jnp.inf, flux.dtype), jnp.zeros((m, n_k), jnp.int32), jnp.int32(0))
-    (score_k, best_j, _), _ = jax.lax.scan(body, init, tables)
-    _, top_k = jax.lax.top_k(-score_k, n_refine)  # (m, n_refine)
+    (best, best_j, _), _ = jax.lax.scan(body, init, tables)
+    _, top_k = jax.lax.top_k(-best, n_refine)  # (m, n_refine)
     pair = top_k * n_j + jnp.take_along_axis(best_j, top_k, axis=1)
     # full chi^2 on the candidates
-    rf = jnp.einsum("mij,mj->mi", factor, flux)
-    sc, crit = _full_crit(grid, flux, valid, factor, rf, pair)
-    best = jnp.argmin(crit, axis=1)
-    pick = jnp.take_along_axis(pair, best[:, None], axis=1)[:, 0]
-    s_best = jnp.take_along_axis(sc, best[:, None], axis=1)[:, 0]
-    crit_best = jnp.take_along_axis(crit, best[:, None], axis=1)[:, 0]
-    # the alternative: candidates far in Teff, and the screen's best far sample re-scored
-    teff_pick = grid.theta[pick // n_j, 0]
-    far_k = jnp.abs(grid.theta[None, :, 0] - teff_pick[:, None]) > ALT_TEFF_K  # (m, K)
-    k_far = jnp.argmin(jnp.where(far_k, score_k, jnp.inf), axis=1)
-    pair_far = k_far * n_j + jnp.take_along_axis(best_j, k_far[:, None], axis=1)[:, 0]
-    _, crit_far = _full_crit(grid, flux, valid, factor, rf, pair_far[:, None])
-    crit_far = jnp.where(jnp.take_along_axis(far_k, k_far[:, None], axis=1), crit_far, jnp.inf)
-    pairs_alt = jnp.concatenate([pair, pair_far[:, None]], axis=1)
-    far_c = jnp.abs(grid.theta[pair // n_j, 0] - teff_pick[:, None]) > ALT_TEFF_K
-    crit_alt = jnp.concatenate([jnp.where(far_c, crit, jnp.inf), crit_far], axis=1)
-    gap, dteff = _alternative(grid, pairs_alt, crit_alt, crit_best, teff_pick)
-    return StartResult(_x_from_pairs(grid, pick, s_best), crit_best, gap, dteff)
-
-
-def _full_crit(grid: StartGrid, flux, valid, factor, rf, pair):
-    """plx^2 guesses and full chi^2 - 2 ln p (inf where not finite) of (m, c) pairs; rf = R f (m, 66)."""
     gc = grid.g[pair]  # (m, c, 66)
     sc = _plx2_guess(grid, flux, valid, gc)
     rg = jnp.einsum("mij,mcj->mci", factor, gc)
+    rf = jnp.einsum("mij,mj->mi", factor, flux)
     res = sc[:, :, None] * rg - rf[:, None, :]  # direct residuals: the expanded quadratic cancels badly in float32
-    crit = jnp.sum(res * res, -1) - 2.0 * grid.ln_prior[pair // grid.n_e]
-    return sc, jnp.where(jnp.isfinite(crit), crit, jnp.inf)
-
-
-def _alternative(grid: StartGrid, pairs, crit_alt, crit_start, teff_start):
-    """(m,) alt_gap and alt_dteff [K] from (m, c) alternative pairs and their crit (inf = not an alternative)."""
-    i = jnp.argmin(crit_alt, axis=1)
-    c = jnp.take_along_axis(crit_alt, i[:, None], axis=1)[:, 0]
-    p = jnp.take_along_axis(pairs, i[:, None], axis=1)[:, 0]
-    ok = jnp.isfinite(c) & jnp.isfinite(crit_start)
-    return (jnp.where(ok, c - crit_start, jnp.nan),
-            jnp.where(ok, grid.theta[p // grid.n_e, 0] - teff_start, jnp.nan))
+    chi2 = jnp.sum(res * res, -1)
+    crit = chi2 - 2.0 * grid.ln_prior[pair // n_j]
+    crit = jnp.where(jnp.isfinite(crit), crit, jnp.inf)
+    best = jnp.argmin(crit, axis=1)
+    pick = jnp.take_along_axis(pair, best[:, None], axis=1)[:, 0]
+    s_best = jnp.take_along_axis(sc, best[:, None], axis=1)[:, 0]
+    return _x_from_pairs(grid, pick, s_best), jnp.take_along_axis(crit, best[:, None], axis=1)[:, 0]
 
 
 def _paper_one(grid: StartGrid, flux, valid, factor):
@@ -371,15 +312,11 @@ def _paper_one(grid: StartGrid, flux, valid, factor):
     crit = chi2 - 2.0 * jnp.repeat(grid.ln_prior, grid.n_e)
     crit = jnp.where(jnp.isfinite(crit), crit, jnp.inf)
     p = jnp.argmin(crit)
-    teff = jnp.repeat(grid.theta[:, 0], grid.n_e)
-    far = jnp.abs(teff - teff[p]) > ALT_TEFF_K
-    gap, dteff = _alternative(grid, jnp.arange(crit.shape[0])[None, :], jnp.where(far, crit, jnp.inf)[None, :],
-                              crit[p][None], teff[p][None])
-    return p, s[p], crit[p], gap[0], dteff[0]
+    return p, s[p], crit[p]
 
 
 def screen_start(grid: StartGrid, flux: JAXArray, weight: JAXArray, factor: JAXArray, *,
-                 n_refine: int = 8) -> StartResult:
+                 n_refine: int = 8) -> tuple[JAXArray, JAXArray]:
     """Default start for m stars: diagonal-chi^2 screen, full chi^2 on the best ``n_refine`` samples.
 
     Parameters
@@ -392,13 +329,13 @@ def screen_start(grid: StartGrid, flux: JAXArray, weight: JAXArray, factor: JAXA
 
     Returns
     -------
-    StartResult: x0 (m, 5), crit (m,), alt_gap (m,), alt_dteff (m,) [K].
+    x0 : (m, 5) internal start variables; crit : (m,) chi^2 - 2 ln p_gmm of the start.
     """
     full = bool(np.all(full_band_stars(grid, flux, weight)))
     return _screen_jit(grid, min(int(n_refine), grid.n_theta), full, flux, weight, factor)
 
 
-def paper_start(grid: StartGrid, flux: JAXArray, weight: JAXArray, factor: JAXArray) -> StartResult:
+def paper_start(grid: StartGrid, flux: JAXArray, weight: JAXArray, factor: JAXArray) -> tuple[JAXArray, JAXArray]:
     """The paper's start for m stars: full chi^2 - 2 ln p_gmm on every (Theta, E) pair.
 
     Same parameters and returns as :func:`screen_start` (``weight`` only marks usable samples).
@@ -424,8 +361,8 @@ jax.tree_util.register_pytree_node(StartGrid, _grid_flatten, _grid_unflatten)
 @jax.jit
 def _paper_jit(grid, flux, weight, factor):
     valid = (weight > 0).astype(flux.dtype)
-    p, s, crit, gap, dteff = jax.lax.map(lambda a: _paper_one(grid, *a), (flux, valid, factor))
-    return StartResult(_x_from_pairs(grid, p, s), crit, gap, dteff)
+    p, s, crit = jax.lax.map(lambda a: _paper_one(grid, *a), (flux, valid, factor))
+    return _x_from_pairs(grid, p, s), crit
 
 
 _screen_jit = jax.jit(_screen_chunk, static_argnums=(1, 2))
