@@ -156,6 +156,11 @@ class TrainingConfig(Section):
         "xpcat.production.ingest.apogee), where 0.1 leaves no HQ star and the cut can then only drop the "
         "worst-known E.", min=0.0)
     validation_fraction: float = config_field(0.2, "Fraction of labelled stars held out (stable hash of source_id).", min=0.0, max=0.9)
+    excess_cut: Literal["colour", "paper"] = config_field(
+        "colour", "Sec. 2.5's BP/RP flux-excess cut: 'colour' = |C*| < 3 sigma_C*(G), C* the excess corrected for "
+        "BP - RP (Riello et al. 2021; the raw gaia_source's BP/RP magnitudes; C < 1.3 where a star has none); "
+        "'paper' = C < 1.3, which also removes every clean star redder than BP - RP ~ 1.75 (M dwarfs, reddened "
+        "giants). See xpcat.production.excess_factor.", choices=("colour", "paper"))
     teff_switch: float = config_field(7000.0, "Teff [K] above which Hot Payne labels replace LAMOST.", min=0.0)
     gmm_components: int = config_field(16, "Components of the Gaussian-mixture type prior.", min=1)
     model_lr: tuple[float, ...] = config_field((1e-3, 1e-5, 1e-7), "Initial model learning rates of phases 1, 2 and 5.", min=0.0)

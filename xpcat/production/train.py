@@ -46,13 +46,21 @@ from xpcat.config import RunConfig, config_to_dict
 from xpcat.errors import InputError, StageError
 from xpcat.fileio import atomic_path, write_text_atomic
 from xpcat.model.training_parallax import usable_parallax
+from xpcat.production.excess_factor import excess_ok, read_photometry
 from xpcat.production.partitions import read_table
 from xpcat.production.run_dir import RunPaths
 from xpcat.production.run_lock import run_lock
 
-__all__ = ["split_is_validation", "stable_unit_hash", "validation_hash_range", "recorded_validation_range",
-           "in_hash_range", "build_training_set",
-           "train_run", "LABEL_RANGE"]
+__all__ = [
+    "LABEL_RANGE",
+    "build_training_set",
+    "in_hash_range",
+    "recorded_validation_range",
+    "split_is_validation",
+    "stable_unit_hash",
+    "train_run",
+    "validation_hash_range",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -264,6 +272,9 @@ def build_training_set(run_dir: Path, config: RunConfig) -> tuple[dict[str, np.n
     plx, plx_err = _col(cond, "parallax")[ci], _col(cond, "parallax_error")[ci]
     fid = _col(cond, "fidelity_v2")[ci]
     excess = _col(cond, "phot_bp_rp_excess_factor")[ci]
+    no_photometry = (np.full(excess.size, np.nan),) * 2
+    excess_kept = excess_ok(excess, *(read_photometry(raw_dir / "gaia_source", lab_sid[lab_idx])
+                                      if t.excess_cut == "colour" else no_photometry), t.excess_cut)
     nvalid = _col(cond, "n_valid_flux", np.int64)[ci]
     counts["joined"] = int(lab_idx.size)
 
@@ -285,7 +296,7 @@ def build_training_set(run_dir: Path, config: RunConfig) -> tuple[dict[str, np.n
         ("cut_label_errors", (th_err[:, 0] < 500) & (th_err[:, 1] < 0.5) & (th_err[:, 2] < 0.5)),
         ("cut_parallax_over_error_gt_3", ~has_plx | (plx / np.where(has_plx, plx_err, 1.0) > 3)),
         ("cut_fidelity_v2_gt_0.5", (np.isfinite(fid) & (fid > 0.5)) | (not given["fidelity_v2"])),
-        ("cut_bp_rp_excess_lt_1.3", (np.isfinite(excess) & (excess < 1.3)) | (not given["phot_bp_rp_excess_factor"])),
+        (f"cut_bp_rp_excess_{t.excess_cut}", excess_kept | (not given["phot_bp_rp_excess_factor"])),
         ("cut_enough_valid_fluxes", nvalid >= MIN_VALID_FLUX),
     ]
     keep = np.ones(lab_idx.size, bool)
