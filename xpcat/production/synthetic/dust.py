@@ -42,6 +42,7 @@ import logging
 from importlib import resources
 
 import numpy as np
+from scipy.integrate import cumulative_trapezoid
 
 from xpcat.production.synthetic import population as pop_mod
 
@@ -118,11 +119,9 @@ def front_fraction(d_kpc_grid: np.ndarray, l_deg: np.ndarray, b_deg: np.ndarray)
     l_deg, b_deg : (n,) deg.
     """
     d = np.asarray(d_kpc_grid, dtype=np.float64)
-    big_r, z = pop_mod.galactocentric(d[None, :], l_deg, b_deg)
     bubble = 1.0 / (1.0 + (LOCAL_BUBBLE_KPC / np.maximum(d, 1e-6)) ** _BUBBLE_POWER)
-    rho = np.exp(-(big_r - pop_mod.R_SUN_KPC) / pop_mod.DUST_H_R - np.abs(z) / pop_mod.DUST_H_Z) * bubble[None, :]
-    cum = np.concatenate([np.zeros((rho.shape[0], 1)),
-                          np.cumsum(0.5 * (rho[:, 1:] + rho[:, :-1]) * np.diff(d), axis=1)], axis=1)
+    rho = pop_mod.disk_dust_profile(d, l_deg, b_deg) * bubble[None, :]
+    cum = cumulative_trapezoid(rho, d, axis=1, initial=0.0)
     return cum / cum[:, -1:]
 
 
@@ -139,8 +138,7 @@ def dust_column(d_kpc_grid: np.ndarray, l_deg: np.ndarray, b_deg: np.ndarray, cl
     -------
     (n, m) E(B-V) of the G23 law, mag, at each grid distance.
     """
-    total = np.minimum(real_total_column(l_deg, b_deg) * np.asarray(clump, dtype=np.float64), E_MAX)
-    return front_fraction(d_kpc_grid, l_deg, b_deg) * total[:, None]
+    return front_fraction(d_kpc_grid, l_deg, b_deg) * total_column(l_deg, b_deg, clump)[:, None]
 
 
 def total_column(l_deg: np.ndarray, b_deg: np.ndarray, clump: np.ndarray | None = None) -> np.ndarray:

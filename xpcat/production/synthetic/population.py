@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.integrate import cumulative_trapezoid
 
 __all__ = [
     "DUST_GRID_KPC",
@@ -38,6 +39,7 @@ __all__ = [
     "draw_params",
     "draw_params_weighted",
     "draw_population",
+    "disk_dust_profile",
     "dust_column",
     "field_centres",
     "galactic_to_icrs",
@@ -59,7 +61,6 @@ POPULATION_FRACTIONS: dict[str, float] = {
 
 #: Galactocentric radius of the Sun, kpc.
 R_SUN_KPC = 8.2
-_R_SUN_KPC = R_SUN_KPC
 _Z_SUN_KPC = 0.02
 #: Dust: E per kpc in the mid-plane at the solar circle, scale height and length (kpc).
 DUST_E_PER_KPC = 0.35
@@ -131,7 +132,7 @@ def draw_in_fields(rng, n, l0, b0, radius_deg):
 def galactocentric(d_kpc, l_deg, b_deg):
     """Galactocentric cylindrical R and z (kpc) for distances (n, m) along sight lines (n,)."""
     lr, br = np.radians(l_deg)[:, None], np.radians(b_deg)[:, None]
-    x = _R_SUN_KPC - d_kpc * np.cos(br) * np.cos(lr)
+    x = R_SUN_KPC - d_kpc * np.cos(br) * np.cos(lr)
     y = d_kpc * np.cos(br) * np.sin(lr)
     z = _Z_SUN_KPC + d_kpc * np.sin(br)
     return np.hypot(x, y), z
@@ -146,9 +147,21 @@ def stellar_density(pop: str, big_r: np.ndarray, z: np.ndarray,
     """
     if pop == "halo":
         r_sph = np.sqrt(big_r**2 + (z / 0.7) ** 2)
-        return (np.maximum(r_sph, 0.5) / _R_SUN_KPC) ** -2.8 * 5e-3
+        return (np.maximum(r_sph, 0.5) / R_SUN_KPC) ** -2.8 * 5e-3
     h_r, h_z = (_DENSITY if scales is None else scales)[pop]
-    return np.exp(-(big_r - _R_SUN_KPC) / h_r - np.abs(z) / h_z)
+    return np.exp(-(big_r - R_SUN_KPC) / h_r - np.abs(z) / h_z)
+
+
+def disk_dust_profile(d_kpc_grid: np.ndarray, l_deg: np.ndarray, b_deg: np.ndarray) -> np.ndarray:
+    """(n, m) the exponential dust disk's density shape (1 at the Sun) along sight lines at grid distances.
+
+    Parameters
+    ----------
+    d_kpc_grid : (m,) distances, kpc.
+    l_deg, b_deg : (n,) Galactic coordinates, deg.
+    """
+    big_r, z = galactocentric(np.asarray(d_kpc_grid)[None, :], l_deg, b_deg)
+    return np.exp(-(big_r - R_SUN_KPC) / DUST_H_R - np.abs(z) / DUST_H_Z)
 
 
 def dust_column(d_kpc_grid: np.ndarray, l_deg: np.ndarray, b_deg: np.ndarray, clump: np.ndarray) -> np.ndarray:
@@ -164,11 +177,8 @@ def dust_column(d_kpc_grid: np.ndarray, l_deg: np.ndarray, b_deg: np.ndarray, cl
     -------
     (n, m) E in mag at each grid distance.
     """
-    big_r, z = galactocentric(d_kpc_grid[None, :], l_deg, b_deg)
-    rho = DUST_E_PER_KPC * np.exp(-(big_r - _R_SUN_KPC) / DUST_H_R - np.abs(z) / DUST_H_Z) * clump[:, None]
-    step = np.diff(d_kpc_grid)
-    cum = np.concatenate([np.zeros((rho.shape[0], 1)), np.cumsum(0.5 * (rho[:, 1:] + rho[:, :-1]) * step, axis=1)], axis=1)
-    return cum
+    rho = DUST_E_PER_KPC * disk_dust_profile(d_kpc_grid, l_deg, b_deg) * clump[:, None]
+    return cumulative_trapezoid(rho, d_kpc_grid, axis=1, initial=0.0)
 
 
 def draw_params(rng: np.random.Generator, pop: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
