@@ -278,11 +278,13 @@ def _fit_unlabelled(run_dir: Path, config: RunConfig, inference: Any, ln_prior_c
     Returns
     -------
     None when there are none, else ``source_id``, ``params5``, ``cov5``, ``parallax``,
-    ``parallax_error`` and ``usable`` (basic cut, converged) of the fitted stars.
+    ``parallax_error``, ``usable`` (basic cut, converged) and the reddening prior ``e_prior``,
+    ``e_prior_error`` [mag] of the fitted stars.
     """
     sid = unlabelled_sample(run_dir, labelled, config.confidence.model_error_unlabelled)
-    if sid.size:  # only stars with a reddening prior teach E's model error: fit no others
-        sid = sid[np.isfinite(read_reddening_prior(run_dir, config, sid)[0])]
+    e_prior, e_err = read_reddening_prior(run_dir, config, sid) if sid.size else (np.zeros(0), np.zeros(0))
+    has_prior = np.isfinite(e_prior)  # only stars with a reddening prior teach E's model error: fit no others
+    sid, e_prior, e_err = sid[has_prior], e_prior[has_prior], e_err[has_prior]
     cond = read_conditioned(run_dir, sid) if sid.size else {"source_id": sid}
     n = len(cond["source_id"])
     if n == 0:
@@ -290,9 +292,11 @@ def _fit_unlabelled(run_dir: Path, config: RunConfig, inference: Any, ln_prior_c
     logger.info("model error: fitting %d stars without labels (their reddening prior: E only)", n)
     fit = fit_stars(inference, cond, config.inference.batch_size)
     _, _, basic = training_set(fit, cond, {c: np.full(n, np.nan) for c in _LABEL_COLUMNS[1:]}, ln_prior_cut)
+    row = np.searchsorted(sid, cond["source_id"])  # sid is sorted; cond holds a sorted subset of it
     return {"source_id": cond["source_id"], "params5": np.asarray(fit["params5"], np.float64),
             "cov5": np.asarray(fit["cov5"], np.float64), "parallax": cond["parallax"],
-            "parallax_error": cond["parallax_error"], "usable": basic}
+            "parallax_error": cond["parallax_error"], "usable": basic, "e_prior": e_prior[row],
+            "e_prior_error": e_err[row]}
 
 
 def _validation_mask(source_id: np.ndarray, config: RunConfig, artifact: Any) -> np.ndarray | None:

@@ -176,8 +176,8 @@ def train_model_error(paths: RunPaths, config: RunConfig, model_dir: Path, sourc
     parallax, parallax_error : (n,) the Gaia parallax the fits used [mas].
     usable : (n,) bool, the stars passing the basic cut with a converged fit.
     unlabelled : optional stars without labels, never trained on: ``source_id``, ``params5``,
-        ``cov5``, ``parallax``, ``parallax_error``, ``usable`` as above; they teach the model
-        error of E only (their reddening prior).
+        ``cov5``, ``parallax``, ``parallax_error``, ``usable`` as above and their reddening prior
+        ``e_prior``, ``e_prior_error`` [mag]; they teach the model error of E only.
 
     Returns
     -------
@@ -199,7 +199,7 @@ def train_model_error(paths: RunPaths, config: RunConfig, model_dir: Path, sourc
     if unlabelled is not None and len(unlabelled["source_id"]):
         u = np.asarray(unlabelled["usable"], bool)
         n_unlabelled = int(u.sum())
-        ue, ue_err = read_reddening_prior(paths.root, config, np.asarray(unlabelled["source_id"])[u])
+        ue, ue_err = np.asarray(unlabelled["e_prior"])[u], np.asarray(unlabelled["e_prior_error"])[u]
         none = {k: np.full(n_unlabelled, np.nan) for k in ref}
         r5, rv5, inv_u = reference_arrays(none, ue, ue_err, np.asarray(unlabelled["parallax"])[u],
                                           np.asarray(unlabelled["parallax_error"])[u])
