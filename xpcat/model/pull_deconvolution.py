@@ -56,6 +56,7 @@ from collections.abc import Callable
 import numpy as np
 from scipy import stats
 from scipy.optimize import brentq, minimize_scalar
+from scipy.special import logsumexp
 
 from xpcat.model.pull_statistics import robust_sigma
 
@@ -94,8 +95,7 @@ def unit_t_variance_nodes(nu: float, n_nodes: int = N_NODES) -> np.ndarray:
 def _neg_log_likelihood(lnc: float, r: np.ndarray, fixed: np.ndarray, scaled: np.ndarray, nodes: np.ndarray) -> float:
     v = fixed[:, None] + np.exp(lnc) * scaled[:, None] * nodes[None, :]
     lp = -0.5 * np.log(2.0 * np.pi * v) - 0.5 * r[:, None] ** 2 / v
-    top = lp.max(axis=1)
-    return float(-np.sum(top + np.log(np.mean(np.exp(lp - top[:, None]), axis=1))))
+    return float(-np.sum(logsumexp(lp, axis=1) - np.log(nodes.size)))
 
 
 def shape_fit(r: np.ndarray, fixed: np.ndarray, scaled: np.ndarray) -> tuple[float, float]:
