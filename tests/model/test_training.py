@@ -143,6 +143,35 @@ def test_schedule_from_config_defaults_are_the_paper():
     # quick: Adam model steps and Gauss-Newton star steps, so far fewer star steps (more epochs: 160 vs 128)
     assert q.phase3_steps < s.phase3_steps and q.phase6_steps < s.phase6_steps
     assert (q.model_optimizer, q.star_optimizer) == ("adam", "gn")
+    assert (s.min_model_steps, q.min_model_steps) == (0, 1600)
+
+
+def test_short_schedule_is_stretched_for_a_small_training_set():
+    """min_model_steps stretches epochs, learning-rate drops and tempering by one factor, only where the
+    phase's epochs x batches fall short; the paper's default (0) never does."""
+    s = tp.Schedule(epochs=160, lr_drop_epochs=(100, 140), temper_start=1000.0, temper_epochs=120,
+                    min_model_steps=1600)
+    two = s.for_batches(2)  # 2 batches an epoch: 320 steps -> x5
+    assert (two.epochs, two.lr_drop_epochs, two.temper_epochs) == (800, (500, 700), 600)
+    assert two.epochs * 2 >= 1600 and two.model_lr == s.model_lr and two.phase6_steps == s.phase6_steps
+    assert s.for_batches(10) is s and s.for_batches(30) is s  # 1600 and 4800 steps: already enough
+    three = s.for_batches(3)
+    assert three.epochs * 3 >= 1600 and three.epochs < 800
+    assert tp.Schedule(epochs=160).for_batches(1) == tp.Schedule(epochs=160)
+    with pytest.raises(ValueError, match="min_model_steps"):
+        tp.Schedule(min_model_steps=-1)
+
+
+def test_stretched_phase_runs_its_epochs(teacher):
+    """A model phase of few batches with min_model_steps takes the stretched epochs and says so in the history."""
+    data, _ = make_training_data(teacher.predict_flux, 300, seed=8)
+    s = tp.Schedule(batch_size=128, epochs=3, lr_drop_epochs=(2,), phase3_steps=2, phase6_steps=2, init_steps=50,
+                    width=8, n_hidden=2, clean_sigma=1e3, min_model_steps=12)
+    ph = tp.train_model(data, s, WL).history["phases"]
+    n_batches = ph["1"]["n_batches"]
+    want = -(-12 // n_batches) if 3 * n_batches < 12 else 3
+    assert ph["1"]["epochs"] == want and len(ph["1"]["model_loss"]) == want
+    assert want > 3 and ph["1"]["steps"] == want * n_batches >= 12 and ph["5"]["steps"] >= 12
 
 
 def test_paper_sgd_step_runs(teacher):
@@ -208,15 +237,15 @@ def test_quick_schedule_with_gn_stars_runs(teacher):
 
 def test_temper_schedule_falls_geometrically_to_one():
     s = tp.Schedule(temper_start=1000.0, temper_epochs=30, epochs=40)
-    w = [tp._flux_weight(s, ep) for ep in range(40)]
+    w = [tp.flux_weight(s, ep) for ep in range(40)]
     assert w[0] == pytest.approx(1e-3) and w[15] == pytest.approx(1000.0 ** -0.5)
     assert all(b > a for a, b in zip(w[:30], w[1:31]))  # rising weight = falling temperature
     assert w[30:] == [1.0] * 10
-    assert tp._flux_weight(tp.Schedule(), 0) == 1.0  # the paper: off
-    assert tp._flux_weight(tp.Schedule(temper_start=50.0, temper_epochs=0), 3) == 1.0
+    assert tp.flux_weight(tp.Schedule(), 0) == 1.0  # the paper: off
+    assert tp.flux_weight(tp.Schedule(temper_start=50.0, temper_epochs=0), 3) == 1.0
     short = tp.Schedule(temper_start=1000.0, temper_epochs=30, epochs=5)  # the last epoch is never tempered
-    assert tp._flux_weight(short, 0) == pytest.approx(1e-3) and tp._flux_weight(short, 4) == 1.0
-    assert tp._flux_weight(tp.Schedule(temper_start=1000.0, temper_epochs=30, epochs=1), 0) == 1.0
+    assert tp.flux_weight(short, 0) == pytest.approx(1e-3) and tp.flux_weight(short, 4) == 1.0
+    assert tp.flux_weight(tp.Schedule(temper_start=1000.0, temper_epochs=30, epochs=1), 0) == 1.0
 
 
 def test_tempered_star_step_weights_chi2(teacher):

@@ -101,6 +101,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "phase6_halve_every": 64,
             "temper_start": 1000.0,
             "temper_epochs": 120,
+            "min_model_steps": 1600,
         }
     },
     "confidence": {"quick": {"epochs": 200, "patience": 40, "batch_size": 1024}},

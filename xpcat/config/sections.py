@@ -182,6 +182,10 @@ class TrainingConfig(Section):
         "luminosity-logg-parallax degeneracy; see xpcat.model.training_phases.", min=1.0)
     temper_epochs: int = config_field(0, "Epochs over which the star-step temperature falls from temper_start to 1 (0 = off).",
                             min=0)
+    min_model_steps: int = config_field(
+        0, "Fewest model steps of phases 1, 2 and 5: a phase whose epochs x batches fall short (a small training "
+        "set) stretches its epochs, learning-rate drops and tempering by one factor to reach it (0 = off, the "
+        "paper; the quick preset asks for 1600). See xpcat.model.training_schedule.", min=0)
     anchor_extinction: bool = config_field(
         True, "After phase 5, move the E zero point (every star's E and the model's ln f_abs by Delta R together, "
         "no flux changes) so that the trained stars' E agree with their reddening priors on average; Eq. 14's "

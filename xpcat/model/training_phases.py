@@ -19,38 +19,8 @@ preset; then phases 3 and 6 take ``phase3_steps`` / ``phase6_steps``
 Gauss-Newton steps per star instead of SGD / Adam). Learning rates drop x10 at ``lr_drop_epochs``. The model
 gradient may be clipped to a global norm (``grad_clip``; 0 = off).
 
-Tempered star steps (phases 2 and 5) **[resolved]**
--------------------------------------------------
-Table 1 alternates a model step and a star step. That alternation cannot
-move along the directions that the fluxes leave free: a grey change of the
-model's luminosity at some Theta is absorbed by the stars' parallaxes and
-logg (f ~ plx^2 R^2, R^2 = G M / g), and only the weak label and Gaia priors
-pull back. Each model + star sweep removes a fraction ~ kappa_prior /
-kappa_flux (~ 1e-3 here) of such an offset, so the model keeps whatever
-phase 1 taught it. Phase 1 itself is biased: with stars held at noisy labels
-and parallaxes, a chi^2 fit in linear flux with errors proportional to the
-observed flux comes out low by ~ exp(-1.5 sigma^2), sigma being the per-star
-ln-flux scatter the label and parallax errors cause. Measured on a 130k-star
-synthetic universe (36.5k training stars, quick preset): after phase 1 the
-model at the *true* parameters was 6-9 % faint (median |chi| 7.4), and
-phases 2-6 did not change that (7.9; the training stars drifted by
--0.036 dex in logg instead).
-
-With ``temper_start`` T0 > 1 the star steps of an epoch see chi^2_f / T
-(:func:`_flux_weight`), T falling geometrically from T0 to 1 over
-``temper_epochs`` epochs (model steps are unchanged: Adam is invariant to the
-scale). At high T the stars stay near their labels and the model absorbs the
-priors' information quickly (as in phase 1); as T falls the stars take up
-what the fluxes say (as in phase 2). Once T = 1 the objective is Eqs. 12-14
-exactly, so the end point is the paper's; tempering only chooses the path
-(a continuation method). On the same universe, T0 = 1000 over 30 of 40 epochs
-brings the model's ln f_abs at the true parameters to within 0.2 % of the
-truth in the median over cool validation stars (median |chi| 7.9 -> 2.8);
-T0 = 1000 over 60 of 80 epochs gives 2.2, with the learned R within 2.2 % of
-the truth law (40 epochs leave phase 5 short of convergence at the red end:
-6.4 %); the ``quick`` preset (T0 = 1000 over 120 of 160 epochs, with the
-extinction zero point anchored, below) gives 1.45 over the cool validation
-stars and R within 0.8 %. The default (``paper``) leaves it off (T0 = 1).
+Tempered star steps (phases 2 and 5) and the stretching of short schedules: see
+:mod:`xpcat.model.training_schedule`.
 
 What tempering does not fix (same universe, measured; the strict xfails of
 ``tests/production/test_training_truth.py``): stars that no HQ star
@@ -97,7 +67,7 @@ import optax
 from xpcat.errors import StageError
 from xpcat.progress import progress
 from xpcat.model.extinction_zero_point import extinction_offset, shift_extinction_zero_point
-from xpcat.model.forward import activation_fn, init_params, ln_flux_abs_batch, make_scaler
+from xpcat.model.forward import init_params, ln_flux_abs_batch, make_scaler
 from xpcat.model.training import (
     batch_diagnostics,
     init_star_opt,
@@ -108,6 +78,7 @@ from xpcat.model.training import (
 from xpcat.model.training_checkpoints import load_checkpoint, save_checkpoint, unflatten_params
 from xpcat.model.training_data import E_FLOOR, THETA_UNIT, TrainingData, initial_stars
 from xpcat.model.training_parallax import generic_ln_r, pin_flux_scale
+from xpcat.model.training_schedule import Schedule, flux_weight, lr_at, model_transform
 
 __all__ = ["Schedule", "TrainingResult", "TrainingDivergedError", "train_model", "generic_ln_r", "self_clean"]
 
@@ -118,54 +89,6 @@ PHASES = (1, 2, 3, 4, 5, 6)
 
 class TrainingDivergedError(StageError):
     """A loss became NaN or infinite; training stops and names the batch."""
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """Everything that fixes the training schedule (see :class:`xpcat.config.TrainingConfig`)."""
-
-    batch_size: int = 512
-    epochs: int = 128
-    lr_drop_epochs: tuple[int, ...] = (32, 64, 96)
-    model_lr: tuple[float, float, float] = (1e-3, 1e-5, 1e-7)
-    star_lr: tuple[float, float, float] = (1e-4, 1e-4, 1e-5)
-    phase3_steps: int = 128
-    phase6_steps: int = 4096
-    phase6_lr: float = 1e-2
-    phase6_halve_every: int = 512
-    clean_sigma: float = 4.0
-    model_optimizer: str = "sgd"
-    star_optimizer: str = "sgd"
-    model_momentum: float = 0.5
-    grad_clip: float = 0.0
-    max_star_step: float = 0.5
-    init_steps: int = 2000
-    temper_start: float = 1.0
-    temper_epochs: int = 0
-    anchor_extinction: bool = True
-    width: int = 32
-    n_hidden: int = 3
-    activation: str = "tanh"
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        activation_fn(self.activation)
-        if self.model_optimizer not in ("sgd", "adam"):
-            raise ValueError(f"model_optimizer must be 'sgd' or 'adam', got {self.model_optimizer!r}")
-        if self.star_optimizer not in ("sgd", "adam", "gn"):
-            raise ValueError(f"star_optimizer must be 'sgd', 'adam' or 'gn', got {self.star_optimizer!r}")
-
-    @classmethod
-    def from_config(cls, config: Any) -> Schedule:
-        """From a :class:`xpcat.config.RunConfig` (its [training], [model] and [run] sections)."""
-        t, m = config.training, config.model
-        kw = {k: getattr(t, k) for k in ("batch_size", "epochs", "lr_drop_epochs", "phase3_steps", "phase6_steps",
-                                         "phase6_halve_every", "clean_sigma") if hasattr(t, k)}
-        for k in ("model_lr", "star_lr", "phase6_lr", "model_optimizer", "star_optimizer", "model_momentum", "grad_clip",
-                  "max_star_step", "init_steps", "temper_start", "temper_epochs", "anchor_extinction"):
-            if hasattr(t, k):
-                kw[k] = tuple(getattr(t, k)) if isinstance(getattr(t, k), (list, tuple)) else getattr(t, k)
-        return cls(**kw, width=m.hidden_width, n_hidden=m.n_hidden, activation=m.activation, seed=config.run.seed)
 
 
 @dataclass
@@ -201,29 +124,6 @@ def _batches(idx: np.ndarray, batch_size: int, rng: np.random.Generator) -> tupl
     b = np.concatenate([perm, np.zeros(pad, dtype=perm.dtype)]).reshape(nb, batch_size).astype(np.int32)
     w = np.concatenate([np.ones(perm.size, np.float32), np.zeros(pad, np.float32)]).reshape(nb, batch_size)
     return b, w
-
-
-def _lr_at(base: float, epoch: int, drops: tuple[int, ...]) -> float:
-    return base * 0.1 ** sum(epoch >= d for d in drops)
-
-
-def _flux_weight(s: Schedule, epoch: int) -> float:
-    """Weight of chi^2_f in the star steps of a tempered epoch: 1 / T, T falling geometrically from temper_start to 1.
-
-    T reaches 1 after ``min(temper_epochs, epochs - 1)`` epochs, so at least the last epoch of a phase is
-    untempered (Eqs. 13-14) however short the schedule.
-    """
-    n = min(s.temper_epochs, s.epochs - 1)
-    if n <= 0 or s.temper_start <= 1.0:
-        return 1.0
-    frac = max(0.0, 1.0 - epoch / n)
-    return float(s.temper_start ** -frac)
-
-
-def _model_tx(s: Schedule, base_lr: float, n_batches: int) -> optax.GradientTransformation:
-    sched = optax.piecewise_constant_schedule(base_lr, {int(d) * n_batches: 0.1 for d in s.lr_drop_epochs})
-    opt = optax.sgd(sched, momentum=s.model_momentum or None) if s.model_optimizer == "sgd" else optax.adam(sched)
-    return optax.chain(optax.clip_by_global_norm(s.grad_clip), opt) if s.grad_clip > 0 else opt
 
 
 def _fingerprint(data: TrainingData, s: Schedule) -> str:
@@ -391,17 +291,21 @@ def train_model(data: TrainingData, schedule: Schedule, wavelengths: np.ndarray,
     def model_phase(phase: int, idx: np.ndarray, model_lr: float, star_lr: float | None, temper: bool = False):
         nonlocal params, stars
         nb = -(-idx.size // B)
-        tx = _model_tx(s, model_lr, nb)
+        sp = s.for_batches(nb)
+        if sp is not s:
+            logger.info("phase %d: %d stars make %d batches an epoch: %d epochs instead of %d, for at least "
+                        "min_model_steps = %d model steps", phase, idx.size, nb, sp.epochs, s.epochs, s.min_model_steps)
+        tx = model_transform(sp, model_lr, nb)
         opt_state = tx.init(params)
         epoch_fn = make_epoch_fn(s.activation, tx, star_lr is not None, B, s.max_star_step, s.star_optimizer)
         star_opt = init_star_opt(stars)
         curves = {"epoch": [], "model_loss": [], "star_loss": [], "val_median_chi2": [], "seconds": [], "flux_weight": [],
                   "flux_scale_shift": []}
         t0 = time.perf_counter()
-        for ep in progress(range(s.epochs), f"train phase {phase}", total=s.epochs, unit="epoch"):
+        for ep in progress(range(sp.epochs), f"train phase {phase}", total=sp.epochs, unit="epoch"):
             batches, weights = _batches(idx, B, rng)
-            slr = _lr_at(star_lr, ep, s.lr_drop_epochs) if star_lr is not None else 0.0
-            fw = _flux_weight(s, ep) if temper else 1.0
+            slr = lr_at(star_lr, ep, sp.lr_drop_epochs) if star_lr is not None else 0.0
+            fw = flux_weight(sp, ep) if temper else 1.0
             params, opt_state, stars, star_opt, losses, ok = epoch_fn(params, opt_state, stars, star_opt, obs, scaler,
                                                             jnp.asarray(batches), jnp.asarray(weights),
                                                             jnp.asarray(slr, dtype), jnp.asarray(fw, dtype))
@@ -419,9 +323,9 @@ def train_model(data: TrainingData, schedule: Schedule, wavelengths: np.ndarray,
             curves["flux_weight"].append(fw)  # star_loss of a tempered epoch is that of chi^2_f * flux_weight
             curves["seconds"].append(time.perf_counter() - t0)
             logger.debug("phase %d epoch %d: model loss %.4g", phase, ep, curves["model_loss"][-1])
-        logger.info("phase %d: %d epochs on %d stars, final model loss %.4g (%.1f s)", phase, s.epochs, idx.size,
+        logger.info("phase %d: %d epochs on %d stars, final model loss %.4g (%.1f s)", phase, sp.epochs, idx.size,
                     curves["model_loss"][-1], curves["seconds"][-1])
-        return {"n_stars": int(idx.size), "n_batches": nb, "steps": nb * s.epochs, **curves}
+        return {"n_stars": int(idx.size), "n_batches": nb, "epochs": sp.epochs, "steps": nb * sp.epochs, **curves}
 
     def star_phase(phase: int, tx: optax.GradientTransformation | None, n_steps: int, max_step: float | None):
         nonlocal stars
