@@ -123,7 +123,7 @@ def g10_by_latitude(wheel: Path) -> str:
     ab = np.abs(b)
     edges = np.asarray(B_EDGES)
     counts = np.histogram(ab, bins=edges)[0]
-    area = 2.0 * (np.sin(np.radians(edges[1:])) - np.sin(np.radians(edges[:-1]))) * (180.0 / np.pi) ** 2
+    area = 4.0 * np.pi * (np.sin(np.radians(edges[1:])) - np.sin(np.radians(edges[:-1]))) * (180.0 / np.pi) ** 2
     lines = ["b_lo,b_hi,n_stars,area_deg2,fraction"]
     for k in range(edges.size - 1):
         lines.append(f"{edges[k]:g},{edges[k + 1]:g},{counts[k]},{area[k]:.1f},{counts[k] / counts.sum():.5f}")
