@@ -132,8 +132,8 @@ def test_propagation_keeps_a_precise_gaia_parallax():
     info = psd_inverse(cov_flux)
     info[:, 4, 4] += 1 / s_plx**2
     cov_f = psd_inverse(info)
-    me = ME.ModelError(beta=np.array([[0, 0, 0, 0, 0]] * 5, float), z_lo=np.full(ME.N_Z, -9.0),
-                       z_hi=np.full(ME.N_Z, 9.0), rho=np.eye(5))
+    me = ME.ModelError(beta=np.zeros((5, ME.N_Z)), z_lo=np.full(ME.N_Z, -9.0), z_hi=np.full(ME.N_Z, 9.0),
+                       rho=np.eye(5))
     est = np.array([[5.0, 0.0, 4.0, 0.1, 1.0]])
     cal, _ = ME.calibrated_covariance(cov_f, est, np.array([1 / s_plx]), me)
     s = ME.UNITS**2 * np.array([1, 1, 1, 1, 1.0])
@@ -147,7 +147,7 @@ def test_arrays_round_trip_and_bad_shapes():
     est, cov, inv, ref, ref_var, _ = _universe(400)
     me, _ = ME.learn_model_error(est, cov, inv, ref, ref_var)
     back = ME.model_error_from_arrays(ME.model_error_to_arrays(me))
-    assert np.allclose(back.variance(est), me.variance(est))
+    assert np.allclose(back.variance(est, cov, inv), me.variance(est, cov, inv))
     with pytest.raises(ValueError, match="beta"):
         ME.model_error_from_arrays({"z_lo": np.zeros(ME.N_Z)})
 
@@ -205,3 +205,43 @@ def test_parallax_fisher_scale_acts_on_the_fluxes_share_only():
         assert 0.85 <= ME.robust_sigma(pulls[a44 < 0.2]) <= 1.2  # Gaia-led: k never touches Gaia's share
     k = ME.fisher_scale_per_star(np.array([1, 1, 1, 1, 2.0]), ME.propagation_matrix(cov[:2], np.zeros(2)))
     assert np.allclose(k[:, 4], 2.0)  # no Gaia parallax used: the whole Fisher variance is the fluxes'
+
+
+def _parallax_share_universe(n: int, seed: int):
+    """Stars whose logg model error shrinks as Gaia's parallax pins the luminosity: s^2 = 0.1^2 w^-0.8,
+    w = C_F,44 / s_plx^2 from 0.01 (faint: the fluxes set the parallax) to 1 (bright, precise parallax)."""
+    est, cov, _, ref, ref_var, _ = _universe(n, seed=seed, scale=0.0)
+    rs = np.random.default_rng(seed + 100)
+    w = np.exp(rs.uniform(np.log(0.01), 0.0, n))
+    s_plx = 0.05
+    cov[:, 4, 4] = w * s_plx**2
+    s_logg = 0.1 * w**-0.4
+    est[:, 2] += rs.standard_normal(n) * s_logg
+    return est, cov, np.full(n, 1.0 / s_plx), ref, ref_var, w
+
+
+def test_model_error_follows_the_parallax_share():
+    """The ln w term of z: the logg model error grows as the fluxes, not Gaia's parallax, set the luminosity."""
+    est, cov, inv, ref, ref_var, _ = _parallax_share_universe(3000, seed=5)
+    me, report = ME.learn_model_error(est, cov, inv, ref, ref_var)
+    assert report["logg"]["beta"][5] == pytest.approx(-0.8, abs=0.2)
+    est2, cov2, inv2, ref2, ref_var2, w = _parallax_share_universe(6000, seed=6)
+    cal, _ = ME.calibrated_covariance(cov2, est2, inv2, me)
+    pulls = (est2 - ref2)[:, 2] / np.sqrt(cal[:, 2, 2] + ref_var2[:, 2])
+    for mask in (w < 0.03, w > 0.3):
+        assert 0.85 <= ME.robust_sigma(pulls[mask]) <= 1.2, ME.robust_sigma(pulls[mask])
+
+
+def test_artifact_without_the_parallax_share_term_still_loads():
+    """An artifact made before ln w (beta (5, 5)) is read and uses z's first five terms."""
+    est, cov, inv, ref, ref_var, _ = _universe(400)
+    me, _ = ME.learn_model_error(est, cov, inv, ref, ref_var)
+    arrays = ME.model_error_to_arrays(me)
+    legacy = {**arrays, "beta": arrays["beta"][:, :ME.N_Z_LEGACY], "z_lo": arrays["z_lo"][:ME.N_Z_LEGACY],
+              "z_hi": arrays["z_hi"][:ME.N_Z_LEGACY]}
+    old = ME.model_error_from_arrays(legacy)
+    z = np.clip(ME.model_error_z(est, cov, inv)[:, :ME.N_Z_LEGACY], legacy["z_lo"], legacy["z_hi"])
+    expect = ME.UNITS[0] ** 2 * np.exp(z @ legacy["beta"][0])
+    assert np.allclose(old.variance(est, cov, inv)[:, 0], expect)
+    with pytest.raises(ValueError, match="z_lo"):
+        ME.model_error_from_arrays({**legacy, "z_lo": arrays["z_lo"]})

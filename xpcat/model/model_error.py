@@ -39,11 +39,31 @@ the [Fe/H] pulls ran from 0.6 at G < 12 to 1.6 at G > 17; with k_4 = 1 the
 parallax pulls ran from 0.6 at G < 12 to 1.3 at G > 17.
 
 **Form of S.** ``S = diag(s) rho diag(s)`` with, per parameter j,
-``s_j^2 = u_j^2 exp(beta_j . z)``, z = (1, t, t^2, g, ln(E + 0.05)) of the
-star's *estimate* (t = (Teff - 5.5 kK) / 1.5 kK, g = logg - 3.5), clipped to
-the range of the stars it was learned from (no extrapolation). For the
-parallax s_4 = plx * s_ln_plx (a flux-level error is a fractional parallax
-error). rho is the robust correlation of the excess residuals of the four
+``s_j^2 = u_j^2 exp(beta_j . z)``, z = (1, t, t^2, g, ln(E + 0.05), ln w) of the
+star's *estimate* (t = (Teff - 5.5 kK) / 1.5 kK, g = logg - 3.5) and its fit
+(w below), clipped to the range of the stars it was learned from (no
+extrapolation). For the parallax s_4 = plx * s_ln_plx (a flux-level error is a
+fractional parallax error).
+
+**Why ln w.** w = C_F,44 / s_plx^2 (in [W_MIN, 1]) is Gaia's share of the
+estimate's parallax information. The fit's luminosity comes from the fluxes
+and the parallax together; where Gaia's parallax is precise (bright stars, w
+near 1) it pins the luminosity, so a flux-model error moves logg (and, through
+the luminosity, E and the parallax) much less than where the fluxes set it
+(faint stars, w near 0.1 or below). Without this term S could follow only
+where a star is in (Teff, logg, E), not how well its parallax constrains it:
+on the 6,000-star demo (800 epochs) the catalog's logg pulls ran from 0.36 at
+G 10-12 to 1.80 at G > 17, and the validation stars' own pulls against the
+truth showed the same trend (0.39 to 1.78; the labels are honest, their
+pulls against the truth 0.86-1.0 in every G bin), so the learning, not the
+transfer to the catalog, was at fault. K cannot do it: the excess over the
+Fisher error is largest where that error is smallest (logg's Fisher error at
+G < 13 is 0.02 dex, the true error 0.07). Fitted against the truth, the form
+without ln w left logg pulls of 0.26 at G < 13, with it 0.60 (with G itself in
+z instead, which the covariance step does not know, 0.76). With it the demo
+catalog's logg pulls by G are 0.59-1.19 (overall 1.46 -> 1.11). ln w is the
+piece of "magnitude" the error model needs, known wherever C_F is. Artifacts
+made before it have N_Z_LEGACY terms and are read as they were. rho is the robust correlation of the excess residuals of the four
 parameters with a reference (the parallax row is uncorrelated).
 
 **Learning** (:func:`learn_model_error`): on stars the forward model did not
@@ -89,6 +109,8 @@ __all__ = [
     "PARAMS",
     "UNITS",
     "N_Z",
+    "N_Z_LEGACY",
+    "W_MIN",
     "MIN_STARS",
     "ModelError",
     "model_error_z",
@@ -109,8 +131,12 @@ logger = logging.getLogger(__name__)
 
 #: Scale u_j of each parameter's model error (kK, dex, dex, mag, and ln plx for the parallax).
 UNITS = np.array([0.1, 0.1, 0.1, 0.03, 0.05])
-#: Terms of z: 1, t, t^2, g, ln(E + 0.05).
-N_Z = 5
+#: Terms of z: 1, t, t^2, g, ln(E + 0.05), ln w (Gaia's share of the parallax information).
+N_Z = 6
+#: Terms of z of artifacts made before the ln w term (their beta is (5, 5); z is cut to it).
+N_Z_LEGACY = 5
+#: Floor of w = C_F,44 / s_plx^2 (stars without a Gaia parallax have w = 0).
+W_MIN = 1e-3
 #: Fewest stars with a reference that a parameter's model error is learned from.
 MIN_STARS = 50
 _NU = 5.0
@@ -125,9 +151,10 @@ class ModelError:
 
     Attributes
     ----------
-    beta : (5, N_Z) float64, coefficients of ln(s_j^2 / u_j^2); a row of -inf-like
+    beta : (5, nz) float64, coefficients of ln(s_j^2 / u_j^2) on the first nz terms of z (nz = N_Z, or
+        N_Z_LEGACY for artifacts made before the ln w term); a row of -inf-like
         (``beta[j, 0] <= -30``) means no model error for parameter j.
-    z_lo, z_hi : (N_Z,) float64, range of z of the learning stars (z is clipped to it).
+    z_lo, z_hi : (nz,) float64, range of z of the learning stars (z is clipped to it).
     rho : (5, 5) float64, correlation of the model errors (positive definite).
     fisher_scale : (5,) float64, k_j: the factor on the Fisher errors (for the parallax on the
         fluxes' share, :func:`fisher_scale_per_star`; ones for artifacts made before it existed).
@@ -139,29 +166,47 @@ class ModelError:
     rho: np.ndarray
     fisher_scale: np.ndarray = field(default_factory=lambda: np.ones(5))
 
-    def variance(self, params5: np.ndarray) -> np.ndarray:
-        """(n, 5) s_j^2 in catalog units squared (kK^2, dex^2, dex^2, mag^2, mas^2) at the estimates."""
+    def variance(self, params5: np.ndarray, cov5: np.ndarray, inv_plx_err: np.ndarray) -> np.ndarray:
+        """(n, 5) s_j^2 in catalog units squared (kK^2, dex^2, dex^2, mag^2, mas^2) at the estimates.
+
+        ``cov5`` (n, 5, 5) Fisher covariances and ``inv_plx_err`` (n,) 1 / s_plx [1/mas] give ln w.
+        """
         p = np.asarray(params5, dtype=np.float64)
-        z = np.clip(model_error_z(p), self.z_lo, self.z_hi)
+        nz = self.beta.shape[1]
+        z = np.clip(model_error_z(p, cov5, inv_plx_err)[:, :nz], self.z_lo, self.z_hi)
         with np.errstate(over="ignore", invalid="ignore"):
             s2 = UNITS**2 * np.exp(np.clip(z @ self.beta.T, -60.0, 30.0))
         s2[:, self.beta[:, 0] <= _BETA0[0]] = 0.0
         s2[:, 4] *= p[:, 4] ** 2
         return s2
 
-    def covariance(self, params5: np.ndarray) -> np.ndarray:
+    def covariance(self, params5: np.ndarray, cov5: np.ndarray, inv_plx_err: np.ndarray) -> np.ndarray:
         """(n, 5, 5) S = diag(s) rho diag(s) at the estimates (NaN rows where the estimate is not finite)."""
-        s = np.sqrt(self.variance(params5))
+        s = np.sqrt(self.variance(params5, cov5, inv_plx_err))
         return s[:, :, None] * self.rho[None] * s[:, None, :]
 
 
-def model_error_z(params5: np.ndarray) -> np.ndarray:
-    """(n, N_Z) features z = (1, t, t^2, g, ln(E + 0.05)) of (n, 5) estimates (catalog units)."""
+def model_error_z(params5: np.ndarray, cov5: np.ndarray, inv_plx_err: np.ndarray) -> np.ndarray:
+    """(n, N_Z) features z = (1, t, t^2, g, ln(E + 0.05), ln w) of (n, 5) estimates (catalog units).
+
+    Parameters
+    ----------
+    params5 : (n, 5) estimates.
+    cov5 : (n, 5, 5) their Fisher covariances (catalog units).
+    inv_plx_err : (n,) 1 / s_plx of the Gaia parallax the fit used [1/mas], 0 where none.
+
+    Returns
+    -------
+    (n, N_Z) float64; w = C_F,44 / s_plx^2 (Gaia's share of the estimate's parallax information)
+    clipped to [W_MIN, 1].
+    """
     p = np.asarray(params5, dtype=np.float64)
     t = (p[:, 0] - 5.5) / 1.5
+    w = np.asarray(cov5, dtype=np.float64)[:, 4, 4] * np.asarray(inv_plx_err, dtype=np.float64) ** 2
     with np.errstate(invalid="ignore", divide="ignore"):
         le = np.log(np.maximum(p[:, 3], 0.0) + 0.05)
-    return np.column_stack([np.ones(len(p)), t, t * t, p[:, 2] - 3.5, le])
+        lw = np.log(np.clip(w, W_MIN, 1.0))
+    return np.column_stack([np.ones(len(p)), t, t * t, p[:, 2] - 3.5, le, lw])
 
 
 def propagation_matrix(cov5: np.ndarray, inv_plx_err: np.ndarray) -> np.ndarray:
@@ -195,7 +240,7 @@ def calibrated_covariance(cov5: np.ndarray, params5: np.ndarray, inv_plx_err: np
     """
     cov5 = np.asarray(cov5, dtype=np.float64)
     a = propagation_matrix(cov5, inv_plx_err)
-    s = model_error.covariance(params5)
+    s = model_error.covariance(params5, cov5, inv_plx_err)
     k = fisher_scale_per_star(model_error.fisher_scale, a)
     cov = cov5 * k[:, :, None] * k[:, None, :] + np.einsum("nij,njk,nlk->nil", a, s, a)
     cov = 0.5 * (cov + np.swapaxes(cov, 1, 2))
@@ -316,7 +361,7 @@ def learn_model_error(est5: np.ndarray, cov5: np.ndarray, inv_plx_err: np.ndarra
     usable = ok_star[:, None] & np.isfinite(resid) & np.isfinite(base) & (base > 0)
     usable[:, 4] &= inv_plx_err > 0
     a = propagation_matrix(np.where(ok_star[:, None, None], cov5, 0.0), inv_plx_err)
-    z = model_error_z(np.where(ok_star[:, None], est5, 0.0))
+    z = model_error_z(np.where(ok_star[:, None], est5, 0.0), np.where(ok_star[:, None, None], cov5, 0.0), inv_plx_err)
     zu = z[ok_star] if ok_star.any() else np.zeros((1, z.shape[1]))  # no fitted star (or none at all)
     z_lo, z_hi = zu.min(axis=0), zu.max(axis=0)
     zc = np.clip(z, z_lo, z_hi)
@@ -424,7 +469,11 @@ def model_error_from_arrays(arrays: dict[str, np.ndarray]) -> ModelError:
     ValueError
         When an array is missing or has the wrong shape.
     """
-    shapes = {"beta": (5, N_Z), "z_lo": (N_Z,), "z_hi": (N_Z,), "rho": (5, 5)}
+    if "beta" not in arrays:
+        raise ValueError(f"model_error component lacks 'beta'; has {sorted(arrays)}")
+    nz = np.shape(arrays["beta"])[-1] if np.ndim(arrays["beta"]) == 2 else -1
+    nz = nz if nz in (N_Z, N_Z_LEGACY) else N_Z  # an artifact made before the ln w term has N_Z_LEGACY terms
+    shapes = {"beta": (5, nz), "z_lo": (nz,), "z_hi": (nz,), "rho": (5, 5)}
     for k, shape in shapes.items():
         if k not in arrays:
             raise ValueError(f"model_error component lacks {k!r}; has {sorted(arrays)}")
