@@ -88,3 +88,24 @@ def test_a_gaussian_part_of_the_truth_error_that_the_residuals_lack_is_calibrate
     assert _robust_sigma(truth_err / np.sqrt(np.exp(ln_c) * shape + extra)) == pytest.approx(1.0, abs=0.05)
     ln_c0, _ = deconvolved_scale(r, fixed, shape)  # ignoring it: the own part alone is calibrated
     assert _robust_sigma(truth_err / np.sqrt(np.exp(ln_c0) * shape + extra)) > 1.05
+
+
+def test_references_noisier_than_the_errors_keep_the_scale_near_the_likelihoods(monkeypatch):
+    """Labels 1.8x noisier than the estimates (logg on the demo): the robust match alone swings ln c by up to
+    2.5 between draws of the label noise; shrunk by its precision it stays within about 1 of the truth (0)."""
+    import xpcat.model.pull_deconvolution as PD
+
+    def scales():
+        out = []
+        for seed in range(10, 22):
+            rs = np.random.default_rng(seed)
+            shape = rs.uniform(0.5, 1.5, 465)
+            r = np.sqrt(shape) * rs.standard_normal(465) + 1.8 * rs.standard_normal(465)
+            out.append(deconvolved_scale(r, np.full(465, 1.8**2), shape)[0])
+        return np.array(out)
+
+    shrunk = scales()
+    assert np.sqrt(np.mean(shrunk**2)) < 0.7 and np.max(np.abs(shrunk)) < 1.3, shrunk
+    monkeypatch.setattr(PD, "CORRECTION_SD", 1e6)  # the robust match taken whole
+    whole = scales()
+    assert np.sqrt(np.mean(whole**2)) > 0.9 and np.max(np.abs(whole)) > 2.0, whole
