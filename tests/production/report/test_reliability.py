@@ -17,6 +17,7 @@ from xpcat.production.report import page as R
 from xpcat.production.report.confidence_status import confidence_status
 from xpcat.production.report.data import ReportData
 from xpcat.production.report.reliability import (
+    CALIBRATION_BINS,
     CATASTROPHIC_THRESHOLDS,
     catastrophic_failures,
     error_calibration,
@@ -73,6 +74,10 @@ def test_truth_pull_sigma_and_statement(factor, sigma, words):
         for r in rows:
             if r["n"] >= 500:
                 assert r["pull_sigma"]["teff"] == pytest.approx(sigma, rel=0.15), (name, r)
+    # E bins by the truth's E (binning by the estimate would select stars by their error)
+    e_counts = np.histogram(data.ref["extinction"], bins=CALIBRATION_BINS["E"])[0]
+    assert [r["n"] for r in cal["bins"]["E"]] == e_counts.tolist()
+    assert cal["bin_values"]["E"] == "reference E (mag)"
     g_rows = {(r["lo"], r["hi"]): r["n"] for r in cal["bins"]["G"]}
     assert g_rows[(13.0, 14.0)] == int(((g >= 13) & (g < 14)).sum())
     assert "as [inference] uncertainty = 'paper' asks" in cal["uncertainty_statement"]
@@ -97,6 +102,7 @@ def test_labels_errors_in_quadrature_and_only_three_parameters():
         assert cal[p]["pull_sigma"] == pytest.approx(1.0, rel=0.06)
     assert cal["calibrated"] is True and "are calibrated" in cal["statement"]
     assert "G" not in cal["bins"]  # no G known: no G bins
+    assert cal["bin_values"]["E"].startswith("estimated E")  # labels' runs have no true E
     # without the label errors the pulls would be too wide: sigma_teff = 100 / 80 = 1.25
     assert "does not say which errors" in cal["uncertainty_statement"]
 
