@@ -34,7 +34,8 @@ the stars passing the basic cut (quality_flags < 8), the robust sigma of the
 pulls (residual / sqrt(sigma_xpcat^2 + sigma_APOGEE^2), sigma_APOGEE the
 formal error with the ingest's floors 100 K / 0.05 / 0.1 dex in quadrature),
 the basic-cut fraction; for all, giants (APOGEE logg < 3.5) / dwarfs, and
-G < 13 / >= 13. Beside it, a supervised baseline on the same split
+G < 13 / >= 13, and G < 10 (the bright stars, whose XP spectra carry a
+signature the fainter ones lack: ``benchmarks/sco18_diagnose.py``). Beside it, a supervised baseline on the same split
 (scikit-learn HistGradientBoostingRegressor on the log spectral shape of the 61
 samples, J/H/K - G and AK_TARG, trained on the training stars with SNR > 50,
 Teff < 7000 K). And one real star: 18 Sco (Gaia DR3 4345775217221821312, the
@@ -335,7 +336,9 @@ def fisher_errors(est5: np.ndarray, err5: np.ndarray, model_error: Any) -> np.nd
     """
     if model_error is None:
         return err5[:, :3] * UNIT_K
-    s2 = model_error.variance(est5)[:, :3]
+    n = est5.shape[0]
+    # no parallax: Gaia's share w of the parallax information is 0 (z's ln w at its floor) whatever C_F is
+    s2 = model_error.variance(est5, np.zeros((n, 5, 5)), np.zeros(n))[:, :3]
     k = np.asarray(model_error.fisher_scale, dtype=np.float64)[:3]
     with np.errstate(invalid="ignore"):
         return np.sqrt(np.clip(err5[:, :3] ** 2 - s2, 0.0, None)) / k * UNIT_K
@@ -371,7 +374,7 @@ def group_stats(est: np.ndarray, err: np.ndarray, ref: np.ndarray, ref_err: np.n
 
 def groups(ref: np.ndarray, g_mag: np.ndarray) -> dict[str, np.ndarray]:
     return {"all": np.ones(ref.shape[0], bool), "giants": ref[:, 2] < GIANT_LOGG, "dwarfs": ref[:, 2] >= GIANT_LOGG,
-            "g_lt_13": g_mag < 13.0, "g_ge_13": ~(g_mag < 13.0)}
+            "g_lt_13": g_mag < 13.0, "g_ge_13": ~(g_mag < 13.0), "g_lt_10": g_mag < 10.0}
 
 
 def shape_features(rows: dict[str, np.ndarray], idx: np.ndarray) -> np.ndarray:

@@ -502,7 +502,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = load_config(run_dir / "config.toml")
     rows = bench.read_library(bench.library_path(args.library))
     inf = load_inference(run_dir, cfg)
-    result: dict[str, Any] = {"run_dir": str(run_dir)}
+    result: dict[str, Any] = {"run_dir": str(run_dir), "model": {
+        "epochs": cfg.training.epochs, "hidden_width": cfg.model.hidden_width, "n_hidden": cfg.model.n_hidden,
+        "clean_sigma": cfg.training.clean_sigma, "preset": cfg.training.preset}}
     result["sco18"] = sco18(inf, cfg)
     data = sco18_inputs(cfg)
     result["sco18_vs_twins"] = twin_shapes(rows, data["flux"][0], data["error"][0])
