@@ -232,16 +232,49 @@ def test_model_error_follows_the_parallax_share():
         assert 0.85 <= ME.robust_sigma(pulls[mask]) <= 1.2, ME.robust_sigma(pulls[mask])
 
 
-def test_artifact_without_the_parallax_share_term_still_loads():
-    """An artifact made before ln w (beta (5, 5)) is read and uses z's first five terms."""
+def _quality_universe(n: int, seed: int):
+    """Stars whose Teff model error grows with the fit's chi^2 per flux q: s^2 = 0.1^2 q^1.5, q from 0.5 to 4."""
+    est, cov, inv, ref, ref_var, _ = _universe(n, seed=seed, scale=0.0)
+    rs = np.random.default_rng(seed + 200)
+    q = np.exp(rs.uniform(np.log(0.5), np.log(4.0), n))
+    est[:, 0] += rs.standard_normal(n) * 0.1 * q**0.75
+    return est, cov, inv, ref, ref_var, q
+
+
+def test_fit_quality_and_its_feature():
+    q = ME.fit_quality(np.array([66.0, 10.0, 5.0]), np.array([66, 0, 5]))
+    assert q[0] == 1.0 and np.isnan(q[1]) and q[2] == 1.0
+    est, cov, inv, *_ = _universe(3)
+    z = ME.model_error_z(est, cov, inv, np.array([2.0, np.nan, 1e9]))
+    assert z.shape == (3, ME.N_Z)
+    assert np.allclose(z[:, 6], [np.log(2.0), 0.0, np.log(ME.Q_RANGE[1])])
+    assert np.all(ME.model_error_z(est, cov, inv)[:, 6] == 0.0)  # no chi^2 known: ln q = 0
+
+
+def test_model_error_follows_the_fit_quality():
+    """The ln q term of z: a star the model fits badly gets the larger model error it has."""
+    est, cov, inv, ref, ref_var, q = _quality_universe(3000, seed=7)
+    me, report = ME.learn_model_error(est, cov, inv, ref, ref_var, quality=q)
+    assert report["teff"]["beta"][6] == pytest.approx(1.5, abs=0.3)
+    est2, cov2, inv2, ref2, ref_var2, q2 = _quality_universe(6000, seed=8)
+    blind, _ = ME.learn_model_error(est, cov, inv, ref, ref_var)  # the form without q
+    for model, ok in ((me, True), (blind, False)):
+        cal, _ = ME.calibrated_covariance(cov2, est2, inv2, model, q2)
+        pulls = (est2 - ref2)[:, 0] / np.sqrt(cal[:, 0, 0] + ref_var2[:, 0])
+        inside = [0.85 <= ME.robust_sigma(pulls[m]) <= 1.2 for m in (q2 < 0.8, q2 > 2.5)]
+        assert all(inside) if ok else not any(inside), (ok, [ME.robust_sigma(pulls[m]) for m in (q2 < 0.8, q2 > 2.5)])
+
+
+@pytest.mark.parametrize("nz", [ME.N_Z_LEGACY, ME.N_Z_NO_Q])
+def test_artifact_without_the_newer_terms_still_loads(nz: int):
+    """Artifacts made before ln w (beta (5, 5)) or ln q (beta (5, 6)) are read and use z's first terms."""
     est, cov, inv, ref, ref_var, _ = _universe(400)
     me, _ = ME.learn_model_error(est, cov, inv, ref, ref_var)
     arrays = ME.model_error_to_arrays(me)
-    legacy = {**arrays, "beta": arrays["beta"][:, :ME.N_Z_LEGACY], "z_lo": arrays["z_lo"][:ME.N_Z_LEGACY],
-              "z_hi": arrays["z_hi"][:ME.N_Z_LEGACY]}
+    legacy = {**arrays, "beta": arrays["beta"][:, :nz], "z_lo": arrays["z_lo"][:nz], "z_hi": arrays["z_hi"][:nz]}
     old = ME.model_error_from_arrays(legacy)
-    z = np.clip(ME.model_error_z(est, cov, inv)[:, :ME.N_Z_LEGACY], legacy["z_lo"], legacy["z_hi"])
+    z = np.clip(ME.model_error_z(est, cov, inv)[:, :nz], legacy["z_lo"], legacy["z_hi"])
     expect = ME.UNITS[0] ** 2 * np.exp(z @ legacy["beta"][0])
-    assert np.allclose(old.variance(est, cov, inv)[:, 0], expect)
+    assert np.allclose(old.variance(est, cov, inv, np.full(len(est), 3.0))[:, 0], expect)
     with pytest.raises(ValueError, match="z_lo"):
         ME.model_error_from_arrays({**legacy, "z_lo": arrays["z_lo"]})

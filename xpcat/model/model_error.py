@@ -12,59 +12,53 @@ that depends on where the star is, and propagates it to the estimate:
 **Why in parameter space, and why A.** S is the covariance that an error of
 the flux model would give to the parameters if the fluxes alone were fitted
 (a per-wavelength variance added to the flux covariance would change the
-fit's weights, so the estimates, chi^2, quality flags and confidence features
-would all move; an additive term on the parameters changes only the reported
-covariance). The reported estimate combines the fluxes with the Gaia
-parallax, weighted by the Fisher information; its linear response to a
-flux-only parameter error is ``C_F I_flux = 1 - C_F P`` (P = diag(0, 0, 0,
-0, 1 / s_plx^2)), and the estimate's extra covariance is the sandwich of S
-with it. xpcat keeps its diagonal, A above: the parallax's own weight
-1 - C_F,44 / s_plx^2 (with a very precise Gaia parallax the parallax error
-stays at Gaia's; without one A = 1 and C = C_F + S). The off-diagonal terms
-would carry the flux-only parallax error into Teff, [Fe/H], logg and E; but
-that error and theirs come from the same luminosity and are strongly
-correlated, a correlation the validation stars cannot pin down (their
-parallax reference is the fit's own datum), and treating them as
-independent made the logg pulls 0.74 on the 6,000-star demo. Keeping the
-diagonal, each parameter's pulls are calibrated directly.
+fit's weights, so the estimates, chi^2, flags and confidence features would
+all move; an additive term on the parameters changes only the reported
+covariance). The estimate's linear response to a flux-only error is
+``C_F I_flux = 1 - C_F P`` (P = diag(0, 0, 0, 0, 1 / s_plx^2)); xpcat keeps
+its diagonal, A (with a very precise Gaia parallax the parallax error stays
+Gaia's; without one A = 1). The off-diagonal terms would carry the flux-only
+parallax error into the other four, a correlation the validation stars cannot
+pin down (their parallax reference is the fit's own datum); treating it as
+zero made the demo's logg pulls 0.74.
 
-**Why K.** The Fisher covariance is exact only if the flux covariance is; the
-real noise is not the inflated covariance of SPEC Eq. 2 (per-star systematics,
-calibration errors), so part of the excess scales with C_F itself: it grows
-with magnitude where S, a function of the star's parameters, cannot. One
-factor k_j per parameter is learned with S. For the parallax it scales only
-the fluxes' share of the Fisher variance, A_44 C_F,44, never Gaia's
-(:func:`fisher_part`): K is per star there. On the 6,000-star demo, without K
-the [Fe/H] pulls ran from 0.6 at G < 12 to 1.6 at G > 17; with k_4 = 1 the
-parallax pulls ran from 0.6 at G < 12 to 1.3 at G > 17.
+**Why K.** The real noise is not SPEC Eq. 2's inflated covariance, so part of
+the excess scales with C_F and grows with magnitude where S cannot: one factor
+k_j per parameter, learned with S (for the parallax on the fluxes' share
+A_44 C_F,44 only, :func:`fisher_part`). Without K the demo's [Fe/H] pulls ran
+0.6 (G < 12) to 1.6 (G > 17).
 
 **Form of S.** ``S = diag(s) rho diag(s)`` with, per parameter j,
-``s_j^2 = u_j^2 exp(beta_j . z)``, z = (1, t, t^2, g, ln(E + 0.05), ln w) of the
-star's *estimate* (t = (Teff - 5.5 kK) / 1.5 kK, g = logg - 3.5) and its fit
-(w below), clipped to the range of the stars it was learned from (no
+``s_j^2 = u_j^2 exp(beta_j . z)``, z = (1, t, t^2, g, ln(E + 0.05), ln w, ln q) of
+the star's *estimate* (t = (Teff - 5.5 kK) / 1.5 kK, g = logg - 3.5) and its fit
+(w, q below), clipped to the range of the stars it was learned from (no
 extrapolation). For the parallax s_4 = plx * s_ln_plx (a flux-level error is a
 fractional parallax error).
 
 **Why ln w.** w = C_F,44 / s_plx^2 (in [W_MIN, 1]) is Gaia's share of the
-estimate's parallax information. The fit's luminosity comes from the fluxes
-and the parallax together; where Gaia's parallax is precise (bright stars, w
-near 1) it pins the luminosity, so a flux-model error moves logg (and, through
-the luminosity, E and the parallax) much less than where the fluxes set it
-(faint stars, w near 0.1 or below). Without this term S could follow only
-where a star is in (Teff, logg, E), not how well its parallax constrains it:
-on the 6,000-star demo (800 epochs) the catalog's logg pulls ran from 0.36 at
-G 10-12 to 1.80 at G > 17, and the validation stars' own pulls against the
-truth showed the same trend (0.39 to 1.78; the labels are honest, their
-pulls against the truth 0.86-1.0 in every G bin), so the learning, not the
-transfer to the catalog, was at fault. K cannot do it: the excess over the
-Fisher error is largest where that error is smallest (logg's Fisher error at
-G < 13 is 0.02 dex, the true error 0.07). Fitted against the truth, the form
-without ln w left logg pulls of 0.26 at G < 13, with it 0.60 (with G itself in
-z instead, which the covariance step does not know, 0.76). With it the demo
-catalog's logg pulls by G are 0.59-1.19 (overall 1.46 -> 1.11). ln w is the
-piece of "magnitude" the error model needs, known wherever C_F is. Artifacts
-made before it have N_Z_LEGACY terms and are read as they were. rho is the robust correlation of the excess residuals of the four
-parameters with a reference (the parallax row is uncorrelated).
+parallax information: where it is high (bright stars) the parallax pins the
+luminosity and a flux-model error moves logg, E and the parallax much less.
+Without it the demo catalog's logg pulls ran 0.36 (G 10-12) to 1.80 (G > 17),
+with it 0.59-1.19 (overall 1.46 -> 1.11).
+
+**Why ln q.** q = chi^2 / n_flux, the fit's flux chi^2 per valid flux
+(:func:`fit_quality`), known for every star: a star the model fits badly (a
+spectrum unlike the training stars', a binary, a systematic) has a less
+trustworthy estimate than its place in (Teff, logg, E) says (6,000-star demo:
+truth pulls with Fisher errors alone 1.7-2x larger in the top fifth of q than
+in the bottom one, every parameter). Offline against the truth on that demo
+(4,994 basic-cut stars, learning repeated on 8 bootstrap resamples of the
+validation stars), rms of ln(pull sigma) over the G, true-E and true-Teff
+bins without -> with ln q: Teff 0.205 -> 0.181, [Fe/H] 0.167 -> 0.145, logg
+0.215 -> 0.228, E 0.145 -> 0.124, parallax 0.235 -> 0.197; the demo rerun's
+catalog pulls 1.18/1.03/1.09/0.95/0.98 -> 1.18/0.97/1.06/0.96/0.99. The type prior's
+ln p(Theta) at the estimate (distance from the training set; alone, with q,
+or as a hinge below -2, -3) fixed the 37 stars below 4000 K (logg pulls 3.0
+-> 0.7) and Teff (0.205 -> 0.161 with q) but made logg's overall pulls 1.08 ->
+1.18 (bins 0.27): not used. Without the fit's chi^2 ln q = 0. Artifacts made
+before ln w (N_Z_LEGACY terms) or ln q (N_Z_NO_Q) are read as they were.
+rho is the robust correlation of the excess residuals of the four parameters
+with a reference (the parallax row is uncorrelated).
 
 **Learning** (:func:`learn_model_error`): on stars the forward model did not
 train on (the training stage's validation split), fitted without their
@@ -77,12 +71,11 @@ that K scales (:func:`fisher_part`) is multiplied by k_j^2. (ln k_j^2, beta_j)
 maximise a Student-t (nu = 5) likelihood of the residuals (robust to the
 catastrophic failures that the confidence classifiers are for), then one
 factor per parameter, on k_j^2 C_F,jj + s_j^2 together (on s_j^2 alone, k_j at
-the nearer bound, where k_j would leave [0.5, 3]), makes the robust sigma (1.4826 MAD) of the pulls
-against the *truth* 1, the references' own noise deconvolved
-(:mod:`xpcat.model.pull_deconvolution`; matching the pulls against the labels
-instead left the demo's logg pulls against the truth at 0.85). k_j < 1 is allowed: the Fisher errors are the Cramer-Rao bound of
-the *assumed* noise, and SPEC Eq. 2 inflates that noise on purpose (on the
-real APOGEE stars the Teff pulls with Fisher errors alone are 0.75).
+the nearer bound, where k_j would leave [0.5, 3]), makes the robust sigma
+(1.4826 MAD) of the pulls against the *truth* 1, the references' noise
+deconvolved (:mod:`xpcat.model.pull_deconvolution`). k_j < 1 is allowed: SPEC
+Eq. 2 inflates the assumed noise on purpose (real APOGEE stars' Teff pulls
+with Fisher errors alone are 0.75).
 
 Pure array code: numpy and scipy.
 """
@@ -105,36 +98,23 @@ from xpcat.model.pull_statistics import (
 )
 from xpcat.model.uncertainty import psd_inverse
 
-__all__ = [
-    "PARAMS",
-    "UNITS",
-    "N_Z",
-    "N_Z_LEGACY",
-    "W_MIN",
-    "MIN_STARS",
-    "ModelError",
-    "model_error_z",
-    "propagation_matrix",
-    "calibrated_covariance",
-    "fisher_part",
-    "fisher_scale_per_star",
-    "robust_sigma",
-    "pull_sigmas",
-    "learn_model_error",
-    "PULL_SIGMA_BAND",
-    "pull_calibration",
-    "model_error_to_arrays",
-    "model_error_from_arrays",
-]
+__all__ = ["MIN_STARS", "N_Z", "N_Z_LEGACY", "N_Z_NO_Q", "PARAMS", "PULL_SIGMA_BAND", "Q_RANGE", "UNITS", "W_MIN",
+           "ModelError", "calibrated_covariance", "fisher_part", "fisher_scale_per_star", "fit_quality",
+           "learn_model_error", "model_error_from_arrays", "model_error_to_arrays", "model_error_z",
+           "propagation_matrix", "pull_calibration", "pull_sigmas", "robust_sigma"]
 
 logger = logging.getLogger(__name__)
 
 #: Scale u_j of each parameter's model error (kK, dex, dex, mag, and ln plx for the parallax).
 UNITS = np.array([0.1, 0.1, 0.1, 0.03, 0.05])
-#: Terms of z: 1, t, t^2, g, ln(E + 0.05), ln w (Gaia's share of the parallax information).
-N_Z = 6
+#: Terms of z: 1, t, t^2, g, ln(E + 0.05), ln w (Gaia's share of the parallax information), ln q (chi^2 / n_flux).
+N_Z = 7
 #: Terms of z of artifacts made before the ln w term (their beta is (5, 5); z is cut to it).
 N_Z_LEGACY = 5
+#: Terms of z of artifacts made before the ln q term (their beta is (5, 6)).
+N_Z_NO_Q = 6
+#: Range of q = chi^2 / n_flux kept in ln q (a failed fit's 0 or inf stays finite; z is clipped again when used).
+Q_RANGE = (1e-2, 1e3)
 #: Floor of w = C_F,44 / s_plx^2 (stars without a Gaia parallax have w = 0).
 W_MIN = 1e-3
 #: Fewest stars with a reference that a parameter's model error is learned from.
@@ -152,7 +132,7 @@ class ModelError:
     Attributes
     ----------
     beta : (5, nz) float64, coefficients of ln(s_j^2 / u_j^2) on the first nz terms of z (nz = N_Z, or
-        N_Z_LEGACY for artifacts made before the ln w term); a row of -inf-like
+        N_Z_LEGACY / N_Z_NO_Q for artifacts made before the ln w / ln q term); a row of -inf-like
         (``beta[j, 0] <= -30``) means no model error for parameter j.
     z_lo, z_hi : (nz,) float64, range of z of the learning stars (z is clipped to it).
     rho : (5, 5) float64, correlation of the model errors (positive definite).
@@ -166,39 +146,51 @@ class ModelError:
     rho: np.ndarray
     fisher_scale: np.ndarray = field(default_factory=lambda: np.ones(5))
 
-    def variance(self, params5: np.ndarray, cov5: np.ndarray, inv_plx_err: np.ndarray) -> np.ndarray:
+    def variance(self, params5: np.ndarray, cov5: np.ndarray, inv_plx_err: np.ndarray,
+                 quality: np.ndarray | None = None) -> np.ndarray:
         """(n, 5) s_j^2 in catalog units squared (kK^2, dex^2, dex^2, mag^2, mas^2) at the estimates.
 
-        ``cov5`` (n, 5, 5) Fisher covariances and ``inv_plx_err`` (n,) 1 / s_plx [1/mas] give ln w.
+        ``cov5`` (n, 5, 5) Fisher covariances and ``inv_plx_err`` (n,) 1 / s_plx [1/mas] give ln w;
+        ``quality`` (n,) q = chi^2 / n_flux of the fits (:func:`fit_quality`) gives ln q (None: ln q = 0).
         """
         p = np.asarray(params5, dtype=np.float64)
         nz = self.beta.shape[1]
-        z = np.clip(model_error_z(p, cov5, inv_plx_err)[:, :nz], self.z_lo, self.z_hi)
+        z = np.clip(model_error_z(p, cov5, inv_plx_err, quality)[:, :nz], self.z_lo, self.z_hi)
         with np.errstate(over="ignore", invalid="ignore"):
             s2 = UNITS**2 * np.exp(np.clip(z @ self.beta.T, -60.0, 30.0))
         s2[:, self.beta[:, 0] <= _BETA0[0]] = 0.0
         s2[:, 4] *= p[:, 4] ** 2
         return s2
 
-    def covariance(self, params5: np.ndarray, cov5: np.ndarray, inv_plx_err: np.ndarray) -> np.ndarray:
+    def covariance(self, params5: np.ndarray, cov5: np.ndarray, inv_plx_err: np.ndarray,
+                   quality: np.ndarray | None = None) -> np.ndarray:
         """(n, 5, 5) S = diag(s) rho diag(s) at the estimates (NaN rows where the estimate is not finite)."""
-        s = np.sqrt(self.variance(params5, cov5, inv_plx_err))
+        s = np.sqrt(self.variance(params5, cov5, inv_plx_err, quality))
         return s[:, :, None] * self.rho[None] * s[:, None, :]
 
 
-def model_error_z(params5: np.ndarray, cov5: np.ndarray, inv_plx_err: np.ndarray) -> np.ndarray:
-    """(n, N_Z) features z = (1, t, t^2, g, ln(E + 0.05), ln w) of (n, 5) estimates (catalog units).
+def fit_quality(chi2: np.ndarray, n_valid_flux: np.ndarray) -> np.ndarray:
+    """(n,) q = chi^2 / n_flux, the fit's flux chi^2 per valid flux (NaN where no flux was valid)."""
+    n = np.asarray(n_valid_flux, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(n > 0, np.asarray(chi2, dtype=np.float64) / n, np.nan)
+
+
+def model_error_z(params5: np.ndarray, cov5: np.ndarray, inv_plx_err: np.ndarray,
+                  quality: np.ndarray | None = None) -> np.ndarray:
+    """(n, N_Z) features z = (1, t, t^2, g, ln(E + 0.05), ln w, ln q) of (n, 5) estimates (catalog units).
 
     Parameters
     ----------
     params5 : (n, 5) estimates.
     cov5 : (n, 5, 5) their Fisher covariances (catalog units).
     inv_plx_err : (n,) 1 / s_plx of the Gaia parallax the fit used [1/mas], 0 where none.
+    quality : (n,) q = chi^2 / n_flux of the fits (:func:`fit_quality`); None or non-finite: ln q = 0.
 
     Returns
     -------
     (n, N_Z) float64; w = C_F,44 / s_plx^2 (Gaia's share of the estimate's parallax information)
-    clipped to [W_MIN, 1].
+    clipped to [W_MIN, 1], q clipped to Q_RANGE.
     """
     p = np.asarray(params5, dtype=np.float64)
     t = (p[:, 0] - 5.5) / 1.5
@@ -206,7 +198,9 @@ def model_error_z(params5: np.ndarray, cov5: np.ndarray, inv_plx_err: np.ndarray
     with np.errstate(invalid="ignore", divide="ignore"):
         le = np.log(np.maximum(p[:, 3], 0.0) + 0.05)
         lw = np.log(np.clip(w, W_MIN, 1.0))
-    return np.column_stack([np.ones(len(p)), t, t * t, p[:, 2] - 3.5, le, lw])
+        q = np.ones(len(p)) if quality is None else np.asarray(quality, dtype=np.float64)
+        lq = np.where(np.isfinite(q), np.log(np.clip(q, *Q_RANGE)), 0.0)
+    return np.column_stack([np.ones(len(p)), t, t * t, p[:, 2] - 3.5, le, lw, lq])
 
 
 def propagation_matrix(cov5: np.ndarray, inv_plx_err: np.ndarray) -> np.ndarray:
@@ -224,7 +218,7 @@ def propagation_matrix(cov5: np.ndarray, inv_plx_err: np.ndarray) -> np.ndarray:
 
 
 def calibrated_covariance(cov5: np.ndarray, params5: np.ndarray, inv_plx_err: np.ndarray,
-                          model_error: ModelError) -> tuple[np.ndarray, np.ndarray]:
+                          model_error: ModelError, quality: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The reported covariance K C_F K + A S A^T and its inverse.
 
     Parameters
@@ -233,6 +227,7 @@ def calibrated_covariance(cov5: np.ndarray, params5: np.ndarray, inv_plx_err: np
     params5 : (n, 5) estimates, catalog units.
     inv_plx_err : (n,) 1 / s_plx of the Gaia parallax the fit used [1/mas], 0 where none.
     model_error : ModelError
+    quality : (n,) q = chi^2 / n_flux of the fits (:func:`fit_quality`); None: ln q = 0.
 
     Returns
     -------
@@ -240,7 +235,7 @@ def calibrated_covariance(cov5: np.ndarray, params5: np.ndarray, inv_plx_err: np
     """
     cov5 = np.asarray(cov5, dtype=np.float64)
     a = propagation_matrix(cov5, inv_plx_err)
-    s = model_error.covariance(params5, cov5, inv_plx_err)
+    s = model_error.covariance(params5, cov5, inv_plx_err, quality)
     k = fisher_scale_per_star(model_error.fisher_scale, a)
     cov = cov5 * k[:, :, None] * k[:, None, :] + np.einsum("nij,njk,nlk->nil", a, s, a)
     cov = 0.5 * (cov + np.swapaxes(cov, 1, 2))
@@ -326,7 +321,8 @@ def fisher_scale_per_star(fisher_scale: np.ndarray, a: np.ndarray) -> np.ndarray
 
 
 def learn_model_error(est5: np.ndarray, cov5: np.ndarray, inv_plx_err: np.ndarray, ref5: np.ndarray,
-                      ref_var5: np.ndarray, min_stars: int = MIN_STARS) -> tuple[ModelError | None, dict[str, Any]]:
+                      ref_var5: np.ndarray, min_stars: int = MIN_STARS,
+                      quality: np.ndarray | None = None) -> tuple[ModelError | None, dict[str, Any]]:
     """Learn S from stars fitted without their labels (the validation split).
 
     Parameters
@@ -337,6 +333,8 @@ def learn_model_error(est5: np.ndarray, cov5: np.ndarray, inv_plx_err: np.ndarra
     ref5 : (n, 5) references: labels (Teff kK), the E prior, the Gaia parallax; NaN where none.
     ref_var5 : (n, 5) variances of the references (for the parallax: s_plx^2).
     min_stars : fewest usable stars for a parameter's model error to be learned.
+    quality : (n,) q = chi^2 / n_flux of the fits (:func:`fit_quality`); None: ln q = 0 (then S does not
+        follow the fit's quality).
 
     Returns
     -------
@@ -361,7 +359,8 @@ def learn_model_error(est5: np.ndarray, cov5: np.ndarray, inv_plx_err: np.ndarra
     usable = ok_star[:, None] & np.isfinite(resid) & np.isfinite(base) & (base > 0)
     usable[:, 4] &= inv_plx_err > 0
     a = propagation_matrix(np.where(ok_star[:, None, None], cov5, 0.0), inv_plx_err)
-    z = model_error_z(np.where(ok_star[:, None], est5, 0.0), np.where(ok_star[:, None, None], cov5, 0.0), inv_plx_err)
+    z = model_error_z(np.where(ok_star[:, None], est5, 0.0), np.where(ok_star[:, None, None], cov5, 0.0), inv_plx_err,
+                      quality)
     zu = z[ok_star] if ok_star.any() else np.zeros((1, z.shape[1]))  # no fitted star (or none at all)
     z_lo, z_hi = zu.min(axis=0), zu.max(axis=0)
     zc = np.clip(z, z_lo, z_hi)
@@ -472,7 +471,7 @@ def model_error_from_arrays(arrays: dict[str, np.ndarray]) -> ModelError:
     if "beta" not in arrays:
         raise ValueError(f"model_error component lacks 'beta'; has {sorted(arrays)}")
     nz = np.shape(arrays["beta"])[-1] if np.ndim(arrays["beta"]) == 2 else -1
-    nz = nz if nz in (N_Z, N_Z_LEGACY) else N_Z  # an artifact made before the ln w term has N_Z_LEGACY terms
+    nz = nz if nz in (N_Z, N_Z_NO_Q, N_Z_LEGACY) else N_Z  # artifacts made before ln w / ln q have fewer terms
     shapes = {"beta": (5, nz), "z_lo": (nz,), "z_hi": (nz,), "rho": (5, 5)}
     for k, shape in shapes.items():
         if k not in arrays:

@@ -60,6 +60,7 @@ from xpcat.model.inference import Inference, InferenceSettings
 from xpcat.model.model_error import (
     ModelError,
     calibrated_covariance,
+    fit_quality,
     model_error_from_arrays,
 )
 from xpcat.model.prior import PRIOR_MASS
@@ -201,7 +202,8 @@ def fit_table(batch: pa.RecordBatch | pa.Table, inference: Inference, confidence
         if model_error is not None:
             with np.errstate(divide="ignore", invalid="ignore"):
                 inv_plx = np.where(np.isfinite(plx) & np.isfinite(plx_err) & (plx_err > 0), 1.0 / plx_err, 0.0)
-            cov5, icov5 = calibrated_covariance(cov5, p5, inv_plx, model_error)
+            cov5, icov5 = calibrated_covariance(cov5, p5, inv_plx, model_error,
+                                                fit_quality(fit["chi2"], fit["n_valid_flux"]))
         err5 = np.sqrt(np.einsum("nii->ni", cov5))
     with timed(times, "flags"):
         bits = quality_flag_bits(fit["chi2"], fit["ln_prior"], p5[:, 4], plx, plx_err,

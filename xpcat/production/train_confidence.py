@@ -47,6 +47,7 @@ from xpcat.config import RunConfig, config_to_dict
 from xpcat.errors import InputError, StageError
 from xpcat.fileio import atomic_path, write_text_atomic
 from xpcat.model import confidence as C
+from xpcat.model.model_error import fit_quality
 from xpcat.production.run_dir import RunPaths
 from xpcat.production.run_lock import run_lock
 from xpcat.production.train_model_error import (
@@ -296,7 +297,7 @@ def _fit_unlabelled(run_dir: Path, config: RunConfig, inference: Any, ln_prior_c
     return {"source_id": cond["source_id"], "params5": np.asarray(fit["params5"], np.float64),
             "cov5": np.asarray(fit["cov5"], np.float64), "parallax": cond["parallax"],
             "parallax_error": cond["parallax_error"], "usable": basic, "e_prior": e_prior[row],
-            "e_prior_error": e_err[row]}
+            "e_prior_error": e_err[row], "quality": fit_quality(fit["chi2"], fit.get("n_valid_flux", cond["n_valid_flux"]))}
 
 
 def _validation_mask(source_id: np.ndarray, config: RunConfig, artifact: Any) -> np.ndarray | None:
@@ -374,7 +375,7 @@ def _train_confidence(paths: RunPaths, config: RunConfig, model_dir: Path, forwa
         m = len(cond["source_id"])
         if m == 0:
             return ({"est": np.zeros((0, 3)), "ref": np.zeros((0, 3)), "ref_err": np.zeros((0, 3)),
-                     "params5": np.zeros((0, 5)), "cov5": np.zeros((0, 5, 5))}, cond, np.zeros((0, C.N_FEATURES)),
+                     "params5": np.zeros((0, 5)), "cov5": np.zeros((0, 5, 5)), "quality": np.zeros(0)}, cond, np.zeros((0, C.N_FEATURES)),
                     {p: np.zeros(0) for p in C.PARAMETERS}, np.zeros(0, bool))
         fit = fit_stars(inference, cond, config.inference.batch_size)
         features, ylab, basic = training_set(fit, cond, ref, float(artifact.gmm.ln_prior_cut))
@@ -383,7 +384,8 @@ def _train_confidence(paths: RunPaths, config: RunConfig, model_dir: Path, forwa
         est = np.asarray(fit["params5"], dtype=np.float64)[:, :3] * np.array([1000.0, 1.0, 1.0])
         er = {"est": est, "ref": np.column_stack([ref["teff"], ref["feh"], ref["logg"]]),
               "ref_err": np.column_stack([ref["teff_error"], ref["feh_error"], ref["logg_error"]]),
-              "params5": np.asarray(fit["params5"], np.float64), "cov5": np.asarray(fit["cov5"], np.float64)}
+              "params5": np.asarray(fit["params5"], np.float64), "cov5": np.asarray(fit["cov5"], np.float64),
+              "quality": fit_quality(fit["chi2"], fit.get("n_valid_flux", cond["n_valid_flux"]))}
         return er, cond, features, ylab, keep
 
     def enough(ylab: dict, keep: np.ndarray, sid: np.ndarray) -> bool:
@@ -422,7 +424,8 @@ def _train_confidence(paths: RunPaths, config: RunConfig, model_dir: Path, forwa
     refs = {k: er[a][:, j] for j, p in enumerate(C.PARAMETERS) for k, a in ((p, "ref"), (f"{p}_error", "ref_err"))}
     unlabelled = _fit_unlabelled(run_dir, config, inference, float(artifact.gmm.ln_prior_cut), sid_all)
     model_error = train_model_error(paths, config, model_dir, cond["source_id"], er["params5"], er["cov5"], refs,
-                                    cond["parallax"], cond["parallax_error"], keep, unlabelled=unlabelled)
+                                    cond["parallax"], cond["parallax_error"], keep, unlabelled=unlabelled,
+                                    quality=er["quality"])
     _write_stars(paths.confidence_stars, cond["source_id"], features, er["est"], er["ref"], ylab, keep,
                  holdout_mask(cond["source_id"], settings.holdout_fraction, config.run.seed),
                  C.predict_confidence(clf, features))

@@ -163,7 +163,8 @@ def unlabelled_sample(run_dir: Path, labelled: np.ndarray, n_max: int) -> np.nda
 def train_model_error(paths: RunPaths, config: RunConfig, model_dir: Path, source_id: np.ndarray,
                       params5: np.ndarray, cov5: np.ndarray, ref: dict[str, np.ndarray], parallax: np.ndarray,
                       parallax_error: np.ndarray, usable: np.ndarray,
-                      unlabelled: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+                      unlabelled: dict[str, np.ndarray] | None = None,
+                      quality: np.ndarray | None = None) -> dict[str, Any]:
     """Learn the model error from the validation-split stars and store it in the artifact.
 
     Parameters
@@ -177,7 +178,9 @@ def train_model_error(paths: RunPaths, config: RunConfig, model_dir: Path, sourc
     usable : (n,) bool, the stars passing the basic cut with a converged fit.
     unlabelled : optional stars without labels, never trained on: ``source_id``, ``params5``,
         ``cov5``, ``parallax``, ``parallax_error``, ``usable`` as above and their reddening prior
-        ``e_prior``, ``e_prior_error`` [mag]; they teach the model error of E only.
+        ``e_prior``, ``e_prior_error`` [mag] and optionally ``quality``; they teach the model error of E only.
+    quality : (n,) q = chi^2 / n_flux of the fits (:func:`xpcat.model.model_error.fit_quality`), a feature
+        of the model error; None: the model error does not follow the fits' quality.
 
     Returns
     -------
@@ -195,6 +198,7 @@ def train_model_error(paths: RunPaths, config: RunConfig, model_dir: Path, sourc
     ref5, ref_var5, inv = reference_arrays(ref_sel, e_prior, e_err, np.asarray(parallax)[sel],
                                            np.asarray(parallax_error)[sel])
     params5, cov5 = np.asarray(params5)[sel], np.asarray(cov5)[sel]
+    q = None if quality is None else np.asarray(quality, np.float64)[sel]
     n_unlabelled = 0
     if unlabelled is not None and len(unlabelled["source_id"]):
         u = np.asarray(unlabelled["usable"], bool)
@@ -207,6 +211,8 @@ def train_model_error(paths: RunPaths, config: RunConfig, model_dir: Path, sourc
         ref5, ref_var5, inv = np.concatenate([ref5, r5]), np.concatenate([ref_var5, rv5]), np.concatenate([inv, inv_u])
         params5 = np.concatenate([params5, np.asarray(unlabelled["params5"])[u]])
         cov5 = np.concatenate([cov5, np.asarray(unlabelled["cov5"])[u]])
+        if q is not None:
+            q = np.concatenate([q, np.asarray(unlabelled.get("quality", np.full(u.size, np.nan)), np.float64)[u]])
     learned_from = {
         "split": "the training stage's validation split (stable hash of source_id in "
                  f"[{hash_range[0]:g}, {hash_range[1]:g}), xpcat.production.train.validation_hash_range), "
@@ -221,7 +227,7 @@ def train_model_error(paths: RunPaths, config: RunConfig, model_dir: Path, sourc
                        "plx": "Gaia parallax (the fit's own datum)"},
         "min_stars": ME.MIN_STARS,
     }
-    me, report = ME.learn_model_error(params5, cov5, inv, ref5, ref_var5)
+    me, report = ME.learn_model_error(params5, cov5, inv, ref5, ref_var5, quality=q)
     summary: dict[str, Any] = {"learned_from": learned_from, "report": report}
     if me is None:
         reason = (f"validation split too small to learn the model error: {int(sel.sum())} validation stars pass "
