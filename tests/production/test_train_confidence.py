@@ -88,7 +88,7 @@ def _fake_fit_factory(truth: dict, bad_rate: float = 0.4):
         status = np.full(n, FitStatus.CONVERGED, np.uint8)
         status[:5] = FitStatus.NOT_CONVERGED  # never used for training
         return {"params5": params5, "cov5": cov5, "chi2": chi2, "ln_prior": np.full(n, -2.0), "f_pred": f_pred,
-                "fit_status": status, "n_iter": np.full(n, 5)}
+                "fit_status": status, "n_iter": np.full(n, 5), "n_valid_flux": cond["n_valid_flux"]}
 
     return fake_fit
 

@@ -297,7 +297,7 @@ def _fit_unlabelled(run_dir: Path, config: RunConfig, inference: Any, ln_prior_c
     return {"source_id": cond["source_id"], "params5": np.asarray(fit["params5"], np.float64),
             "cov5": np.asarray(fit["cov5"], np.float64), "parallax": cond["parallax"],
             "parallax_error": cond["parallax_error"], "usable": basic, "e_prior": e_prior[row],
-            "e_prior_error": e_err[row], "quality": fit_quality(fit["chi2"], fit.get("n_valid_flux", cond["n_valid_flux"]))}
+            "e_prior_error": e_err[row], "quality": fit_quality(fit["chi2"], fit["n_valid_flux"])}
 
 
 def _validation_mask(source_id: np.ndarray, config: RunConfig, artifact: Any) -> np.ndarray | None:
@@ -385,7 +385,7 @@ def _train_confidence(paths: RunPaths, config: RunConfig, model_dir: Path, forwa
         er = {"est": est, "ref": np.column_stack([ref["teff"], ref["feh"], ref["logg"]]),
               "ref_err": np.column_stack([ref["teff_error"], ref["feh_error"], ref["logg_error"]]),
               "params5": np.asarray(fit["params5"], np.float64), "cov5": np.asarray(fit["cov5"], np.float64),
-              "quality": fit_quality(fit["chi2"], fit.get("n_valid_flux", cond["n_valid_flux"]))}
+              "quality": fit_quality(fit["chi2"], fit["n_valid_flux"])}
         return er, cond, features, ylab, keep
 
     def enough(ylab: dict, keep: np.ndarray, sid: np.ndarray) -> bool:
