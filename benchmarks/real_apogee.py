@@ -31,8 +31,8 @@ Scored stars ("held out"): validation split and ``--holdout-ids``, APOGEE SNR > 
 Teff < 7000 K, finite labels (the highest-SNR observation of a repeated id).
 Per parameter: robust sigma (1.4826 MAD) and median of xpcat - APOGEE over
 the stars passing the basic cut (quality_flags < 8), the robust sigma of the
-pulls (residual / sqrt(sigma_xpcat^2 + sigma_APOGEE^2), sigma_APOGEE the
-formal error with the ingest's floors 100 K / 0.05 / 0.1 dex in quadrature),
+pulls (residual / sqrt(sigma_xpcat^2 + sigma_APOGEE^2), sigma_APOGEE ASPCAP's
+formal error: the labels table's, which the model error was learned against),
 the basic-cut fraction; for all, giants (APOGEE logg < 3.5) / dwarfs, and
 G < 13 / >= 13, and G < 10 (the bright stars, whose XP spectra carry a
 signature the fainter ones lack: ``benchmarks/sco18_diagnose.py``). Beside it, a supervised baseline on the same split
@@ -44,9 +44,11 @@ conditioned by :func:`xpcat.production.condition.tables.condition_tables`
 (XP only, no parallax) and fitted with the trained model.
 
 Levers (default: the quick preset and the config's model, the ingest's selection): ``--epochs``,
-``--hidden-width``, ``--n-hidden`` set [training] / [model] for the run; ``--min-snr``, ``--error-floor``,
-``--ak-sigma`` the labels' SNR cut, error floors and the reddening prior's width
-(:func:`xpcat.production.ingest.apogee.apogee_tables`); ``--clean-sigma`` the self-cleaning threshold. The
+``--hidden-width``, ``--n-hidden`` set [training] / [model] for the run; ``--error-floor`` the training's floors
+on the labels' errors (``[training] label_error_floor``, default
+:data:`xpcat.production.ingest.apogee.TRAINING_ERROR_FLOOR`); ``--min-snr``, ``--ak-sigma`` the labels' SNR
+cut and the reddening prior's width (:func:`xpcat.production.ingest.apogee.apogee_tables`); ``--clean-sigma``
+the self-cleaning threshold. The
 JSON's ``options`` records the values used and which were given.
 
 Prints one JSON line (the last stdout line); ``--out`` also writes it.
@@ -182,6 +184,7 @@ def schedule_override(preset_cfg: Any, epochs: int | None) -> dict[str, Any]:
 def make_config(run_dir: Path, args: argparse.Namespace) -> Any:
     """The run's configuration (written to RUN_DIR/config.toml before ingest, which reads it)."""
     from xpcat.config import RunConfig
+    from xpcat.production.ingest.apogee import TRAINING_ERROR_FLOOR
 
     base = RunConfig().replace(training={"preset": args.preset})
     model = {k: v for k, v in (("hidden_width", args.hidden_width), ("n_hidden", args.n_hidden)) if v is not None}
@@ -190,6 +193,7 @@ def make_config(run_dir: Path, args: argparse.Namespace) -> Any:
         data={"partition_level": args.partition_level, "labels": "inputs/labels.parquet",
               "reddening": "inputs/reddening.parquet"},
         training={"preset": args.preset, "hq_e_error_max": args.hq_e_error_max,
+                  "label_error_floor": tuple(args.error_floor or TRAINING_ERROR_FLOOR),
                   **({} if args.clean_sigma is None else {"clean_sigma": args.clean_sigma}),
                   **schedule_override(base, args.epochs)},
         **({"model": model} if model else {}),
@@ -204,7 +208,7 @@ def training_tables(rows: dict[str, np.ndarray], excluded: np.ndarray, inputs: P
     """Labels (without the excluded source_ids) and reddening priors (all) -> ``inputs/``; counts.
 
     ``selection``: keyword arguments of :func:`xpcat.production.ingest.apogee.apogee_tables` (``min_snr``,
-    ``error_floor``, ``ak_sigma``); None: its defaults.
+    ``ak_sigma``); None: its defaults.
     """
     import pyarrow as pa
 
@@ -225,12 +229,10 @@ def training_tables(rows: dict[str, np.ndarray], excluded: np.ndarray, inputs: P
 
 
 def label_selection(args: argparse.Namespace) -> dict[str, Any]:
-    """Keyword arguments of ``apogee_tables`` from ``--min-snr``, ``--error-floor``, ``--ak-sigma`` (given ones only)."""
+    """Keyword arguments of ``apogee_tables`` from ``--min-snr``, ``--ak-sigma`` (given ones only)."""
     out: dict[str, Any] = {}
     if args.min_snr is not None:
         out["min_snr"] = args.min_snr
-    if args.error_floor is not None:
-        out["error_floor"] = dict(zip(("teff", "feh", "logg"), args.error_floor))
     if args.ak_sigma is not None:
         out["ak_sigma"] = args.ak_sigma
     return out
@@ -245,7 +247,7 @@ def options_used(args: argparse.Namespace, cfg: Any, selection: dict[str, Any]) 
             "n_hidden": cfg.model.n_hidden, "clean_sigma": cfg.training.clean_sigma,
             "hq_e_error_max": cfg.training.hq_e_error_max,
             "min_snr": selection.get("min_snr", apogee.MIN_SNR),
-            "error_floor": selection.get("error_floor", apogee.LABEL_ERROR_FLOOR),
+            "error_floor": dict(zip(("teff", "feh", "logg"), cfg.training.label_error_floor)),
             "ak_sigma": selection.get("ak_sigma", apogee.AK_SIGMA),
             "given": sorted(k for k in ("epochs", "hidden_width", "n_hidden", "min_snr", "error_floor", "ak_sigma",
                                         "clean_sigma") if getattr(args, k) is not None)}
@@ -448,8 +450,6 @@ def evaluate(rows: dict[str, np.ndarray], cat: dict[str, np.ndarray], library_id
     ``uncertainty``: the model error the catalog's errors include and its metadata (:func:`model_error_of`);
     pulls are reported with the catalog's errors and with the Fisher-only ones (:func:`fisher_errors`).
     """
-    from xpcat.production.ingest.apogee import LABEL_ERROR_FLOOR
-
     sid_cat, counts = np.unique(cat["source_id"], return_counts=True)
     out: dict[str, Any] = {"catalog": {
         "rows": int(cat["source_id"].size), "library_source_ids": int(library_ids.size),
@@ -467,7 +467,7 @@ def evaluate(rows: dict[str, np.ndarray], cat: dict[str, np.ndarray], library_id
     base_train = good & np.isin(sid, training_ids)
     idx = np.flatnonzero(scored)
     ref = np.column_stack([lab[p][idx] for p in PARAMS])
-    ref_err = np.column_stack([np.hypot(lab_err[p][idx], LABEL_ERROR_FLOOR[p]) for p in PARAMS])
+    ref_err = np.column_stack([lab_err[p][idx] for p in PARAMS])  # the labels table's: formal, no floor
     pos = np.searchsorted(sid_cat, sid[idx])
     pos = np.clip(pos, 0, max(sid_cat.size - 1, 0))
     found = sid_cat[pos] == sid[idx] if sid_cat.size else np.zeros(idx.size, bool)
@@ -523,7 +523,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--min-snr", type=float, default=None,
                     help="APOGEE SNR cut of the training labels (default apogee.MIN_SNR, 70)")
     ap.add_argument("--error-floor", type=float, nargs=3, default=None, metavar=("TEFF", "FEH", "LOGG"),
-                    help="label error floors [K, dex, dex] (default apogee.LABEL_ERROR_FLOOR: 100 0.05 0.1)")
+                    help="[training] label_error_floor [K, dex, dex] (default apogee.TRAINING_ERROR_FLOOR: "
+                         "100 0.05 0.1)")
     ap.add_argument("--ak-sigma", type=float, default=None,
                     help="noise term of the AK_TARG reddening prior's width [mag] (default apogee.AK_SIGMA, 0.07)")
     ap.add_argument("--hq-e-error-max", type=float, default=HQ_E_ERROR_MAX,

@@ -69,8 +69,8 @@ def test_training_carves_its_validation_split_from_the_labels_given():
 
 
 def test_options_set_the_run_config_and_are_recorded(tmp_path):
-    """--epochs scales the quick preset's schedule, --hidden-width / --n-hidden set [model], the label options
-    reach apogee_tables; defaults leave the quick preset and the config's model alone (the documented run)."""
+    """--epochs scales the quick preset's schedule, --hidden-width / --n-hidden set [model], --error-floor sets [training] label_error_floor, --min-snr
+    reaches apogee_tables; defaults leave the quick preset and the config's model alone (the documented run)."""
     sys.path.insert(0, str(BENCHMARKS))
     try:
         import real_apogee as bench
@@ -83,14 +83,16 @@ def test_options_set_the_run_config_and_are_recorded(tmp_path):
     assert bench.label_selection(default) == {}
     opts = bench.options_used(default, cfg, {})
     assert opts["given"] == [] and opts["min_snr"] == 70.0 and opts["error_floor"]["feh"] == 0.05
+    assert tuple(cfg.training.label_error_floor) == (100.0, 0.05, 0.1)
     best = bench.parse_args(["--run-dir", str(tmp_path), "--epochs", "320", "--hidden-width", "64", "--n-hidden", "4",
                              "--error-floor", "100", "0.02", "0.05", "--min-snr", "60"])
     cfg = bench.make_config(tmp_path, best)
     assert (cfg.training.epochs, tuple(cfg.training.lr_drop_epochs), cfg.training.temper_epochs) == (320, (200, 280), 240)
     assert (cfg.model.hidden_width, cfg.model.n_hidden) == (64, 4)
     assert cfg.training.model_optimizer == "adam"  # still the quick preset's
+    assert tuple(cfg.training.label_error_floor) == (100.0, 0.02, 0.05)  # the training's floor, not the table's
     sel = bench.label_selection(best)
-    assert sel == {"min_snr": 60.0, "error_floor": {"teff": 100.0, "feh": 0.02, "logg": 0.05}}
+    assert sel == {"min_snr": 60.0}
     opts = bench.options_used(best, cfg, sel)
     assert opts["given"] == ["epochs", "error_floor", "hidden_width", "min_snr", "n_hidden"]
     assert opts["error_floor"]["feh"] == 0.02 and opts["epochs"] == 320

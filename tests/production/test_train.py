@@ -114,6 +114,24 @@ def test_cuts_and_counts(tmp_path):
     np.testing.assert_array_equal(arrays["hq"], hq)
 
 
+def test_label_error_floor_widens_training_errors_only(tmp_path):
+    """[training] label_error_floor adds in quadrature to the errors training uses (prior, cuts, HQ); a zero
+    table error stays a bad label; a floor of the wrong length is named."""
+    write_run(tmp_path, 120)
+    lab = pq.read_table(tmp_path / "raw/labels/part-0.parquet").to_pandas()
+    lab.loc[0, "teff_error"] = 0.0                 # bad error: skipped whatever the floor
+    pq.write_table(pa.Table.from_pandas(lab, preserve_index=False).cast(LABELS), tmp_path / "raw/labels/part-0.parquet")
+    plain, c0 = ts.build_training_set(tmp_path, config_from_dict({}))
+    floor = (150.0, 0.05, 0.3)
+    widened, c1 = ts.build_training_set(tmp_path, config_from_dict({"training": {"label_error_floor": list(floor)}}))
+    assert c0["labels_skipped_nan_or_bad_error"] == c1["labels_skipped_nan_or_bad_error"] == 1
+    err = lab.set_index("source_id").loc[widened["source_id"], ["teff_error", "feh_error", "logg_error"]].to_numpy()
+    np.testing.assert_allclose(widened["theta_err"], np.hypot(err, floor), rtol=1e-5)
+    assert not widened["hq"].any() and plain["hq"].any()  # logg floor 0.3 > Eq. 15's 0.2: no HQ star
+    with pytest.raises(InputError, match="label_error_floor"):
+        ts.build_training_set(tmp_path, config_from_dict({"training": {"label_error_floor": [100.0, 0.05]}}))
+
+
 def test_missing_inputs(tmp_path):
     with pytest.raises(StageError, match="no conditioned partitions"):
         ts.build_training_set(tmp_path, config_from_dict({}))

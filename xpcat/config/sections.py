@@ -155,6 +155,13 @@ class TrainingConfig(Section):
         "Raise it for priors that are wider for every star, e.g. APOGEE's AK_TARG (s_E ~ 0.23; see "
         "xpcat.production.ingest.apogee), where 0.1 leaves no HQ star and the cut can then only drop the "
         "worst-known E.", min=0.0)
+    label_error_floor: tuple[float, ...] = config_field(
+        (0.0, 0.0, 0.0), "Teff [K], [Fe/H], logg [dex] floors added in quadrature to the labels' errors for training "
+        "only (the label prior of Eqs. 13-14 and the Sec. 2.5 / Eq. 15 error cuts): a label's accuracy on an external "
+        "scale, wider than its star-to-star noise. The label table's own errors stay the references' noise that the "
+        "model error and the confidence labels are calibrated against. 0 = off (the paper; the synthetic labels' "
+        "errors are their noise); APOGEE: 100 K, 0.05, 0.1 (xpcat.production.ingest.apogee.TRAINING_ERROR_FLOOR).",
+        min=0.0)
     validation_fraction: float = config_field(0.2, "Fraction of labelled stars held out (stable hash of source_id).", min=0.0, max=0.9)
     excess_cut: Literal["colour", "paper"] = config_field(
         "colour", "Sec. 2.5's BP/RP flux-excess cut: 'colour' = |C*| < 3 sigma_C*(G), C* the excess corrected for "

@@ -229,6 +229,11 @@ def build_training_set(run_dir: Path, config: RunConfig) -> tuple[dict[str, np.n
     if counts["labels_skipped_nan_or_bad_error"]:
         logger.warning("%d label rows skipped: NaN / missing labels or non-positive errors",
                        counts["labels_skipped_nan_or_bad_error"])
+    floor = tuple(t.label_error_floor)
+    if len(floor) != 3:
+        raise InputError(f"[training] label_error_floor {list(floor)}: need three floors (Teff K, [Fe/H], logg dex)")
+    for k, f in zip(("teff_error", "feh_error", "logg_error"), floor):
+        vals[k] = np.hypot(vals[k], f)  # training's label accuracy; the table's errors stay the references' noise
     in_range = np.all([(vals[k] >= lo) & (vals[k] <= hi) for k, (lo, hi) in LABEL_RANGE.items()], axis=0)
     out_range = ~in_range & ~bad_label & keep_src
     counts["labels_skipped_out_of_range"] = int(out_range.sum())

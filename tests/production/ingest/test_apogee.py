@@ -16,11 +16,11 @@ from xpcat.errors import InputError
 from xpcat.production.ingest.apogee import (
     AK_SIGMA,
     AKS_PER_E,
-    LABEL_ERROR_FLOOR,
     LABEL_REASONS,
     LIBRARY_COLUMNS,
     MIN_SNR,
     REDDENING_REASONS,
+    TRAINING_ERROR_FLOOR,
     apogee_tables,
     read_library_rows,
     write_apogee_tables,
@@ -90,16 +90,16 @@ def test_duplicates_keep_highest_snr(rows, out):
     assert out.summary["labels"]["reasons"]["duplicate_lower_snr"] > 0
 
 
-def test_error_floor_in_quadrature(rows, out):
+def test_label_errors_are_the_formal_ones(rows, out):
+    """The table carries ASPCAP's formal errors (the references' noise); the training's floor is a config."""
     lab = out.labels.to_pandas().set_index("source_id")
     acc = out.accounting.to_pandas()
     i = int(np.flatnonzero(acc.label_reason == "ok")[0])
     row = lab.loc[int(rows["gaiaedr3_source_id"][i])]
-    assert row.teff_error == pytest.approx(np.hypot(rows["teff_err"][i], LABEL_ERROR_FLOOR["teff"]), rel=1e-6)
-    assert row.logg_error == pytest.approx(np.hypot(rows["logg_err"][i], LABEL_ERROR_FLOOR["logg"]), rel=1e-6)
-    assert row.feh_error == pytest.approx(np.hypot(rows["fe_h_err"][i], LABEL_ERROR_FLOOR["feh"]), rel=1e-6)
-    assert (lab.teff_error >= LABEL_ERROR_FLOOR["teff"]).all()
-    assert (lab.feh_error >= LABEL_ERROR_FLOOR["feh"] - 1e-6).all()
+    for col, raw in (("teff_error", "teff_err"), ("logg_error", "logg_err"), ("feh_error", "fe_h_err")):
+        assert getattr(row, col) == pytest.approx(rows[raw][i], rel=1e-6)
+    assert lab.teff_error.min() < TRAINING_ERROR_FLOOR[0]  # no floor in the table
+    assert "label_error_floor" not in out.summary["constants"]
 
 
 def test_reddening_conversion_and_flags(rows, out):
@@ -160,16 +160,12 @@ def test_write_and_read_fits(tmp_path, rows, out):
 
 
 def test_selection_options_change_cut_floor_and_width(rows, out):
-    """min_snr, error_floor and ak_sigma (the real-data benchmark's levers) act as documented and are recorded."""
-    looser = apogee_tables(rows, min_snr=50.0, error_floor={"feh": 0.02}, ak_sigma=0.1)
+    """min_snr and ak_sigma (the real-data benchmark's levers) act as documented and are recorded."""
+    looser = apogee_tables(rows, min_snr=50.0, ak_sigma=0.1)
     assert looser.labels.num_rows > out.labels.num_rows
     assert (looser.summary["labels"]["reasons"]["snr_below_min"]
             < out.summary["labels"]["reasons"]["snr_below_min"])
     assert looser.summary["constants"]["min_snr"] == 50.0
-    lab = looser.labels.to_pandas()
-    assert lab.feh_error.min() >= 0.02 - 1e-6 and lab.feh_error.min() < LABEL_ERROR_FLOOR["feh"]
-    assert lab.teff_error.min() >= LABEL_ERROR_FLOOR["teff"] - 1e-3  # floors not given keep their defaults
-    assert looser.summary["constants"]["label_error_floor"]["feh"] == 0.02
     red = looser.reddening.to_pandas()
     assert red.e_error.min() == pytest.approx(0.1 / AKS_PER_E, rel=1e-5)
     assert looser.summary["constants"]["ak_sigma"] == 0.1
@@ -178,9 +174,7 @@ def test_selection_options_change_cut_floor_and_width(rows, out):
             == out.summary["reddening"]["reasons"]["ak_targ_implausibly_negative"])
 
 
-@pytest.mark.parametrize("kw, match", [({"error_floor": {"feh": -0.1}}, "error_floor"),
-                                       ({"error_floor": {"mh": 0.1}}, "error_floor"),
-                                       ({"ak_sigma": 0.0}, "ak_sigma"),
+@pytest.mark.parametrize("kw, match", [({"ak_sigma": 0.0}, "ak_sigma"),
                                        ({"min_snr": float("nan")}, "min_snr")])
 def test_bad_selection_options_named(rows, kw, match):
     with pytest.raises(InputError, match=match):
