@@ -35,7 +35,8 @@ pulls (residual / sqrt(sigma_xpcat^2 + sigma_APOGEE^2), sigma_APOGEE ASPCAP's
 formal error: the labels table's, which the model error was learned against),
 the basic-cut fraction; for all, giants (APOGEE logg < 3.5) / dwarfs, and
 G < 13 / >= 13, and G < 10 (the bright stars, whose XP spectra carry a
-signature the fainter ones lack: ``benchmarks/sco18_diagnose.py``). Beside it, a supervised baseline on the same split
+signature the fainter ones lack: ``benchmarks/sco18_diagnose.py``), G 10-12 / 12-13 / 13-14 / >= 14, APOGEE Teff bins
+(< 4500, 4500-5000, ..., 6000-7000 K) and bins of the reddening prior E (< 0.1, 0.1-0.3, >= 0.3). Beside it, a supervised baseline on the same split
 (scikit-learn HistGradientBoostingRegressor on the log spectral shape of the 61
 samples, J/H/K - G and AK_TARG, trained on the training stars with SNR > 50,
 Teff < 7000 K). And one real star: 18 Sco (Gaia DR3 4345775217221821312, the
@@ -374,9 +375,18 @@ def group_stats(est: np.ndarray, err: np.ndarray, ref: np.ndarray, ref_err: np.n
     return out
 
 
-def groups(ref: np.ndarray, g_mag: np.ndarray) -> dict[str, np.ndarray]:
-    return {"all": np.ones(ref.shape[0], bool), "giants": ref[:, 2] < GIANT_LOGG, "dwarfs": ref[:, 2] >= GIANT_LOGG,
-            "g_lt_13": g_mag < 13.0, "g_ge_13": ~(g_mag < 13.0), "g_lt_10": g_mag < 10.0}
+def groups(ref: np.ndarray, g_mag: np.ndarray, e_prior: np.ndarray) -> dict[str, np.ndarray]:
+    """Star groups of the scores: all, giants / dwarfs (APOGEE logg), G bins, APOGEE Teff bins and bins of the
+    reddening prior E = AK_TARG / AKS_PER_E (the only E reference; NaN priors are in no E bin)."""
+    out = {"all": np.ones(ref.shape[0], bool), "giants": ref[:, 2] < GIANT_LOGG, "dwarfs": ref[:, 2] >= GIANT_LOGG,
+           "g_lt_13": g_mag < 13.0, "g_ge_13": ~(g_mag < 13.0), "g_lt_10": g_mag < 10.0,
+           "g_10_12": (g_mag >= 10.0) & (g_mag < 12.0), "g_12_13": (g_mag >= 12.0) & (g_mag < 13.0),
+           "g_13_14": (g_mag >= 13.0) & (g_mag < 14.0), "g_ge_14": g_mag >= 14.0}
+    for lo, hi in ((0, 4500), (4500, 5000), (5000, 5500), (5500, 6000), (6000, 7000)):
+        out[f"teff_{lo}_{hi}"] = (ref[:, 0] >= lo) & (ref[:, 0] < hi)
+    for lo, hi in ((0.0, 0.1), (0.1, 0.3), (0.3, np.inf)):
+        out[f"e_prior_{lo:g}_{hi:g}"] = (e_prior >= lo) & (e_prior < hi)
+    return out
 
 
 def shape_features(rows: dict[str, np.ndarray], idx: np.ndarray) -> np.ndarray:
@@ -478,7 +488,9 @@ def evaluate(rows: dict[str, np.ndarray], cat: dict[str, np.ndarray], library_id
     err_f = np.where(found[:, None], fisher_errors(cat["est5"], cat["err5"], uncertainty[0])[ci], np.nan)
     basic = found & (np.where(found, cat["flags"][ci], 255) < 8) & np.all(np.isfinite(est), axis=1)
     g_mag = rows["gaiaedr3_phot_g_mean_mag"][best][idx].astype(np.float64)
-    grp = groups(ref, g_mag)
+    from xpcat.production.ingest.apogee import AKS_PER_E
+
+    grp = groups(ref, g_mag, np.maximum(rows["ak_targ"][best][idx].astype(np.float64), 0.0) / AKS_PER_E)
     out["scored"] = {"definition": f"validation split + --holdout-ids, APOGEE SNR > {SNR_MIN:g}, Teff < "
                                    f"{TEFF_MAX:g} K, finite labels; residuals over quality_flags < 8",
                      "n": int(idx.size), "missing_from_catalog": int((~found).sum())}
