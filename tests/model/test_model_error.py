@@ -37,7 +37,9 @@ def test_learned_model_error_calibrates_pulls_overall_and_in_bins():
     for p in ("teff", "feh", "logg", "e"):
         assert report[p]["learned"]
         assert report[p]["pull_sigma_fisher"] > 1.5
-        assert abs(report[p]["pull_sigma_calibrated"] - 1.0) < 0.02
+        # against the references: the ML scale is kept when the robust match's correction is noise (robust
+        # sigma of 3000 pulls: se about 0.02)
+        assert abs(report[p]["pull_sigma_calibrated"] - 1.0) < 0.05
     assert not report["plx"]["learned"] and "only 0 stars" in report["plx"]["reason"]
     # held-out stars, in bins of Teff and of the Fisher error (the G proxy)
     est2, cov2, inv2, ref2, ref_var2, _ = _universe(6000, seed=1)
@@ -81,7 +83,7 @@ def test_no_model_error_needed_gives_none_added():
     me, report = ME.learn_model_error(est, cov, inv, ref, ref_var)
     for p in ("teff", "feh", "logg", "e"):
         assert report[p]["pull_sigma_fisher"] == pytest.approx(1.0, abs=0.1)
-        assert report[p]["pull_sigma_calibrated"] == pytest.approx(1.0, abs=0.02)
+        assert report[p]["pull_sigma_calibrated"] == pytest.approx(1.0, abs=0.06)  # ML scale; se 0.03 at n = 800
         assert report[p]["fisher_scale"] == pytest.approx(1.0, abs=0.2)
         assert report[p]["model_error_median"] < 0.2 * np.median(np.sqrt(ref_var[:, 0]))
 
@@ -93,7 +95,7 @@ def test_fisher_errors_too_large_are_scaled_down_within_bounds():
     for p in ("teff", "feh", "logg", "e"):
         assert report[p]["pull_sigma_fisher"] < 0.75
         assert report[p]["fisher_scale"] == pytest.approx(0.6, abs=0.08)
-        assert report[p]["pull_sigma_calibrated"] == pytest.approx(1.0, abs=0.02)
+        assert report[p]["pull_sigma_calibrated"] == pytest.approx(1.0, abs=0.04)  # ML scale: se 0.015-0.02
     est, cov, inv, ref, ref_var, _ = _universe(3000, scale=0.0, fisher_scale=0.2, ref_scale=0.1)
     me, report = ME.learn_model_error(est, cov, inv, ref, ref_var)
     assert all(report[p]["fisher_scale"] == pytest.approx(0.5) for p in ("teff", "feh", "logg", "e"))  # the bound

@@ -76,7 +76,7 @@ from scipy.special import logsumexp
 from xpcat.model.pull_statistics import robust_sigma
 
 __all__ = ["NU_GRID", "N_NODES", "LN_C_RANGE", "CORRECTION_SD", "unit_t_variance_nodes", "shape_fit",
-           "deconvolved_scale"]
+           "deconvolved_scale", "pooled_correction_sd", "scale_correction"]
 
 logger = logging.getLogger(__name__)
 
@@ -148,8 +148,75 @@ def _root_of_increasing(f: Callable[[float], float]) -> float:
     return float(brentq(f, lo, hi, xtol=1e-4))
 
 
+def _checked(r: np.ndarray, fixed: np.ndarray, scaled: np.ndarray,
+             truth_extra: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The inputs of :func:`deconvolved_scale` as float64 arrays, or a ValueError naming what is wrong."""
+    r, fixed, scaled = (np.asarray(x, dtype=np.float64) for x in (r, fixed, scaled))
+    extra = np.zeros_like(r) if truth_extra is None else np.asarray(truth_extra, dtype=np.float64)
+    if not (r.shape == fixed.shape == scaled.shape == extra.shape and r.ndim == 1):
+        raise ValueError(f"deconvolved_scale: r, fixed, scaled, truth_extra must be (n,) each, got {r.shape}, "
+                         f"{fixed.shape}, {scaled.shape}, {extra.shape}")
+    if r.size < 3 or not np.all(np.isfinite(r) & np.isfinite(fixed) & np.isfinite(scaled) & np.isfinite(extra)):
+        raise ValueError(f"deconvolved_scale: need >= 3 finite residuals and variances, got {r.size} "
+                         f"({int(np.sum(~np.isfinite(r)))} non-finite residuals)")
+    if np.any(fixed < 0) or np.any(scaled < 0) or np.any(extra < 0) or np.any(fixed + scaled <= 0):
+        raise ValueError(f"deconvolved_scale: variances must be >= 0 (fixed: min {fixed.min():g}; scaled: min "
+                         f"{scaled.min():g}; truth_extra: min {extra.min():g}) and fixed + scaled > 0 for a star")
+    return r, fixed, scaled, extra
+
+
+def _draws(n: int, nu: float) -> tuple[np.ndarray, np.ndarray]:
+    """(replicas, n) unit draws of the estimate's own error (Student-t, unit robust sigma) and of the references'."""
+    rng = np.random.default_rng(_SEED)
+    own = rng.standard_t(nu, size=(_REPLICAS, n))
+    own /= robust_sigma(own.ravel())  # exactly unit robust sigma: with f = 0 the plain condition, exactly
+    return own, rng.standard_normal((_REPLICAS, n))
+
+
+def scale_correction(r: np.ndarray, fixed: np.ndarray, scaled: np.ndarray) -> tuple[float, float]:
+    """The robust match's correction to the ML scale and its standard error (steps 1-2, not shrunk).
+
+    Parameters
+    ----------
+    r, fixed, scaled : (n,) as in :func:`deconvolved_scale`.
+
+    Returns
+    -------
+    d : float, ``ln c_robust - ln c_ML``.
+    se : float, its standard error ``se_rs / slope`` (inf where the estimate's error does not show in ``r``;
+        0 where both sit at the same end of :data:`LN_C_RANGE`).
+    """
+    r, fixed, scaled, _ = _checked(r, fixed, scaled, None)
+    ln_c_ml, nu = shape_fit(r, fixed, scaled)
+    own, ref = _draws(r.size, nu)
+    ln_c_robust = _root_of_increasing(_robust_gap(r, fixed, scaled, own, ref))
+    return ln_c_robust - ln_c_ml, _correction_se(ln_c_ml, ln_c_robust, fixed, scaled, own, ref)
+
+
+def pooled_correction_sd(corrections: list[float], standard_errors: list[float]) -> float:
+    """Prior width b of the ML scale's bias, from the corrections of several parameters (empirical Bayes).
+
+    Method of moments: each correction ``d_j`` is the bias plus noise of standard error ``se_j``, so
+    ``b^2 = max(0, mean(d_j^2 - se_j^2))`` over the parameters where both are finite.
+
+    Parameters
+    ----------
+    corrections, standard_errors : :func:`scale_correction`'s ``d`` and ``se`` per parameter.
+
+    Returns
+    -------
+    float >= 0; :data:`CORRECTION_SD` when no parameter has both finite.
+    """
+    d, se = np.asarray(corrections, dtype=np.float64), np.asarray(standard_errors, dtype=np.float64)
+    ok = np.isfinite(d) & np.isfinite(se)
+    if not ok.any():
+        return CORRECTION_SD
+    return float(np.sqrt(max(0.0, float(np.mean(d[ok] ** 2 - se[ok] ** 2)))))
+
+
 def deconvolved_scale(r: np.ndarray, fixed: np.ndarray, scaled: np.ndarray,
-                      truth_extra: np.ndarray | None = None) -> tuple[float, float]:
+                      truth_extra: np.ndarray | None = None,
+                      correction_sd: float | None = None) -> tuple[float, float]:
     """ln c such that the pulls against the truth, ``(estimate - truth) / sqrt(c scaled + truth_extra)``,
     have robust sigma 1.
 
@@ -162,6 +229,8 @@ def deconvolved_scale(r: np.ndarray, fixed: np.ndarray, scaled: np.ndarray,
     truth_extra : (n,) optional Gaussian variance in ``estimate - truth`` that is not in ``r`` (the
         parallax: Gaia's share (1 - A_44) C_F,44 of an estimate compared with Gaia's parallax itself);
         default 0. The reported variance is ``c scaled + truth_extra``.
+    correction_sd : prior width b of the ML scale's bias (step 2); None: :data:`CORRECTION_SD`
+        (:func:`pooled_correction_sd` estimates it from several parameters).
 
     Returns
     -------
@@ -169,31 +238,12 @@ def deconvolved_scale(r: np.ndarray, fixed: np.ndarray, scaled: np.ndarray,
         residuals; its upper end: no factor is large enough).
     nu : the degrees of freedom of the fitted shape (step 1 of the module's description).
     """
-    r, fixed, scaled = (np.asarray(x, dtype=np.float64) for x in (r, fixed, scaled))
-    extra = np.zeros_like(r) if truth_extra is None else np.asarray(truth_extra, dtype=np.float64)
-    if not (r.shape == fixed.shape == scaled.shape == extra.shape and r.ndim == 1):
-        raise ValueError(f"deconvolved_scale: r, fixed, scaled, truth_extra must be (n,) each, got {r.shape}, "
-                         f"{fixed.shape}, {scaled.shape}, {extra.shape}")
-    if r.size < 3 or not np.all(np.isfinite(r) & np.isfinite(fixed) & np.isfinite(scaled) & np.isfinite(extra)):
-        raise ValueError(f"deconvolved_scale: need >= 3 finite residuals and variances, got {r.size} "
-                         f"({int(np.sum(~np.isfinite(r)))} non-finite residuals)")
-    if np.any(fixed < 0) or np.any(scaled < 0) or np.any(extra < 0) or np.any(fixed + scaled <= 0):
-        raise ValueError(f"deconvolved_scale: variances must be >= 0 (fixed: min {fixed.min():g}; scaled: min "
-                         f"{scaled.min():g}; truth_extra: min {extra.min():g}) and fixed + scaled > 0 for a star")
+    r, fixed, scaled, extra = _checked(r, fixed, scaled, truth_extra)
     ln_c_ml, nu = shape_fit(r, fixed, scaled)
-    rng = np.random.default_rng(_SEED)
-    own = rng.standard_t(nu, size=(_REPLICAS, r.size))
-    own /= robust_sigma(own.ravel())  # exactly unit robust sigma: with f = 0 the plain condition, exactly
-    ref = rng.standard_normal((_REPLICAS, r.size))
-
-    def gap(lnc: float) -> float:
-        """Robust sigma of the simulated minus the observed pulls against the references (rises with c)."""
-        c = np.exp(lnc)
-        sd = np.sqrt(fixed + c * scaled)
-        simulated = (np.sqrt(c * scaled) * own + np.sqrt(fixed) * ref) / sd
-        return robust_sigma(simulated.ravel()) - robust_sigma(r / sd)
-
-    ln_c = _shrunk_correction(ln_c_ml, _root_of_increasing(gap), fixed, scaled, own, ref)
+    own, ref = _draws(r.size, nu)
+    b = CORRECTION_SD if correction_sd is None else float(correction_sd)
+    ln_c = _shrunk_correction(ln_c_ml, _root_of_increasing(_robust_gap(r, fixed, scaled, own, ref)), fixed,
+                              scaled, own, ref, b)
     if not np.any(extra > 0):
         return ln_c, nu
     own_error = np.sqrt(np.exp(ln_c) * scaled) * own + np.sqrt(extra) * ref  # estimate - truth under the model
@@ -205,25 +255,49 @@ def deconvolved_scale(r: np.ndarray, fixed: np.ndarray, scaled: np.ndarray,
     return _root_of_increasing(truth_gap), nu
 
 
-def _shrunk_correction(ln_c_ml: float, ln_c_robust: float, fixed: np.ndarray, scaled: np.ndarray, own: np.ndarray,
-                       ref: np.ndarray) -> float:
-    """ln c_ML plus the robust match's correction, shrunk by its precision (step 2 of the module's description).
+def _robust_gap(r: np.ndarray, fixed: np.ndarray, scaled: np.ndarray, own: np.ndarray,
+                ref: np.ndarray) -> Callable[[float], float]:
+    """Robust sigma of the simulated minus the observed pulls against the references, a function of ln c
+    (rises with c)."""
 
-    ``own`` and ``ref`` are the (replicas, n) unit draws of the simulation. Where the robust match sits at an
-    end of :data:`LN_C_RANGE` and the ML scale agrees, that end is returned.
-    """
+    def gap(lnc: float) -> float:
+        c = np.exp(lnc)
+        sd = np.sqrt(fixed + c * scaled)
+        simulated = (np.sqrt(c * scaled) * own + np.sqrt(fixed) * ref) / sd
+        return robust_sigma(simulated.ravel()) - robust_sigma(r / sd)
+
+    return gap
+
+
+def _correction_se(ln_c_ml: float, ln_c_robust: float, fixed: np.ndarray, scaled: np.ndarray, own: np.ndarray,
+                   ref: np.ndarray) -> float:
+    """Standard error of the robust match's correction (step 2): 0 where it and the ML scale sit at the same end
+    of :data:`LN_C_RANGE`, inf where the estimate's own error does not show in ``r``."""
     lo, hi = LN_C_RANGE
     if (ln_c_robust <= lo and ln_c_ml <= lo + 0.01) or (ln_c_robust >= hi and ln_c_ml >= hi - 0.01):
-        return ln_c_robust
+        return 0.0
     c = np.exp(ln_c_robust)
     sd = np.sqrt(fixed + c * scaled)
     simulated = (np.sqrt(c * scaled) * own + np.sqrt(fixed) * ref) / sd
     se_rs = float(np.std([robust_sigma(row) for row in simulated]))
     slope = 0.5 * float(np.mean(c * scaled / (fixed + c * scaled)))
-    if slope <= 0.0:
+    return se_rs / slope if slope > 0.0 else float("inf")
+
+
+def _shrunk_correction(ln_c_ml: float, ln_c_robust: float, fixed: np.ndarray, scaled: np.ndarray, own: np.ndarray,
+                       ref: np.ndarray, correction_sd: float) -> float:
+    """ln c_ML plus the robust match's correction, shrunk by its precision under the prior width
+    ``correction_sd`` (step 2 of the module's description).
+
+    ``own`` and ``ref`` are the (replicas, n) unit draws of the simulation. Where the robust match sits at an
+    end of :data:`LN_C_RANGE` and the ML scale agrees, that end is returned.
+    """
+    se = _correction_se(ln_c_ml, ln_c_robust, fixed, scaled, own, ref)
+    if se == 0.0:
+        return ln_c_robust
+    if not np.isfinite(se):
         return ln_c_ml
-    se2 = (se_rs / slope) ** 2
-    shrink = CORRECTION_SD**2 / (CORRECTION_SD**2 + se2)
+    shrink = correction_sd**2 / (correction_sd**2 + se**2) if correction_sd > 0.0 else 0.0
     logger.debug("deconvolved scale: ln c ML %.3f, robust %.3f (se %.3f), kept %.2f of the correction",
-                 ln_c_ml, ln_c_robust, np.sqrt(se2), shrink)
-    return float(np.clip(ln_c_ml + shrink * (ln_c_robust - ln_c_ml), lo, hi))
+                 ln_c_ml, ln_c_robust, se, shrink)
+    return float(np.clip(ln_c_ml + shrink * (ln_c_robust - ln_c_ml), *LN_C_RANGE))
