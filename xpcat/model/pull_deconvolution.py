@@ -43,9 +43,18 @@ So the factor is found in two or three steps (:func:`deconvolved_scale`):
    stars one resample set ln c for logg at -1.95 (the ML fit: +0.12) and the
    catalog's logg pulls went to 2.5. So the step-2 correction
    ``d = ln c_robust - ln c_ML`` is taken as a measurement of the ML scale's
-   bias with error ``se``, under a Gaussian prior of width
-   :data:`CORRECTION_SD` on that bias: ``ln c = ln c_ML + d b^2 / (b^2 +
-   se^2)``. With exact references (``f = 0``, slope 1/2) and many stars the
+   bias with error ``se``, under a Gaussian prior of width ``b`` on that
+   bias: ``ln c = ln c_ML + d b^2 / (b^2 + se^2)``. ``b`` is estimated from
+   the five parameters together (:func:`pooled_correction_sd`, empirical
+   Bayes: ``b^2 = max(0, mean(d_j^2 - se_j^2))``); :data:`CORRECTION_SD`
+   (0.5) only where no parameter gives one. On the 6000-star demo every
+   correction lay within its noise (Teff -0.18 +- 0.20, [Fe/H] +0.13 +-
+   0.14, logg -0.23 +- 0.30, E +0.08 +- 0.05, parallax +0.01 +- 0.10; the
+   standard errors agree with a bootstrap of the validation stars), so
+   ``b = 0`` and the ML scale is kept (the fixed 0.5 had kept 73-99 % of
+   those noise corrections: catalog pulls 1.18 / 0.97 / 1.05 / 0.96 / 0.99
+   with it, 1.09 / 1.03 / 0.97 / 1.00 / 0.99 without). With exact references
+   (``f = 0``, slope 1/2), many stars and a real bias, ``b`` is large and the
    correction is kept almost whole.
 
 3. **Truth.** Where ``estimate - truth`` holds a Gaussian part that ``r``
