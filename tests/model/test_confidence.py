@@ -207,3 +207,43 @@ def test_classifier_on_fewer_features_still_predicts(trained):
         C.predict_confidence(unknown, X)
     with pytest.raises(ValueError, match="confidence features must be"):
         C.predict_confidence(legacy, X[:, :50])
+
+
+def test_k_fold_scores_every_star_unseen_and_averages_the_fold_networks(rng):
+    """folds >= 2: each usable star is scored by the fold network that did not see it; the classifier learns from all."""
+    X, labels, bad = _separable(rng, 600)
+    labels["logg"] = np.where(bad & (np.arange(600) >= 12 * 3), np.nan, labels["logg"])  # ~12 bad logg stars only
+    settings = C.ClassifierSettings(epochs=40, patience=10, batch_size=256, folds=3)
+    folds = np.arange(600) % 3
+    clf, report = C.train_confidence_classifiers(X, labels, settings, seed=0, folds=folds)
+    oof = report["oof_confidence"]
+    x, _ = clf.standardise(X)
+    for j, p in enumerate(("teff", "feh")):
+        r = report[p]
+        usable = np.isfinite(labels[p])
+        assert r["auc_method"] == "out-of-fold (3 folds)" and not r["fallback"]
+        assert r["n_holdout_good"] + r["n_holdout_bad"] == usable.sum()
+        assert np.all(np.isfinite(oof[usable, j])) and np.all(np.isnan(oof[~usable, j]))
+        assert r["auc"] >= 0.85 and 0.0 < r["auc_se"] < 0.05, r
+        assert len(r["epochs_run"]) == 4  # three fold networks and the final one
+        # the final network saw every star: it does not reproduce the out-of-fold scores
+        assert not np.allclose(oof[usable, j], C.classifier_probability(clf.nets[p], x[usable]), atol=1e-3)
+    assert report["logg"]["fallback"] and "smallest fold's training part" in report["logg"]["reason"]
+    assert np.all(np.isnan(oof[:, 2]))
+    conf = C.predict_confidence(clf, X)
+    arrays = C.classifiers_to_arrays(clf)
+    assert C.trained_parameters(arrays) == ("teff", "feh")
+    np.testing.assert_allclose(C.predict_confidence(arrays, X), conf, rtol=1e-6)
+    with pytest.raises(ValueError, match="folds must lie"):
+        C.train_confidence_classifiers(X, labels, settings, folds=np.full(600, 3))
+    with pytest.raises(ValueError, match="folds must be"):
+        C.train_confidence_classifiers(X, labels, settings, folds=np.zeros(5, int))
+
+
+def test_auc_with_error():
+    y = np.array([0, 0, 1, 1, 1, 1] * 20, dtype=float)
+    auc, se = C.auc_with_error(y, y)
+    assert auc == 1.0 and se == 0.0
+    auc, se = C.auc_with_error(y, np.random.default_rng(0).random(y.size))
+    assert 0.3 < auc < 0.7 and 0.02 < se < 0.15
+    assert all(np.isnan(v) for v in C.auc_with_error(np.ones(5), np.ones(5)))

@@ -125,8 +125,16 @@ def test_stage_stores_classifiers_in_artifact(tmp_path, rng, monkeypatch):
     n = out["stars_labelled"]
     assert stars["features"].shape == (n, C.N_FEATURES) and stars["confidence"].shape == (n, 3)
     assert stars["used"].sum() == out["stars_basic_cut"]
-    np.testing.assert_allclose(stars["confidence"], C.predict_confidence(art.components["confidence"],
-                                                                         stars["features"]), rtol=1e-5)
+    final = C.predict_confidence(art.components["confidence"], stars["features"])
+    np.testing.assert_allclose(stars["confidence_final"], final, rtol=1e-5)
+    # the default 5 folds (beyond the paper): every used star is scored by the network that did not see it
+    assert state["auc_method"] == "out-of-fold (5 folds)" and len(state["classifiers"]["teff"]["epochs_run"]) == 6
+    assert all(0.0 < state[f"auc_{p}_se"] < 0.1 for p in ("teff", "feh", "logg")), state
+    rep = state["classifiers"]["teff"]
+    assert rep["n_holdout_good"] + rep["n_holdout_bad"] == np.sum(np.isfinite(stars["labels"][stars["used"], 0]))
+    np.testing.assert_array_equal(stars["fold"], S.fold_index(stars["source_id"], 5, 3))
+    assert stars["holdout"].all() and not np.allclose(stars["confidence"], stars["confidence_final"])
+    np.testing.assert_allclose(stars["confidence"][~stars["used"]], final[~stars["used"]], rtol=1e-5)
     # the stored classifiers apply to new features
     X = np.random.default_rng(0).normal(size=(4, C.N_FEATURES))
     conf = C.predict_confidence(art.components["confidence"], X)
@@ -136,6 +144,10 @@ def test_stage_stores_classifiers_in_artifact(tmp_path, rng, monkeypatch):
     h1 = S.holdout_mask(truth["sid"], 0.2, 3)
     assert np.array_equal(h1, S.holdout_mask(truth["sid"][::-1], 0.2, 3)[::-1])
     assert 0.12 < h1.mean() < 0.28
+    f1 = S.fold_index(truth["sid"], 5, 3)
+    assert np.array_equal(f1, S.fold_index(truth["sid"][::-1], 5, 3)[::-1])
+    assert set(np.unique(f1)) == {0, 1, 2, 3, 4} and np.all(np.bincount(f1) > 0.12 * N)
+    assert not np.array_equal(f1, S.fold_index(truth["sid"], 5, 4))
 
 
 def test_too_few_bad_stars_fall_back_per_parameter_and_are_recorded(tmp_path, rng, monkeypatch):
@@ -269,7 +281,7 @@ def test_confident_stars_scatter_half_as_much(universe_run, p):
 
     d = universe_run["stars"]
     j = ("teff", "feh", "logg").index(p)
-    sel = d["used"] & d["holdout"]
+    sel = d["used"] & d["holdout"]  # with k folds every star, scored ("confidence") by the network that did not see it
     res = d["est"][:, j] - d["ref"][:, j]
     conf = d["confidence"][:, j] > 0.5
     assert (sel & ~conf).sum() >= 10, (p, int((sel & ~conf).sum()), "held-out stars labelled not confident")

@@ -251,6 +251,10 @@ class ConfidenceConfig(Section):
     epochs: int = config_field(1024, "Maximum epochs.", min=1)
     patience: int = config_field(256, "Epochs without improvement before the learning rate drops x10.", min=1)
     holdout_fraction: float = config_field(0.2, "Fraction held out for the ROC AUC.", min=0.0, max=0.9)
+    folds: int = config_field(
+        5, "Beyond the paper: k-fold cross-validation for the ROC AUC, every labelled star scored by the fold network "
+        "that did not see it (AUC with a bootstrap error), then each classifier trained on all the stars (k + 1 "
+        "times the training time); 1 = the paper's single hold-out of holdout_fraction.", min=1, max=20)
     label_set: Literal["all", "validation"] = config_field(
         "all", "Labelled stars the classifiers learn from, each fitted without its label: 'all' (Sec. 4.4: every "
         "LAMOST source, 20 % held out) or 'validation' (only the forward model's validation split; all labelled "

@@ -3,8 +3,10 @@
 One binary classifier per atmospheric parameter (Teff, [Fe/H], logg) predicts
 whether the estimate agrees with a reference (LAMOST, or the truth of a
 synthetic universe). This module trains the three together
-(:func:`train_confidence_classifiers`: a held-out set for the ROC AUC, a shared
-feature standardisation), applies them (:func:`predict_confidence`), turns
+(:func:`train_confidence_classifiers`: the ROC AUC on stars the networks did
+not see, with its bootstrap error, from the paper's 20 % hold-out or, beyond
+the paper, from k-fold cross-validation, after which each classifier learns
+from all the stars; a shared feature standardisation), applies them (:func:`predict_confidence`), turns
 confidences into quality bits (:func:`confidence_quality_bits`) and stores
 them as flat arrays for the model artifact.
 
@@ -60,6 +62,7 @@ __all__ = [
     "ConfidenceClassifiers",
     "TooFewLabelsError",
     "train_confidence_classifiers",
+    "auc_with_error",
     "predict_confidence",
     "confidence_quality_bits",
     "trained_parameters",
@@ -171,14 +174,62 @@ def _standardisation(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return center, scale
 
 
+def auc_with_error(y: np.ndarray, p: np.ndarray, n_boot: int = 200, seed: int = 0) -> tuple[float, float]:
+    """ROC AUC and its bootstrap standard error.
+
+    Parameters
+    ----------
+    y : (n,) array of 1 (good) / 0 (bad)
+    p : (n,) array of confidences
+    n_boot : number of bootstrap resamples of the stars
+    seed : seed of the resampling
+
+    Returns
+    -------
+    auc, se : float
+        NaN when ``y`` lacks a class (the SE also when no resample has both).
+    """
+    from sklearn.metrics import roc_auc_score
+
+    y = np.asarray(y, dtype=np.float64)
+    p = np.asarray(p, dtype=np.float64)
+    if y.size == 0 or len(np.unique(y)) < 2:
+        return float("nan"), float("nan")
+    auc = float(roc_auc_score(y, p))
+    rs = np.random.default_rng(seed)
+    boots = []
+    for _ in range(n_boot):
+        i = rs.integers(0, y.size, y.size)
+        if 0 < np.sum(y[i]) < y.size:
+            boots.append(roc_auc_score(y[i], p[i]))
+    return auc, float(np.std(boots)) if len(boots) > 1 else float("nan")
+
+
+def _check_split(values: np.ndarray | None, n: int, what: str) -> None:
+    if values is not None and np.shape(values) != (n,):
+        raise ValueError(f"{what} must be ({n},), got {np.shape(values)}")
+
+
+def _train_one(x_all: np.ndarray, y: np.ndarray, train: np.ndarray, settings: ClassifierSettings,
+               rs: np.random.Generator, seed: int) -> tuple[list[dict[str, np.ndarray]], dict[str, Any]]:
+    """One network on the stars ``train``, a random ``validation_fraction`` of them driving its schedule."""
+    n = y.shape[0]
+    inner_val = rs.random(n) < settings.validation_fraction
+    fit_idx, val_idx = train & ~inner_val, train & inner_val
+    if len(np.unique(y[fit_idx])) < 2:  # tiny sets: validate on the training part
+        fit_idx, val_idx = train, np.zeros(n, dtype=bool)
+    return train_classifier(x_all[fit_idx], y[fit_idx], x_all[val_idx], y[val_idx], settings, seed=seed)
+
+
 def train_confidence_classifiers(
     features: np.ndarray,
     labels: Mapping[str, np.ndarray],
     settings: ClassifierSettings,
     seed: int = 0,
     holdout: np.ndarray | None = None,
+    folds: np.ndarray | None = None,
 ) -> tuple[ConfidenceClassifiers, dict[str, Any]]:
-    """Train the three classifiers with a held-out set and report their ROC AUC.
+    """Train the three classifiers and report their ROC AUC on stars they did not see.
 
     Parameters
     ----------
@@ -189,87 +240,109 @@ def train_confidence_classifiers(
         ``{"teff": y, "feh": y, "logg": y}``, each (n,) with 1 good, 0 bad,
         NaN unused (:func:`chi2_eps_labels`).
     settings : ClassifierSettings
+        ``folds`` >= 2: k-fold cross-validation (beyond the paper); else the
+        paper's single hold-out of ``holdout_fraction``.
     seed : int
-        Seed of the initialisation, the split and the dropout.
+        Seed of the initialisation, the splits and the dropout.
     holdout : (n,) bool array, optional
-        Stars held out for the AUC; default a random ``holdout_fraction``.
+        Stars held out for the AUC (``folds`` < 2); default a random ``holdout_fraction``.
+    folds : (n,) int array in [0, settings.folds), optional
+        Fold of each star (``folds`` >= 2); default random.
 
     Returns
     -------
     classifiers : ConfidenceClassifiers
+        With k folds, each parameter's classifier is one network trained on
+        all its usable stars; the k fold networks (each trained on the other
+        k - 1 folds) only score the stars they did not see.
     report : dict
-        Per parameter: ``auc`` (held-out ROC AUC, NaN when the held-out set
-        lacks a class), ``fallback`` (bool), ``n_train_good``, ``n_train_bad``,
-        ``n_holdout_good``, ``n_holdout_bad``, and ``epochs_run``, ``best_epoch``
-        for a trained one or ``reason`` for one that fell back; plus ``n_stars``.
+        Per parameter: ``auc`` (ROC AUC on the stars not seen: the hold-out,
+        or every usable star scored out-of-fold; NaN when a class is missing
+        there), ``auc_se`` (its bootstrap standard error), ``auc_method``,
+        ``fallback`` (bool), ``n_train_good``, ``n_train_bad``,
+        ``n_holdout_good``, ``n_holdout_bad`` (the stars the AUC scored), and
+        ``epochs_run``, ``best_epoch`` (lists over the networks: the fold
+        networks, then the final one) for a trained
+        one or ``reason`` for one that fell back; plus ``n_stars``, and
+        ``oof_confidence`` (n, 3) (NaN where a star was not scored unseen).
 
     A classifier with fewer than ``settings.min_per_class`` good or bad
-    training stars (one class only, or none) is not trained: it falls back to
-    the placeholder rule alone (:func:`confidence_quality_bits`), its
-    ``reason`` names the class and the count, and the others still train.
+    training stars (in the smallest fold's training part) is not trained: it
+    falls back to the placeholder rule alone (:func:`confidence_quality_bits`),
+    its ``reason`` names the class and the count, and the others still train.
     Stars with a missing core feature (NaN) take no part in the training.
     """
-    from sklearn.metrics import roc_auc_score
-
     features = np.asarray(features, dtype=np.float64)
     if features.ndim != 2 or features.shape[1] != N_FEATURES:
         raise ValueError(f"features must be (n, {N_FEATURES}), got shape {features.shape}")
     n = features.shape[0]
     rs = np.random.default_rng(seed)
-    if holdout is None:
-        holdout = rs.random(n) < settings.holdout_fraction
-    holdout = np.asarray(holdout, dtype=bool)
-    if holdout.shape != (n,):
-        raise ValueError(f"holdout must be ({n},), got {holdout.shape}")
-    center, scale = _standardisation(features[~holdout] if np.any(~holdout) else features)
+    k = int(settings.folds)
+    _check_split(holdout, n, "holdout")
+    _check_split(folds, n, "folds")
+    if k >= 2:
+        fold = rs.integers(0, k, n) if folds is None else np.asarray(folds, dtype=np.int64)
+        if fold.size and (fold.min() < 0 or fold.max() >= k):
+            raise ValueError(f"folds must lie in [0, {k}), got values {fold.min()}..{fold.max()}")
+        parts = [fold == f for f in range(k)]
+        method = f"out-of-fold ({k} folds)"
+        center, scale = _standardisation(features)  # label-free, so every star may shape it
+    else:
+        hold = rs.random(n) < settings.holdout_fraction if holdout is None else np.asarray(holdout, dtype=bool)
+        parts = [hold]
+        method = f"hold-out ({settings.holdout_fraction:.0%})"
+        center, scale = _standardisation(features[~hold] if np.any(~hold) else features)
     clf = ConfidenceClassifiers(tuple(FEATURE_NAMES), center, scale, {})
     x_all, ok = clf.standardise(features)
-    inner_val = rs.random(n) < settings.validation_fraction
+    oof = np.full((n, len(PARAMETERS)), np.nan)
     report: dict[str, Any] = {"n_stars": int(n)}
-    for name in PARAMETERS:  # each classifier trains, or falls back to the placeholder rule, alone
+    for j, name in enumerate(PARAMETERS):  # each classifier trains, or falls back to the placeholder rule, alone
         if name not in labels:
             raise KeyError(f"labels lack the parameter {name!r} (need {PARAMETERS})")
         y = np.asarray(labels[name], dtype=np.float64)
         if y.shape != (n,):
             raise ValueError(f"labels[{name!r}] must be ({n},), got {y.shape}")
         usable = ok & np.isfinite(y)
-        train, test = usable & ~holdout, usable & holdout
-        n_good, n_bad = int(np.sum(y[train] == 1)), int(np.sum(y[train] == 0))
-        counts = {"n_train_good": n_good, "n_train_bad": n_bad, "n_holdout_good": int(np.sum(y[test] == 1)),
-                  "n_holdout_bad": int(np.sum(y[test] == 0))}
-        short = [(c, k) for c, k in (("good", n_good), ("bad", n_bad)) if k < settings.min_per_class]
+        trains = [usable & ~part for part in parts]
+        scored = usable & np.any(parts, axis=0)
+        n_good = min(int(np.sum(y[t] == 1)) for t in trains)
+        n_bad = min(int(np.sum(y[t] == 0)) for t in trains)
+        counts = {"n_train_good": n_good, "n_train_bad": n_bad, "n_holdout_good": int(np.sum(y[scored] == 1)),
+                  "n_holdout_bad": int(np.sum(y[scored] == 0)), "auc_method": method}
+        short = [(c, m) for c, m in (("good", n_good), ("bad", n_bad)) if m < settings.min_per_class]
         if short:
             cls_name, count = short[0]
-            reason = (f"only {count} {cls_name} training stars (chi^2_eps {'< 4' if cls_name == 'good' else '> 9'}), "
+            where = " in the smallest fold's training part" if k >= 2 else ""
+            reason = (f"only {count} {cls_name} training stars{where} (chi^2_eps {'< 4' if cls_name == 'good' else '> 9'}), "
                       f"need at least {settings.min_per_class}")
             logger.warning("confidence classifier %r not trained, it falls back to the placeholder rule: %s; "
                            "more labelled stars would train it", name, reason)
-            report[name] = {"auc": float("nan"), "fallback": True, "reason": reason, **counts}
+            report[name] = {"auc": float("nan"), "auc_se": float("nan"), "fallback": True, "reason": reason, **counts}
             continue
-        fit_idx = train & ~inner_val
-        val_idx = train & inner_val
-        if len(np.unique(y[fit_idx])) < 2:  # tiny sets: validate on the training part
-            fit_idx, val_idx = train, np.zeros(n, dtype=bool)
-        layers, info = train_classifier(
-            x_all[fit_idx], y[fit_idx], x_all[val_idx], y[val_idx], settings, seed=seed * 7 + PARAMETERS.index(name)
-        )
+        infos = []
+        for f, (train, part) in enumerate(zip(trains, parts)):
+            layers, info = _train_one(x_all, y, train, settings, rs, seed * 7 + j + 101 * f)
+            infos.append(info)
+            test = usable & part
+            if test.any():
+                oof[test, j] = classifier_probability(layers, x_all[test])
+        if k >= 2:  # the fold networks only score the stars they did not see; the classifier learns from all
+            layers, info = _train_one(x_all, y, usable, settings, rs, seed * 7 + j + 101 * k)
+            infos.append(info)
         clf.nets[name] = layers
-        auc = float("nan")
-        if test.any() and len(np.unique(y[test])) == 2:
-            p = classifier_probability(layers, x_all[test])
-            auc = float(roc_auc_score(y[test], p))
+        auc, auc_se = auc_with_error(y[scored], oof[scored, j], seed=seed)
         report[name] = {
             "auc": auc,
+            "auc_se": auc_se,
             "fallback": False,
             **counts,
-            "epochs_run": info["epochs_run"],
-            "best_epoch": info["best_epoch"],
-            "best_val_loss": info["best_val_loss"],
+            "epochs_run": [i["epochs_run"] for i in infos],
+            "best_epoch": [i["best_epoch"] for i in infos],
+            "best_val_loss": [i["best_val_loss"] for i in infos],
         }
-        logger.info(
-            "confidence %s: %d good / %d bad training stars, %d epochs, held-out AUC %.3f",
-            name, n_good, n_bad, info["epochs_run"], auc,
-        )
+        logger.info("confidence %s: %d good / %d bad training stars, %d network(s), %s AUC %.3f +- %.3f",
+                    name, n_good, n_bad, len(infos), method, auc, auc_se)
+    report["oof_confidence"] = oof
     return clf, report
 
 

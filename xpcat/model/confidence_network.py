@@ -53,6 +53,10 @@ class ClassifierSettings:
     epochs: int = 1024
     patience: int = 256
     holdout_fraction: float = 0.2
+    #: Cross-validation folds for the ROC AUC (beyond the paper): every usable star is scored by the
+    #: fold network that did not see it, then the classifier is trained on all; 1 = the paper's
+    #: single hold-out of ``holdout_fraction``.
+    folds: int = 1
     #: Fraction of the training part used as validation set for the lr schedule.
     validation_fraction: float = 0.15
     #: Minimum number of good and of bad training stars per classifier.
@@ -62,7 +66,7 @@ class ClassifierSettings:
     def from_config(cls, cfg: Any, **overrides: Any) -> ClassifierSettings:
         """From a ``ConfidenceConfig`` (any object with the same attribute names)."""
         names = ("hidden_width", "n_hidden", "dropout", "l2", "learning_rate", "batch_size", "epochs", "patience",
-                 "holdout_fraction")
+                 "holdout_fraction", "folds")
         kw = {k: getattr(cfg, k) for k in names if hasattr(cfg, k)}
         kw.update(overrides)
         return cls(**kw)

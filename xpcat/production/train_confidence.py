@@ -17,8 +17,14 @@ Sec. 4.4 / Appendix B, SPEC §7:
    says which set was used.
 2. chi^2_eps against the labels gives good (< 4) / bad (> 9) per parameter;
    only stars passing the basic cut (quality_flags bits 3-5 clear) are used.
-3. 20 % (``[confidence] holdout_fraction``) are held out; the ROC AUC of each
-   classifier on them is reported.
+3. The ROC AUC of each classifier on stars it did not see, with its
+   bootstrap standard error: beyond the paper, by default
+   (``[confidence] folds = 5``) every usable star is scored by the network of
+   the k-fold cross-validation that did not see it, then each classifier is
+   trained on all the stars (a 20 % hold-out of a small run holds a handful
+   of bad stars, so its AUC is too uncertain to judge); ``folds = 1`` is the
+   paper's 20 % hold-out (``holdout_fraction``). Folds and hold-out are a
+   stable hash of the source_id.
    A classifier with too few good or bad stars (``min_per_class``) is not
    trained and falls back to the placeholder rule alone; the others train.
 4. The classifiers are stored in the model artifact as the ``confidence``
@@ -67,6 +73,7 @@ __all__ = [
     "fit_stars",
     "training_set",
     "holdout_mask",
+    "fold_index",
     "train_confidence_run",
 ]
 
@@ -237,6 +244,16 @@ def training_set(
     return features, labels, basic
 
 
+def _hash_unit(source_id: np.ndarray, seed: int) -> np.ndarray:
+    """A stable uniform number in [0, 1) per (source_id, seed): the splitmix64 finaliser."""
+    x = (np.asarray(source_id, dtype=np.int64).view(np.uint64) ^ np.uint64(seed * 0x9E3779B97F4A7C15 % 2**64))
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    return (x >> np.uint64(11)).astype(np.float64) / float(2**53)
+
+
 def holdout_mask(source_id: np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:
     """Stars held out for the ROC AUC: a stable hash of (source_id, seed) below ``fraction``.
 
@@ -250,26 +267,40 @@ def holdout_mask(source_id: np.ndarray, fraction: float, seed: int = 0) -> np.nd
     -------
     (n,) bool; the same star is held out in every run with the same seed.
     """
-    x = (np.asarray(source_id, dtype=np.int64).view(np.uint64) ^ np.uint64(seed * 0x9E3779B97F4A7C15 % 2**64))
-    with np.errstate(over="ignore"):  # splitmix64 finaliser
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        x = x ^ (x >> np.uint64(31))
-    return (x >> np.uint64(11)).astype(np.float64) / float(2**53) < fraction
+    return _hash_unit(source_id, seed) < fraction
+
+
+def fold_index(source_id: np.ndarray, folds: int, seed: int = 0) -> np.ndarray:
+    """Cross-validation fold of each star: the same stable hash as :func:`holdout_mask`, cut into ``folds`` parts.
+
+    Returns
+    -------
+    (n,) int64 in [0, folds); the same star has the same fold in every run with the same seed.
+    """
+    return np.minimum((_hash_unit(source_id, seed) * max(int(folds), 1)).astype(np.int64), max(int(folds), 1) - 1)
 
 
 def _write_stars(path: Path, source_id: np.ndarray, features: np.ndarray, est: np.ndarray, ref: np.ndarray,
-                 labels: dict[str, np.ndarray], keep: np.ndarray, holdout: np.ndarray, confidence: np.ndarray) -> None:
+                 labels: dict[str, np.ndarray], keep: np.ndarray, split: np.ndarray, final: np.ndarray,
+                 unseen: np.ndarray) -> None:
     """Save the per-star training set (for diagnostics and Fig. 10-style checks), atomically.
 
     Arrays: ``source_id`` (n,), ``features`` (n, F), ``est`` and ``ref`` (n, 3)
     Teff [K], [Fe/H], logg, ``labels`` (n, 3) 1/0/NaN, ``used`` (n,) basic cut
-    and finite features, ``holdout`` (n,), ``confidence`` (n, 3).
+    and finite features, ``holdout`` (n,) bool: stars scored by a network that
+    did not see them (the hold-out; every star with k folds), ``fold`` (n,) the
+    fold of each star (-1 with the hold-out), ``confidence`` (n, 3): that
+    unseen network's score where ``holdout`` and defined, else the final
+    classifiers', ``confidence_final`` (n, 3): the final classifiers'.
     """
+    by_fold = split.dtype != bool
+    confidence = np.where(np.isfinite(unseen), unseen, final)
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         np.savez(fh, source_id=source_id, features=features, est=est, ref=ref,
-                 labels=np.column_stack([labels[p] for p in C.PARAMETERS]), used=keep, holdout=holdout,
-                 confidence=confidence, feature_names=np.asarray(C.FEATURE_NAMES))
+                 labels=np.column_stack([labels[p] for p in C.PARAMETERS]), used=keep,
+                 holdout=np.ones(split.shape, bool) if by_fold else split,
+                 fold=split if by_fold else np.full(split.shape, -1), confidence=confidence,
+                 confidence_final=final, feature_names=np.asarray(C.FEATURE_NAMES))
 
 
 def _fit_unlabelled(run_dir: Path, config: RunConfig, inference: Any, ln_prior_cut: float,
@@ -388,10 +419,17 @@ def _train_confidence(paths: RunPaths, config: RunConfig, model_dir: Path, forwa
               "quality": fit_quality(fit["chi2"], fit["n_valid_flux"])}
         return er, cond, features, ylab, keep
 
+    def split(sid: np.ndarray) -> np.ndarray:
+        """(n,) fold index (k folds) or hold-out mask (the paper's hold-out) of the stars ``sid``."""
+        if settings.folds >= 2:
+            return fold_index(sid, settings.folds, config.run.seed)
+        return holdout_mask(sid, settings.holdout_fraction, config.run.seed)
+
     def enough(ylab: dict, keep: np.ndarray, sid: np.ndarray) -> bool:
-        hold = holdout_mask(sid, settings.holdout_fraction, config.run.seed)
-        return all(min(np.sum(y[keep & ~hold] == 1), np.sum(y[keep & ~hold] == 0)) >= settings.min_per_class
-                   for y in ylab.values())
+        s = split(sid)
+        trains = [keep & (s != f) for f in range(settings.folds)] if settings.folds >= 2 else [keep & ~s]
+        return all(min(np.sum(y[t] == 1), np.sum(y[t] == 0)) >= settings.min_per_class
+                   for y in ylab.values() for t in trains)
 
     val = _validation_mask(sid_all, config, artifact) if config.confidence.label_set == "validation" else None
     if val is not None and val.any():
@@ -417,24 +455,29 @@ def _train_confidence(paths: RunPaths, config: RunConfig, model_dir: Path, forwa
     n = len(cond["source_id"])
     if n == 0:
         raise StageError("none of the labelled stars is in the conditioned partitions; nothing to train on")
+    star_split = split(cond["source_id"])
+    by_fold = settings.folds >= 2
     clf, report = C.train_confidence_classifiers(  # a classifier without enough good / bad stars falls back alone
         features[keep], {p: y[keep] for p, y in ylab.items()}, settings, seed=config.run.seed,
-        holdout=holdout_mask(cond["source_id"][keep], settings.holdout_fraction, config.run.seed),
+        holdout=None if by_fold else star_split[keep], folds=star_split[keep] if by_fold else None,
     )
+    oof = np.full((n, len(C.PARAMETERS)), np.nan)
+    oof[keep] = report["oof_confidence"]
     refs = {k: er[a][:, j] for j, p in enumerate(C.PARAMETERS) for k, a in ((p, "ref"), (f"{p}_error", "ref_err"))}
     unlabelled = _fit_unlabelled(run_dir, config, inference, float(artifact.gmm.ln_prior_cut), sid_all)
     model_error = train_model_error(paths, config, model_dir, cond["source_id"], er["params5"], er["cov5"], refs,
                                     cond["parallax"], cond["parallax_error"], keep, unlabelled=unlabelled,
                                     quality=er["quality"])
     _write_stars(paths.confidence_stars, cond["source_id"], features, er["est"], er["ref"], ylab, keep,
-                 holdout_mask(cond["source_id"], settings.holdout_fraction, config.run.seed),
-                 C.predict_confidence(clf, features))
+                 star_split, C.predict_confidence(clf, features), oof)
     summary: dict[str, Any] = {
         "stars_labelled": int(n),
         "stars_basic_cut": int(keep.sum()),
         "label_set": which,
         "n_features": C.N_FEATURES,
         **{f"auc_{p}": report[p]["auc"] for p in C.PARAMETERS},
+        **{f"auc_{p}_se": report[p]["auc_se"] for p in C.PARAMETERS},
+        "auc_method": report[C.PARAMETERS[0]]["auc_method"],
         "fallback": {p: report[p]["reason"] for p in C.PARAMETERS if report[p]["fallback"]},
         "classifiers": {p: report[p] for p in C.PARAMETERS},
         "model_error": {k: model_error[k] for k in ("status", "reason", "learned_from", "report") if k in model_error},

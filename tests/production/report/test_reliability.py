@@ -180,6 +180,13 @@ def test_confidence_status_sources():
     s = confidence_status({}, {"fallback": {"logg": "too few stars"}}, "state/confidence.json")
     assert s["logg"]["status"] == "fell back" and s["logg"]["reason"] == "too few stars"
     assert s["teff"]["status"] == "trained" and s["logg"]["from"] == "state/confidence.json"
+    # the AUC's bootstrap error and how its stars were chosen are stated
+    s = confidence_status({}, {"auc_teff": 0.812, "auc_teff_se": 0.031, "auc_method": "out-of-fold (5 folds)",
+                               "auc_feh": 0.77, "auc_logg": 0.93})
+    assert s["teff"]["auc_se"] == 0.031 and s["teff"]["auc_method"] == "out-of-fold (5 folds)"
+    assert ("Teff: the confidence classifier was trained (AUC 0.812 +- 0.031 on out-of-fold (5 folds), "
+            "stars the classifier did not see).") in s["statements"]
+    assert "[Fe/H]: the confidence classifier was trained (AUC 0.770 on out-of-fold (5 folds)" in s["statements"][1]
     s = confidence_status({}, None)
     assert all(s[p]["status"] == "unknown" for p in ("teff", "feh", "logg")) and not s["any_fallback"]
     assert not s["all_trained"] and any("xpcat train-confidence" in t for t in s["statements"])

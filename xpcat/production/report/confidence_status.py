@@ -59,8 +59,12 @@ def read_confidence_summary(run_dir: Path, artifact: Any) -> tuple[dict[str, Any
 def _sentence(p: str, row: dict[str, Any]) -> str:
     word = WORDS[p]
     if row["status"] == "trained":
-        auc = row.get("auc")
-        auc_txt = f" (AUC {auc:.3f} on held-out stars)" if isinstance(auc, (int, float)) else ""
+        auc, se, method = row.get("auc"), row.get("auc_se"), row.get("auc_method")
+        auc_txt = ""
+        if isinstance(auc, (int, float)) and auc == auc:
+            se_txt = f" +- {se:.3f}" if isinstance(se, (int, float)) and se == se else ""
+            how = f"{method}, stars the classifier did not see" if method else "held-out stars"
+            auc_txt = f" (AUC {auc:.3f}{se_txt} on {how})"
         return f"{word}: the confidence classifier was trained{auc_txt}."
     if row["status"] == "fell back":
         return (f"{word}: the confidence classifier fell back: {str(row['reason']).rstrip('.')}. No star is confident in {word}, "
@@ -80,7 +84,8 @@ def confidence_status(metadata: dict[str, Any], summary: dict[str, Any] | None,
         "placeholder"), ``confidence_fallback`` (reasons), ``confidence_rule``.
         It says what the catalog's confidences are, so it wins over ``summary``.
     summary : dict or None
-        :func:`read_confidence_summary`'s summary (``auc_<p>``, ``fallback``).
+        :func:`read_confidence_summary`'s summary (``auc_<p>``, ``auc_<p>_se``,
+        ``auc_method``, ``fallback``).
     summary_source : str or None
         Where ``summary`` was read (for the JSON).
 
@@ -88,7 +93,8 @@ def confidence_status(metadata: dict[str, Any], summary: dict[str, Any] | None,
     -------
     dict
         Per parameter ``{"status": "trained" | "fell back" | "unknown", "reason",
-        "auc", "from"}``, ``source`` (the metadata's ``confidence_source``),
+        "auc", "auc_se", "auc_method", "from"}`` (the AUC's bootstrap standard
+        error and how its stars were chosen, None when not recorded), ``source`` (the metadata's ``confidence_source``),
         ``rule`` (the placeholder rule when any fell back), ``any_fallback``,
         ``all_trained``, ``all_fallback`` and ``statements`` (one sentence per parameter, then the rule).
     """
@@ -111,6 +117,9 @@ def confidence_status(metadata: dict[str, Any], summary: dict[str, Any] | None,
                    "reason": "neither the catalog's metadata nor state/confidence.json says whether a classifier "
                              "was trained (run `xpcat train-confidence`)"}
         row["auc"] = auc if row["status"] == "trained" else None
+        if row["status"] == "trained":
+            row["auc_se"] = (summary or {}).get(f"auc_{p}_se")
+            row["auc_method"] = (summary or {}).get("auc_method")
         out[p] = row
     fell = [p for p in CONFIDENCE_PARAMETERS if out[p]["status"] == "fell back"]
     statements = [_sentence(p, out[p]) for p in CONFIDENCE_PARAMETERS]
