@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -61,8 +62,8 @@ def _sentence(p: str, row: dict[str, Any]) -> str:
     if row["status"] == "trained":
         auc, se, method = row.get("auc"), row.get("auc_se"), row.get("auc_method")
         auc_txt = ""
-        if isinstance(auc, (int, float)) and auc == auc:
-            se_txt = f" +- {se:.3f}" if isinstance(se, (int, float)) and se == se else ""
+        if isinstance(auc, (int, float)) and math.isfinite(auc):
+            se_txt = f" +- {se:.3f}" if isinstance(se, (int, float)) and math.isfinite(se) else ""
             how = f"{method}, stars the classifier did not see" if method else "held-out stars"
             auc_txt = f" (AUC {auc:.3f}{se_txt} on {how})"
         return f"{word}: the confidence classifier was trained{auc_txt}."
