@@ -42,10 +42,10 @@ N_HOLDOUT = 100
 #: 0.20 dex, 0.32 dex, calibrated pulls 0.90 / 1.21 / 1.06 (Fisher-only 0.90 / 1.88 / 2.14: Teff's model error
 #: is not learned, its validation pulls being 0.78 < 1), basic 0.77; bounds with margin. The issue's targets (90 K,
 #: 0.15, 0.25, 80 %) are for the full library. This test runs the benchmark's defaults (quick preset, [model]
-#: hidden_width 32, the ingest's floors); the committed full-library result uses --hidden-width 64 --n-hidden 4
+#: hidden_width 32, the training floors 100 K / 0.05 / 0.1; pulls in issue 15's band); the committed full-library result uses --hidden-width 64 --n-hidden 4
 #: --epochs 1280 --error-floor 100 0.02 0.05 --clean-sigma 3 (its JSON's ``options``; 11 min at load ~3-4
 #: against 2.8 min), too slow for this test.
-BOUNDS = {"teff": 140.0, "feh": 0.26, "logg": 0.42, "pull": (0.6, 1.5), "basic_fraction": 0.65}
+BOUNDS = {"teff": 140.0, "feh": 0.26, "logg": 0.42, "pull": (0.85, 1.2), "basic_fraction": 0.65}
 #: 18 Sco against (5800 K, +0.05, 4.45): allowed |delta|. Measured with the 3000-star model: -82 K, -0.29 dex,
 #: -0.54 dex (the issue asks 150 K, 0.2, 0.15; the misses are explained in the README's "Real stars").
 SCO18_BOUNDS = {"teff": 250.0, "feh": 0.45, "logg": 0.8}
