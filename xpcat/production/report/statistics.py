@@ -1,7 +1,8 @@
 """The report's statistics: robust sigma and bias of the residuals and pulls, Table 3's cut counts.
 
 ``robust_sigma`` = 1.4826 x the median absolute deviation from the median
-(astropy's :func:`~astropy.stats.median_absolute_deviation`), ``bias`` = the
+(:func:`xpcat.model.pull_statistics.robust_sigma`, the model error's own; NaN
+under 3 finite values), ``bias`` = the
 median residual (estimate - reference; Teff in K); pulls are
 residual / sqrt(err_est^2 + err_ref^2) (err_ref = 0 for a truth). They use
 the stars that pass the basic cut (quality_flags < 8), converged, and have
@@ -14,46 +15,21 @@ import logging
 from typing import Any
 
 import numpy as np
-from astropy.stats import median_absolute_deviation
 
 from xpcat.catalog_schema import PARAM_NAMES
 from xpcat.catalog_schema.flags import CONFIDENCE_THRESHOLD
+from xpcat.model.pull_statistics import robust_sigma
 from xpcat.production.report.data import ReportData
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "MAD_TO_SIGMA",
     "cut_counts",
     "finite_median",
     "format_number",
     "robust_sigma",
     "validation_numbers",
 ]
-
-#: Factor from the median absolute deviation to a Gaussian's sigma, as the report has always quoted it
-#: (astropy's ``mad_std`` uses 1 / Phi^-1(3/4) = 1.482602218505602, which changes sigmas by 1.5e-6 relative).
-MAD_TO_SIGMA = 1.4826
-
-
-def robust_sigma(x: np.ndarray) -> float:
-    """1.4826 x median(|x - median(x)|) of the finite values of ``x``.
-
-    Parameters
-    ----------
-    x : array_like
-        Any shape; non-finite values are ignored.
-
-    Returns
-    -------
-    float
-        The robust sigma, in the unit of ``x``; NaN when no value is finite.
-    """
-    x = np.asarray(x, dtype=np.float64)
-    x = x[np.isfinite(x)]
-    if x.size == 0:
-        return float("nan")
-    return float(MAD_TO_SIGMA * median_absolute_deviation(x, ignore_nan=True))
 
 
 def finite_median(x: np.ndarray) -> float:
