@@ -267,9 +267,43 @@ def test_model_error_follows_the_fit_quality():
         assert all(inside) if ok else not any(inside), (ok, [ME.robust_sigma(pulls[m]) for m in (q2 < 0.8, q2 > 2.5)])
 
 
-@pytest.mark.parametrize("nz", [ME.N_Z_LEGACY, ME.N_Z_NO_Q])
+def _giant_universe(n: int, seed: int):
+    """Stars whose logg model error shrinks with a giant's parallax S/N: s^2 = 0.15^2 exp(0.7 h), h as in z."""
+    est, cov, inv, ref, ref_var, _ = _universe(n, seed=seed, scale=0.0)
+    rs = np.random.default_rng(seed + 300)
+    snr = np.exp(rs.uniform(np.log(0.5), np.log(200.0), n))
+    inv = snr / est[:, 4]
+    h = np.minimum(est[:, 2] - 3.5, 0.0) * np.log(np.maximum(snr, 1.0))
+    est[:, 2] += rs.standard_normal(n) * 0.15 * np.exp(0.35 * h)
+    return est, cov, inv, ref, ref_var, snr
+
+
+def test_giant_parallax_term_of_z():
+    """h = min(g, 0) ln max(plx / s_plx, 1): 0 for dwarfs, for S/N <= 1 and without a parallax."""
+    est, cov, _, *_ = _universe(4)
+    est[:, 2] = [2.5, 2.5, 4.5, 1.5]
+    inv = np.array([20.0, 0.0, 20.0, 0.5]) / est[:, 4]  # S/N 20, none, 20 (a dwarf), 0.5
+    z = ME.model_error_z(est, cov, inv)
+    assert z.shape == (4, ME.N_Z)
+    assert np.allclose(z[:, 7], [-np.log(20.0), 0.0, 0.0, 0.0])
+
+
+def test_model_error_follows_a_giants_parallax():
+    """The h term: a giant whose parallax pins its luminosity gets the smaller logg model error it has."""
+    est, cov, inv, ref, ref_var, _ = _giant_universe(3000, seed=9)
+    me, report = ME.learn_model_error(est, cov, inv, ref, ref_var)
+    assert report["logg"]["beta"][7] == pytest.approx(0.7, abs=0.2)
+    est2, cov2, inv2, ref2, ref_var2, snr2 = _giant_universe(6000, seed=10)
+    cal, _ = ME.calibrated_covariance(cov2, est2, inv2, me)
+    pulls = (est2 - ref2)[:, 2] / np.sqrt(cal[:, 2, 2] + ref_var2[:, 2])
+    giant = est2[:, 2] < 2.5
+    for m in (giant & (snr2 < 2.0), giant & (snr2 > 30.0), ~giant):
+        assert 0.85 <= ME.robust_sigma(pulls[m]) <= 1.2, ME.robust_sigma(pulls[m])
+
+
+@pytest.mark.parametrize("nz", [ME.N_Z_LEGACY, ME.N_Z_NO_Q, ME.N_Z_NO_H])
 def test_artifact_without_the_newer_terms_still_loads(nz: int):
-    """Artifacts made before ln w (beta (5, 5)) or ln q (beta (5, 6)) are read and use z's first terms."""
+    """Artifacts made before ln w (beta (5, 5)), ln q (5, 6) or h (5, 7) are read and use z's first terms."""
     est, cov, inv, ref, ref_var, _ = _universe(400)
     me, _ = ME.learn_model_error(est, cov, inv, ref, ref_var)
     arrays = ME.model_error_to_arrays(me)

@@ -10,52 +10,47 @@ that depends on where the star is, and propagates it to the estimate:
     C = K C_F K + A S A^T,     A = diag(1, 1, 1, 1, 1 - C_F,44 / s_plx^2),  K = diag(k)
 
 **Why in parameter space, and why A.** S is the covariance that an error of
-the flux model would give to the parameters if the fluxes alone were fitted
-(a per-wavelength variance added to the flux covariance would change the
-fit's weights, so the estimates, chi^2, flags and confidence features would
-all move; an additive term on the parameters changes only the reported
-covariance). The estimate's linear response to a flux-only error is
+the flux model would give to the parameters if the fluxes alone were fitted (a
+per-wavelength variance added to the flux covariance would move the estimates,
+chi^2, flags and confidence features; a term on the parameters moves only the
+reported covariance). The estimate's linear response to a flux-only error is
 ``C_F I_flux = 1 - C_F P`` (P = diag(0, 0, 0, 0, 1 / s_plx^2)); xpcat keeps
-its diagonal, A (with a very precise Gaia parallax the parallax error stays
-Gaia's; without one A = 1). The off-diagonal terms would carry the flux-only
-parallax error into the other four, a correlation the validation stars cannot
-pin down (their parallax reference is the fit's own datum); treating it as
-zero made the demo's logg pulls 0.74.
+its diagonal, A (A = 1 without a parallax). Its off-diagonal terms, a
+correlation the validation stars cannot pin down (their parallax reference is
+the fit's own datum), made the demo's logg pulls 0.74.
 
-**Why K.** The real noise is not SPEC Eq. 2's inflated covariance, so part of
-the excess scales with C_F and grows with magnitude where S cannot: one factor
-k_j per parameter, learned with S (for the parallax on the fluxes' share
-A_44 C_F,44 only, :func:`fisher_part`). Without K the demo's [Fe/H] pulls ran
-0.6 (G < 12) to 1.6 (G > 17).
+**Why K.** The real noise is not SPEC Eq. 2's inflated covariance: one factor
+k_j per parameter on C_F (the parallax: on the fluxes' share, :func:`fisher_part`),
+learned with S (without it the demo's [Fe/H] pulls ran 0.6 at G < 12 to 1.6).
 
 **Form of S.** ``S = diag(s) rho diag(s)`` with, per parameter j,
-``s_j^2 = u_j^2 exp(beta_j . z)``, z = (1, t, t^2, g, ln(E + 0.05), ln w, ln q) of
+``s_j^2 = u_j^2 exp(beta_j . z)``, z = (1, t, t^2, g, ln(E + 0.05), ln w, ln q, h) of
 the star's *estimate* (t = (Teff - 5.5 kK) / 1.5 kK, g = logg - 3.5) and its fit
-(w, q below), clipped to the range of the stars it was learned from (no
-extrapolation). For the parallax s_4 = plx * s_ln_plx (a flux-level error is a
-fractional parallax error).
+(w, q, h below), clipped to the learning stars' range (no extrapolation);
+s_4 = plx * s_ln_plx (a flux-level error is a fractional parallax error).
 
 **Why ln w.** w = C_F,44 / s_plx^2 (in [W_MIN, 1]) is Gaia's share of the
-parallax information: where it is high (bright stars) the parallax pins the
-luminosity and a flux-model error moves logg, E and the parallax much less.
-Without it the demo catalog's logg pulls ran 0.36 (G 10-12) to 1.80 (G > 17),
-with it 0.59-1.19 (overall 1.46 -> 1.11).
+parallax information (demo logg pulls without it 0.36 at G 10-12 to 1.80 at G > 17).
 
-**Why ln q.** q = chi^2 / n_flux, the fit's flux chi^2 per valid flux
-(:func:`fit_quality`), known for every star: a star the model fits badly (a
-spectrum unlike the training stars', a binary, a systematic) has a less
-trustworthy estimate than its place in (Teff, logg, E) says (6,000-star demo:
-truth pulls with Fisher errors alone 1.7-2x larger in the top fifth of q than
-in the bottom one). Offline on that demo (8 bootstrap resamples of the
-validation stars), rms of ln(pull sigma) over the G, true-E and true-Teff bins
-without -> with ln q: Teff 0.205 -> 0.181, [Fe/H] 0.167 -> 0.145, logg 0.215 ->
-0.228, E 0.145 -> 0.124, parallax 0.235 -> 0.197. The type prior's ln p(Theta)
-(alone, with q, as a hinge) fixed the 37 stars below 4000 K (logg pulls 3.0 ->
-0.7) but made logg's overall pulls 1.08 -> 1.18: not used. Without the fit's
-chi^2 ln q = 0. Artifacts made before ln w (N_Z_LEGACY terms) or ln q
-(N_Z_NO_Q) are read as they were.
-rho is the robust correlation of the excess residuals of the four parameters
-with a reference (the parallax row is uncorrelated).
+**Why ln q.** q = chi^2 / n_flux (:func:`fit_quality`): a star the model fits
+badly has a less trustworthy estimate than its place in (Teff, logg, E) says
+(demo: Fisher-only truth pulls 1.7-2x larger in the top fifth of q than in the
+bottom one). The type prior's ln p(Theta) made logg's overall pulls 1.08 ->
+1.18: not used. Without the fit's chi^2 ln q = 0.
+
+**Why h.** h = min(g, 0) ln max(plx / s_plx, 1): a giant's spectrum pins logg
+weakly, so its logg (and E, plx) follows the luminosity, flux times distance^2,
+whose error shrinks with the parallax's S/N; a dwarf's follows its spectrum
+(h = 0, as where no parallax pins anything). ln w cannot say this (it is near 1
+for bright stars and for giants whose fluxes barely know their parallax), and
+the validation split has few bright giants, so without h they got the faint
+giants' S (6,000-star demo, G 10-12: s_logg 0.12 dex, truth scatter 0.055, k C_F
+0.014). Pulls vs truth without -> with h: G 10-12 logg/E/plx 0.48/0.78/0.63 ->
+0.96/0.92/0.90, 4000-4500 K logg 0.71 -> 1.01 (below 4000 K, 37 stars: 1.98 ->
+2.62); bins out of band 20 -> 15 of 100 (20 paired bootstrap resamples: 28.8 ->
+26.2, -2.6 +- 0.7). Artifacts without ln w, ln q or h (N_Z_LEGACY, N_Z_NO_Q,
+N_Z_NO_H terms) are read as they were.
+rho: the robust correlation of the four referenced parameters' excess residuals.
 
 **Learning** (:func:`learn_model_error`): on stars the forward model did not
 train on (the training stage's validation split), fitted without their
@@ -63,25 +58,21 @@ labels, the residual r_j = est_j - ref_j has variance
 ``base_j + (A S A^T)_jj`` with base_j = C_F,jj + s_ref,j^2 (labels for
 Teff, [Fe/H], logg; the reddening prior for E). For the parallax the
 reference is the Gaia parallax the fit used, so base_4 = s_plx^2 - C_F,44
-(the residual of an estimate against its own datum). The part of the variance
-that K scales (:func:`fisher_part`) is multiplied by k_j^2. (ln k_j^2, beta_j)
-maximise a Student-t (nu = 5) likelihood of the residuals (robust to the
-catastrophic failures that the confidence classifiers are for), then one
+(the residual of an estimate against its own datum). (ln k_j^2, beta_j)
+maximise a Student-t (nu = 5) likelihood of the residuals (robust to
+catastrophic failures), then one
 factor per parameter, on k_j^2 C_F,jj + s_j^2 together (on s_j^2 alone, k_j at
 the nearer bound, where k_j would leave [0.5, 3]), makes the robust sigma
-(1.4826 MAD) of the pulls against the *truth* 1, the references' noise
-deconvolved (:mod:`xpcat.model.pull_deconvolution`). k_j < 1 is allowed: SPEC
-Eq. 2 inflates the assumed noise on purpose (real APOGEE stars' Teff pulls
-with Fisher errors alone are 0.75). The prior width of the ML scale's bias
+of the pulls against the *truth* 1, the references' noise deconvolved
+(:mod:`xpcat.model.pull_deconvolution`); k_j < 1 is allowed (SPEC Eq. 2
+inflates the noise on purpose). The prior width of the ML scale's bias
 (step 2 there) comes from all parameters' corrections together
 (:func:`~xpcat.model.pull_deconvolution.pooled_correction_sd`): on the demo all
-five are noise (Teff -0.18 +- 0.20), the width 0, the ML scale kept (a fixed 0.5
-kept 73-99 % of noise): catalog pulls 1.18/0.97/1.05/0.96/0.99 -> 1.09/1.03/
-0.97/1.00/0.99, bins out of band 24 -> 20 of 100 (10 bootstrap resamples: 30.0
--> 27.7). No gain beyond that noise: Teff hats, ln(1 - w + d), (ln w) g, g t,
-g^2, ln Fisher error (even learned on the truth: G < 12 logg pulls 0.45).
-
-Pure array code: numpy and scipy.
+five are noise, the width 0, the ML scale kept (bins out of band 24 -> 20 of
+100). No gain: Teff hats, ln(1 - w +
+d), (ln w) g, g t, g^2, ln Fisher error, an independent per-wavelength flux error
+propagated through each star's Jacobian (C_F J^T C^-1 diag(m f)^2 C^-1 J C_F:
+53 bins out). Pure array code: numpy and scipy.
 """
 
 from __future__ import annotations
@@ -102,23 +93,28 @@ from xpcat.model.pull_statistics import (
 )
 from xpcat.model.uncertainty import psd_inverse
 
-__all__ = ["MIN_STARS", "N_Z", "N_Z_LEGACY", "N_Z_NO_Q", "PARAMS", "PULL_SIGMA_BAND", "Q_RANGE", "UNITS", "W_MIN",
-           "ModelError", "calibrated_covariance", "fisher_part", "fisher_scale_per_star", "fit_quality",
-           "learn_model_error", "model_error_from_arrays", "model_error_to_arrays", "model_error_z",
+__all__ = ["MIN_STARS", "N_Z", "N_Z_LEGACY", "N_Z_NO_H", "N_Z_NO_Q", "PARAMS", "PLX_SNR_RANGE", "PULL_SIGMA_BAND",
+           "Q_RANGE", "UNITS", "W_MIN", "ModelError", "calibrated_covariance", "fisher_part", "fisher_scale_per_star",
+           "fit_quality", "learn_model_error", "model_error_from_arrays", "model_error_to_arrays", "model_error_z",
            "propagation_matrix", "pull_calibration", "pull_sigmas", "robust_sigma"]
 
 logger = logging.getLogger(__name__)
 
 #: Scale u_j of each parameter's model error (kK, dex, dex, mag, and ln plx for the parallax).
 UNITS = np.array([0.1, 0.1, 0.1, 0.03, 0.05])
-#: Terms of z: 1, t, t^2, g, ln(E + 0.05), ln w (Gaia's share of the parallax information), ln q (chi^2 / n_flux).
-N_Z = 7
+#: Terms of z: 1, t, t^2, g, ln(E + 0.05), ln w (Gaia's share of the parallax information), ln q (chi^2 / n_flux),
+#: h = min(g, 0) ln max(plx / s_plx, 1) (a giant's parallax S/N).
+N_Z = 8
+#: Terms of z of artifacts made before the h term (their beta is (5, 7)).
+N_Z_NO_H = 7
 #: Terms of z of artifacts made before the ln w term (their beta is (5, 5); z is cut to it).
 N_Z_LEGACY = 5
 #: Terms of z of artifacts made before the ln q term (their beta is (5, 6)).
 N_Z_NO_Q = 6
 #: Range of q = chi^2 / n_flux kept in ln q (a failed fit's 0 or inf stays finite; z is clipped again when used).
 Q_RANGE = (1e-2, 1e3)
+#: Range of the parallax S/N plx / s_plx kept in h (below 1 the parallax pins nothing: h = 0).
+PLX_SNR_RANGE = (1.0, 1e3)
 #: Floor of w = C_F,44 / s_plx^2 (stars without a Gaia parallax have w = 0).
 W_MIN = 1e-3
 #: Fewest stars with a reference that a parameter's model error is learned from.
@@ -136,7 +132,7 @@ class ModelError:
     Attributes
     ----------
     beta : (5, nz) float64, coefficients of ln(s_j^2 / u_j^2) on the first nz terms of z (nz = N_Z, or
-        N_Z_LEGACY / N_Z_NO_Q for artifacts made before the ln w / ln q term); a row of -inf-like
+        N_Z_LEGACY / N_Z_NO_Q / N_Z_NO_H for artifacts made before the ln w / ln q / h term); a row of -inf-like
         (``beta[j, 0] <= -30``) means no model error for parameter j.
     z_lo, z_hi : (nz,) float64, range of z of the learning stars (z is clipped to it).
     rho : (5, 5) float64, correlation of the model errors (positive definite).
@@ -182,7 +178,7 @@ def fit_quality(chi2: np.ndarray, n_valid_flux: np.ndarray) -> np.ndarray:
 
 def model_error_z(params5: np.ndarray, cov5: np.ndarray, inv_plx_err: np.ndarray,
                   quality: np.ndarray | None = None) -> np.ndarray:
-    """(n, N_Z) features z = (1, t, t^2, g, ln(E + 0.05), ln w, ln q) of (n, 5) estimates (catalog units).
+    """(n, N_Z) features z = (1, t, t^2, g, ln(E + 0.05), ln w, ln q, h) of (n, 5) estimates (catalog units).
 
     Parameters
     ----------
@@ -194,7 +190,8 @@ def model_error_z(params5: np.ndarray, cov5: np.ndarray, inv_plx_err: np.ndarray
     Returns
     -------
     (n, N_Z) float64; w = C_F,44 / s_plx^2 (Gaia's share of the estimate's parallax information)
-    clipped to [W_MIN, 1], q clipped to Q_RANGE.
+    clipped to [W_MIN, 1], q clipped to Q_RANGE, h = min(g, 0) ln(plx s_plx^-1) with the S/N clipped to
+    PLX_SNR_RANGE (h = 0 without a Gaia parallax).
     """
     p = np.asarray(params5, dtype=np.float64)
     t = (p[:, 0] - 5.5) / 1.5
@@ -204,7 +201,9 @@ def model_error_z(params5: np.ndarray, cov5: np.ndarray, inv_plx_err: np.ndarray
         lw = np.log(np.clip(w, W_MIN, 1.0))
         q = np.ones(len(p)) if quality is None else np.asarray(quality, dtype=np.float64)
         lq = np.where(np.isfinite(q), np.log(np.clip(q, *Q_RANGE)), 0.0)
-    return np.column_stack([np.ones(len(p)), t, t * t, p[:, 2] - 3.5, le, lw, lq])
+        snr = np.nan_to_num(p[:, 4] * np.asarray(inv_plx_err, dtype=np.float64), nan=0.0)
+        h = np.minimum(p[:, 2] - 3.5, 0.0) * np.log(np.clip(snr, *PLX_SNR_RANGE))
+    return np.column_stack([np.ones(len(p)), t, t * t, p[:, 2] - 3.5, le, lw, lq, h])
 
 
 def propagation_matrix(cov5: np.ndarray, inv_plx_err: np.ndarray) -> np.ndarray:
@@ -484,7 +483,7 @@ def model_error_from_arrays(arrays: dict[str, np.ndarray]) -> ModelError:
     if "beta" not in arrays:
         raise ValueError(f"model_error component lacks 'beta'; has {sorted(arrays)}")
     nz = np.shape(arrays["beta"])[-1] if np.ndim(arrays["beta"]) == 2 else -1
-    nz = nz if nz in (N_Z, N_Z_NO_Q, N_Z_LEGACY) else N_Z  # artifacts made before ln w / ln q have fewer terms
+    nz = nz if nz in (N_Z, N_Z_NO_H, N_Z_NO_Q, N_Z_LEGACY) else N_Z  # older artifacts have fewer terms
     shapes = {"beta": (5, nz), "z_lo": (nz,), "z_hi": (nz,), "rho": (5, 5)}
     for k, shape in shapes.items():
         if k not in arrays:
