@@ -25,13 +25,14 @@ def test_pooled_width_is_zero_when_the_corrections_are_noise_and_large_when_they
 
 def test_scale_correction_is_the_robust_minus_the_ml_scale_and_its_error_grows_with_the_reference_noise():
     r, fixed, shape = _residuals(3)
-    d, se = PD.scale_correction(r, fixed, shape)
+    m = PD.scale_match(r, fixed, shape)
+    d, se = m.correction, m.se
     ln_ml, _ = PD.shape_fit(r, fixed, shape)
     whole, _ = PD.deconvolved_scale(r, fixed, shape, correction_sd=1e6)  # the robust match taken whole
     assert whole == pytest.approx(ln_ml + d, abs=1e-3)
     assert PD.deconvolved_scale(r, fixed, shape, correction_sd=0.0)[0] == pytest.approx(ln_ml, abs=1e-9)
-    _, se_noisy = PD.scale_correction(*_residuals(3, ref_sd=2.0))
-    _, se_exact = PD.scale_correction(*_residuals(3, ref_sd=0.0))
+    se_noisy = PD.scale_match(*_residuals(3, ref_sd=2.0)).se
+    se_exact = PD.scale_match(*_residuals(3, ref_sd=0.0)).se
     assert se_exact < se < se_noisy and np.isfinite(se_noisy)
 
 

@@ -84,7 +84,7 @@ from typing import Any
 import numpy as np
 from scipy.optimize import minimize
 
-from xpcat.model.pull_deconvolution import deconvolved_scale, pooled_correction_sd, scale_correction
+from xpcat.model.pull_deconvolution import ScaleMatch, deconvolved_scale, pooled_correction_sd, scale_match
 from xpcat.model.pull_statistics import (
     PARAMS,
     PULL_SIGMA_BAND,
@@ -291,7 +291,7 @@ def _fit_beta(r: np.ndarray, base: np.ndarray, fisher: np.ndarray, scale2: np.nd
 
 
 def _calibrate(r: np.ndarray, base: np.ndarray, extra: np.ndarray, s2: np.ndarray, truth_extra: np.ndarray,
-               correction_sd: float) -> float:
+               correction_sd: float, match: ScaleMatch | None = None) -> float:
     """ln c such that the pulls against the truth have robust sigma 1 under the reported variance
     c (extra + s2) + truth_extra (:func:`xpcat.model.pull_deconvolution.deconvolved_scale`).
 
@@ -300,7 +300,7 @@ def _calibrate(r: np.ndarray, base: np.ndarray, extra: np.ndarray, s2: np.ndarra
     ``truth_extra`` the Gaussian variance of estimate - truth that r does not show, ``correction_sd`` the
     prior width of the ML scale's bias (:func:`xpcat.model.pull_deconvolution.pooled_correction_sd`).
     """
-    return deconvolved_scale(r, base, extra + s2, truth_extra, correction_sd)[0]
+    return deconvolved_scale(r, base, extra + s2, truth_extra, correction_sd, match)[0]
 
 
 def fisher_part(cov5: np.ndarray, a: np.ndarray) -> np.ndarray:
@@ -395,12 +395,13 @@ def learn_model_error(est5: np.ndarray, cov5: np.ndarray, inv_plx_err: np.ndarra
         lnk2, beta[j] = _fit_beta(resid[u, j], fixed[u], fisher[u], w2[u], zc[u])
         s2j = w2 * np.exp(np.clip(zc @ beta[j], -60.0, 30.0))
         fits[j] = (u, fisher, fixed, lnk2, s2j)
-        corrections[j] = scale_correction(resid[u, j], fixed[u], np.exp(lnk2) * fisher[u] + s2j[u])
-    b = pooled_correction_sd([d for d, _ in corrections.values()], [se for _, se in corrections.values()])
-    report["scale_correction"] = {"prior_sd": b, **{PARAMS[j]: {"correction": d, "se": se}
-                                                    for j, (d, se) in corrections.items()}}
+        corrections[j] = scale_match(resid[u, j], fixed[u], np.exp(lnk2) * fisher[u] + s2j[u])
+    b = pooled_correction_sd([m.correction for m in corrections.values()], [m.se for m in corrections.values()])
+    report["scale_correction"] = {"prior_sd": b, **{PARAMS[j]: {"correction": m.correction, "se": m.se}
+                                                    for j, m in corrections.items()}}
     for j, (u, fisher, fixed, lnk2, s2j) in fits.items():
-        lnc = _calibrate(resid[u, j], fixed[u], np.exp(lnk2) * fisher[u], s2j[u], diag[u, j] - fisher[u], b)
+        lnc = _calibrate(resid[u, j], fixed[u], np.exp(lnk2) * fisher[u], s2j[u], diag[u, j] - fisher[u], b,
+                         corrections[j])  # steps 1-2 as computed above
         if _LN_K2[0] <= lnk2 + lnc <= _LN_K2[1]:
             k2[j] = float(np.exp(lnk2 + lnc))
             beta[j, 0] += lnc

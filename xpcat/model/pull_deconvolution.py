@@ -76,6 +76,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import stats
@@ -85,7 +86,7 @@ from scipy.special import logsumexp
 from xpcat.model.pull_statistics import robust_sigma
 
 __all__ = ["NU_GRID", "N_NODES", "LN_C_RANGE", "CORRECTION_SD", "unit_t_variance_nodes", "shape_fit",
-           "deconvolved_scale", "pooled_correction_sd", "scale_correction"]
+           "deconvolved_scale", "pooled_correction_sd", "ScaleMatch", "scale_match"]
 
 logger = logging.getLogger(__name__)
 
@@ -182,24 +183,42 @@ def _draws(n: int, nu: float) -> tuple[np.ndarray, np.ndarray]:
     return own, rng.standard_normal((_REPLICAS, n))
 
 
-def scale_correction(r: np.ndarray, fixed: np.ndarray, scaled: np.ndarray) -> tuple[float, float]:
-    """The robust match's correction to the ML scale and its standard error (steps 1-2, not shrunk).
+@dataclass(frozen=True)
+class ScaleMatch:
+    """Steps 1-2 of the module's description for one set of residuals (:func:`scale_match`).
+
+    Attributes
+    ----------
+    ln_c_ml : the maximum-likelihood ln c of the fitted shape (step 1).
+    ln_c_robust : the robust match's ln c (step 2, not shrunk).
+    se : standard error of ``ln_c_robust - ln_c_ml``, ``se_rs / slope`` (inf where the estimate's error does
+        not show in ``r``; 0 where both sit at the same end of :data:`LN_C_RANGE`).
+    nu : degrees of freedom of the fitted shape.
+    """
+
+    ln_c_ml: float
+    ln_c_robust: float
+    se: float
+    nu: float
+
+    @property
+    def correction(self) -> float:
+        """``ln c_robust - ln c_ML``: the robust match's correction to the ML scale."""
+        return self.ln_c_robust - self.ln_c_ml
+
+
+def scale_match(r: np.ndarray, fixed: np.ndarray, scaled: np.ndarray) -> ScaleMatch:
+    """The ML scale, the robust match and the correction's standard error (steps 1-2, not shrunk).
 
     Parameters
     ----------
     r, fixed, scaled : (n,) as in :func:`deconvolved_scale`.
-
-    Returns
-    -------
-    d : float, ``ln c_robust - ln c_ML``.
-    se : float, its standard error ``se_rs / slope`` (inf where the estimate's error does not show in ``r``;
-        0 where both sit at the same end of :data:`LN_C_RANGE`).
     """
     r, fixed, scaled, _ = _checked(r, fixed, scaled, None)
     ln_c_ml, nu = shape_fit(r, fixed, scaled)
     own, ref = _draws(r.size, nu)
     ln_c_robust = _root_of_increasing(_robust_gap(r, fixed, scaled, own, ref))
-    return ln_c_robust - ln_c_ml, _correction_se(ln_c_ml, ln_c_robust, fixed, scaled, own, ref)
+    return ScaleMatch(ln_c_ml, ln_c_robust, _correction_se(ln_c_ml, ln_c_robust, fixed, scaled, own, ref), nu)
 
 
 def pooled_correction_sd(corrections: list[float], standard_errors: list[float]) -> float:
@@ -210,7 +229,7 @@ def pooled_correction_sd(corrections: list[float], standard_errors: list[float])
 
     Parameters
     ----------
-    corrections, standard_errors : :func:`scale_correction`'s ``d`` and ``se`` per parameter.
+    corrections, standard_errors : per parameter, :class:`ScaleMatch`'s ``correction`` and ``se``.
 
     Returns
     -------
@@ -225,7 +244,8 @@ def pooled_correction_sd(corrections: list[float], standard_errors: list[float])
 
 def deconvolved_scale(r: np.ndarray, fixed: np.ndarray, scaled: np.ndarray,
                       truth_extra: np.ndarray | None = None,
-                      correction_sd: float | None = None) -> tuple[float, float]:
+                      correction_sd: float | None = None,
+                      match: ScaleMatch | None = None) -> tuple[float, float]:
     """ln c such that the pulls against the truth, ``(estimate - truth) / sqrt(c scaled + truth_extra)``,
     have robust sigma 1.
 
@@ -240,6 +260,8 @@ def deconvolved_scale(r: np.ndarray, fixed: np.ndarray, scaled: np.ndarray,
         default 0. The reported variance is ``c scaled + truth_extra``.
     correction_sd : prior width b of the ML scale's bias (step 2); None: :data:`CORRECTION_SD`
         (:func:`pooled_correction_sd` estimates it from several parameters).
+    match : :func:`scale_match` of the same ``r``, ``fixed``, ``scaled``, when already computed (steps 1-2
+        are then not repeated); None: computed here.
 
     Returns
     -------
@@ -248,13 +270,12 @@ def deconvolved_scale(r: np.ndarray, fixed: np.ndarray, scaled: np.ndarray,
     nu : the degrees of freedom of the fitted shape (step 1 of the module's description).
     """
     r, fixed, scaled, extra = _checked(r, fixed, scaled, truth_extra)
-    ln_c_ml, nu = shape_fit(r, fixed, scaled)
-    own, ref = _draws(r.size, nu)
-    b = CORRECTION_SD if correction_sd is None else float(correction_sd)
-    ln_c = _shrunk_correction(ln_c_ml, _root_of_increasing(_robust_gap(r, fixed, scaled, own, ref)), fixed,
-                              scaled, own, ref, b)
+    match = scale_match(r, fixed, scaled) if match is None else match
+    nu = match.nu
+    ln_c = _shrunk_correction(match, CORRECTION_SD if correction_sd is None else float(correction_sd))
     if not np.any(extra > 0):
         return ln_c, nu
+    own, ref = _draws(r.size, nu)
     own_error = np.sqrt(np.exp(ln_c) * scaled) * own + np.sqrt(extra) * ref  # estimate - truth under the model
 
     def truth_gap(lnc: float) -> float:
@@ -293,15 +314,12 @@ def _correction_se(ln_c_ml: float, ln_c_robust: float, fixed: np.ndarray, scaled
     return se_rs / slope if slope > 0.0 else float("inf")
 
 
-def _shrunk_correction(ln_c_ml: float, ln_c_robust: float, fixed: np.ndarray, scaled: np.ndarray, own: np.ndarray,
-                       ref: np.ndarray, correction_sd: float) -> float:
+def _shrunk_correction(match: ScaleMatch, correction_sd: float) -> float:
     """ln c_ML plus the robust match's correction, shrunk by its precision under the prior width
-    ``correction_sd`` (step 2 of the module's description).
-
-    ``own`` and ``ref`` are the (replicas, n) unit draws of the simulation. Where the robust match sits at an
-    end of :data:`LN_C_RANGE` and the ML scale agrees, that end is returned.
+    ``correction_sd`` (step 2 of the module's description). Where the robust match sits at an end of
+    :data:`LN_C_RANGE` and the ML scale agrees, that end is returned.
     """
-    se = _correction_se(ln_c_ml, ln_c_robust, fixed, scaled, own, ref)
+    ln_c_ml, ln_c_robust, se = match.ln_c_ml, match.ln_c_robust, match.se
     if se == 0.0:
         return ln_c_robust
     if not np.isfinite(se):
