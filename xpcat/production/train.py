@@ -57,6 +57,7 @@ __all__ = [
     "in_hash_range",
     "recorded_validation_range",
     "split_is_validation",
+    "splitmix64_unit",
     "stable_unit_hash",
     "train_run",
     "validation_hash_range",
@@ -87,7 +88,18 @@ def stable_unit_hash(source_id: np.ndarray) -> np.ndarray:
     """
     z = np.asarray(source_id, dtype=np.int64).astype(np.uint64)
     with np.errstate(over="ignore"):
-        z = z + np.uint64(0x9E3779B97F4A7C15)
+        return splitmix64_unit(z + np.uint64(0x9E3779B97F4A7C15))
+
+
+def splitmix64_unit(state: np.ndarray) -> np.ndarray:
+    """The splitmix64 finaliser of each (n,) uint64 state, mapped to a float64 in [0, 1) (its top 53 bits).
+
+    The one hash behind every stable split of the project: :func:`stable_unit_hash` (the training's
+    validation split) and the confidence stage's hold-out and folds
+    (:func:`xpcat.production.train_confidence.holdout_mask`).
+    """
+    z = np.asarray(state, dtype=np.uint64)
+    with np.errstate(over="ignore"):
         z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         z = z ^ (z >> np.uint64(31))

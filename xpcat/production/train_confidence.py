@@ -246,12 +246,10 @@ def training_set(
 
 def _hash_unit(source_id: np.ndarray, seed: int) -> np.ndarray:
     """A stable uniform number in [0, 1) per (source_id, seed): the splitmix64 finaliser."""
-    x = (np.asarray(source_id, dtype=np.int64).view(np.uint64) ^ np.uint64(seed * 0x9E3779B97F4A7C15 % 2**64))
-    with np.errstate(over="ignore"):
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        x = x ^ (x >> np.uint64(31))
-    return (x >> np.uint64(11)).astype(np.float64) / float(2**53)
+    from xpcat.production.train import splitmix64_unit
+
+    return splitmix64_unit(np.asarray(source_id, dtype=np.int64).view(np.uint64)
+                           ^ np.uint64(seed * 0x9E3779B97F4A7C15 % 2**64))
 
 
 def holdout_mask(source_id: np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:
