@@ -74,6 +74,14 @@ def test_truth_pull_sigma_and_statement(factor, sigma, words):
         for r in rows:
             if r["n"] >= 500:
                 assert r["pull_sigma"]["teff"] == pytest.approx(sigma, rel=0.15), (name, r)
+                assert 0 < r["pull_sigma_se"]["teff"] < 0.1 * sigma, (name, r)
+    # every bin is 1.0 or 2.0 within its noise: none significantly outside for calibrated errors, all for 2x
+    verdict = cal["bins_verdict"]
+    assert verdict["checked"] > 0
+    if factor == 1.0:
+        assert verdict["significantly_outside"] == [] and cal["bins_statement"].startswith(f"Of {verdict['checked']} bin")
+    else:
+        assert len(verdict["significantly_outside"]) >= 0.9 * verdict["checked"]
     # E bins by the truth's E (binning by the estimate would select stars by their error)
     e_counts = np.histogram(data.ref["extinction"], bins=CALIBRATION_BINS["E"])[0]
     assert [r["n"] for r in cal["bins"]["E"]] == e_counts.tolist()

@@ -284,7 +284,8 @@ def test_page_escapes_values():
     validation["error_calibration"] = {
         "statement": "<b>not calibrated</b>", "uncertainty_statement": "paper & Fisher", "band": [0.85, 1.2],
         "selection": "basic", "stars": 3, "reference": "truth", "parameters": ["teff"],
-        "teff": {"pull_sigma": 2.0, "calibrated": False, "n": 3}, "bins": {}, "bin_values": {}}
+        "teff": {"pull_sigma": 2.0, "calibrated": False, "n": 3}, "bins": {}, "bin_values": {},
+        "bins_statement": "<bins> & more"}
     validation["catastrophic_failures"] = {"definition": "|Teff| > 500 K", "reference": "truth", "selection": "all",
                                            "statements": ["<i>x</i>"], "thresholds": {"teff": 500, "logg": 0.5,
                                                                                       "feh": 0.5}, "cuts": {}}
@@ -299,4 +300,5 @@ def test_page_escapes_values():
     assert "<td>teff</td><td>1</td><td>n/a</td>" in text
     assert "<td>&lt;ccm89_rv3.1&gt;</td><td>n/a</td>" in text
     assert "&lt;b&gt;not calibrated&lt;/b&gt;" in text and "paper &amp; Fisher" in text
+    assert "&lt;bins&gt; &amp; more" in text
     assert "<li>&lt;i&gt;x&lt;/i&gt;</li>" in text and "<li>&lt;why&gt;</li>" in text
