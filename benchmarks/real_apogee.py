@@ -348,9 +348,40 @@ def fisher_errors(est5: np.ndarray, err5: np.ndarray, model_error: Any) -> np.nd
 
 
 def robust_sigma(x: np.ndarray) -> float | None:
-    x = np.asarray(x, dtype=np.float64)
-    x = x[np.isfinite(x)]
-    return float(1.4826 * np.median(np.abs(x - np.median(x)))) if x.size else None
+    """xpcat's robust sigma of the finite values; None where it is undefined (JSON null)."""
+    from xpcat.model.pull_statistics import robust_sigma as sigma
+
+    v = sigma(x)
+    return v if np.isfinite(v) else None
+
+
+def robust_sigma_se(x: np.ndarray) -> float | None:
+    """Bootstrap standard error of :func:`robust_sigma`; None where it is undefined."""
+    from xpcat.model.pull_statistics import robust_sigma_se as se
+
+    v = se(x)
+    return v if np.isfinite(v) else None
+
+
+def groups_outside_band(stats: dict[str, Any]) -> list[dict[str, Any]]:
+    """Groups of >= BIN_MIN_STARS basic-cut stars whose calibrated pull sigma lies outside 0.85-1.2, with the
+    distance in standard errors and whether it exceeds xpcat's SIGNIFICANCE (the report's per-bin verdict)."""
+    from xpcat.model.pull_statistics import BIN_MIN_STARS, PULL_SIGMA_BAND, SIGNIFICANCE
+
+    lo, hi = PULL_SIGMA_BAND
+    out = []
+    for g, st in stats.items():
+        if st["n_basic"] < BIN_MIN_STARS:
+            continue
+        for p in PARAMS:
+            sig, se = st[p]["pull_robust_sigma"], st[p]["pull_robust_sigma_se"]
+            if sig is None or lo <= sig <= hi:
+                continue
+            dist = lo - sig if sig < lo else sig - hi
+            out.append({"group": g, "parameter": p, "n_basic": st["n_basic"], "pull_robust_sigma": sig,
+                        "pull_robust_sigma_se": se, "standard_errors_out": dist / se if se else None,
+                        "significant": bool(se and dist > SIGNIFICANCE * se)})
+    return out
 
 
 def _median(x: np.ndarray) -> float | None:
@@ -362,7 +393,8 @@ def group_stats(est: np.ndarray, err: np.ndarray, ref: np.ndarray, ref_err: np.n
                 found: np.ndarray, err_fisher: np.ndarray) -> dict[str, Any]:
     """Residual statistics of one group of scored stars (residuals over the basic cut).
 
-    ``pull_robust_sigma`` uses the catalog's errors ``err``; ``pull_robust_sigma_fisher`` the Fisher-only ones.
+    ``pull_robust_sigma`` uses the catalog's errors ``err`` (``pull_robust_sigma_se``: its bootstrap standard
+    error); ``pull_robust_sigma_fisher`` the Fisher-only ones.
     """
     out: dict[str, Any] = {"n": int(found.size), "n_in_catalog": int(found.sum()), "n_basic": int(basic.sum()),
                            "basic_fraction": float(basic.mean()) if basic.size else None}
@@ -371,7 +403,7 @@ def group_stats(est: np.ndarray, err: np.ndarray, ref: np.ndarray, ref_err: np.n
         pull = d / np.sqrt(err[basic, i] ** 2 + ref_err[basic, i] ** 2)
         pull_f = d / np.sqrt(err_fisher[basic, i] ** 2 + ref_err[basic, i] ** 2)
         out[p] = {"robust_sigma": robust_sigma(d), "median": _median(d), "pull_robust_sigma": robust_sigma(pull),
-                  "pull_robust_sigma_fisher": robust_sigma(pull_f)}
+                  "pull_robust_sigma_se": robust_sigma_se(pull), "pull_robust_sigma_fisher": robust_sigma(pull_f)}
     return out
 
 
@@ -503,7 +535,8 @@ def evaluate(rows: dict[str, np.ndarray], cat: dict[str, np.ndarray], library_id
                                   "calibrated: Fisher + the model error learned on the training's validation split",
                     **{p: {"fisher": out["xpcat"]["all"][p]["pull_robust_sigma_fisher"],
                            "calibrated": out["xpcat"]["all"][p]["pull_robust_sigma"]
-                           if info.get("used") == "calibrated" else None} for p in PARAMS}}
+                           if info.get("used") == "calibrated" else None} for p in PARAMS},
+                    "groups_outside_band": groups_outside_band(out["xpcat"])}
     t0 = time.perf_counter()
     pred = supervised_baseline(rows, best[base_train], best[idx], seed)
     bl: dict[str, Any] = {"model": "HistGradientBoostingRegressor(max_iter=500) on log spectral shape (61 samples), "

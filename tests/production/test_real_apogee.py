@@ -98,6 +98,15 @@ def test_options_set_the_run_config_and_are_recorded(tmp_path):
     assert opts["error_floor"]["feh"] == 0.02 and opts["epochs"] == 320
 
 
+def _bench_module():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import real_apogee
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    return real_apogee
+
+
 def _diagnose_module():
     sys.path.insert(0, str(BENCHMARKS))
     try:
@@ -259,3 +268,30 @@ def test_18_sco(run):
     assert s["fit_status"] == 0
     for p, bound in SCO18_BOUNDS.items():
         assert abs(s[p]["delta"]) <= bound, (p, s[p])
+
+
+def test_group_pulls_carry_standard_errors_and_the_groups_outside_the_band_are_named():
+    """Each group's calibrated pull sigma comes with its bootstrap standard error; a group whose errors are 1.6x
+    too small is named significantly outside the band, a 25-star group at 1.3 outside but not significantly."""
+    bench = _bench_module()
+    rs = np.random.default_rng(4)
+    n = 3000
+    ref = np.column_stack([rs.uniform(4000, 6500, n), rs.normal(0, 0.3, n), rs.uniform(1, 5, n)])
+    err = np.tile([50.0, 0.05, 0.1], (n, 1))
+    ref_err = np.zeros((n, 3))
+    resid = rs.standard_normal((n, 3)) * err
+    resid[:, 1] *= 1.6
+    ones = np.ones(n, bool)
+    big = bench.group_stats(ref + resid, err, ref, ref_err, ones, ones, err)
+    assert big["feh"]["pull_robust_sigma_se"] == pytest.approx(1.6 * 1.17 / np.sqrt(n), rel=0.3)
+    small = rs.standard_normal((25, 3)) * err[:25]
+    for j, target in enumerate((1.3, 1.0, 1.0)):  # only Teff outside the band
+        small[:, j] *= target / bench.robust_sigma(small[:, j] / err[:25, j])
+    few = np.ones(25, bool)
+    stats = {"all": big, "tiny": bench.group_stats(ref[:25] + small, err[:25], ref[:25], ref_err[:25], few, few,
+                                                   err[:25])}
+    out = {(g["group"], g["parameter"]): g for g in bench.groups_outside_band(stats)}
+    assert set(out) == {("all", "feh"), ("tiny", "teff")}
+    assert out[("all", "feh")]["significant"] and out[("all", "feh")]["standard_errors_out"] > 5
+    assert not out[("tiny", "teff")]["significant"]
+    assert bench.robust_sigma(np.array([np.nan])) is None and bench.robust_sigma_se(np.ones(2)) is None
