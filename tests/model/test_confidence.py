@@ -247,3 +247,61 @@ def test_auc_with_error():
     auc, se = C.auc_with_error(y, np.random.default_rng(0).random(y.size))
     assert 0.3 < auc < 0.7 and 0.02 < se < 0.15
     assert all(np.isnan(v) for v in C.auc_with_error(np.ones(5), np.ones(5)))
+
+
+def test_logistic_settings_and_its_penalty_on_the_output_weights(rng):
+    """The logistic candidate has no hidden layer and no dropout; without hidden layers L2 shrinks the output
+    weights (the network's penalty spares its output layer)."""
+    from xpcat.model.confidence_network import LOGISTIC_LEARNING_RATE, LOGISTIC_MIN_EPOCHS, logistic_settings
+
+    base = C.ClassifierSettings(epochs=200, patience=20, batch_size=128, logistic_candidate=True)
+    lin = logistic_settings(base)
+    assert (lin.n_hidden, lin.dropout, lin.learning_rate) == (0, 0.0, LOGISTIC_LEARNING_RATE)
+    assert lin.epochs == LOGISTIC_MIN_EPOCHS and not lin.logistic_candidate and lin.batch_size == 128
+    assert logistic_settings(C.ClassifierSettings(epochs=1024)).epochs == 1024
+    x = rng.normal(size=(400, 6)).astype(np.float32)
+    y = (x[:, 0] + 0.3 * rng.normal(size=400) > 0).astype(np.float32)
+    norms = []
+    for l2 in (0.0, 0.1):
+        layers, _ = C.train_classifier(x, y, x[:100], y[:100], C.ClassifierSettings(**{**lin.__dict__, "l2": l2}),
+                                       seed=0)
+        assert len(layers) == 1 and layers[0]["W"].shape == (6, 1)
+        norms.append(float(np.abs(layers[0]["W"]).sum()))
+    assert norms[1] < 0.5 * norms[0]
+
+
+def _linear_problem(rng, n):
+    """Few stars, one linear direction decides good vs bad (bad class 10 %), 80-odd noise features."""
+    fit, cond = _fake_batch(rng, n)
+    score = np.log(fit["chi2"]) + (cond["phot_g_mean_mag"] - 14.0) + rng.normal(0, 0.3, n)
+    bad = score > np.quantile(score, 0.9)
+    return C.confidence_features(fit, cond), {p: np.where(bad, 0.0, 1.0) for p in C.PARAMETERS}, bad
+
+
+def _xor_problem(rng, n):
+    """Many stars, bad where two features' standardised values share a sign: no linear classifier can tell."""
+    fit, cond = _fake_batch(rng, n)
+    X = C.confidence_features(fit, cond)
+    a, b = (C.FEATURE_NAMES.index(k) for k in ("asinh_g_snr", "fidelity_v2"))
+    bad = (X[:, a] - X[:, a].mean()) * (X[:, b] - X[:, b].mean()) > 0
+    return X, {p: np.where(bad, 0.0, 1.0) for p in C.PARAMETERS}, bad
+
+
+@pytest.mark.parametrize("problem, n, expected, min_auc", [(_linear_problem, 800, "logistic", 0.7),
+                                                           (_xor_problem, 3000, "network", 0.55)])
+def test_the_candidate_with_the_lower_validation_loss_is_kept(problem, n, expected, min_auc):
+    """logistic_candidate: per classifier the logistic one or the network, whichever the validation loss prefers;
+    the choice is reported per trained classifier and the kept layers are what the artifact stores."""
+    X, labels, bad = problem(np.random.default_rng(11), n)
+    settings = C.ClassifierSettings(epochs=300, patience=30, batch_size=256, folds=2, logistic_candidate=True)
+    clf, report = C.train_confidence_classifiers(X, labels, settings, seed=0, folds=np.arange(n) % 2)
+    for p in C.PARAMETERS:
+        archs = report[p]["architecture"]
+        assert len(archs) == 3 and archs[-1] == expected, (p, archs, report[p]["best_val_loss"])
+        assert len(clf.nets[p]) == (1 if expected == "logistic" else 4)
+        assert report[p]["auc"] > min_auc, report[p]
+    conf = C.predict_confidence(C.classifiers_to_arrays(clf), X)
+    assert np.mean(conf[~bad, 0]) > np.mean(conf[bad, 0])
+    off = C.ClassifierSettings(epochs=120, patience=20, batch_size=256, folds=2)
+    assert C.train_confidence_classifiers(X, labels, off, seed=0, folds=np.arange(n) % 2)[1]["teff"]["architecture"] \
+        == ["network"] * 3

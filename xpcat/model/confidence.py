@@ -52,6 +52,7 @@ from xpcat.model.confidence_network import (
     classifier_logits,
     classifier_probability,
     init_classifier,
+    logistic_settings,
     train_classifier,
 )
 
@@ -212,13 +213,26 @@ def _check_split(values: np.ndarray | None, n: int, what: str) -> None:
 
 def _train_one(x_all: np.ndarray, y: np.ndarray, train: np.ndarray, settings: ClassifierSettings,
                rs: np.random.Generator, seed: int) -> tuple[list[dict[str, np.ndarray]], dict[str, Any]]:
-    """One network on the stars ``train``, a random ``validation_fraction`` of them driving its schedule."""
+    """One classifier on the stars ``train``, a random ``validation_fraction`` of them driving its schedule.
+
+    With ``settings.logistic_candidate`` the logistic classifier trains on the same split too and the one with
+    the lower validation loss is returned (``info["architecture"]``; the network when there is no validation set).
+    """
     n = y.shape[0]
     inner_val = rs.random(n) < settings.validation_fraction
     fit_idx, val_idx = train & ~inner_val, train & inner_val
     if len(np.unique(y[fit_idx])) < 2:  # tiny sets: validate on the training part
         fit_idx, val_idx = train, np.zeros(n, dtype=bool)
-    return train_classifier(x_all[fit_idx], y[fit_idx], x_all[val_idx], y[val_idx], settings, seed=seed)
+    split = (x_all[fit_idx], y[fit_idx], x_all[val_idx], y[val_idx])
+    layers, info = train_classifier(*split, settings, seed=seed)
+    info["architecture"] = "network"
+    if settings.logistic_candidate and val_idx.any():
+        lin, lin_info = train_classifier(*split, logistic_settings(settings), seed=seed)
+        losses = {"network": info["best_val_loss"], "logistic": lin_info["best_val_loss"]}
+        if losses["logistic"] < losses["network"]:
+            layers, info = lin, lin_info | {"architecture": "logistic"}
+        info["candidate_val_loss"] = losses
+    return layers, info
 
 
 def train_confidence_classifiers(
@@ -339,9 +353,10 @@ def train_confidence_classifiers(
             "epochs_run": [i["epochs_run"] for i in infos],
             "best_epoch": [i["best_epoch"] for i in infos],
             "best_val_loss": [i["best_val_loss"] for i in infos],
+            "architecture": [i["architecture"] for i in infos],
         }
-        logger.info("confidence %s: %d good / %d bad training stars, %d network(s), %s AUC %.3f +- %.3f",
-                    name, n_good, n_bad, len(infos), method, auc, auc_se)
+        logger.info("confidence %s: %d good / %d bad training stars, %d classifier(s) (kept: %s), %s AUC %.3f "
+                    "+- %.3f", name, n_good, n_bad, len(infos), infos[-1]["architecture"], method, auc, auc_se)
     report["oof_confidence"] = oof
     return clf, report
 

@@ -8,13 +8,25 @@ loss; training stops after ``epochs`` epochs or after ``4 * patience`` epochs
 without improvement (the paper's 1024 = 4 x 256), and the parameters with the
 best validation loss are kept.
 
+Beyond the paper (``logistic_candidate``): beside the network, an
+L2-regularised logistic classifier (no hidden layer, :func:`logistic_settings`)
+trains on the same stars, and the one with the lower validation loss is kept
+(:func:`xpcat.model.confidence.train_confidence_classifiers`). The paper's
+3 x 64 network was sized for 2.5 million labelled stars; on the 6000-star demo
+(~2250 labelled basic-cut stars, 64 bad in Teff) it overfits: out of fold the
+logistic classifier alone scores Teff / [Fe/H] / logg AUC 0.84 / 0.79 / 0.93,
+the network 0.78 / 0.73 / 0.92, the choice per fold by validation loss 0.82 /
+0.76 / 0.94 (the logistic one is kept for all three). On 18,000 real APOGEE
+stars the network wins every choice (0.94 / 0.92 / 0.90; the logistic one
+alone 0.92 / 0.83 / 0.82).
+
 Pure array code: numpy, JAX and optax only.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
@@ -26,7 +38,10 @@ import optax
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "LOGISTIC_LEARNING_RATE",
+    "LOGISTIC_MIN_EPOCHS",
     "ClassifierSettings",
+    "logistic_settings",
     "init_classifier",
     "classifier_logits",
     "train_classifier",
@@ -61,15 +76,35 @@ class ClassifierSettings:
     validation_fraction: float = 0.15
     #: Minimum number of good and of bad training stars per classifier.
     min_per_class: int = 10
+    #: Beyond the paper: also train a logistic classifier (:func:`logistic_settings`) and keep whichever of
+    #: the two has the lower validation loss.
+    logistic_candidate: bool = False
 
     @classmethod
     def from_config(cls, cfg: Any, **overrides: Any) -> ClassifierSettings:
         """From a ``ConfidenceConfig`` (any object with the same attribute names)."""
         names = ("hidden_width", "n_hidden", "dropout", "l2", "learning_rate", "batch_size", "epochs", "patience",
-                 "holdout_fraction", "folds")
+                 "holdout_fraction", "folds", "logistic_candidate")
         kw = {k: getattr(cfg, k) for k in names if hasattr(cfg, k)}
         kw.update(overrides)
         return cls(**kw)
+
+
+#: Adam learning rate of the logistic candidate: its convex loss tolerates a larger step than the network's.
+LOGISTIC_LEARNING_RATE = 3e-2
+#: Fewest epochs the logistic candidate may run (the quick preset's 200 at batch 1024 leave it unconverged).
+LOGISTIC_MIN_EPOCHS = 400
+
+
+def logistic_settings(settings: ClassifierSettings) -> ClassifierSettings:
+    """The logistic candidate's settings: no hidden layer, no dropout, the L2 penalty on its weights.
+
+    Parameters
+    ----------
+    settings : the network's settings (the penalty, batch size, patience and splits are kept).
+    """
+    return replace(settings, n_hidden=0, dropout=0.0, learning_rate=LOGISTIC_LEARNING_RATE,
+                   epochs=max(settings.epochs, LOGISTIC_MIN_EPOCHS), logistic_candidate=False)
 
 
 def init_classifier(seed: int, n_in: int, hidden_width: int = 64, n_hidden: int = 3) -> list[dict[str, np.ndarray]]:
@@ -101,7 +136,7 @@ def _loss(layers, x, y, w, l2, dropout, key):
     logits = classifier_logits(layers, x, dropout=dropout, key=key)
     bce = optax.sigmoid_binary_cross_entropy(logits, y)
     data = jnp.sum(bce * w) / jnp.maximum(jnp.sum(w), 1.0)
-    penalty = sum(jnp.sum(layer["W"] ** 2) for layer in layers[:-1])
+    penalty = sum(jnp.sum(layer["W"] ** 2) for layer in (layers[:-1] or layers))  # no hidden layer: the output's
     return data + l2 * penalty
 
 
