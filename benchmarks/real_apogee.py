@@ -366,21 +366,20 @@ def robust_sigma_se(x: np.ndarray) -> float | None:
 def groups_outside_band(stats: dict[str, Any]) -> list[dict[str, Any]]:
     """Groups of >= BIN_MIN_STARS basic-cut stars whose calibrated pull sigma lies outside 0.85-1.2, with the
     distance in standard errors and whether it exceeds xpcat's SIGNIFICANCE (the report's per-bin verdict)."""
-    from xpcat.model.pull_statistics import BIN_MIN_STARS, PULL_SIGMA_BAND, SIGNIFICANCE
+    from xpcat.model.pull_statistics import BIN_MIN_STARS, band_excess
 
-    lo, hi = PULL_SIGMA_BAND
     out = []
     for g, st in stats.items():
         if st["n_basic"] < BIN_MIN_STARS:
             continue
         for p in PARAMS:
             sig, se = st[p]["pull_robust_sigma"], st[p]["pull_robust_sigma_se"]
-            if sig is None or lo <= sig <= hi:
+            excess = band_excess(sig, se)
+            if excess is None:
                 continue
-            dist = lo - sig if sig < lo else sig - hi
             out.append({"group": g, "parameter": p, "n_basic": st["n_basic"], "pull_robust_sigma": sig,
-                        "pull_robust_sigma_se": se, "standard_errors_out": dist / se if se else None,
-                        "significant": bool(se and dist > SIGNIFICANCE * se)})
+                        "pull_robust_sigma_se": se, "standard_errors_out": excess["standard_errors_out"],
+                        "significant": excess["significant"]})
     return out
 
 

@@ -7,6 +7,7 @@ import pytest
 
 from xpcat.model.pull_statistics import (
     BIN_MIN_STARS,
+    band_excess,
     pull_calibration,
     robust_sigma,
     robust_sigma_se,
@@ -25,6 +26,18 @@ def test_standard_error_matches_the_scatter_of_the_robust_sigma(n):
 
 def test_standard_error_of_too_few_values_is_nan():
     assert np.isnan(robust_sigma_se(np.array([1.0, np.nan, 2.0])))
+
+
+def test_band_excess_measures_the_distance_to_the_nearer_edge_in_standard_errors():
+    assert band_excess(1.0, 0.05) is None and band_excess(0.85, 0.05) is None and band_excess(float("nan"), 0.1) is None
+    low = band_excess(0.75, 0.04)
+    assert low["distance"] == pytest.approx(0.10) and low["standard_errors_out"] == pytest.approx(2.5)
+    assert low["significant"]
+    high = band_excess(1.3, 0.1)
+    assert high["standard_errors_out"] == pytest.approx(1.0) and not high["significant"]
+    unknown = band_excess(1.5, float("nan"))
+    assert unknown["distance"] == pytest.approx(0.3) and unknown["standard_errors_out"] is None
+    assert not unknown["significant"]
 
 
 def _calibration(resid: np.ndarray, g: np.ndarray):

@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 from scipy.stats import bootstrap, median_abs_deviation
 
-__all__ = ["BIN_MIN_STARS", "PARAMS", "PULL_SIGMA_BAND", "SIGNIFICANCE", "pull_calibration", "robust_sigma",
-           "robust_sigma_se"]
+__all__ = ["BIN_MIN_STARS", "PARAMS", "PULL_SIGMA_BAND", "SIGNIFICANCE", "band_excess", "pull_calibration",
+           "robust_sigma", "robust_sigma_se"]
 
 #: Reported parameters, catalog order.
 PARAMS = ("teff", "feh", "logg", "e", "plx")
@@ -129,6 +129,28 @@ def pull_calibration(resid: np.ndarray, err: np.ndarray, ref_err: np.ndarray | N
     return out
 
 
+def band_excess(sigma: float, se: float | None, band: tuple[float, float] = PULL_SIGMA_BAND) -> dict[str, Any] | None:
+    """How far a pull sigma lies outside ``band``: None when inside (or not finite).
+
+    Parameters
+    ----------
+    sigma : a robust pull sigma.
+    se : its standard error (None, NaN or <= 0 when unknown).
+    band : the accepted (low, high) range.
+
+    Returns
+    -------
+    ``{"distance": float, "standard_errors_out": float | None, "significant": bool}``: the distance to the
+    nearer band edge, that distance in standard errors, and whether it exceeds :data:`SIGNIFICANCE` of them.
+    """
+    if sigma is None or not np.isfinite(sigma) or band[0] <= sigma <= band[1]:
+        return None
+    dist = float(band[0] - sigma if sigma < band[0] else sigma - band[1])
+    known = se is not None and bool(np.isfinite(se)) and se > 0
+    return {"distance": dist, "standard_errors_out": dist / se if known else None,
+            "significant": bool(known and dist > SIGNIFICANCE * se)}
+
+
 def _bins_verdict(bins: dict[str, list[dict[str, Any]]], names: tuple[str, ...],
                   band: tuple[float, float]) -> dict[str, Any]:
     """The (bin, parameter) pairs of >= :data:`BIN_MIN_STARS` stars outside ``band``, and those significantly so."""
@@ -142,13 +164,13 @@ def _bins_verdict(bins: dict[str, list[dict[str, Any]]], names: tuple[str, ...],
                 if not np.isfinite(sig):
                     continue
                 checked += 1
-                if band[0] <= sig <= band[1]:
+                excess = band_excess(sig, se, band)
+                if excess is None:
                     continue
-                dist = (band[0] - sig) if sig < band[0] else (sig - band[1])
                 entry = {"bin": name, "lo": row["lo"], "hi": row["hi"], "n": row["n"], "parameter": p,
-                         "pull_sigma": sig, "pull_sigma_se": se, "standard_errors_out": dist / se if se > 0 else None}
+                         "pull_sigma": sig, "pull_sigma_se": se, "standard_errors_out": excess["standard_errors_out"]}
                 outside.append(entry)
-                if se > 0 and dist > SIGNIFICANCE * se:
+                if excess["significant"]:
                     significant.append(entry)
     return {"min_stars": BIN_MIN_STARS, "significance": SIGNIFICANCE, "checked": checked, "outside": outside,
             "significantly_outside": significant}
