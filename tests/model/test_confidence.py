@@ -249,25 +249,32 @@ def test_auc_with_error():
     assert all(np.isnan(v) for v in C.auc_with_error(np.ones(5), np.ones(5)))
 
 
-def test_logistic_settings_and_its_penalty_on_the_output_weights(rng):
-    """The logistic candidate has no hidden layer and no dropout; without hidden layers L2 shrinks the output
-    weights (the network's penalty spares its output layer)."""
-    from xpcat.model.confidence_network import LOGISTIC_LEARNING_RATE, LOGISTIC_MIN_EPOCHS, logistic_settings
+def test_logistic_candidate_chooses_its_penalty_by_cross_validation(rng, monkeypatch):
+    """scikit-learn's LogisticRegressionCV, stored as a network without hidden layer: pure-noise features get a
+    strong penalty (small weights), an informative one a weak penalty; the stored layer reproduces its
+    probabilities; a class of fewer than 2 stars gives no candidate."""
+    from xpcat.model.confidence_logistic import INVERSE_L2_GRID, bce, train_logistic
 
-    base = C.ClassifierSettings(epochs=200, patience=20, batch_size=128, logistic_candidate=True)
-    lin = logistic_settings(base)
-    assert (lin.n_hidden, lin.dropout, lin.learning_rate) == (0, 0.0, LOGISTIC_LEARNING_RATE)
-    assert lin.epochs == LOGISTIC_MIN_EPOCHS and not lin.logistic_candidate and lin.batch_size == 128
-    assert logistic_settings(C.ClassifierSettings(epochs=1024)).epochs == 1024
-    x = rng.normal(size=(400, 6)).astype(np.float32)
-    y = (x[:, 0] + 0.3 * rng.normal(size=400) > 0).astype(np.float32)
-    norms = []
-    for l2 in (0.0, 0.1):
-        layers, _ = C.train_classifier(x, y, x[:100], y[:100], C.ClassifierSettings(**{**lin.__dict__, "l2": l2}),
-                                       seed=0)
-        assert len(layers) == 1 and layers[0]["W"].shape == (6, 1)
-        norms.append(float(np.abs(layers[0]["W"]).sum()))
-    assert norms[1] < 0.5 * norms[0]
+    x = rng.normal(size=(600, 8)).astype(np.float32)
+    informative = (x[:, 0] + 0.3 * rng.normal(size=600) > 0).astype(np.float32)
+    noise = (rng.random(600) > 0.5).astype(np.float32)
+    layers, info = train_logistic(x[:500], informative[:500], x[500:], informative[500:], seed=0)
+    assert len(layers) == 1 and layers[0]["W"].shape == (8, 1) and layers[0]["b"].shape == (1,)
+    p = C.classifier_probability(layers, x[500:])
+    assert info["best_val_loss"] == pytest.approx(bce(informative[500:], p), rel=1e-4)
+    assert info["best_val_loss"] < 0.4 and info["cv_folds"] == 5
+    _, noisy = train_logistic(x[:500], noise[:500], x[500:], noise[500:], seed=0)
+    assert noisy["inverse_l2"] < info["inverse_l2"] and noisy["inverse_l2"] in INVERSE_L2_GRID
+    assert noisy["best_val_loss"] == pytest.approx(np.log(2.0), abs=0.03)
+    import xpcat.model.confidence_logistic as L
+
+    monkeypatch.setattr(L, "CV_MAX_STARS", 200)  # C and the weights from a stratified 200 of the 500 stars
+    sub_layers, sub = L.train_logistic(x[:500], informative[:500], x[500:], informative[500:], seed=0)
+    assert sub["cv_stars"] == 200 and info["cv_stars"] == 500 and sub["inverse_l2"] in INVERSE_L2_GRID
+    assert sub["best_val_loss"] < 0.4
+    one_bad = np.ones(500, np.float32)
+    one_bad[0] = 0.0
+    assert train_logistic(x[:500], one_bad, x[500:], one_bad[:100], seed=0) is None
 
 
 def _linear_problem(rng, n):

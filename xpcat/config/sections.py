@@ -256,9 +256,9 @@ class ConfidenceConfig(Section):
         "that did not see it (AUC with a bootstrap error), then each classifier trained on all the stars (k + 1 "
         "times the training time); 1 = the paper's single hold-out of holdout_fraction.", min=1, max=20)
     logistic_candidate: bool = config_field(
-        True, "Beyond the paper: beside each network also train an L2-regularised logistic classifier on the same "
-        "stars and keep the one with the lower validation loss (few labelled stars: the 3 x 64 network overfits); "
-        "false = the paper's network only.")
+        True, "Beyond the paper: beside each network also train an L2-regularised logistic classifier (scikit-learn, "
+        "its penalty chosen by cross-validation) on the same stars and keep the one with the lower validation loss "
+        "(few labelled stars: the 3 x 64 network overfits); false = the paper's network only.")
     label_set: Literal["all", "validation"] = config_field(
         "all", "Labelled stars the classifiers learn from, each fitted without its label: 'all' (Sec. 4.4: every "
         "LAMOST source, 20 % held out) or 'validation' (only the forward model's validation split; all labelled "

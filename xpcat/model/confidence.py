@@ -47,12 +47,12 @@ from xpcat.model.confidence_features import (
     chi2_eps_labels,
     confidence_features,
 )
+from xpcat.model.confidence_logistic import train_logistic
 from xpcat.model.confidence_network import (
     ClassifierSettings,
     classifier_logits,
     classifier_probability,
     init_classifier,
-    logistic_settings,
     train_classifier,
 )
 
@@ -226,8 +226,9 @@ def _train_one(x_all: np.ndarray, y: np.ndarray, train: np.ndarray, settings: Cl
     split = (x_all[fit_idx], y[fit_idx], x_all[val_idx], y[val_idx])
     layers, info = train_classifier(*split, settings, seed=seed)
     info["architecture"] = "network"
-    if settings.logistic_candidate and val_idx.any():
-        lin, lin_info = train_classifier(*split, logistic_settings(settings), seed=seed)
+    logistic = train_logistic(*split, seed=seed) if settings.logistic_candidate and val_idx.any() else None
+    if logistic is not None:
+        lin, lin_info = logistic
         losses = {"network": info["best_val_loss"], "logistic": lin_info["best_val_loss"]}
         if losses["logistic"] < losses["network"]:
             layers, info = lin, lin_info | {"architecture": "logistic"}
@@ -350,10 +351,11 @@ def train_confidence_classifiers(
             "auc_se": auc_se,
             "fallback": False,
             **counts,
-            "epochs_run": [i["epochs_run"] for i in infos],
-            "best_epoch": [i["best_epoch"] for i in infos],
+            "epochs_run": [i.get("epochs_run") for i in infos],  # None for a kept logistic classifier
+            "best_epoch": [i.get("best_epoch") for i in infos],
             "best_val_loss": [i["best_val_loss"] for i in infos],
             "architecture": [i["architecture"] for i in infos],
+            "inverse_l2": [i.get("inverse_l2") for i in infos],  # the logistic candidate's C where kept
         }
         logger.info("confidence %s: %d good / %d bad training stars, %d classifier(s) (kept: %s), %s AUC %.3f "
                     "+- %.3f", name, n_good, n_bad, len(infos), infos[-1]["architecture"], method, auc, auc_se)

@@ -9,16 +9,11 @@ without improvement (the paper's 1024 = 4 x 256), and the parameters with the
 best validation loss are kept.
 
 Beyond the paper (``logistic_candidate``): beside the network, an
-L2-regularised logistic classifier (no hidden layer, :func:`logistic_settings`)
+L2-regularised logistic classifier (:mod:`xpcat.model.confidence_logistic`)
 trains on the same stars, and the one with the lower validation loss is kept
-(:func:`xpcat.model.confidence.train_confidence_classifiers`). The paper's
-3 x 64 network was sized for 2.5 million labelled stars; on the 6000-star demo
-(~2250 labelled basic-cut stars, 64 bad in Teff) it overfits: out of fold the
-logistic classifier alone scores Teff / [Fe/H] / logg AUC 0.84 / 0.79 / 0.93,
-the network 0.78 / 0.73 / 0.92, the choice per fold by validation loss 0.82 /
-0.76 / 0.94 (the logistic one is kept for all three). On 18,000 real APOGEE
-stars the network wins every choice (0.94 / 0.92 / 0.90; the logistic one
-alone 0.92 / 0.83 / 0.82).
+(:func:`xpcat.model.confidence.train_confidence_classifiers`); it is stored as
+a network without hidden layer. On 18,000 real APOGEE stars the network wins
+every choice (0.94 / 0.92 / 0.90).
 
 Pure array code: numpy, JAX and optax only.
 """
@@ -26,7 +21,7 @@ Pure array code: numpy, JAX and optax only.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -38,10 +33,7 @@ import optax
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "LOGISTIC_LEARNING_RATE",
-    "LOGISTIC_MIN_EPOCHS",
     "ClassifierSettings",
-    "logistic_settings",
     "init_classifier",
     "classifier_logits",
     "train_classifier",
@@ -76,8 +68,8 @@ class ClassifierSettings:
     validation_fraction: float = 0.15
     #: Minimum number of good and of bad training stars per classifier.
     min_per_class: int = 10
-    #: Beyond the paper: also train a logistic classifier (:func:`logistic_settings`) and keep whichever of
-    #: the two has the lower validation loss.
+    #: Beyond the paper: also train a logistic classifier (:mod:`xpcat.model.confidence_logistic`) and keep
+    #: whichever of the two has the lower validation loss.
     logistic_candidate: bool = False
 
     @classmethod
@@ -88,23 +80,6 @@ class ClassifierSettings:
         kw = {k: getattr(cfg, k) for k in names if hasattr(cfg, k)}
         kw.update(overrides)
         return cls(**kw)
-
-
-#: Adam learning rate of the logistic candidate: its convex loss tolerates a larger step than the network's.
-LOGISTIC_LEARNING_RATE = 3e-2
-#: Fewest epochs the logistic candidate may run (the quick preset's 200 at batch 1024 leave it unconverged).
-LOGISTIC_MIN_EPOCHS = 400
-
-
-def logistic_settings(settings: ClassifierSettings) -> ClassifierSettings:
-    """The logistic candidate's settings: no hidden layer, no dropout, the L2 penalty on its weights.
-
-    Parameters
-    ----------
-    settings : the network's settings (the penalty, batch size, patience and splits are kept).
-    """
-    return replace(settings, n_hidden=0, dropout=0.0, learning_rate=LOGISTIC_LEARNING_RATE,
-                   epochs=max(settings.epochs, LOGISTIC_MIN_EPOCHS), logistic_candidate=False)
 
 
 def init_classifier(seed: int, n_in: int, hidden_width: int = 64, n_hidden: int = 3) -> list[dict[str, np.ndarray]]:
