@@ -195,6 +195,18 @@ def test_confidence_status_sources():
     assert ("Teff: the confidence classifier was trained (AUC 0.812 +- 0.031 on out-of-fold (5 folds), "
             "stars the classifier did not see).") in s["statements"]
     assert "[Fe/H]: the confidence classifier was trained (AUC 0.770 on out-of-fold (5 folds)" in s["statements"][1]
+    # which classifier the catalog's confidences come from: the stored (last trained) one of each parameter
+    s = confidence_status({}, {"auc_teff": 0.86, "auc_feh": 0.77, "auc_logg": 0.93,
+                               "settings": {"n_hidden": 3, "hidden_width": 64},
+                               "classifiers": {"teff": {"architecture": ["network", "logistic"],
+                                                        "inverse_l2": [None, 0.0316]},
+                                               "feh": {"architecture": ["logistic", "network"],
+                                                       "inverse_l2": [0.1, None]}}})
+    assert s["teff"]["classifier"] == "a logistic regression, L2 penalty C = 0.0316 chosen by cross-validation"
+    assert s["feh"]["classifier"] == "a 3 x 64 network" and s["logg"]["classifier"] is None
+    assert s["statements"][0] == ("Teff: the confidence classifier was trained (a logistic regression, L2 penalty "
+                                  "C = 0.0316 chosen by cross-validation; AUC 0.860 on held-out stars).")
+    assert s["statements"][2] == "logg: the confidence classifier was trained (AUC 0.930 on held-out stars)."
     s = confidence_status({}, None)
     assert all(s[p]["status"] == "unknown" for p in ("teff", "feh", "logg")) and not s["any_fallback"]
     assert not s["all_trained"] and any("xpcat train-confidence" in t for t in s["statements"])

@@ -57,16 +57,32 @@ def read_confidence_summary(run_dir: Path, artifact: Any) -> tuple[dict[str, Any
     return None, None
 
 
+def _classifier_kind(summary: dict[str, Any] | None, p: str) -> str | None:
+    """What the stored classifier of ``p`` is: the paper's network or the logistic candidate (with its C)."""
+    report = ((summary or {}).get("classifiers") or {}).get(p) or {}
+    kinds = report.get("architecture")
+    if not isinstance(kinds, list) or not kinds:
+        return None
+    if kinds[-1] == "logistic":  # the stored classifier trains last
+        c = (report.get("inverse_l2") or [None])[-1]
+        return (f"a logistic regression, L2 penalty C = {c:.3g} chosen by cross-validation"
+                if isinstance(c, (int, float)) else "a logistic regression")
+    settings = (summary or {}).get("settings") or {}
+    n, width = settings.get("n_hidden"), settings.get("hidden_width")
+    return f"a {n} x {width} network" if n and width else "a network"
+
+
 def _sentence(p: str, row: dict[str, Any]) -> str:
     word = WORDS[p]
     if row["status"] == "trained":
         auc, se, method = row.get("auc"), row.get("auc_se"), row.get("auc_method")
-        auc_txt = ""
+        parts = [row["classifier"]] if row.get("classifier") else []
         if isinstance(auc, (int, float)) and math.isfinite(auc):
             se_txt = f" +- {se:.3f}" if isinstance(se, (int, float)) and math.isfinite(se) else ""
             how = f"{method}, stars the classifier did not see" if method else "held-out stars"
-            auc_txt = f" (AUC {auc:.3f}{se_txt} on {how})"
-        return f"{word}: the confidence classifier was trained{auc_txt}."
+            parts.append(f"AUC {auc:.3f}{se_txt} on {how}")
+        detail = f" ({'; '.join(parts)})" if parts else ""
+        return f"{word}: the confidence classifier was trained{detail}."
     if row["status"] == "fell back":
         return (f"{word}: the confidence classifier fell back: {str(row['reason']).rstrip('.')}. No star is confident in {word}, "
                 f"so Table 3's rows confident in {word} count none.")
@@ -94,8 +110,9 @@ def confidence_status(metadata: dict[str, Any], summary: dict[str, Any] | None,
     -------
     dict
         Per parameter ``{"status": "trained" | "fell back" | "unknown", "reason",
-        "auc", "auc_se", "auc_method", "from"}`` (the AUC's bootstrap standard
-        error and how its stars were chosen, None when not recorded), ``source`` (the metadata's ``confidence_source``),
+        "auc", "auc_se", "auc_method", "classifier", "from"}`` (the AUC's bootstrap
+        standard error, how its stars were chosen and what the stored classifier is, None when not
+        recorded), ``source`` (the metadata's ``confidence_source``),
         ``rule`` (the placeholder rule when any fell back), ``any_fallback``,
         ``all_trained``, ``all_fallback`` and ``statements`` (one sentence per parameter, then the rule).
     """
@@ -121,6 +138,7 @@ def confidence_status(metadata: dict[str, Any], summary: dict[str, Any] | None,
         if row["status"] == "trained":
             row["auc_se"] = (summary or {}).get(f"auc_{p}_se")
             row["auc_method"] = (summary or {}).get("auc_method")
+            row["classifier"] = _classifier_kind(summary, p)
         out[p] = row
     fell = [p for p in CONFIDENCE_PARAMETERS if out[p]["status"] == "fell back"]
     statements = [_sentence(p, out[p]) for p in CONFIDENCE_PARAMETERS]
