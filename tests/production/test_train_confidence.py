@@ -263,7 +263,10 @@ def universe_run(tmp_path_factory):
     return {"out": out, "state": state, "stars": dict(np.load(RunPaths.of(run).confidence_stars))}
 
 
+# the universe_run fixture (200k stars simulated, conditioned, trained and scored out of fold) takes 20-30 min on
+# two cores and over 30 when they are shared: it sets up inside the first test it serves, which may run an hour
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 @pytest.mark.parametrize("p", ["teff", "feh", "logg"])
 def test_classifier_auc_on_a_synthetic_universe(universe_run, p):
     """Issue 7 item 2: each classifier's held-out ROC AUC >= 0.85 on a universe with binaries and outliers."""
@@ -273,6 +276,7 @@ def test_classifier_auc_on_a_synthetic_universe(universe_run, p):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 @pytest.mark.parametrize("p", ["teff", "feh", "logg"])
 def test_confident_stars_scatter_half_as_much(universe_run, p):
     """Issue 7 item 2, as the paper's Fig. 10: the residual scatter (robust sigma, estimate - label) of held-out
