@@ -388,15 +388,27 @@ def _median(x: np.ndarray) -> float | None:
     return float(np.median(x)) if x.size else None
 
 
+def catastrophic(est: np.ndarray, ref: np.ndarray, cuts: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Per cut, the fraction of its stars off APOGEE by more than the report's catastrophic thresholds
+    (:data:`xpcat.production.report.reliability.CATASTROPHIC_THRESHOLDS`: 500 K, 0.5 dex), per parameter and in any."""
+    from xpcat.production.report.reliability import CATASTROPHIC_THRESHOLDS
+
+    off = np.column_stack([np.abs(est[:, i] - ref[:, i]) > CATASTROPHIC_THRESHOLDS[p] for i, p in enumerate(PARAMS)])
+    return {cut: {"n": int(m.sum()), **{p: float(off[m, i].mean()) if m.any() else None for i, p in enumerate(PARAMS)},
+                  "any": float(off[m].any(axis=1).mean()) if m.any() else None} for cut, m in cuts.items()}
+
+
 def group_stats(est: np.ndarray, err: np.ndarray, ref: np.ndarray, ref_err: np.ndarray, basic: np.ndarray,
-                found: np.ndarray, err_fisher: np.ndarray) -> dict[str, Any]:
+                found: np.ndarray, err_fisher: np.ndarray, strict: np.ndarray) -> dict[str, Any]:
     """Residual statistics of one group of scored stars (residuals over the basic cut).
 
     ``pull_robust_sigma`` uses the catalog's errors ``err`` (``pull_robust_sigma_se``: its bootstrap standard
-    error); ``pull_robust_sigma_fisher`` the Fisher-only ones.
+    error); ``pull_robust_sigma_fisher`` the Fisher-only ones. ``catastrophic``: :func:`catastrophic` over the
+    basic cut and the strict cut (``strict``: ``quality_flags == 0``).
     """
     out: dict[str, Any] = {"n": int(found.size), "n_in_catalog": int(found.sum()), "n_basic": int(basic.sum()),
-                           "basic_fraction": float(basic.mean()) if basic.size else None}
+                           "basic_fraction": float(basic.mean()) if basic.size else None,
+                           "catastrophic": catastrophic(est, ref, {"basic": basic, "strict": strict})}
     for i, p in enumerate(PARAMS):
         d = (est[:, i] - ref[:, i])[basic]
         pull = d / np.sqrt(err[basic, i] ** 2 + ref_err[basic, i] ** 2)
@@ -517,7 +529,9 @@ def evaluate(rows: dict[str, np.ndarray], cat: dict[str, np.ndarray], library_id
     est = np.where(found[:, None], cat["est"][ci], np.nan)
     err = np.where(found[:, None], cat["err"][ci], np.nan)
     err_f = np.where(found[:, None], fisher_errors(cat["est5"], cat["err5"], uncertainty[0])[ci], np.nan)
-    basic = found & (np.where(found, cat["flags"][ci], 255) < 8) & np.all(np.isfinite(est), axis=1)
+    flags = np.where(found, cat["flags"][ci], 255)
+    basic = found & (flags < 8) & np.all(np.isfinite(est), axis=1)
+    strict = basic & (flags == 0)
     g_mag = rows["gaiaedr3_phot_g_mean_mag"][best][idx].astype(np.float64)
     from xpcat.production.ingest.apogee import AKS_PER_E
 
@@ -525,7 +539,7 @@ def evaluate(rows: dict[str, np.ndarray], cat: dict[str, np.ndarray], library_id
     out["scored"] = {"definition": f"validation split + --holdout-ids, APOGEE SNR > {SNR_MIN:g}, Teff < "
                                    f"{TEFF_MAX:g} K, finite labels; residuals over quality_flags < 8",
                      "n": int(idx.size), "missing_from_catalog": int((~found).sum())}
-    out["xpcat"] = {g: group_stats(est[m], err[m], ref[m], ref_err[m], basic[m], found[m], err_f[m])
+    out["xpcat"] = {g: group_stats(est[m], err[m], ref[m], ref_err[m], basic[m], found[m], err_f[m], strict[m])
                     for g, m in grp.items()}
     info = uncertainty[1]
     out["pulls"] = {"catalog_errors": info.get("used"), "reason": info.get("reason"),

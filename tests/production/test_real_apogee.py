@@ -265,16 +265,37 @@ def test_group_pulls_carry_standard_errors_and_the_groups_outside_the_band_are_n
     resid = rs.standard_normal((n, 3)) * err
     resid[:, 1] *= 1.6
     ones = np.ones(n, bool)
-    big = bench.group_stats(ref + resid, err, ref, ref_err, ones, ones, err)
+    big = bench.group_stats(ref + resid, err, ref, ref_err, ones, ones, err, ones)
     assert big["feh"]["pull_robust_sigma_se"] == pytest.approx(1.6 * 1.17 / np.sqrt(n), rel=0.3)
     small = rs.standard_normal((25, 3)) * err[:25]
     for j, target in enumerate((1.3, 1.0, 1.0)):  # only Teff outside the band
         small[:, j] *= target / bench.robust_sigma(small[:, j] / err[:25, j])
     few = np.ones(25, bool)
     stats = {"all": big, "tiny": bench.group_stats(ref[:25] + small, err[:25], ref[:25], ref_err[:25], few, few,
-                                                   err[:25])}
+                                                   err[:25], few)}
     out = {(g["group"], g["parameter"]): g for g in bench.groups_outside_band(stats)}
     assert set(out) == {("all", "feh"), ("tiny", "teff")}
     assert out[("all", "feh")]["significant"] and out[("all", "feh")]["standard_errors_out"] > 5
     assert not out[("tiny", "teff")]["significant"]
     assert bench.robust_sigma(np.array([np.nan])) is None and bench.robust_sigma_se(np.ones(2)) is None
+
+
+def test_catastrophic_fractions_per_cut_on_the_report_thresholds():
+    """Stars off APOGEE by > 500 K / 0.5 dex are counted per cut, per parameter and in any; an empty cut is None."""
+    bench = _benchmark("real_apogee")
+    ref = np.tile([5000.0, 0.0, 4.0], (10, 1))
+    est = ref.copy()
+    est[0, 0] += 501.0   # Teff
+    est[1, 0] -= 499.0   # not catastrophic
+    est[2, 2] += 0.6     # logg
+    est[3, 1] -= 0.7     # [Fe/H]
+    est[3, 2] -= 0.7     # and logg: one star in "any"
+    basic = np.ones(10, bool)
+    strict = np.arange(10) >= 3
+    out = bench.catastrophic(est, ref, {"basic": basic, "strict": strict, "none": np.zeros(10, bool)})
+    assert out["basic"] == {"n": 10, "teff": 0.1, "feh": 0.1, "logg": 0.2, "any": 0.3}
+    assert out["strict"] == {"n": 7, "teff": 0.0, "feh": pytest.approx(1 / 7), "logg": pytest.approx(1 / 7),
+                             "any": pytest.approx(1 / 7)}
+    assert out["none"] == {"n": 0, "teff": None, "feh": None, "logg": None, "any": None}
+    stats = bench.group_stats(est, np.ones((10, 3)), ref, np.zeros((10, 3)), basic, basic, np.ones((10, 3)), strict)
+    assert stats["catastrophic"]["strict"]["n"] == 7
