@@ -263,8 +263,8 @@ def universe_run(tmp_path_factory):
     return {"out": out, "state": state, "stars": dict(np.load(RunPaths.of(run).confidence_stars))}
 
 
-# the universe_run fixture (200k stars simulated, conditioned, trained and scored out of fold) takes 20-30 min on
-# two cores and over 30 when they are shared: it sets up inside the first test it serves, which may run an hour
+# the universe_run fixture (200k stars simulated, conditioned, trained and scored out of fold) took 36 min on two
+# shared cores (2026-12-04): it sets up inside the first test it serves, which may therefore run an hour
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
 @pytest.mark.parametrize("p", ["teff", "feh", "logg"])
