@@ -170,6 +170,20 @@ def test_catastrophic_fractions_on_constructed_residuals():
     assert c["basic cut + confident in logg"]["stars"] == 16
     assert out["statements"][0].startswith("all converged: 33.33 % of 18 stars are catastrophic failures")
     assert "500 K" in out["definition"] and "0.5 dex" in out["definition"]
+    assert out["strict_by_G"] is None
+    # with G: the strict cut's failures per G bin (stars 0-9 at G 16.5, 10-19 at G 12.5)
+    g_mag = np.where(np.arange(n) < 10, 16.5, 12.5)
+    by_g = catastrophic_failures(data, g_mag)
+    rows = {(r["lo"], r["hi"]): r for r in by_g["strict_by_G"]}
+    assert set(rows) == {(12.0, 13.0), (16.0, 17.0)}
+    faint, bright = rows[(16.0, 17.0)], rows[(12.0, 13.0)]
+    assert faint["stars"] == 5 and faint["teff"] == {"n": 5, "failures": 1, "fraction": 0.2}
+    assert faint["any"] == {"n": 5, "failures": 1, "fraction": 0.2} and faint["feh"]["failures"] == 1
+    assert bright["stars"] == 8 and bright["teff"]["failures"] == 0 and bright["any"]["n"] == 7
+    assert by_g["statements"][-1] == ("strict cut by G (catastrophic in any of the three): G 12-13: 0.00 % of 7, "
+                                      "G 16-17: 20.00 % of 5.")
+    assert by_g["cuts"] == out["cuts"] and by_g["statements"][:-1] == out["statements"]
+    assert catastrophic_failures(data, np.full(n, np.nan))["strict_by_G"] == []
     empty = catastrophic_failures(_data(ref, est, np.tile(ERR, (n, 1)), "truth", conf=np.zeros((n, 3))))
     assert empty["cuts"]["basic cut + confident in logg"]["any"] == {"n": 0, "failures": 0, "fraction": None}
     assert "basic cut + confident in logg: no star with a reference value (0 stars in the cut)." in empty["statements"]

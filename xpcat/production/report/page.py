@@ -266,9 +266,9 @@ def write_report(run_dir: Path) -> Path:
     validation["binned_residuals"] = binned_residual_numbers(data)
     conf_summary, conf_source = read_confidence_summary(run_dir, artifact)
     validation.update({f"auc_{p}": (conf_summary or {}).get(f"auc_{p}") for p in ("teff", "feh", "logg")})
-    validation["error_calibration"] = error_calibration(data, load_g_mag(run_dir, sid),
-                                                        cat_info["metadata"].get("uncertainty"))
-    validation["catastrophic_failures"] = catastrophic_failures(data)
+    g_mag = load_g_mag(run_dir, sid)
+    validation["error_calibration"] = error_calibration(data, g_mag, cat_info["metadata"].get("uncertainty"))
+    validation["catastrophic_failures"] = catastrophic_failures(data, g_mag)
     validation["confidence_status"] = confidence_status(cat_info["metadata"], conf_summary, conf_source)
     counts = cut_counts(data)
     validation["cuts"] = {name: {"stars": c, "fraction": f} for name, c, f in counts}

@@ -140,13 +140,17 @@ def _percent(x: float | None) -> str:
     return "n/a" if x is None else f"{100.0 * x:.2f} %"
 
 
-def catastrophic_failures(data: ReportData) -> dict[str, Any]:
+def catastrophic_failures(data: ReportData, g_mag: np.ndarray | None = None) -> dict[str, Any]:
     """Per cut, the fraction of converged stars with a catastrophic Teff, logg or [Fe/H].
 
     Parameters
     ----------
     data : ReportData
         Estimates (Teff in K) and the reference (truth or labels).
+    g_mag : (n,) float64, optional
+        phot_g_mean_mag of the same stars (NaN where unknown): the strict cut's
+        failures are then also given per G bin (``CALIBRATION_BINS["G"]``), where
+        most of them lie at the faint end.
 
     Returns
     -------
@@ -155,7 +159,10 @@ def catastrophic_failures(data: ReportData) -> dict[str, Any]:
         per cut (all converged; basic; strict; basic + confident in Teff, [Fe/H],
         logg) ``{"stars", "teff", "logg", "feh", "any": {"n", "failures",
         "fraction"}}`` where ``n`` counts the cut's stars with a finite estimate
-        and reference (all three for ``any``), and ``statements``: one sentence per cut.
+        and reference (all three for ``any``), ``strict_by_G`` (with ``g_mag``:
+        a list of ``{"lo", "hi", "stars", "teff", "logg", "feh", "any"}`` rows
+        over the G bins holding strict-cut stars, else None), and
+        ``statements``: one sentence per cut, then one for the G bins.
     """
     conv = data.fit_status == 0
     conf = data.confidence > CONFIDENCE_THRESHOLD
@@ -188,8 +195,24 @@ def catastrophic_failures(data: ReportData) -> dict[str, Any]:
         else:
             statements.append(f"{cut}: {_percent(row['any']['fraction'])} of {row['any']['n']} stars are "
                               f"catastrophic failures ({parts}).")
+    by_g = None
+    if g_mag is not None:
+        g = np.asarray(g_mag, dtype=np.float64)
+        strict = cuts["strict cut (quality_flags == 0)"]
+        edges = CALIBRATION_BINS["G"]
+        by_g = []
+        for lo, hi in zip(edges[:-1], edges[1:]):
+            m = strict & (g >= lo) & (g < hi)
+            if not m.any():
+                continue
+            by_g.append({"lo": lo, "hi": hi, "stars": int(m.sum()), **{p: _fraction(off[p], m & finite[p]) for p in off},
+                         "any": _fraction(any_off, m & all_finite)})
+        parts = [f"G {r['lo']:g}-{r['hi']:g}: {_percent(r['any']['fraction'])} of {r['any']['n']}" for r in by_g
+                 if r["any"]["n"]]
+        if parts:
+            statements.append("strict cut by G (catastrophic in any of the three): " + ", ".join(parts) + ".")
     units = {"teff": "K", "logg": "dex", "feh": "dex"}
     definition = " or ".join(f"|{WORDS[p]} - reference| > {v:g} {units[p]}" for p, v in CATASTROPHIC_THRESHOLDS.items())
     return {"thresholds": dict(CATASTROPHIC_THRESHOLDS, units=units), "reference": data.ref_kind,
             "selection": "converged stars of each cut", "definition": definition, "cuts": rows,
-            "statements": statements}
+            "strict_by_G": by_g, "statements": statements}
