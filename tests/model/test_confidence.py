@@ -253,7 +253,9 @@ def test_logistic_candidate_chooses_its_penalty_by_cross_validation(rng, monkeyp
     """scikit-learn's LogisticRegressionCV, stored as a network without hidden layer: pure-noise features get a
     strong penalty (small weights), an informative one a weak penalty; the stored layer reproduces its
     probabilities; a class of fewer than 2 stars gives no candidate."""
-    from xpcat.model.confidence_logistic import INVERSE_L2_GRID, bce, train_logistic
+    from sklearn.metrics import log_loss
+
+    from xpcat.model.confidence_logistic import INVERSE_L2_GRID, train_logistic
 
     x = rng.normal(size=(600, 8)).astype(np.float32)
     informative = (x[:, 0] + 0.3 * rng.normal(size=600) > 0).astype(np.float32)
@@ -261,7 +263,7 @@ def test_logistic_candidate_chooses_its_penalty_by_cross_validation(rng, monkeyp
     layers, info = train_logistic(x[:500], informative[:500], x[500:], informative[500:], seed=0)
     assert len(layers) == 1 and layers[0]["W"].shape == (8, 1) and layers[0]["b"].shape == (1,)
     p = C.classifier_probability(layers, x[500:])
-    assert info["best_val_loss"] == pytest.approx(bce(informative[500:], p), rel=1e-4)
+    assert info["best_val_loss"] == pytest.approx(log_loss(informative[500:], p, labels=[0.0, 1.0]), rel=1e-4)
     assert info["best_val_loss"] < 0.4 and info["cv_folds"] == 5
     _, noisy = train_logistic(x[:500], noise[:500], x[500:], noise[500:], seed=0)
     assert noisy["inverse_l2"] < info["inverse_l2"] and noisy["inverse_l2"] in INVERSE_L2_GRID

@@ -30,7 +30,7 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CV_MAX_STARS", "INVERSE_L2_GRID", "MAX_CV_FOLDS", "bce", "train_logistic"]
+__all__ = ["CV_MAX_STARS", "INVERSE_L2_GRID", "MAX_CV_FOLDS", "train_logistic"]
 
 #: Inverse L2 strengths C that the cross-validation chooses from (scikit-learn's convention: the penalty
 #: is |w|^2 / (2 C) against the summed log loss).
@@ -42,13 +42,6 @@ MAX_CV_FOLDS = 5
 #: longer than the slow test's 30 minutes; 86 weights are well determined by 20,000 stars, and on large sets
 #: the network wins the choice anyway.
 CV_MAX_STARS = 20_000
-
-
-def bce(y: np.ndarray, p: np.ndarray) -> float:
-    """Mean binary cross-entropy of probabilities ``p`` (n,) for labels ``y`` (n,) in {0, 1}."""
-    p = np.clip(np.asarray(p, dtype=np.float64), 1e-7, 1.0 - 1e-7)
-    y = np.asarray(y, dtype=np.float64)
-    return float(-np.mean(y * np.log(p) + (1.0 - y) * np.log1p(-p)))
 
 
 def train_logistic(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
@@ -67,11 +60,12 @@ def train_logistic(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, 
     -------
     None when a class has fewer than 2 training stars (no fold could hold both); else
     layers : ``[{"W": (F, 1) float32, "b": (1,) float32}]``
-    info : ``best_val_loss`` (mean binary cross-entropy on the validation stars), ``inverse_l2`` (the C
+    info : ``best_val_loss`` (scikit-learn's log_loss on the validation stars), ``inverse_l2`` (the C
         chosen), ``cv_folds``, ``cv_stars`` (the stars it learnt from: all, or :data:`CV_MAX_STARS`).
     """
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import log_loss
     from sklearn.model_selection import GridSearchCV, StratifiedKFold
     from sklearn.utils import resample
 
@@ -94,7 +88,7 @@ def train_logistic(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, 
     x_val = np.asarray(x_val, dtype=np.float64)
     if x_val.shape[0] == 0:
         x_val, y_val = x_train, y_train
-    val_loss = bce(y_val, clf.predict_proba(x_val)[:, 1])
+    val_loss = float(log_loss(y_val, clf.predict_proba(x_val)[:, 1], labels=[0.0, 1.0]))
     logger.debug("logistic candidate: C = %g (%d folds), validation loss %.4f", clf.C, folds, val_loss)
     return layers, {"best_val_loss": val_loss, "inverse_l2": float(clf.C), "cv_folds": folds,
                     "cv_stars": int(sample.size)}
