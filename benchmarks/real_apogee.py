@@ -389,13 +389,12 @@ def _median(x: np.ndarray) -> float | None:
 
 
 def catastrophic(est: np.ndarray, ref: np.ndarray, cuts: dict[str, np.ndarray]) -> dict[str, Any]:
-    """Per cut, the fraction of its stars off APOGEE by more than the report's catastrophic thresholds
-    (:data:`xpcat.production.report.reliability.CATASTROPHIC_THRESHOLDS`: 500 K, 0.5 dex), per parameter and in any."""
-    from xpcat.production.report.reliability import CATASTROPHIC_THRESHOLDS
+    """Per cut, the stars off APOGEE by more than the report's catastrophic thresholds (500 K, 0.5 dex), per
+    parameter and in any: :func:`xpcat.production.report.reliability.catastrophic_rows` on (n, 3) arrays."""
+    from xpcat.production.report.reliability import catastrophic_rows
 
-    off = np.column_stack([np.abs(est[:, i] - ref[:, i]) > CATASTROPHIC_THRESHOLDS[p] for i, p in enumerate(PARAMS)])
-    return {cut: {"n": int(m.sum()), **{p: float(off[m, i].mean()) if m.any() else None for i, p in enumerate(PARAMS)},
-                  "any": float(off[m].any(axis=1).mean()) if m.any() else None} for cut, m in cuts.items()}
+    return catastrophic_rows({p: est[:, i] for i, p in enumerate(PARAMS)},
+                             {p: ref[:, i] for i, p in enumerate(PARAMS)}, cuts)
 
 
 def group_stats(est: np.ndarray, err: np.ndarray, ref: np.ndarray, ref_err: np.ndarray, basic: np.ndarray,

@@ -293,9 +293,11 @@ def test_catastrophic_fractions_per_cut_on_the_report_thresholds():
     basic = np.ones(10, bool)
     strict = np.arange(10) >= 3
     out = bench.catastrophic(est, ref, {"basic": basic, "strict": strict, "none": np.zeros(10, bool)})
-    assert out["basic"] == {"n": 10, "teff": 0.1, "feh": 0.1, "logg": 0.2, "any": 0.3}
-    assert out["strict"] == {"n": 7, "teff": 0.0, "feh": pytest.approx(1 / 7), "logg": pytest.approx(1 / 7),
-                             "any": pytest.approx(1 / 7)}
-    assert out["none"] == {"n": 0, "teff": None, "feh": None, "logg": None, "any": None}
+    frac = lambda row: {k: row[k]["fraction"] for k in ("teff", "feh", "logg", "any")}  # noqa: E731
+    assert out["basic"]["stars"] == 10 and frac(out["basic"]) == {"teff": 0.1, "feh": 0.1, "logg": 0.2, "any": 0.3}
+    assert out["strict"]["stars"] == 7 and frac(out["strict"]) == {"teff": 0.0, "feh": pytest.approx(1 / 7),
+                                                                    "logg": pytest.approx(1 / 7), "any": pytest.approx(1 / 7)}
+    assert out["strict"]["logg"] == {"n": 7, "failures": 1, "fraction": pytest.approx(1 / 7)}
+    assert out["none"]["stars"] == 0 and frac(out["none"]) == {"teff": None, "feh": None, "logg": None, "any": None}
     stats = bench.group_stats(est, np.ones((10, 3)), ref, np.zeros((10, 3)), basic, basic, np.ones((10, 3)), strict)
-    assert stats["catastrophic"]["strict"]["n"] == 7
+    assert stats["catastrophic"]["strict"]["stars"] == 7

@@ -20,6 +20,7 @@ Both return the sentences the page states beside their numbers.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -35,6 +36,7 @@ __all__ = [
     "CALIBRATION_BINS",
     "CATASTROPHIC_THRESHOLDS",
     "catastrophic_failures",
+    "catastrophic_rows",
     "error_calibration",
     "uncertainty_statement",
 ]
@@ -140,6 +142,32 @@ def _percent(x: float | None) -> str:
     return "n/a" if x is None else f"{100.0 * x:.2f} %"
 
 
+def catastrophic_rows(est: Mapping[str, np.ndarray], ref: Mapping[str, np.ndarray],
+                      cuts: Mapping[str, np.ndarray]) -> dict[str, dict[str, Any]]:
+    """Per cut, the stars off the reference by more than :data:`CATASTROPHIC_THRESHOLDS`.
+
+    Parameters
+    ----------
+    est, ref : ``{"teff": (n,) [K], "logg": (n,) [dex], "feh": (n,) [dex]}``: estimates and reference values
+        (NaN where unknown).
+    cuts : ``{name: (n,) bool}``.
+
+    Returns
+    -------
+    ``{name: {"stars", "teff", "logg", "feh", "any": {"n", "failures", "fraction"}}}``, ``n`` counting the cut's
+    stars with a finite estimate and reference (all three for ``any``).
+    """
+    off, finite = {}, {}
+    for p, limit in CATASTROPHIC_THRESHOLDS.items():
+        res = np.asarray(est[p], dtype=np.float64) - np.asarray(ref[p], dtype=np.float64)
+        finite[p] = np.isfinite(res)
+        off[p] = finite[p] & (np.abs(np.where(finite[p], res, 0.0)) > limit)
+    all_finite = np.all([finite[p] for p in off], axis=0)
+    any_off = np.any([off[p] for p in off], axis=0)
+    return {cut: {"stars": int(m.sum()), **{p: _fraction(off[p], m & finite[p]) for p in off},
+                  "any": _fraction(any_off, m & all_finite)} for cut, m in cuts.items()}
+
+
 def catastrophic_failures(data: ReportData, g_mag: np.ndarray | None = None) -> dict[str, Any]:
     """Per cut, the fraction of converged stars with a catastrophic Teff, logg or [Fe/H].
 
@@ -175,21 +203,11 @@ def catastrophic_failures(data: ReportData, g_mag: np.ndarray | None = None) -> 
         "basic cut + confident in [Fe/H]": b & conf[:, 1],
         "basic cut + confident in logg": b & conf[:, 2],
     }
-    off, finite = {}, {}
-    for p, limit in CATASTROPHIC_THRESHOLDS.items():
-        res = data.est[:, PARAM_NAMES.index(p)] - data.ref[p]
-        finite[p] = np.isfinite(res)
-        off[p] = finite[p] & (np.abs(np.where(finite[p], res, 0.0)) > limit)
-    all_finite = np.all([finite[p] for p in off], axis=0)
-    any_off = np.any([off[p] for p in off], axis=0)
-    rows: dict[str, Any] = {}
+    est = {p: data.est[:, PARAM_NAMES.index(p)] for p in CATASTROPHIC_THRESHOLDS}
+    rows = catastrophic_rows(est, data.ref, cuts)
     statements = []
-    for cut, m in cuts.items():
-        row: dict[str, Any] = {"stars": int(m.sum())}
-        row.update({p: _fraction(off[p], m & finite[p]) for p in off})
-        row["any"] = _fraction(any_off, m & all_finite)
-        rows[cut] = row
-        parts = ", ".join(f"{_percent(row[p]['fraction'])} in {WORDS[p]}" for p in off)
+    for cut, row in rows.items():
+        parts = ", ".join(f"{_percent(row[p]['fraction'])} in {WORDS[p]}" for p in CATASTROPHIC_THRESHOLDS)
         if row["any"]["n"] == 0:
             statements.append(f"{cut}: no star with a reference value ({row['stars']} stars in the cut).")
         else:
@@ -200,13 +218,9 @@ def catastrophic_failures(data: ReportData, g_mag: np.ndarray | None = None) -> 
         g = np.asarray(g_mag, dtype=np.float64)
         strict = cuts["strict cut (quality_flags == 0)"]
         edges = CALIBRATION_BINS["G"]
-        by_g = []
-        for lo, hi in zip(edges[:-1], edges[1:]):
-            m = strict & (g >= lo) & (g < hi)
-            if not m.any():
-                continue
-            by_g.append({"lo": lo, "hi": hi, "stars": int(m.sum()), **{p: _fraction(off[p], m & finite[p]) for p in off},
-                         "any": _fraction(any_off, m & all_finite)})
+        bins = {(lo, hi): strict & (g >= lo) & (g < hi) for lo, hi in zip(edges[:-1], edges[1:])}
+        by_g = [{"lo": lo, "hi": hi, **row}
+                for (lo, hi), row in catastrophic_rows(est, data.ref, {k: m for k, m in bins.items() if m.any()}).items()]
         parts = [f"G {r['lo']:g}-{r['hi']:g}: {_percent(r['any']['fraction'])} of {r['any']['n']}" for r in by_g
                  if r["any"]["n"]]
         if parts:
