@@ -314,3 +314,20 @@ def test_artifact_without_the_newer_terms_still_loads(nz: int):
     assert np.allclose(old.variance(est, cov, inv, np.full(len(est), 3.0))[:, 0], expect)
     with pytest.raises(ValueError, match="z_lo"):
         ME.model_error_from_arrays({**legacy, "z_lo": arrays["z_lo"]})
+
+
+def test_slope_prior_does_not_tighten_with_more_stars():
+    """The slopes' prior is fixed (not grown with n): 20,000 stars with a weak feature recover its slope.
+
+    A penalty growing as n / 1000 (before 2026-12-04) held this slope near 2.1 whatever the number of stars.
+    """
+    rng = np.random.default_rng(5)
+    n = 20_000
+    x = 0.1 * rng.standard_normal(n)
+    z = np.column_stack([np.ones(n), x])
+    r = np.sqrt(np.exp(3.0 * x)) * rng.standard_normal(n)
+    _, beta = ME._fit_beta(r, np.zeros(n), np.zeros(n), np.ones(n), z)
+    assert abs(beta[1] - 3.0) < 0.3, beta
+    few = slice(0, 60)  # a few-star fit stays near a constant model error
+    _, beta_few = ME._fit_beta(r[few], np.zeros(60), np.zeros(60), np.ones(60), z[few])
+    assert abs(beta_few[1]) < abs(beta[1]), (beta_few, beta)
