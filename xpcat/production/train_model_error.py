@@ -42,7 +42,7 @@ from xpcat.config import RunConfig
 from xpcat.model import model_error as ME
 from xpcat.production.run_dir import RunPaths
 
-__all__ = ["COMPONENT", "read_reddening_prior", "reference_arrays", "train_model_error", "unlabelled_sample",
+__all__ = ["COMPONENT", "learning_set", "read_reddening_prior", "reference_arrays", "train_model_error", "unlabelled_sample",
            "validation_range"]
 
 logger = logging.getLogger(__name__)
@@ -162,6 +162,66 @@ def unlabelled_sample(run_dir: Path, labelled: np.ndarray, n_max: int) -> np.nda
     return np.sort(sid[keep]).astype(np.int64)
 
 
+def learning_set(paths: RunPaths, config: RunConfig, model_dir: Path, source_id: np.ndarray,
+                 params5: np.ndarray, cov5: np.ndarray, ref: dict[str, np.ndarray], parallax: np.ndarray,
+                 parallax_error: np.ndarray, usable: np.ndarray,
+                 unlabelled: dict[str, np.ndarray] | None = None,
+                 quality: np.ndarray | None = None) -> dict[str, Any]:
+    """The stars the model error is learned from: the validation split's and the unlabelled sample's.
+
+    Parameters are those of :func:`train_model_error`.
+
+    Returns
+    -------
+    dict: ``source_id`` (m,), ``params5`` (m, 5), ``cov5`` (m, 5, 5), ``inv_plx_err`` (m,), ``ref5`` and ``ref_var5`` (m, 5)
+    (:func:`reference_arrays`; the unlabelled stars' E only), ``quality`` (m,) or None, and
+    ``learned_from`` (what and how many, for the artifact's metadata).
+    """
+    from xpcat.production.train import in_hash_range
+
+    hash_range = validation_range(model_dir, config)
+    val = np.asarray(in_hash_range(source_id, hash_range), bool)
+    sel = val & np.asarray(usable, bool)
+    e_prior, e_err = read_reddening_prior(paths.root, config, np.asarray(source_id)[sel])
+    ref_sel = {k: np.asarray(v)[sel] for k, v in ref.items()}
+    ref5, ref_var5, inv = reference_arrays(ref_sel, e_prior, e_err, np.asarray(parallax)[sel],
+                                           np.asarray(parallax_error)[sel])
+    params5, cov5 = np.asarray(params5)[sel], np.asarray(cov5)[sel]
+    q = None if quality is None else np.asarray(quality, np.float64)[sel]
+    rows = np.asarray(source_id, np.int64)[sel]
+    n_unlabelled = 0
+    if unlabelled is not None and len(unlabelled["source_id"]):
+        u = np.asarray(unlabelled["usable"], bool)
+        n_unlabelled = int(u.sum())
+        ue, ue_err = np.asarray(unlabelled["e_prior"])[u], np.asarray(unlabelled["e_prior_error"])[u]
+        none = {k: np.full(n_unlabelled, np.nan) for k in ref}
+        r5, rv5, inv_u = reference_arrays(none, ue, ue_err, np.asarray(unlabelled["parallax"])[u],
+                                          np.asarray(unlabelled["parallax_error"])[u])
+        r5[:, 4] = np.nan  # E only: their parallaxes gain nothing (module docstring)
+        ref5, ref_var5, inv = np.concatenate([ref5, r5]), np.concatenate([ref_var5, rv5]), np.concatenate([inv, inv_u])
+        params5 = np.concatenate([params5, np.asarray(unlabelled["params5"])[u]])
+        cov5 = np.concatenate([cov5, np.asarray(unlabelled["cov5"])[u]])
+        rows = np.concatenate([rows, np.asarray(unlabelled["source_id"], np.int64)[u]])
+        if q is not None:
+            q = np.concatenate([q, np.asarray(unlabelled.get("quality", np.full(u.size, np.nan)), np.float64)[u]])
+    learned_from = {
+        "split": "the training stage's validation split (stable hash of source_id in "
+                 f"[{hash_range[0]:g}, {hash_range[1]:g}), xpcat.production.train.validation_hash_range), "
+                 "fitted without their labels",
+        "hash_range": list(hash_range),
+        "stars_validation": int(val.sum()),
+        "stars_basic_cut": int(sel.sum()),
+        "stars_unlabelled_basic_cut": n_unlabelled,
+        "unlabelled": "conditioned stars without labels, never trained on (xpcat.production.train_model_error."
+                      "unlabelled_sample): their reddening prior teaches the model error of E only",
+        "references": {"teff": "labels", "feh": "labels", "logg": "labels", "e": "reddening prior",
+                       "plx": "Gaia parallax (the fit's own datum)"},
+        "min_stars": ME.MIN_STARS,
+    }
+    return {"source_id": rows, "params5": params5, "cov5": cov5, "inv_plx_err": inv, "ref5": ref5,
+            "ref_var5": ref_var5, "quality": q, "learned_from": learned_from}
+
+
 def train_model_error(paths: RunPaths, config: RunConfig, model_dir: Path, source_id: np.ndarray,
                       params5: np.ndarray, cov5: np.ndarray, ref: dict[str, np.ndarray], parallax: np.ndarray,
                       parallax_error: np.ndarray, usable: np.ndarray,
@@ -190,58 +250,25 @@ def train_model_error(paths: RunPaths, config: RunConfig, model_dir: Path, sourc
     ``learned_from`` (what and how many), the learning report and the new content hash.
     """
     from xpcat.model.artifact import add_component
-    from xpcat.production.train import in_hash_range
 
-    hash_range = validation_range(model_dir, config)
-    val = np.asarray(in_hash_range(source_id, hash_range), bool)
-    sel = val & np.asarray(usable, bool)
-    e_prior, e_err = read_reddening_prior(paths.root, config, np.asarray(source_id)[sel])
-    ref_sel = {k: np.asarray(v)[sel] for k, v in ref.items()}
-    ref5, ref_var5, inv = reference_arrays(ref_sel, e_prior, e_err, np.asarray(parallax)[sel],
-                                           np.asarray(parallax_error)[sel])
-    params5, cov5 = np.asarray(params5)[sel], np.asarray(cov5)[sel]
-    q = None if quality is None else np.asarray(quality, np.float64)[sel]
-    n_unlabelled = 0
-    if unlabelled is not None and len(unlabelled["source_id"]):
-        u = np.asarray(unlabelled["usable"], bool)
-        n_unlabelled = int(u.sum())
-        ue, ue_err = np.asarray(unlabelled["e_prior"])[u], np.asarray(unlabelled["e_prior_error"])[u]
-        none = {k: np.full(n_unlabelled, np.nan) for k in ref}
-        r5, rv5, inv_u = reference_arrays(none, ue, ue_err, np.asarray(unlabelled["parallax"])[u],
-                                          np.asarray(unlabelled["parallax_error"])[u])
-        r5[:, 4] = np.nan  # E only: their parallaxes gain nothing (module docstring)
-        ref5, ref_var5, inv = np.concatenate([ref5, r5]), np.concatenate([ref_var5, rv5]), np.concatenate([inv, inv_u])
-        params5 = np.concatenate([params5, np.asarray(unlabelled["params5"])[u]])
-        cov5 = np.concatenate([cov5, np.asarray(unlabelled["cov5"])[u]])
-        if q is not None:
-            q = np.concatenate([q, np.asarray(unlabelled.get("quality", np.full(u.size, np.nan)), np.float64)[u]])
-    learned_from = {
-        "split": "the training stage's validation split (stable hash of source_id in "
-                 f"[{hash_range[0]:g}, {hash_range[1]:g}), xpcat.production.train.validation_hash_range), "
-                 "fitted without their labels",
-        "hash_range": list(hash_range),
-        "stars_validation": int(val.sum()),
-        "stars_basic_cut": int(sel.sum()),
-        "stars_unlabelled_basic_cut": n_unlabelled,
-        "unlabelled": "conditioned stars without labels, never trained on (xpcat.production.train_model_error."
-                      "unlabelled_sample): their reddening prior teaches the model error of E only",
-        "references": {"teff": "labels", "feh": "labels", "logg": "labels", "e": "reddening prior",
-                       "plx": "Gaia parallax (the fit's own datum)"},
-        "min_stars": ME.MIN_STARS,
-    }
-    me, report = ME.learn_model_error(params5, cov5, inv, ref5, ref_var5, quality=q)
+    ls = learning_set(paths, config, model_dir, source_id, params5, cov5, ref, parallax, parallax_error, usable,
+                      unlabelled, quality)
+    learned_from = ls["learned_from"]
+    me, report = ME.learn_model_error(ls["params5"], ls["cov5"], ls["inv_plx_err"], ls["ref5"], ls["ref_var5"],
+                                      quality=ls["quality"])
     summary: dict[str, Any] = {"learned_from": learned_from, "report": report}
     if me is None:
-        reason = (f"validation split too small to learn the model error: {int(sel.sum())} validation stars pass "
-                  f"the basic cut, no parameter has {ME.MIN_STARS} with a reference; the reported errors are the "
-                  "paper's Fisher-only ones")
+        reason = (f"validation split too small to learn the model error: {learned_from['stars_basic_cut']} "
+                  f"validation stars pass the basic cut, no parameter has {ME.MIN_STARS} with a reference; the "
+                  "reported errors are the paper's Fisher-only ones")
         logger.warning("model error: %s", reason)
         summary.update(status="fallback", reason=reason)
         arrays: dict[str, np.ndarray] = {}
     else:
         summary["status"] = "calibrated"
         arrays = ME.model_error_to_arrays(me)
-        logger.info("model error learned from %d validation stars: pull sigma %s -> %s", int(sel.sum()),
+        logger.info("model error learned from %d validation stars: pull sigma %s -> %s",
+                    learned_from["stars_basic_cut"],
                     [round(report[p]["pull_sigma_fisher"], 2) for p in ME.PARAMS],
                     [round(report[p]["pull_sigma_calibrated"], 2) for p in ME.PARAMS])
     summary["content_hash"] = add_component(model_dir, COMPONENT, arrays, summary)
