@@ -59,8 +59,8 @@ labels, the residual r_j = est_j - ref_j has variance
 Teff, [Fe/H], logg; the reddening prior for E). For the parallax the
 reference is the Gaia parallax the fit used, so base_4 = s_plx^2 - C_F,44
 (the residual of an estimate against its own datum). (ln k_j^2, beta_j)
-maximise a Student-t (nu = 5) likelihood of the residuals (robust to
-catastrophic failures), then one
+maximise a Student-t (nu = 5) likelihood of the residuals (robust to catastrophic failures) times a
+fixed N(0, 1) prior on each slope (a penalty grown as n / 1000 tightened it as stars were added), then one
 factor per parameter, on k_j^2 C_F,jj + s_j^2 together (on s_j^2 alone, k_j at
 the nearer bound, where k_j would leave [0.5, 3]), makes the robust sigma
 of the pulls against the *truth* 1, the references' noise deconvolved
@@ -120,11 +120,7 @@ W_MIN = 1e-3
 #: Fewest stars with a reference that a parameter's model error is learned from.
 MIN_STARS = 50
 _NU = 5.0
-#: Width of the Gaussian prior N(0, sd^2) on each non-constant beta: the penalty sum(beta^2) / (2 sd^2) does not
-#: grow with the number of stars, so a few-star fit is held near a constant model error and a many-star fit follows
-#: its data (until 2026-12-04 the penalty grew as n / 1000, tightening the prior as stars were added: on the 20,000-
-#: star demo 19 -> 16 of 110 bins significantly outside the pull band with the fixed prior, 6,000-star demo 2 -> 2).
-_SLOPE_PRIOR_SD = 1.0
+_SLOPE_PRIOR_SD = 1.0  # width of the N(0, sd^2) prior on each non-constant beta (not grown with n)
 _BETA0 = (-30.0, 12.0)
 _LN_K2 = (np.log(0.25), np.log(9.0))  # 0.5 <= k <= 3
 
