@@ -7,11 +7,11 @@ same learning set, :func:`xpcat.production.train_model_error.learning_set`: the
 validation split's labelled stars and the unlabelled sample's reddening priors),
 and the calibrated errors of the basic-cut stars are scored against the truth:
 
-* ``pulls``: robust sigma of (estimate - truth) / error per parameter, and the
-  bins of G, true E and true Teff of the report
-  (:data:`xpcat.production.report.reliability.CALIBRATION_BINS`), with the
-  verdict (bins of >= 20 stars outside 0.85-1.2, and outside by more than two
-  standard errors);
+* ``pulls``: the report's own error calibration
+  (:func:`xpcat.production.report.reliability.error_calibration`): robust sigma
+  of (estimate - truth) / error per parameter, in the bins of G, true E and
+  true Teff, with the verdict (bins of >= 20 stars outside 0.85-1.2, and
+  outside by more than two standard errors);
 * ``label_noise``: per bin of the labels' Teff, for the learning stars, the
   median label error against the robust scatter of estimate - truth: where the
   labels are noisier than the estimates, their residuals cannot say how large
@@ -40,16 +40,21 @@ import numpy as np  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 from _machine import machine_info  # noqa: E402
 
+from xpcat.catalog_schema import PARAM_NAMES  # noqa: E402
 from xpcat.catalog_schema.flags import FitStatus  # noqa: E402
 from xpcat.config import read_run_config  # noqa: E402
 from xpcat.model import model_error as ME  # noqa: E402
-from xpcat.model.pull_statistics import pull_calibration, robust_sigma  # noqa: E402
+from xpcat.model.pull_statistics import robust_sigma  # noqa: E402
 from xpcat.model.uncertainty import quality_flag_bits  # noqa: E402
 from xpcat.production import train_confidence as TC  # noqa: E402
-from xpcat.production.report.data import load_g_mag  # noqa: E402
-from xpcat.production.report.reliability import CALIBRATION_BINS  # noqa: E402
+from xpcat.production.report.data import REPORT_SCALE, ReportData, load_g_mag  # noqa: E402
+from xpcat.production.report.reliability import CALIBRATION_BINS, error_calibration  # noqa: E402
 from xpcat.production.run_dir import RunPaths  # noqa: E402
-from xpcat.production.train_model_error import learning_set, read_reddening_prior, unlabelled_sample  # noqa: E402
+from xpcat.production.train_model_error import (  # noqa: E402
+    learning_set,
+    read_reddening_prior,
+    unlabelled_with_prior,
+)
 
 LABEL_COLUMNS = ("teff", "teff_error", "feh", "feh_error", "logg", "logg_error")
 
@@ -91,9 +96,7 @@ def learn(d: dict) -> tuple[ME.ModelError | None, dict, dict]:
     config, paths = d["config"], d["paths"]
     lab = np.isfinite(d["labels"][:, 0])
     ref = {c: d["labels"][lab, j] for j, c in enumerate(LABEL_COLUMNS)}
-    unl = np.isin(d["source_id"], unlabelled_sample(paths.root, d["labelled_ids"],
-                                                    config.confidence.model_error_unlabelled))
-    unl &= np.isfinite(d["e_prior"])  # train-confidence fits only the sampled stars with a reddening prior
+    unl = np.isin(d["source_id"], unlabelled_with_prior(paths.root, config, d["labelled_ids"])[0])
     unlabelled = {"source_id": d["source_id"][unl], "params5": d["params5"][unl], "cov5": d["cov5"][unl],
                   "parallax": d["parallax"][unl], "parallax_error": d["parallax_error"][unl],
                   "usable": d["basic"][unl], "e_prior": d["e_prior"][unl], "e_prior_error": d["e_prior_error"][unl],
@@ -106,22 +109,26 @@ def learn(d: dict) -> tuple[ME.ModelError | None, dict, dict]:
 
 
 def score(d: dict, me: ME.ModelError) -> dict:
-    """Pull calibration of the basic-cut stars' calibrated errors against the truth, overall and per bin."""
+    """The report's error calibration (:func:`xpcat.production.report.reliability.error_calibration`) of the
+    basic-cut stars' calibrated errors against the truth, overall and per bin."""
     rows = d["basic"]
+    n = int(rows.sum())
     p5, c5 = d["params5"][rows], d["cov5"][rows]
     plx_err = d["parallax_error"][rows]
     has = np.isfinite(d["parallax"][rows]) & np.isfinite(plx_err) & (plx_err > 0)
     inv = np.where(has, 1.0 / np.where(has, plx_err, 1.0), 0.0)
     cov, _ = ME.calibrated_covariance(c5, p5, inv, me, d["quality"][rows])
-    err = np.sqrt(np.einsum("nii->ni", cov))
-    resid = p5 - d["truth"][rows]
-    t = d["truth"][rows]
-    ok = np.all(np.isfinite(resid), axis=1) & np.all(np.isfinite(err) & (err > 0), axis=1)
-    bins = {"G": (d["g"][rows][ok], CALIBRATION_BINS["G"]), "E": (t[ok, 3], CALIBRATION_BINS["E"]),
-            "Teff": (1000.0 * t[ok, 0], CALIBRATION_BINS["Teff"])}
-    out = pull_calibration(resid[ok], err[ok], None, bins=bins)
+    scale = np.array([REPORT_SCALE[p] for p in PARAM_NAMES])
+    truth = d["truth"][rows] * scale
+    ref = {p: truth[:, j] for j, p in enumerate(PARAM_NAMES)} | {f"{p}_error": np.zeros(n) for p in PARAM_NAMES}
+    zeros = np.zeros(n)
+    data = ReportData(source_id=d["source_id"][rows], ra=zeros, dec=zeros, est=p5 * scale,
+                      err=np.sqrt(np.einsum("nii->ni", cov)) * scale, chi2=zeros, ln_prior=zeros,
+                      confidence=np.ones((n, 3)), quality_flags=np.zeros(n, np.uint8),
+                      fit_status=np.zeros(n, np.uint8), ref=ref, ref_kind="truth")
+    out = error_calibration(data, d["g"][rows], None)
     verdict = out["bins_verdict"]
-    return {"stars": int(ok.sum()), "overall": {p: out[p]["pull_sigma"] for p in ME.PARAMS},
+    return {"stars": out["stars"], "overall": {p: out[p]["pull_sigma"] for p in ME.PARAMS},
             "bins_checked": verdict["checked"], "bins_outside": len(verdict["outside"]),
             "bins_significantly_outside": len(verdict["significantly_outside"]),
             "significantly_outside": [{k: e[k] for k in ("parameter", "bin", "lo", "hi", "n", "pull_sigma",

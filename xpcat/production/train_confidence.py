@@ -57,9 +57,8 @@ from xpcat.model.model_error import fit_quality
 from xpcat.production.run_dir import RunPaths
 from xpcat.production.run_lock import run_lock
 from xpcat.production.train_model_error import (
-    read_reddening_prior,
     train_model_error,
-    unlabelled_sample,
+    unlabelled_with_prior,
 )
 from xpcat.progress import progress
 
@@ -311,10 +310,7 @@ def _fit_unlabelled(run_dir: Path, config: RunConfig, inference: Any, ln_prior_c
     ``parallax_error``, ``usable`` (basic cut, converged) and the reddening prior ``e_prior``,
     ``e_prior_error`` [mag] of the fitted stars.
     """
-    sid = unlabelled_sample(run_dir, labelled, config.confidence.model_error_unlabelled)
-    e_prior, e_err = read_reddening_prior(run_dir, config, sid) if sid.size else (np.zeros(0), np.zeros(0))
-    has_prior = np.isfinite(e_prior)  # only stars with a reddening prior teach E's model error: fit no others
-    sid, e_prior, e_err = sid[has_prior], e_prior[has_prior], e_err[has_prior]
+    sid, e_prior, e_err = unlabelled_with_prior(run_dir, config, labelled)
     cond = read_conditioned(run_dir, sid) if sid.size else {"source_id": sid}
     n = len(cond["source_id"])
     if n == 0:

@@ -42,8 +42,8 @@ from xpcat.config import RunConfig
 from xpcat.model import model_error as ME
 from xpcat.production.run_dir import RunPaths
 
-__all__ = ["COMPONENT", "learning_set", "read_reddening_prior", "reference_arrays", "train_model_error", "unlabelled_sample",
-           "validation_range"]
+__all__ = ["COMPONENT", "learning_set", "read_reddening_prior", "reference_arrays", "train_model_error",
+           "unlabelled_sample", "unlabelled_with_prior", "validation_range"]
 
 logger = logging.getLogger(__name__)
 
@@ -162,6 +162,24 @@ def unlabelled_sample(run_dir: Path, labelled: np.ndarray, n_max: int) -> np.nda
     return np.sort(sid[keep]).astype(np.int64)
 
 
+def unlabelled_with_prior(run_dir: Path, config: RunConfig,
+                          labelled: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The ``[confidence] model_error_unlabelled`` sample (:func:`unlabelled_sample`) that has a reddening prior.
+
+    Only stars with a prior teach E's model error, so train-confidence fits no others.
+
+    Returns
+    -------
+    source_id (k,) int64 sorted, e_prior and e_prior_error (k,) [mag].
+    """
+    sid = unlabelled_sample(run_dir, labelled, config.confidence.model_error_unlabelled)
+    if not sid.size:
+        return sid, np.zeros(0), np.zeros(0)
+    e_prior, e_err = read_reddening_prior(run_dir, config, sid)
+    has_prior = np.isfinite(e_prior)
+    return sid[has_prior], e_prior[has_prior], e_err[has_prior]
+
+
 def learning_set(paths: RunPaths, config: RunConfig, model_dir: Path, source_id: np.ndarray,
                  params5: np.ndarray, cov5: np.ndarray, ref: dict[str, np.ndarray], parallax: np.ndarray,
                  parallax_error: np.ndarray, usable: np.ndarray,
@@ -173,8 +191,8 @@ def learning_set(paths: RunPaths, config: RunConfig, model_dir: Path, source_id:
 
     Returns
     -------
-    dict: ``source_id`` (m,), ``params5`` (m, 5), ``cov5`` (m, 5, 5), ``inv_plx_err`` (m,), ``ref5`` and ``ref_var5`` (m, 5)
-    (:func:`reference_arrays`; the unlabelled stars' E only), ``quality`` (m,) or None, and
+    dict: ``source_id`` (m,), ``params5`` (m, 5), ``cov5`` (m, 5, 5), ``inv_plx_err`` (m,), ``ref5`` and
+    ``ref_var5`` (m, 5) (:func:`reference_arrays`; the unlabelled stars' E only), ``quality`` (m,) or None, and
     ``learned_from`` (what and how many, for the artifact's metadata).
     """
     from xpcat.production.train import in_hash_range
